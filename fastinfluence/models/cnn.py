@@ -37,7 +37,7 @@ class PaperCNN(nn.Module):
             blocks += [
                 nn.Conv2d(previous, width, kernel_size=5, padding=2),
                 nn.BatchNorm2d(width),
-                nn.ReLU(inplace=True),
+                nn.ReLU(),
                 nn.MaxPool2d(2),
             ]
             previous = width
