@@ -1,33 +1,80 @@
 """Packaging build: the Python package plus the native extension ``fastinfluence._C``.
 
 The native sources live in ``csrc/``; see DESIGN.md §4 and the README's "Native kernels" section.
+
+``FASTINFLUENCE_CUDA`` picks the kernels that are compiled:
+  ``auto`` (default): CPU, plus CUDA when torch was built with CUDA and nvcc is found;
+  ``1``: CPU and CUDA, failing if that is impossible; ``0``: CPU only.
+CUDA builds honour ``TORCH_CUDA_ARCH_LIST`` and default to ``8.0;9.0`` (sm_80, sm_90).
 """
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def cuda_wanted() -> bool:
+    """Resolve FASTINFLUENCE_CUDA=auto|0|1 against the installed torch and toolkit."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    choice = os.environ.get("FASTINFLUENCE_CUDA", "auto").strip().lower()
+    if choice not in ("auto", "0", "1"):
+        raise SystemExit(f"FASTINFLUENCE_CUDA must be auto, 0 or 1, got {choice!r}")
+    if choice == "0":
+        return False
+    if choice == "1":
+        if torch.version.cuda is None:
+            raise SystemExit(
+                f"FASTINFLUENCE_CUDA=1, but torch {torch.__version__} was built without CUDA"
+            )
+        if CUDA_HOME is None:
+            raise SystemExit("FASTINFLUENCE_CUDA=1, but no CUDA toolkit (nvcc) was found")
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
 
 
 def native_extensions():
-    from torch.utils.cpp_extension import CppExtension
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "ops", "cpu", "*.cpp")))
-    if not sources:
-        print("fastinfluence: no native sources found; building the pure-Python package only")
-        return [], {}
-    print(f"fastinfluence: building fastinfluence._C (CPU) from {len(sources)} sources")
-    ext = CppExtension(
-        "fastinfluence._C",
-        sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args=["-O3", "-std=c++17"],
+    with_cuda = cuda_wanted()
+    cxx_flags = ["-O3"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for runs on OpenMP only in code compiled with it.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    options = {
+        "include_dirs": [os.path.join(ROOT, "csrc")],
+        "extra_link_args": link_flags,
+    }
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        sources += sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cpp")))
+        sources += sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cu")))
+        ext = CUDAExtension(
+            "fastinfluence._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            **options,
+        )
+        device = f"CPU + CUDA {torch.version.cuda}, archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
+    else:
+        ext = CppExtension("fastinfluence._C", sources, extra_compile_args=cxx_flags, **options)
+        device = "CPU only"
+    print(
+        f"fastinfluence: building fastinfluence._C ({device}) from {len(sources)} sources "
+        f"against torch {torch.__version__} "
+        f"(FASTINFLUENCE_CUDA={os.environ.get('FASTINFLUENCE_CUDA', 'auto')})"
     )
-    from torch.utils.cpp_extension import BuildExtension
-
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
 
 
