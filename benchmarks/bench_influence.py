@@ -1,0 +1,436 @@
+"""Influence throughput on the paper CNN: fastinfluence against pure autograd.
+
+Times, for each image size and parameter selection (``params="last"``: the Linear head;
+``"all"``: every parameter):
+
+* the floor: one plain no-grad forward pass over train+val;
+* ``fastinfluence.score`` end to end, and its two stages: ``fastinfluence.Influence(...)``
+  construction (the IHVP ``s = H_λ^{-1} ∇L(D_val)``) and ``Influence.scores()`` (scoring);
+* the pure-autograd baselines of ``fastinfluence.reference`` with the same ``s``: per-sample
+  ``autograd.grad`` loop scoring and ``vmap(grad)`` scoring; and, for the head, the
+  textbook double-backward LiSSA IHVP (timed over ``--lissa-timed-steps`` HVPs and
+  extrapolated to ``depth x repeats`` HVPs when fewer are timed; the output says so);
+* peers (captum, pydvl, kronfluence) are reported as skipped when not installed.
+
+Prints Markdown tables (seconds, samples/s, ratios checked against the targets) and writes
+JSON to ``--out``. Example::
+
+    python benchmarks/bench_influence.py --sizes 64 128 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import fastinfluence
+from fastinfluence import reference
+from fastinfluence.models import PaperCNN
+
+PEERS = ("captum", "pydvl", "kronfluence")
+
+# (key, description, numerator, denominator, comparison, target)
+TARGETS = (
+    (
+        "score_last_over_forward",
+        'score(params="last") total / forward(train+val)',
+        ("last", "score_total"),
+        (None, "forward_train_val"),
+        "<=",
+        1.5,
+    ),
+    (
+        "scoring_all_over_forward_train",
+        'scoring stage (params="all") / forward(train)',
+        ("all", "scoring"),
+        (None, "forward_train"),
+        "<=",
+        3.0,
+    ),
+    (
+        "loop_over_scoring_all",
+        'per-sample loop scoring / scoring stage (params="all")',
+        ("all", "reference_loop_scoring"),
+        ("all", "scoring"),
+        ">=",
+        1.5,
+    ),
+    (
+        "lissa_over_ihvp_last",
+        "reference LiSSA head IHVP / fastinfluence head IHVP",
+        ("last", "reference_lissa_ihvp"),
+        ("last", "ihvp"),
+        ">=",
+        500.0,
+    ),
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="image sides")
+    parser.add_argument("--params", nargs="+", choices=["last", "all"], default=["last", "all"])
+    parser.add_argument("--n-train", type=int, default=512)
+    parser.add_argument("--n-val", type=int, default=64)
+    parser.add_argument("--num-classes", type=int, default=3)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="batch size of the forward floor, fastinfluence and vmap chunks",
+    )
+    parser.add_argument("--solver", default="auto", help="fastinfluence solver")
+    parser.add_argument("--hessian", default="exact", choices=["exact", "gauss-newton"])
+    parser.add_argument("--damping", type=float, default=0.01)
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=10,
+        help="brief Adam training on the random data before timing (0: random init)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median is kept")
+    parser.add_argument(
+        "--baseline-repeats", type=int, default=1, help="timed runs of the slow baselines"
+    )
+    parser.add_argument("--lissa-depth", type=int, default=100)
+    parser.add_argument("--lissa-batch", type=int, default=32)
+    parser.add_argument("--lissa-repeats", type=int, default=1)
+    parser.add_argument("--lissa-scale", type=float, default=10.0)
+    parser.add_argument(
+        "--lissa-timed-steps",
+        type=int,
+        default=None,
+        help="HVPs actually timed for the reference LiSSA (default: all depth x repeats); "
+        "fewer are extrapolated linearly",
+    )
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip the pure-autograd baselines"
+    )
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "influence_cpu.json"
+    )
+    args = parser.parse_args(argv)
+    for name in (
+        "n_train",
+        "n_val",
+        "batch_size",
+        "repeats",
+        "baseline_repeats",
+        "threads",
+        "lissa_depth",
+        "lissa_batch",
+        "lissa_repeats",
+    ):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.lissa_timed_steps is not None and args.lissa_timed_steps < 1:
+        parser.error("--lissa-timed-steps must be >= 1")
+    if any(size < 32 or size % 32 for size in args.sizes):
+        parser.error("--sizes must be positive multiples of 32 (five 2x2 pools)")
+    return args
+
+
+def median_seconds(
+    fn: Callable[[], Any], repeats: int, warmup: Callable[[], Any] | None = None
+) -> tuple[float, list[float]]:
+    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call.
+
+    ``warmup`` replaces ``fn`` for the warm-up (a cheaper call of the same code path).
+    """
+    (warmup or fn)()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def make_problem(
+    size: int, args: argparse.Namespace
+) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The paper CNN (briefly trained on random images if ``--train-steps``), in eval mode."""
+    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    model = PaperCNN(image_size=size, num_classes=args.num_classes)
+    n = args.n_train + args.n_val
+    X = torch.rand(n, 1, size, size, generator=gen)
+    y = torch.randint(0, args.num_classes, (n,), generator=gen)
+    if args.train_steps:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model.train()
+        for _ in range(args.train_steps):
+            batch = torch.randint(0, args.n_train, (32,), generator=gen)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(X[batch]), y[batch]).backward()
+            optimizer.step()
+    model.eval()
+    train = (X[: args.n_train], y[: args.n_train])
+    val = (X[args.n_train :], y[args.n_train :])
+    return model, train, val
+
+
+def selected_parameters(model: PaperCNN, which: str) -> list[nn.Parameter]:
+    """The parameters fastinfluence selects for ``params=which``, in its flattening order."""
+    return list(model.classifier.parameters()) if which == "last" else list(model.parameters())
+
+
+def forward(model: nn.Module, X: torch.Tensor, batch_size: int) -> None:
+    """The floor: a plain no-grad forward pass."""
+    with torch.no_grad():
+        for start in range(0, len(X), batch_size):
+            model(X[start : start + batch_size])
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def bench_params(
+    model: nn.Module, train, val, which: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Times fastinfluence and the baselines for one parameter selection."""
+    options = dict(
+        params=which,
+        solver=args.solver,
+        hessian=args.hessian,
+        damping=args.damping,
+        batch_size=args.batch_size,
+    )
+    out: dict[str, Any] = {}
+    out["score_total"], _ = median_seconds(
+        lambda: fastinfluence.score(model, train, val, **options), args.repeats
+    )
+    out["ihvp"], _ = median_seconds(
+        lambda: fastinfluence.Influence(model, train, val, **options), args.repeats
+    )
+    inf = fastinfluence.Influence(model, train, val, **options)
+    out["scoring"], _ = median_seconds(inf.scores, args.repeats)
+    if args.no_baselines:
+        return out
+
+    params = selected_parameters(model, which)
+    s = inf.ihvp.detach()
+    scores = inf.scores()
+    X, y = train
+    per_sample = {
+        "loop": lambda n: reference.per_sample_grads(model, params, X[:n], y[:n]),
+        "vmap": lambda n: reference.per_sample_grads_vmap(
+            model, params, X[:n], y[:n], chunk_size=args.batch_size
+        ),
+    }
+    for method, grads in per_sample.items():
+
+        def run(n: int | None = None, grads: Callable[[int | None], torch.Tensor] = grads):
+            return -(grads(n) @ s)
+
+        out[f"reference_{method}_scoring"], _ = median_seconds(
+            run, args.baseline_repeats, warmup=lambda run=run: run(4)
+        )
+        out[f"reference_{method}_rel_error"] = relative_error(run(), scores)
+    if which == "last":
+        out.update(bench_reference_lissa(model, params, train, val, s, args))
+    return out
+
+
+def bench_reference_lissa(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    train,
+    val,
+    s: torch.Tensor,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The textbook double-backward LiSSA for the head IHVP, timed per HVP."""
+    X, y = train
+    v = reference.mean_loss_grad(model, params, *val)
+    total_steps = args.lissa_depth * args.lissa_repeats
+    timed_steps = min(args.lissa_timed_steps or total_steps, total_steps)
+    full = timed_steps == total_steps
+    settings = dict(
+        damping=args.damping,
+        scale=args.lissa_scale,
+        batch_size=args.lissa_batch,
+        seed=args.seed,
+    )
+    if full:
+        settings.update(depth=args.lissa_depth, repeats=args.lissa_repeats)
+    else:
+        settings.update(depth=timed_steps, repeats=1)
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["h"] = reference.lissa(model, params, X, y, v, **settings)
+        except RuntimeError as error:  # divergence is reported; its time still counts
+            result["error"] = str(error)
+
+    reference.hvp(model, params, X[: args.lissa_batch], y[: args.lissa_batch], v)  # warm-up
+    seconds, _ = median_seconds(run, args.baseline_repeats, warmup=lambda: None)
+    per_hvp = seconds / timed_steps
+    out: dict[str, Any] = {
+        "reference_lissa_seconds_per_hvp": per_hvp,
+        "reference_lissa_ihvp": per_hvp * total_steps,
+        "reference_lissa_extrapolated": not full,
+        "reference_lissa_timed_hvps": timed_steps,
+        "reference_lissa_total_hvps": total_steps,
+    }
+    if "error" in result:
+        out["reference_lissa_note"] = result["error"]
+    elif full:
+        out["reference_lissa_rel_error_vs_fastinfluence"] = relative_error(result["h"], s)
+    return out
+
+
+def bench_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
+    model, train, val = make_problem(size, args)
+    X_all = torch.cat([train[0], val[0]])
+    result: dict[str, Any] = {}
+    result["forward_train_val"], _ = median_seconds(
+        lambda: forward(model, X_all, args.batch_size), args.repeats
+    )
+    result["forward_train"], _ = median_seconds(
+        lambda: forward(model, train[0], args.batch_size), args.repeats
+    )
+    for which in args.params:
+        print(f"  size {size}, params={which} ...", flush=True)
+        result[which] = bench_params(model, train, val, which, args)
+    return result
+
+
+def peers() -> dict[str, str]:
+    """Which peer libraries are importable. None is benchmarked yet: each is reported."""
+    return {
+        name: "installed; not benchmarked by this script"
+        if importlib.util.find_spec(name)
+        else "skipped: not installed"
+        for name in PEERS
+    }
+
+
+def ratios(results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for size, result in results.items():
+        for key, description, (num_p, num_k), (den_p, den_k), op, target in TARGETS:
+            num = (result.get(num_p) or {}).get(num_k) if num_p else result.get(num_k)
+            den = (result.get(den_p) or {}).get(den_k) if den_p else result.get(den_k)
+            if num is None or den is None:
+                continue
+            value = num / den
+            met = value <= target if op == "<=" else value >= target
+            rows.append(
+                dict(
+                    size=size,
+                    key=key,
+                    description=description,
+                    value=value,
+                    target=f"{op} {target:g}",
+                    met=met,
+                )
+            )
+    return rows
+
+
+def markdown(
+    results: dict[int, dict[str, Any]], ratio_rows: list[dict[str, Any]], args: argparse.Namespace
+) -> str:
+    n_tv = args.n_train + args.n_val
+    lines = [
+        f"torch {torch.__version__}, {args.threads} threads, n_train={args.n_train}, "
+        f"n_val={args.n_val}, solver={args.solver}, hessian={args.hessian}, "
+        f"damping={args.damping}",
+        "",
+        "| size | params | stage | seconds | samples/s |",
+        "| ---: | --- | --- | ---: | ---: |",
+    ]
+
+    def row(size: int, which: str, stage: str, seconds: float, n: int) -> None:
+        lines.append(f"| {size}² | {which} | {stage} | {seconds:.4f} | {n / seconds:,.0f} |")
+
+    for size, result in results.items():
+        row(size, "-", "forward, no grad (train+val)", result["forward_train_val"], n_tv)
+        row(size, "-", "forward, no grad (train)", result["forward_train"], args.n_train)
+        for which in args.params:
+            r = result[which]
+            row(size, which, "fastinfluence.score total", r["score_total"], args.n_train)
+            row(size, which, "IHVP stage (Influence(...))", r["ihvp"], n_tv)
+            row(size, which, "scoring stage (inf.scores())", r["scoring"], args.n_train)
+            for method in ("loop", "vmap"):
+                if f"reference_{method}_scoring" in r:
+                    row(
+                        size,
+                        which,
+                        f"reference {method} scoring (same s; rel. diff "
+                        f"{r[f'reference_{method}_rel_error']:.1e})",
+                        r[f"reference_{method}_scoring"],
+                        args.n_train,
+                    )
+            if "reference_lissa_ihvp" in r:
+                how = (
+                    f"extrapolated from {r['reference_lissa_timed_hvps']} HVPs"
+                    if r["reference_lissa_extrapolated"]
+                    else "measured"
+                )
+                error = r.get("reference_lissa_rel_error_vs_fastinfluence")
+                note = f", rel. error vs fastinfluence s {error:.2f}" if error is not None else ""
+                note += f", {r['reference_lissa_note']}" if "reference_lissa_note" in r else ""
+                lines.append(
+                    f"| {size}² | {which} | reference LiSSA IHVP (depth {args.lissa_depth}, "
+                    f"batch {args.lissa_batch}, repeats {args.lissa_repeats}; {how}{note}) | "
+                    f"{r['reference_lissa_ihvp']:.4f} | - |"
+                )
+    lines += ["", "| size | ratio | value | target | |", "| ---: | --- | ---: | --- | --- |"]
+    for r in ratio_rows:
+        mark = "✓" if r["met"] else "✗"
+        lines.append(
+            f"| {r['size']}² | {r['description']} | {r['value']:.2f} | {r['target']} | {mark} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results: dict[int, dict[str, Any]] = {}
+    for size in args.sizes:
+        print(f"benchmarking {size}x{size} ...", flush=True)
+        results[size] = bench_size(size, args)
+    ratio_rows = ratios(results)
+    peer_notes = peers()
+    print()
+    print(markdown(results, ratio_rows, args))
+    print()
+    for name, note in peer_notes.items():
+        print(f"peer {name}: {note}")
+    report = {
+        "config": {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+        },
+        "results": {str(size): r for size, r in results.items()},
+        "ratios": ratio_rows,
+        "peers": peer_notes,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
