@@ -1,0 +1,20 @@
+"""Data for the papers: an embedded brain-tumour generator built on the MNI152 template,
+real-format loaders (figshare brain tumour, ISIC 2017/2018), image and label noise, and
+patient-level splits. See ``fastinfluence/datasets/README.md``."""
+
+from fastinfluence.datasets.brain_tumour import BrainTumourData, make_brain_tumour
+from fastinfluence.datasets.label_noise import flip_labels_by_loss, flip_labels_symmetric
+from fastinfluence.datasets.noise import add_noise, add_noise_to_fraction, rice_moments
+from fastinfluence.datasets.splits import PatientSplit, split_by_patient
+
+__all__ = [
+    "BrainTumourData",
+    "PatientSplit",
+    "add_noise",
+    "add_noise_to_fraction",
+    "flip_labels_by_loss",
+    "flip_labels_symmetric",
+    "make_brain_tumour",
+    "rice_moments",
+    "split_by_patient",
+]
