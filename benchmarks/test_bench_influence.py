@@ -1,0 +1,76 @@
+"""pytest-benchmark cases at small sizes: ``pytest benchmarks --benchmark-enable``.
+
+Not collected by the default test run (``testpaths = tests``); with the default
+``--benchmark-disable`` each case still runs once, as a plain test.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from bench_influence import main, make_problem, parse_args, selected_parameters
+
+import fastinfluence
+from fastinfluence import reference
+
+SIZE = 32
+ARGS = ["--sizes", str(SIZE), "--n-train", "32", "--n-val", "8", "--train-steps", "2"]
+
+
+def _run(benchmark, fn, *args, **kwargs):
+    """A few rounds after one warm-up: these cases are for trends, not precision."""
+    return benchmark.pedantic(fn, args=args, kwargs=kwargs, rounds=3, warmup_rounds=1)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    torch.manual_seed(0)
+    return make_problem(SIZE, parse_args(ARGS))
+
+
+@pytest.mark.parametrize("params", ["last", "all"])
+def test_score(benchmark, problem, params):
+    model, train, val = problem
+    scores = _run(benchmark, fastinfluence.score, model, train, val, params=params)
+    assert scores.shape == (len(train[0]),)
+    assert torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("method", ["loop", "vmap"])
+def test_reference_scoring(benchmark, problem, method):
+    model, train, val = problem
+    params = selected_parameters(model, "last")
+    s = reference.mean_loss_grad(model, params, *val)
+    scores = _run(
+        benchmark, reference.scores_from_ihvp, model, params, *train, s, per_sample=method
+    )
+    assert scores.shape == (len(train[0]),)
+
+
+def test_reference_lissa_head(benchmark, problem):
+    model, train, val = problem
+    params = selected_parameters(model, "last")
+    v = reference.mean_loss_grad(model, params, *val)
+    h = _run(benchmark, reference.lissa, model, params, *train, v, 0.01, depth=10, batch_size=32)
+    assert torch.isfinite(h).all()
+
+
+def test_report_script_runs(tmp_path):
+    out = tmp_path / "report.json"
+    small = ["--n-train", "16", "--n-val", "4", "--repeats", "1"]
+    lissa = ["--lissa-depth", "4", "--lissa-timed-steps", "2"]
+    report = main([*ARGS, *small, *lissa, "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    result = report["results"][str(SIZE)]
+    for which in ("last", "all"):
+        assert result[which]["reference_loop_rel_error"] < 1e-3  # same s, same scores
+        assert result[which]["reference_vmap_rel_error"] < 1e-3
+    assert result["last"]["reference_lissa_extrapolated"]
+    assert {row["key"] for row in report["ratios"]} == {
+        "score_last_over_forward",
+        "scoring_all_over_forward_train",
+        "loop_over_scoring_all",
+        "lissa_over_ihvp_last",
+    }
