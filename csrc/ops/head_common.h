@@ -60,41 +60,69 @@ FI_HOST_DEVICE FI_INLINE T lissa_step(T g, T h, T hv, T keep, T inv_scale) {
 
 // Host: accumulates Σ r_i a_iᵀ into acc_w [C, d] and Σ r_i into acc_b [C] (if not null) over
 // rows[begin..end) (or rows begin..end when rows is null). A and P are row-major with leading
-// dimensions lda and ldp; Vb may be null; u is scratch of C entries.
+// dimensions lda and ldp; Vb may be null; u is scratch of kRowBlock·C entries. Rows go in
+// blocks of kRowBlock so that each pass over Vw and acc_w serves several rows of A.
 template <typename T>
 FI_INLINE void head_hvp_rows(const T* A, int64_t lda, const T* P, int64_t ldp, const T* Vw,
                              const T* Vb, const int64_t* rows, int64_t begin, int64_t end,
                              int64_t C, int64_t d, T* u, T* acc_w, T* acc_b) {
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t i = rows != nullptr ? rows[r] : r;
-    const T* a = A + i * lda;
-    for (int64_t c = 0; c < C; ++c) {
-      u[c] = dot(Vw + c * d, a, d) + (Vb != nullptr ? Vb[c] : T(0));
+  for (int64_t r = begin; r < end; r += kRowBlock) {
+    const int rows_here = static_cast<int>(end - r < kRowBlock ? end - r : kRowBlock);
+    // A short last block repeats its first row with a zero weight.
+    const T* a[kRowBlock];
+    int64_t index[kRowBlock];
+    for (int b = 0; b < kRowBlock; ++b) {
+      const int64_t at = r + (b < rows_here ? b : 0);
+      index[b] = rows != nullptr ? rows[at] : at;
+      a[b] = A + index[b] * lda;
     }
-    head_residual(P + i * ldp, u, C);
+    T weight[kRowBlock];
     for (int64_t c = 0; c < C; ++c) {
-      axpy(u[c], a, acc_w + c * d, d);
-      if (acc_b != nullptr) {
-        acc_b[c] += u[c];
+      dot_rows(Vw + c * d, a, d, weight);
+      for (int b = 0; b < kRowBlock; ++b) {
+        u[b * C + c] = weight[b] + (Vb != nullptr ? Vb[c] : T(0));
       }
+    }
+    for (int b = 0; b < kRowBlock; ++b) {
+      head_residual(P + index[b] * ldp, u + b * C, C);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      for (int b = 0; b < kRowBlock; ++b) {
+        weight[b] = b < rows_here ? u[b * C + c] : T(0);
+        if (acc_b != nullptr) {
+          acc_b[c] += weight[b];
+        }
+      }
+      axpy_rows(weight, a, acc_w + c * d, d);
     }
   }
 }
 
-// Host: scores of rows begin..end into out; s is scratch of C entries. Returns how many labels
-// were out of range (their scores are NaN).
+// Host: scores of rows begin..end into out; s is scratch of kRowBlock·C entries. Returns how
+// many labels were out of range (their scores are NaN).
 template <typename T>
 FI_INLINE int64_t head_scores_rows(const T* A, int64_t lda, const T* P, int64_t ldp,
                                    const int64_t* y, const T* Sw, const T* Sb, int64_t begin,
                                    int64_t end, int64_t C, int64_t d, T* s, T* out) {
   int64_t bad_labels = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    const T* a = A + i * lda;
-    for (int64_t c = 0; c < C; ++c) {
-      s[c] = dot(Sw + c * d, a, d) + (Sb != nullptr ? Sb[c] : T(0));
+  for (int64_t r = begin; r < end; r += kRowBlock) {
+    const int rows_here = static_cast<int>(end - r < kRowBlock ? end - r : kRowBlock);
+    const T* a[kRowBlock];
+    for (int b = 0; b < kRowBlock; ++b) {
+      a[b] = A + (r + (b < rows_here ? b : 0)) * lda;
     }
-    bad_labels += (y[i] < 0 || y[i] >= C) ? 1 : 0;
-    out[i] = head_score(P + i * ldp, s, y[i], C);
+    T dots[kRowBlock];
+    for (int64_t c = 0; c < C; ++c) {
+      dot_rows(Sw + c * d, a, d, dots);
+      for (int b = 0; b < kRowBlock; ++b) {
+        s[b * C + c] = dots[b] + (Sb != nullptr ? Sb[c] : T(0));
+      }
+    }
+    for (int b = 0; b < rows_here; ++b) {
+      const int64_t i = r + b;
+      bad_labels += (y[i] < 0 || y[i] >= C) ? 1 : 0;
+      out[i] = head_score(P + i * ldp, s + b * C, y[i], C);
+    }
   }
   return bad_labels;
 }

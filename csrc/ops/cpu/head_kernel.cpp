@@ -43,7 +43,7 @@ void head_hvp_sum(const T* A, const T* P, const T* Vw, const T* Vb, const int64_
                   int64_t count, int64_t C, int64_t d, T* sum_w, T* sum_b) {
   const int64_t chunks = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), count / kMinRowsPerChunk));
-  const int64_t stride = C * d + 2 * C;  // acc_w, acc_b, scratch u
+  const int64_t stride = C * d + C + kRowBlock * C;  // acc_w, acc_b, scratch u
   std::vector<T> partial(chunks * stride, T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t chunk = first; chunk < last; ++chunk) {
@@ -109,7 +109,7 @@ at::Tensor head_scores_cpu(const at::Tensor& A, const at::Tensor& P, const at::T
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "head_scores_cpu", [&] {
     const scalar_t* sb = Sb.has_value() ? Sb_c.const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, n, kMinRowsPerChunk, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> s(C);
+      std::vector<scalar_t> s(kRowBlock * C);
       bad_labels += scores_rows_kernel(
           A_c.const_data_ptr<scalar_t>(), P_c.const_data_ptr<scalar_t>(),
           y_c.const_data_ptr<int64_t>(), Sw_c.const_data_ptr<scalar_t>(), sb, begin, end, C, d,
