@@ -1,0 +1,33 @@
+"""fastinfluence: fast influence functions (Koh & Liang 2017) for PyTorch.
+
+>>> import fastinfluence as fi
+>>> scores = fi.score(model, (X_train, y_train), (X_val, y_val))   # > 0 means harmful
+
+Sign and damping conventions: see :mod:`fastinfluence.scoring` and DESIGN.md §1.
+"""
+
+from fastinfluence._extension import info
+from fastinfluence.hessian.solvers import (
+    CGConfig,
+    DirectConfig,
+    DivergenceError,
+    LiSSAConfig,
+    NotPositiveDefiniteError,
+    SolveReport,
+)
+from fastinfluence.scoring import Influence, InfluenceReport, score
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CGConfig",
+    "DirectConfig",
+    "DivergenceError",
+    "Influence",
+    "InfluenceReport",
+    "LiSSAConfig",
+    "NotPositiveDefiniteError",
+    "SolveReport",
+    "info",
+    "score",
+]

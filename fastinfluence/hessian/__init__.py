@@ -1,0 +1,1 @@
+"""Hessian operators and inverse-HVP solvers."""

@@ -1,0 +1,117 @@
+"""Which parameters θ_S the influence is taken over, and flat views of them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import nn
+
+ParamsSpec = Union[str, Sequence[str], Sequence[nn.Parameter]]
+
+
+@dataclass(frozen=True)
+class ParameterSelection:
+    """The selected parameters, in the model's ``named_parameters`` order.
+
+    ``names`` index ``model.named_parameters()``; the flat vector of the selection is the
+    concatenation of the flattened tensors in this order (DESIGN.md §2, ``Influence.ihvp``).
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    head: nn.Linear | None
+    """The ``nn.Linear`` whose weight (and bias, if it has one) are exactly the selection."""
+
+    @property
+    def numel(self) -> int:
+        return sum(s.numel() for s in self.shapes)
+
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a flat ``[p]`` vector into named tensors shaped like the parameters."""
+        sizes = [s.numel() for s in self.shapes]
+        pieces = torch.split(flat, sizes, dim=-1)
+        lead = flat.shape[:-1]
+        return {
+            name: piece.reshape(*lead, *shape)
+            for name, piece, shape in zip(self.names, pieces, self.shapes, strict=True)
+        }
+
+
+def select_parameters(model: nn.Module, params: ParamsSpec) -> ParameterSelection:
+    """Resolve ``params`` ("last", "all", module names or parameters) against ``model``."""
+    named = dict(model.named_parameters())
+    if not named:
+        raise ValueError("the model has no parameters: there is nothing to take influence over")
+    if isinstance(params, str):
+        if params == "last":
+            owners = [m for m in model.modules() if any(True for _ in m.parameters(False))]
+            last = owners[-1]
+            ids = {id(p) for p in last.parameters(recurse=False)}
+            names = [n for n, p in named.items() if id(p) in ids]
+        elif params == "all":
+            names = [n for n, p in named.items() if p.requires_grad]
+            if not names:
+                raise ValueError('params="all": no parameter of the model requires grad')
+        else:
+            raise ValueError(
+                f'params must be "last", "all", a list of module names or a list of '
+                f"parameters, got {params!r}"
+            )
+    else:
+        items = list(params)
+        if not items:
+            raise ValueError("params is an empty list: select at least one parameter")
+        if all(isinstance(item, str) for item in items):
+            names = _names_of_modules(model, named, items)
+        elif all(isinstance(item, torch.Tensor) for item in items):
+            by_id = {id(p): n for n, p in named.items()}
+            missing = [i for i, item in enumerate(items) if id(item) not in by_id]
+            if missing:
+                raise ValueError(f"params[{missing[0]}] is not a parameter of the model")
+            wanted = {id(item) for item in items}
+            names = [n for n, p in named.items() if id(p) in wanted]
+        else:
+            raise TypeError("params as a list must hold only module names or only parameters")
+    shapes = tuple(named[n].shape for n in names)
+    return ParameterSelection(tuple(names), shapes, _linear_head(model, names))
+
+
+def _names_of_modules(
+    model: nn.Module, named: dict[str, nn.Parameter], module_names: Sequence[str]
+) -> list[str]:
+    modules = dict(model.named_modules())
+    chosen: set[str] = set()
+    for module_name in module_names:
+        if module_name in modules:
+            prefix = f"{module_name}." if module_name else ""
+            found = [n for n in named if n.startswith(prefix)]
+        elif module_name in named:
+            found = [module_name]
+        else:
+            known = ", ".join(repr(n) for n in list(modules)[1:12])
+            raise ValueError(
+                f"params: no module or parameter named {module_name!r} in the model "
+                f"(modules include {known})"
+            )
+        if not found:
+            raise ValueError(f"params: module {module_name!r} has no parameters")
+        chosen.update(found)
+    return [n for n in named if n in chosen]
+
+
+def _linear_head(model: nn.Module, names: Sequence[str]) -> nn.Linear | None:
+    """The ``nn.Linear`` whose weight and bias are exactly ``names``, if there is one."""
+    for module_name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        own = [prefix + "weight"] + ([prefix + "bias"] if module.bias is not None else [])
+        if list(names) == own:
+            return module
+    return None
