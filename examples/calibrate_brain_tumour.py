@@ -33,8 +33,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n-patients", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--lesion-contrast", type=float, default=None)
-    parser.add_argument("--noise", default="gaussian",
-                        choices=["gaussian", "rician", "rician-additive"])
+    parser.add_argument(
+        "--noise", default="gaussian", choices=["gaussian", "rician", "rician-additive"]
+    )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -55,13 +56,16 @@ def main() -> None:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     extra = {} if args.lesion_contrast is None else {"lesion_contrast": args.lesion_contrast}
-    data = make_brain_tumour(args.n_slices, args.n_patients, args.image_size,
-                             seed=args.seed, **extra)
+    data = make_brain_tumour(
+        args.n_slices, args.n_patients, args.image_size, seed=args.seed, **extra
+    )
     split = split_by_patient(data.patient_ids, data.labels, seed=args.seed)
     train, val, test = (data.subset(part) for part in (split.train, split.val, split.test))
-    print(f"data: {len(data)} slices of {data.images.shape[-1]}^2, "
-          f"{len(set(data.patient_ids))} patients; train/val/test slices "
-          f"{len(train)}/{len(val)}/{len(test)} ({time.perf_counter() - start:.0f} s)")
+    print(
+        f"data: {len(data)} slices of {data.images.shape[-1]}^2, "
+        f"{len(set(data.patient_ids))} patients; train/val/test slices "
+        f"{len(train)}/{len(val)}/{len(test)} ({time.perf_counter() - start:.0f} s)"
+    )
 
     noisy_train = add_noise(train.images, args.noise, seed=args.seed)
     test_half, _ = add_noise_to_fraction(test.images, 0.5, args.noise, seed=args.seed + 1)
@@ -83,15 +87,20 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)
-        print(f"epoch {epoch:2d}  train loss {total / n:.3f}  "
-              f"val {accuracy(model, val.images, val.labels):.3f}  "
-              f"test(rho=0) {accuracy(model, test.images, test.labels):.3f}  "
-              f"({time.perf_counter() - start:.0f} s)")
+        print(
+            f"epoch {epoch:2d}  train loss {total / n:.3f}  "
+            f"val {accuracy(model, val.images, val.labels):.3f}  "
+            f"test rho=0 {accuracy(model, test.images, test.labels):.3f}  "
+            f"rho=0.5 {accuracy(model, test_half, test.labels):.3f}  "
+            f"({time.perf_counter() - start:.0f} s)"
+        )
 
     clean = accuracy(model, test.images, test.labels)
     half = accuracy(model, test_half, test.labels)
-    print(f"final test accuracy, {args.noise} training noise: rho_test=0 {100 * clean:.1f}%  "
-          f"rho_test=0.5 {100 * half:.1f}%  ({time.perf_counter() - start:.0f} s total)")
+    print(
+        f"final test accuracy, {args.noise} training noise: rho_test=0 {100 * clean:.1f}%  "
+        f"rho_test=0.5 {100 * half:.1f}%  ({time.perf_counter() - start:.0f} s total)"
+    )
 
 
 if __name__ == "__main__":

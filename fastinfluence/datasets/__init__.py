@@ -3,18 +3,26 @@ real-format loaders (figshare brain tumour, ISIC 2017/2018), image and label noi
 patient-level splits. See ``fastinfluence/datasets/README.md``."""
 
 from fastinfluence.datasets.brain_tumour import BrainTumourData, make_brain_tumour
+from fastinfluence.datasets.figshare import load_figshare_brain_tumour
+from fastinfluence.datasets.isic import SkinLesionData, load_isic2017, load_isic2018
 from fastinfluence.datasets.label_noise import flip_labels_by_loss, flip_labels_symmetric
 from fastinfluence.datasets.noise import add_noise, add_noise_to_fraction, rice_moments
+from fastinfluence.datasets.plotting import save_brain_tumour_grid
 from fastinfluence.datasets.splits import PatientSplit, split_by_patient
 
 __all__ = [
     "BrainTumourData",
     "PatientSplit",
+    "SkinLesionData",
     "add_noise",
     "add_noise_to_fraction",
     "flip_labels_by_loss",
     "flip_labels_symmetric",
+    "load_figshare_brain_tumour",
+    "load_isic2017",
+    "load_isic2018",
     "make_brain_tumour",
     "rice_moments",
+    "save_brain_tumour_grid",
     "split_by_patient",
 ]

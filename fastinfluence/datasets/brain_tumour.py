@@ -47,8 +47,7 @@ class BrainTumourData:
             raise ValueError(f"images must be [N, 1, H, W], got {tuple(self.images.shape)}")
         if self.masks.shape != self.images.shape:
             raise ValueError(
-                f"masks must match images {tuple(self.images.shape)}, "
-                f"got {tuple(self.masks.shape)}"
+                f"masks must match images {tuple(self.images.shape)}, got {tuple(self.masks.shape)}"
             )
         self.patient_ids = np.asarray(self.patient_ids, dtype=str)
         sizes = {"labels": len(self.labels), "patient_ids": len(self.patient_ids)}
@@ -198,9 +197,7 @@ def _check_sizes(n_slices: int, n_patients: int, image_size: int) -> None:
         raise ValueError(f"image_size must be at least 16, got {image_size}")
 
 
-def _apportion(
-    total: int, weights: Sequence[float], minimum: int | Sequence[int] = 0
-) -> list[int]:
+def _apportion(total: int, weights: Sequence[float], minimum: int | Sequence[int] = 0) -> list[int]:
     """Split ``total`` in proportion to ``weights`` (largest remainder), each part at least
     ``minimum`` while the total allows, filling the largest weights first."""
     weights = np.asarray(weights, dtype=np.float64)
@@ -253,10 +250,18 @@ class _Anatomy:
         shift = np.array([rng.uniform(-6, 6) * v, rng.uniform(-6, 6) * v, 0.0])
         coarse = rng.normal(0.0, 2.5 * v, size=(2, 5, 5))
         zoom = renderer.grid / 5
-        warp = np.stack([ndimage.zoom(c, zoom, order=3, grid_mode=True, mode="grid-constant")
-                         for c in coarse])
-        thickness = np.array([rng.uniform(1.5, 3), rng.uniform(1.5, 2.5), rng.uniform(2, 4),
-                              rng.uniform(1.5, 2.5), rng.uniform(4, 8)])
+        warp = np.stack(
+            [ndimage.zoom(c, zoom, order=3, grid_mode=True, mode="grid-constant") for c in coarse]
+        )
+        thickness = np.array(
+            [
+                rng.uniform(1.5, 3),
+                rng.uniform(1.5, 2.5),
+                rng.uniform(2, 4),
+                rng.uniform(1.5, 2.5),
+                rng.uniform(4, 8),
+            ]
+        )
         layer_values = np.array([0.06, 0.02, rng.uniform(0.3, 0.55), 0.02, rng.uniform(0.5, 0.95)])
         return cls(
             rotation=rotation,
@@ -284,8 +289,9 @@ class _Anatomy:
     def head(self, hull_distance: np.ndarray) -> np.ndarray:
         """Skull and scalp intensities from the distance outside the intracranial hull."""
         value = np.zeros_like(hull_distance)
-        for inner, outer, level in zip(self.layers[:-1], self.layers[1:], self.layer_values,
-                                       strict=True):
+        for inner, outer, level in zip(
+            self.layers[:-1], self.layers[1:], self.layer_values, strict=True
+        ):
             value += level * _box(hull_distance, inner, outer)
         return value
 
@@ -455,8 +461,9 @@ def _meningioma(
         centre = surface + normal * rng.uniform(0.0, 0.3) * radius
     elif site == "falx":
         side = rng.choice([-1.0, 1.0])
-        centre = np.array([side * rng.uniform(0, 0.4) * radius, rng.uniform(-60, 40),
-                           rng.uniform(5, 55)])
+        centre = np.array(
+            [side * rng.uniform(0, 0.4) * radius, rng.uniform(-60, 40), rng.uniform(5, 55)]
+        )
     else:
         spot = rng.integers(3)
         side = rng.choice([-1.0, 1.0])
@@ -508,8 +515,13 @@ def _glioma(
     radius = rng.uniform(9, 26)
     centre = None
     for _ in range(1000):
-        candidate = np.array([rng.choice([-1.0, 1.0]) * rng.uniform(12, 55),
-                              rng.uniform(-80, 45), rng.uniform(-25, 55)])
+        candidate = np.array(
+            [
+                rng.choice([-1.0, 1.0]) * rng.uniform(12, 55),
+                rng.uniform(-80, 45),
+                rng.uniform(-25, 55),
+            ]
+        )
         depth = -float(template.brain(candidate[None])[0])
         if depth > 0.6 * radius + 4 and template.sample(candidate[None])[0] > 0.5:
             centre = candidate
@@ -599,8 +611,14 @@ class _Renderer:
         return image, mask
 
     def _render(self, anatomy: _Anatomy, lesion: _Lesion, level: float) -> tuple[np.ndarray, ...]:
-        patient = np.stack([self.across + anatomy.warp[0], self.along + anatomy.warp[1],
-                            np.full_like(self.across, level)], axis=-1)
+        patient = np.stack(
+            [
+                self.across + anatomy.warp[0],
+                self.along + anatomy.warp[1],
+                np.full_like(self.across, level),
+            ],
+            axis=-1,
+        )
         points = anatomy.to_template(patient)
         source = lesion.displace(points)
         hull = self.template.hull(points)

@@ -112,8 +112,9 @@ def _resize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if size is None or tuple(image.shape) == (size, size):
         return image, mask
-    image = F.interpolate(image[None, None], size=(size, size), mode="bilinear",
-                          align_corners=False, antialias=True)[0, 0].clamp(0, 1)
+    image = F.interpolate(
+        image[None, None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )[0, 0].clamp(0, 1)
     coverage = F.interpolate(mask[None, None].float(), size=(size, size), mode="area")
     return image, coverage[0, 0] >= 0.5
 
