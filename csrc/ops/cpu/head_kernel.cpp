@@ -12,7 +12,7 @@
 #include <atomic>
 #include <vector>
 
-#include "ops/checks.h"
+#include "ops/glue.h"
 #include "ops/head_common.h"
 
 namespace fastinfluence {

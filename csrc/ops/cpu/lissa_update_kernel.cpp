@@ -4,7 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include "ops/checks.h"
+#include "ops/glue.h"
 #include "ops/head_common.h"
 
 namespace fastinfluence {

@@ -6,7 +6,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "ops/checks.h"
+#include "ops/glue.h"
 #include "ops/per_sample_grad_common.h"
 
 namespace fastinfluence {
@@ -44,15 +44,6 @@ FI_CPU_CLONES void conv2d_grad_dot_kernel(const T* x, const T* g, const T* v, in
   for (int64_t i = begin; i < end; ++i) {
     dots[i] = conv2d_grad_dot_sample(x + i * K * L, g + i * C_out * L, v, K, L, C_out);
   }
-}
-
-// t [n, *, k] as a contiguous [n, S, k], S the product of the sequence dims.
-at::Tensor as_samples(const at::Tensor& t) {
-  int64_t S = 1;
-  for (int64_t dim = 1; dim + 1 < t.dim(); ++dim) {
-    S *= t.size(dim);
-  }
-  return t.reshape({t.size(0), S, t.size(-1)}).contiguous();
 }
 
 at::Tensor linear_per_sample_grad_cpu(const at::Tensor& x, const at::Tensor& grad_out) {

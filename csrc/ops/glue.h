@@ -1,5 +1,5 @@
-// Argument checks shared by the CPU and CUDA glue; messages name the argument and the shape
-// it must have.
+// Argument checks and tensor helpers shared by the CPU and CUDA glue; check messages name the
+// argument and the shape it must have.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -94,6 +94,15 @@ inline void check_vector(const at::Tensor& v, int64_t rows, int64_t cols, const 
               cols, "], got shape ", v.sizes());
   TORCH_CHECK(v.scalar_type() == like.scalar_type() && v.device() == like.device(),
               "v must have dtype ", like.scalar_type(), " and the inputs' device");
+}
+
+// t [n, *, k] as a contiguous [n, S, k], S the product of the sequence dims.
+inline at::Tensor as_samples(const at::Tensor& t) {
+  int64_t S = 1;
+  for (int64_t dim = 1; dim + 1 < t.dim(); ++dim) {
+    S *= t.size(dim);
+  }
+  return t.reshape({t.size(0), S, t.size(-1)}).contiguous();
 }
 
 }  // namespace fastinfluence
