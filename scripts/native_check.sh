@@ -52,15 +52,17 @@ if [ "$CUDA" = ON ]; then
         exit 0
     fi
     TORCH_INCLUDE="$("$PYTHON" -c 'from torch.utils.cpp_extension import include_paths; print(" ".join("-I" + p for p in include_paths()))')"
-    CUDA_INCLUDE="$(dirname "$(dirname "$(readlink -f "$NVCC")")")/include"
+    # nvcc may be a wrapper script: ask it where the CUDA headers are.
+    CUDA_INCLUDE="$("$NVCC" --dryrun -x cu -c /dev/null -o /dev/null 2>&1 \
+        | sed -n 's/^#\$ INCLUDES="\(.*\)".*/\1/p')"
     # A CPU torch lacks one generated CUDA header; an empty stand-in is enough for syntax.
     STUB="$BUILD/glue_stub"
     mkdir -p "$STUB/c10/cuda/impl"
     touch "$STUB/c10/cuda/impl/cuda_cmake_macros.h"
     for glue in csrc/ops/cuda/*_glue.cpp; do
-        # shellcheck disable=SC2086  # TORCH_INCLUDE is a list of flags
+        # shellcheck disable=SC2086  # TORCH_INCLUDE and CUDA_INCLUDE are lists of flags
         "${CXX:-c++}" -std=c++20 -fsyntax-only -Icsrc $TORCH_INCLUDE -I"$STUB" \
-            -I"$CUDA_INCLUDE" "$glue"
+            $CUDA_INCLUDE "$glue"
         echo "native_check: $glue compiles against torch's headers"
     done
 fi
