@@ -30,11 +30,21 @@ __all__ = [
     "use_native",
 ]
 
-# Ops whose native kernel is the default, per device type; the others run the twin (which
-# calls ATen's GEMMs). See benchmarks/README_ops.md for the measurements behind this.
+# Ops whose native kernel is the default, per device type; the others run the twin. On CPU the
+# twins of the per-sample gradient ops (batched MKL GEMMs) beat the native loops 3-7x
+# (benchmarks/README_ops.md). On CUDA (not yet measured) the plain per-sample gradients go to
+# cuBLAS through the twin; the dots, which the native kernels fuse, stay native.
+_PER_SAMPLE = frozenset(
+    {
+        "linear_per_sample_grad",
+        "linear_per_sample_grad_dot",
+        "conv2d_per_sample_grad",
+        "conv2d_per_sample_grad_dot",
+    }
+)
 NATIVE_DEFAULT: dict[str, frozenset[str]] = {
-    "cpu": frozenset(_extension.OPS),
-    "cuda": frozenset(_extension.OPS),
+    "cpu": frozenset(_extension.OPS) - _PER_SAMPLE,
+    "cuda": frozenset(_extension.OPS) - {"linear_per_sample_grad", "conv2d_per_sample_grad"},
 }
 
 
