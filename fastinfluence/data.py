@@ -8,12 +8,12 @@ are checked batch by batch as they are read, since reading them is the expensive
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-DataLike = Union[tuple[torch.Tensor, torch.Tensor], Dataset, DataLoader]
+DataLike = tuple[torch.Tensor, torch.Tensor] | Dataset | DataLoader
 
 DEFAULT_BATCH_SIZE = 256
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import nn
 
-ParamsSpec = Union[str, Sequence[str], Sequence[nn.Parameter]]
+ParamsSpec = str | Sequence[str] | Sequence[nn.Parameter]
 
 
 @dataclass(frozen=True)

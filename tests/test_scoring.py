@@ -60,7 +60,8 @@ def explicit_gauss_newton(model, plist, x, y) -> torch.Tensor:
     def logits(flat, sample):
         pieces = torch.split(flat, sizes)
         tensors = dict(base)
-        tensors.update({n: t.reshape(p.shape) for n, t, p in zip(names, pieces, plist)})
+        shaped = zip(names, pieces, plist, strict=True)
+        tensors.update({n: t.reshape(p.shape) for n, t, p in shaped})
         tensors.update(buffers)
         return torch.func.functional_call(model, tensors, (sample[None],))[0]
 

@@ -88,8 +88,9 @@ def hvp(data: HeadFeatures, layout: HeadLayout, vectors: torch.Tensor) -> torch.
 
 
 def dense_hessian(data: HeadFeatures, layout: HeadLayout) -> torch.Tensor:
-    """The explicit ``[p, p]`` Hessian, block by block: ``H_cc' = Ãᵀ diag(p_c δ_cc' − p_c p_c') Ã / n``
-    with ``Ã = [A, 1]``; the flat order is all of ``W`` (row-major), then ``b``."""
+    """The explicit ``[p, p]`` Hessian, block by block:
+    ``H_cc' = Ãᵀ diag(p_c δ_cc' − p_c p_c') Ã / n`` with ``Ã = [A, 1]``; the flat order is all
+    of ``W`` (row-major), then ``b``."""
     probs = data.probs
     features = data.features
     if layout.has_bias:
