@@ -30,10 +30,23 @@ def problem():
     return make_problem(SIZE, parse_args(ARGS))
 
 
-@pytest.mark.parametrize("params", ["last", "all"])
-def test_score(benchmark, problem, params):
+@pytest.mark.filterwarnings("ignore:cg solve did not reach:RuntimeWarning")
+@pytest.mark.parametrize(
+    ("params", "options"),
+    [("last", {}), ("all", {"solver": "cg", "max_iter": 5})],  # capped, as in the script
+)
+def test_score(benchmark, problem, params, options):
     model, train, val = problem
-    scores = _run(benchmark, fastinfluence.score, model, train, val, params=params)
+    scores = _run(
+        benchmark,
+        fastinfluence.score,
+        model,
+        train,
+        val,
+        params=params,
+        hessian="gauss-newton",
+        **options,
+    )
     assert scores.shape == (len(train[0]),)
     assert torch.isfinite(scores).all()
 
