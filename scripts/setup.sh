@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Creates the virtual env (default .venv) with torch==2.13.0 and fastinfluence installed in
-# editable mode with its dev extras. Idempotent: re-running only rebuilds what changed.
+# Creates the virtual env (default .venv; FASTINFLUENCE_VENV overrides) with torch==2.13.0 and
+# fastinfluence installed in editable mode with its dev extras, building the native extension.
+# Re-running it reinstalls only when setup.py, pyproject.toml or csrc/ changed since.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${FASTINFLUENCE_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
+STAMP="$VENV/.fastinfluence-installed"
+if [ -f "$STAMP" ] && [ -z "$(find setup.py pyproject.toml csrc -newer "$STAMP" -print -quit)" ]; then
+    echo "fastinfluence: environment in $VENV is up to date"
+    exit 0
+fi
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
 # Pin torch first so that nothing below can resolve another (CUDA) build of it.
 "$VENV/bin/pip" install -q "torch==2.13.0"
-"$VENV/bin/pip" install -q --no-build-isolation -e ".[dev]"
+MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/pip" install -q --no-build-isolation -e ".[dev]"
+touch "$STAMP"
 echo "fastinfluence: environment ready in $VENV"

@@ -67,8 +67,8 @@ def test_influence_predicts_leave_one_out_retraining():
         keep = torch.ones(n, dtype=torch.bool)
         keep[index] = False
         refit = fit(theta, x_train[keep], y_train[keep], n)
-        actual.append(float(objective(refit, x_val, y_val, len(x_val)) - L2 / 2 * (refit * refit).sum())
-                      - base_loss)
+        val_loss = objective(refit, x_val, y_val, len(x_val)) - L2 / 2 * (refit * refit).sum()
+        actual.append(float(val_loss) - base_loss)
     actual = torch.tensor(actual, dtype=torch.float64)
     pearson = float(torch.corrcoef(torch.stack([predicted[chosen], actual]))[0, 1])
     assert pearson >= 0.95, f"Pearson {pearson:.4f} between predicted and actual"
