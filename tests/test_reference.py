@@ -13,6 +13,16 @@ from fastinfluence.models import PaperCNN
 DAMPING = 0.01
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The problems here are tiny: intra-op threads only add overhead (a lot of it on a loaded
+    machine, where thread pools spin), so run single-threaded and restore afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _softmax_regression(seed: int = 0, n: int = 40, d: int = 3, k: int = 3):
     """A float64 softmax regression (``nn.Linear``) with random data."""
     gen = torch.Generator().manual_seed(seed)
