@@ -12,6 +12,13 @@ Times, for each image size and parameter selection (``params="last"``: the Linea
   extrapolated to ``depth x repeats`` HVPs when fewer are timed; the output says so);
 * peers (captum, pydvl, kronfluence) are reported as skipped when not installed.
 
+The curvature defaults to Gauss-Newton (``--hessian``): the exact Hessian of a CNN is
+indefinite and CG stops on it for ``params="all"``; for the softmax-CE head both are the same.
+For ``params="all"`` the IHVP is CG capped at ``--cg-max-iter`` iterations (each one HVP over the
+whole training set): that stage is timed as capped, and its residual is printed. Warm-ups run
+the same calls on a few samples; each timing is the median of ``--repeats`` runs
+(``--baseline-repeats`` for the slow baselines).
+
 Prints Markdown tables (seconds, samples/s, ratios checked against the targets) and writes
 JSON to ``--out``. Example::
 
