@@ -1,47 +1,12 @@
-"""Small float64 models and data shared by the engine's tests."""
-
-from __future__ import annotations
+"""Fixtures of the engine's tests."""
 
 import pytest
 import torch
-from torch import nn
+from problems import make_problem
 
-
-def logistic(features: int = 5, classes: int = 3) -> nn.Module:
-    return nn.Sequential(nn.Linear(features, classes))
-
-
-def mlp(features: int = 5, classes: int = 3) -> nn.Module:
-    return nn.Sequential(nn.Linear(features, 8), nn.Tanh(), nn.Linear(8, classes))
-
-
-def small_cnn(classes: int = 3) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1),
-        nn.BatchNorm2d(3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(3 * 4 * 4, classes),
-    )
-
-
-def make_problem(kind: str, seed: int = 0, n_train: int = 40, n_val: int = 10):
-    """A float64 model (eval mode; BatchNorm with non-trivial running statistics) and data."""
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    shape = (1, 8, 8) if kind == "cnn" else (5,)
-    model = {"logistic": logistic, "mlp": mlp, "cnn": small_cnn}[kind]().double()
-    x_train = torch.randn(n_train, *shape, generator=generator, dtype=torch.float64)
-    x_val = torch.randn(n_val, *shape, generator=generator, dtype=torch.float64)
-    y_train = torch.randint(0, 3, (n_train,), generator=generator)
-    y_val = torch.randint(0, 3, (n_val,), generator=generator)
-    if kind == "cnn":
-        model.train()
-        with torch.no_grad():
-            model(x_train * 2 + 0.5)
-    model.eval()
-    return model, (x_train, y_train), (x_val, y_val)
+# The test problems are tiny: with more threads, thread hand-offs cost more than the math
+# (several times slower on a shared 2-core machine). Benchmarks set their own thread count.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(params=["logistic", "mlp", "cnn"])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from problems import make_problem
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

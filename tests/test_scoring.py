@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_problem
+from problems import make_problem
 
 import fastinfluence as fi
 from fastinfluence import reference
@@ -157,3 +157,25 @@ def test_scores_of_other_data_equal_train_scores_on_the_same_samples():
         inf = fi.Influence(model, train, val, params=params, damping=0.5)
         subset = (train[0][5:15], train[1][5:15])
         assert torch.allclose(inf.scores(subset), inf.scores()[5:15], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("params", ["last", "all"])
+def test_minibatch_lissa_approaches_the_direct_solve(params):
+    model, train, val = make_problem("mlp", seed=7, n_train=120)
+    options = {"damping": 0.5, "hessian": "gauss-newton", "params": params}
+    direct = fi.Influence(model, train, val, **options)
+    with pytest.warns(RuntimeWarning, match="did not reach"):
+        lissa = fi.Influence(model, train, val, solver="lissa", minibatch_size=40, depth=200,
+                             repeats=2, **options)
+    assert lissa.report.solve.iterations == 2 * 200
+    # Minibatch noise keeps LiSSA near, not at, the solution; the residual is measured honestly.
+    assert relative_error(lissa.ihvp, direct.ihvp) < 0.1
+    assert lissa.report.solve.relative_residual < 0.1
+
+
+def test_full_batch_lissa_stops_early_on_the_residual():
+    model, train, val = make_problem("logistic", seed=8)
+    inf = fi.Influence(model, train, val, solver="lissa", damping=1.0, tol=1e-8, depth=100_000)
+    assert inf.report.solve.converged
+    assert inf.report.solve.iterations < 1000
+    assert inf.report.solve.scale > 1.0

@@ -71,7 +71,7 @@ class LiSSAConfig:
     The recursion ``h₀ = b``, ``h_{t+1} = b + (1 − λ/scale)·h_t − H_B h_t / scale`` converges to
     ``scale·(H + λI)^{-1} b`` when every eigenvalue of ``(H + λI)/scale`` lies in ``(0, 2)``;
     the estimate is ``h_t / scale``, averaged over ``repeats``. ``H_B`` is the Hessian on a
-    minibatch of ``batch_size`` training samples drawn with replacement (``None``: the whole
+    minibatch of ``minibatch_size`` training samples drawn with replacement (``None``: the whole
     training set, so the recursion is deterministic and ``h_{t+1} − h_t`` is exactly the
     residual of the current estimate).
 
@@ -79,7 +79,7 @@ class LiSSAConfig:
         depth: most recursion steps per repeat.
         repeats: independent recursions averaged (useful with minibatches).
         scale: step divisor; ``None`` picks ``1.1·(|λ|_max(H) + λ)`` by power iteration.
-        batch_size: samples per Hessian-vector product, ``None`` for all of them.
+        minibatch_size: samples per Hessian-vector product, ``None`` for all of them.
         tol: stop a repeat when ``‖h_{t+1} − h_t‖ ≤ tol·‖b‖``.
         seed: seeds the minibatch sampling and the power iteration.
         power_iters: most power-iteration steps for the automatic scale.
@@ -88,7 +88,7 @@ class LiSSAConfig:
     depth: int = 10_000
     repeats: int = 1
     scale: float | None = None
-    batch_size: int | None = None
+    minibatch_size: int | None = None
     tol: float = 1e-6
     seed: int = 0
     power_iters: int = 30
@@ -97,8 +97,8 @@ class LiSSAConfig:
         _require(self.depth >= 1, "depth", self.depth, ">= 1")
         _require(self.repeats >= 1, "repeats", self.repeats, ">= 1")
         _require(self.scale is None or self.scale > 0, "scale", self.scale, "> 0 or None")
-        _require(self.batch_size is None or self.batch_size >= 1, "batch_size",
-                 self.batch_size, ">= 1 or None")
+        _require(self.minibatch_size is None or self.minibatch_size >= 1, "minibatch_size",
+                 self.minibatch_size, ">= 1 or None")
         _require(self.tol > 0, "tol", self.tol, "> 0")
         _require(self.power_iters >= 1, "power_iters", self.power_iters, ">= 1")
 
@@ -262,7 +262,11 @@ class CGSolver(Solver):
 
 
 class LiSSASolver(Solver):
-    """LiSSA, see :class:`LiSSAConfig`; the head path runs the whole recursion natively."""
+    """LiSSA, see :class:`LiSSAConfig`.
+
+    Deterministic recursions (full-batch products) stop early on the residual; a minibatch
+    recursion over a closed-form head runs all ``depth`` steps in one native call.
+    """
 
     name = "lissa"
 
@@ -279,7 +283,7 @@ class LiSSASolver(Solver):
         iterations = 0
         for repeat in range(config.repeats):
             seed = config.seed + repeat
-            if isinstance(self.operator, HeadHessian):
+            if isinstance(self.operator, HeadHessian) and config.minibatch_size is not None:
                 estimate = self._head_recursion(rhs, seed)
                 iterations += config.depth
             else:
@@ -297,7 +301,7 @@ class LiSSASolver(Solver):
             bias = None if biases is None else biases[index]
             xw, xb = ops.head_lissa(operator.data.features, operator.data.probs,
                                     weights[index], bias, self.damping, self.scale,
-                                    self.config.depth, self.config.batch_size, seed)
+                                    self.config.depth, self.config.minibatch_size, seed)
             columns.append(layout.join(xw, xb))
         estimate = torch.stack(columns)
         self._check_finite(estimate, self.config.depth)
@@ -308,7 +312,7 @@ class LiSSASolver(Solver):
         generator = torch.Generator(device="cpu").manual_seed(seed)
         iterate = rhs.clone()
         rhs_norm = float(rhs.norm())
-        bound = _iterate_bound(rhs_norm, self.scale, self.damping, config.batch_size is None)
+        bound = _iterate_bound(rhs_norm, self.scale, self.damping, config.minibatch_size is None)
         steps = 0
         for steps in progress_bar(range(1, config.depth + 1), self.progress, "LiSSA"):
             operator = self._minibatch_operator(generator)
@@ -324,7 +328,7 @@ class LiSSASolver(Solver):
         return iterate / self.scale, steps
 
     def _minibatch_operator(self, generator: torch.Generator) -> HessianOperator:
-        size = self.config.batch_size
+        size = self.config.minibatch_size
         if size is None or size >= len(self.operator.data):
             return self.operator
         return self.operator.subsample(size, generator)
