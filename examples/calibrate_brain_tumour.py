@@ -2,9 +2,16 @@
 
 Trains the paper's CNN naively (Adam, batch 32, random horizontal flips) on Gaussian-noisy
 training images (sigma = 32 on 0-255, fresh noise per image) of the default generated data
-set, split 75/5/20 by patient, and reports the final-epoch test accuracy with a clean test
-set (rho_test = 0) and a half-noisy one (rho_test = 0.5). The default difficulty is meant to
-land between 70% and 95%: room for robust methods to differ.
+set, split 75/5/20 by patient, and reports the final-epoch test accuracy with a noisy test
+set (rho_test = 1), a half-noisy one (rho_test = 0.5) and a clean one (rho_test = 0). The
+default difficulty is meant to put the noisy-test accuracy between 70% and 95%: room for
+robust methods to differ.
+
+Adam's learning rate is 0.001, not the paper's 0.01: at this size an epoch is ~14 steps and
+0.01 makes the eval-mode accuracy swing between chance and ~75% from one epoch to the next.
+For the same reason BatchNorm's running averages (momentum 0.1) lag the weights, so after
+training they are re-estimated on the noisy training images (a forward pass, no gradient
+step, no test data); the accuracy with the lagging averages is printed too.
 
     python examples/calibrate_brain_tumour.py            # a few minutes on 2 CPU cores
 """
@@ -36,8 +43,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--noise", default="gaussian", choices=["gaussian", "rician", "rician-additive"]
     )
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args()
@@ -48,6 +55,21 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
     with torch.no_grad():
         predictions = torch.cat([model(chunk).argmax(1) for chunk in images.split(256)])
     return (predictions == labels).float().mean().item()
+
+
+def refresh_batchnorm(model: torch.nn.Module, images: torch.Tensor) -> None:
+    """Replace BatchNorm's running averages by the exact statistics over ``images``."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the passes below
+    model.train()
+    with torch.no_grad():
+        for chunk in images.split(32):
+            model(chunk)
+    for norm in norms:
+        norm.momentum = 0.1
+    model.eval()
 
 
 def main() -> None:
@@ -69,6 +91,8 @@ def main() -> None:
 
     noisy_train = add_noise(train.images, args.noise, seed=args.seed)
     test_half, _ = add_noise_to_fraction(test.images, 0.5, args.noise, seed=args.seed + 1)
+    test_noisy = add_noise(test.images, args.noise, seed=args.seed + 2)
+    tests = {"1": test_noisy, "0.5": test_half, "0": test.images}
 
     model = PaperCNN(image_size=data.images.shape[-1])
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -90,17 +114,16 @@ def main() -> None:
         print(
             f"epoch {epoch:2d}  train loss {total / n:.3f}  "
             f"val {accuracy(model, val.images, val.labels):.3f}  "
-            f"test rho=0 {accuracy(model, test.images, test.labels):.3f}  "
-            f"rho=0.5 {accuracy(model, test_half, test.labels):.3f}  "
             f"({time.perf_counter() - start:.0f} s)"
         )
 
-    clean = accuracy(model, test.images, test.labels)
-    half = accuracy(model, test_half, test.labels)
-    print(
-        f"final test accuracy, {args.noise} training noise: rho_test=0 {100 * clean:.1f}%  "
-        f"rho_test=0.5 {100 * half:.1f}%  ({time.perf_counter() - start:.0f} s total)"
-    )
+    lagging = {rho: accuracy(model, x, test.labels) for rho, x in tests.items()}
+    refresh_batchnorm(model, noisy_train)
+    final = {rho: accuracy(model, x, test.labels) for rho, x in tests.items()}
+    for name, result in (("running BatchNorm averages", lagging), ("refreshed BatchNorm", final)):
+        cells = "  ".join(f"rho_test={rho} {100 * acc:.1f}%" for rho, acc in result.items())
+        print(f"final test accuracy ({name}): {cells}")
+    print(f"{args.noise} training noise, {time.perf_counter() - start:.0f} s total")
 
 
 if __name__ == "__main__":

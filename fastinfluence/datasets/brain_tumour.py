@@ -112,7 +112,7 @@ def make_brain_tumour(
 
     Args:
         n_slices: number of slices (default 600; paper 3,064).
-        n_patients: number of patients (default 60; paper 233); at most ``n_slices``.
+        n_patients: number of patients (default 120; paper 233); at most ``n_slices``.
         image_size: side of the square images (default 64; the paper used 512, the
             authors' code 256).
         seed: everything is a deterministic function of the seed and the sizes.
@@ -127,7 +127,7 @@ def make_brain_tumour(
         A :class:`BrainTumourData`; slices are grouped by patient, patients in random order.
     """
     n_slices = _resolve(n_slices, 3064 if paper_size else 600)
-    n_patients = _resolve(n_patients, 233 if paper_size else 60)
+    n_patients = _resolve(n_patients, 233 if paper_size else 120)
     image_size = _resolve(image_size, 256 if paper_size else 64)
     _check_sizes(n_slices, n_patients, image_size)
     if not (np.isfinite(lesion_contrast) and lesion_contrast > 0):
@@ -441,7 +441,7 @@ def _distance(points: np.ndarray, centre: np.ndarray) -> np.ndarray:
 def _draw_lesion(
     label: int, rng: np.random.Generator, template: Template, lesion_contrast: float
 ) -> _Lesion:
-    contrast = float(np.clip(lesion_contrast * rng.uniform(0.35, 1.0), 0.0, 1.0))
+    contrast = float(np.clip(lesion_contrast * rng.uniform(0.6, 1.0), 0.0, 1.0))
     texture = _Blob.draw(rng, np.zeros(3), np.full(3, rng.uniform(4, 10)), 1.0)
     if label == 0:
         return _meningioma(rng, template, contrast, texture)
@@ -453,7 +453,7 @@ def _draw_lesion(
 def _meningioma(
     rng: np.random.Generator, template: Template, contrast: float, texture: _Blob
 ) -> _Lesion:
-    radius = rng.uniform(8, 24)
+    radius = rng.uniform(12, 28)
     site = rng.choice(["convexity", "falx", "skull base"], p=[0.5, 0.25, 0.25])
     if site == "convexity":
         surface = _surface_point(rng, template)
@@ -472,13 +472,13 @@ def _meningioma(
             np.array([rng.uniform(-5, 5), rng.uniform(25, 45), rng.uniform(-20, -10)]),
             np.array([side * rng.uniform(8, 18), rng.uniform(-10, 5), rng.uniform(-35, -22)]),
         ][spot]
-        radius = min(radius, 16.0)
+        radius = min(radius, 20.0)
     axes = radius * rng.uniform(0.8, 1.2, size=3)
     return _Lesion(
         label=0,
         body=[_Blob.draw(rng, centre, axes, irregularity=0.12)],
         contrast=contrast,
-        value=rng.uniform(0.95, 1.15),
+        value=rng.uniform(1.1, 1.4),
         mass_effect=rng.uniform(0.25, 0.5),
         texture=texture,
         dural_tail=rng.uniform(1.3, 2.0) if rng.random() < 0.5 else 0.0,
@@ -512,7 +512,7 @@ def _outward_normal(template: Template, point: np.ndarray) -> np.ndarray:
 def _glioma(
     rng: np.random.Generator, template: Template, contrast: float, texture: _Blob
 ) -> _Lesion:
-    radius = rng.uniform(9, 26)
+    radius = rng.uniform(14, 30)
     centre = None
     for _ in range(1000):
         candidate = np.array(
@@ -537,7 +537,7 @@ def _glioma(
         label=1,
         body=[body],
         contrast=contrast,
-        value=rng.uniform(0.95, 1.15) if enhancing else rng.uniform(0.3, 0.45),
+        value=rng.uniform(1.1, 1.4) if enhancing else rng.uniform(0.3, 0.45),
         mass_effect=rng.uniform(0.15, 0.4),
         texture=texture,
         core=core if enhancing else None,
@@ -548,7 +548,7 @@ def _glioma(
 
 
 def _pituitary(rng: np.random.Generator, contrast: float, texture: _Blob) -> _Lesion:
-    radius = rng.uniform(6, 15)
+    radius = rng.uniform(9, 17)
     centre = np.array([rng.uniform(-2, 2), rng.uniform(-7, 0), rng.uniform(-33, -27)])
     axes = radius * np.array([rng.uniform(0.8, 1.1), rng.uniform(0.8, 1.1), rng.uniform(1, 1.4)])
     body = [_Blob.draw(rng, centre, axes, irregularity=0.1)]
@@ -562,7 +562,7 @@ def _pituitary(rng: np.random.Generator, contrast: float, texture: _Blob) -> _Le
         label=2,
         body=body,
         contrast=contrast,
-        value=rng.uniform(0.85, 1.05),
+        value=rng.uniform(1.0, 1.3),
         mass_effect=rng.uniform(0.1, 0.3),
         texture=texture,
         cyst=cyst,
@@ -575,7 +575,7 @@ def _slice_levels(
     """Axial levels (patient mm) through the lesion, spread over most of its height."""
     low, high = lesion.vertical_range()
     centre = anatomy.to_patient(lesion.centre[None])[0, 2]
-    half = 0.8 * (high - low) / 2 / np.linalg.norm(anatomy.rotation[2])
+    half = 0.6 * (high - low) / 2 / np.linalg.norm(anatomy.rotation[2])
     middle = centre + ((high + low) / 2 - lesion.centre[2])
     if count == 1:
         return np.array([middle + rng.uniform(-0.3, 0.3) * half])
