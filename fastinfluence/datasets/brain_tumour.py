@@ -352,14 +352,13 @@ class _Blob:
         scaled = (points - self.centre) / self.axes
         return np.sqrt((scaled**2).sum(-1)) - self.wobble(points)
 
-    def inside(self, points: np.ndarray, threshold: float = 1.0) -> np.ndarray:
-        """Soft occupancy of ``level < threshold`` with an edge about ``_EDGE_MM`` wide."""
-        return _sigmoid((threshold - self.level(points)) * self.axes.mean() / _EDGE_MM)
+    def inside(self, points: np.ndarray) -> np.ndarray:
+        """Soft occupancy of ``level < 1`` with an edge about ``_EDGE_MM`` wide."""
+        return _sigmoid((1.0 - self.level(points)) * self.axes.mean() / _EDGE_MM)
 
 
 @dataclass
 class _Lesion:
-    label: int
     body: list[_Blob]  # union of blobs = the tumour (the mask)
     contrast: float  # fraction of the way from tissue to the lesion's own intensity
     value: float  # intensity of the enhancing tumour
@@ -475,7 +474,6 @@ def _meningioma(
         radius = min(radius, 20.0)
     axes = radius * rng.uniform(0.8, 1.2, size=3)
     return _Lesion(
-        label=0,
         body=[_Blob.draw(rng, centre, axes, irregularity=0.12)],
         contrast=contrast,
         value=rng.uniform(1.1, 1.4),
@@ -534,7 +532,6 @@ def _glioma(
     core = _Blob.draw(rng, centre, axes * rng.uniform(0.4, 0.75), irregularity=0.35)
     oedema = _Blob.draw(rng, centre, axes * rng.uniform(1.4, 2.2), irregularity=0.4)
     return _Lesion(
-        label=1,
         body=[body],
         contrast=contrast,
         value=rng.uniform(1.1, 1.4) if enhancing else rng.uniform(0.3, 0.45),
@@ -559,7 +556,6 @@ def _pituitary(rng: np.random.Generator, contrast: float, texture: _Blob) -> _Le
     if rng.random() < 0.3:
         cyst = _Blob.draw(rng, centre + rng.normal(0, 0.3 * radius, 3), axes * 0.45, 0.2)
     return _Lesion(
-        label=2,
         body=body,
         contrast=contrast,
         value=rng.uniform(1.0, 1.3),

@@ -49,7 +49,9 @@ def load_figshare_brain_tumour(
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"root is not a folder: {root}")
-    if image_size is not None and (isinstance(image_size, bool) or image_size < 1):
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+    ):
         raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
     files = sorted(
         (p for p in root.glob("*.mat") if p.stem != "cvind"), key=lambda p: _file_number(p)

@@ -132,7 +132,9 @@ def _assemble(
 ) -> SkinLesionData:
     from PIL import Image
 
-    if image_size is not None and (isinstance(image_size, bool) or image_size < 1):
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+    ):
         raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
     folder = Path(image_dir)
     if not folder.is_dir():

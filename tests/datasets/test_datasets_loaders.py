@@ -75,6 +75,8 @@ def test_figshare_native_size_needs_equal_sizes(figshare_root):
 def test_figshare_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_figshare_brain_tumour(tmp_path)
+    with pytest.raises(ValueError, match="image_size"):
+        load_figshare_brain_tumour(tmp_path, image_size=2.5)
     image, mask = slice_arrays(1, 8)
     write_figshare_slice(tmp_path / "1.mat", 4, "x", image, mask)
     with pytest.raises(ValueError, match="label"):
