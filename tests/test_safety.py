@@ -173,3 +173,15 @@ def test_repeating_the_validation_set_changes_nothing(seed, copies):
     repeated = (val[0].repeat(copies, 1), val[1].repeat(copies))
     assert torch.allclose(fi.score(model, train, repeated, damping=0.2), once, rtol=1e-9,
                           atol=1e-12)
+
+
+def test_progress_bars_show_long_work(capsys):
+    model, train, val = make_problem("mlp", seed=4)
+    quiet = fi.score(model, train, val, params="all", hessian="gauss-newton", solver="cg",
+                     damping=0.1)
+    assert capsys.readouterr().err == ""
+    shown = fi.score(model, train, val, params="all", hessian="gauss-newton", solver="cg",
+                     damping=0.1, progress=True)
+    err = capsys.readouterr().err
+    assert "CG" in err and "scores (train)" in err
+    assert torch.equal(quiet, shown)
