@@ -1,0 +1,38 @@
+"""Robust training for noisy images (the ISR/ISP paper, DESIGN.md §5).
+
+>>> from fastinfluence.robust import ISPTrainer, ISPConfig
+>>> result = ISPTrainer(model, ISPConfig(lr=1e-3)).fit(train, val, test)
+>>> result.final_test_accuracy, result.test_accuracy_at_best_val
+
+Every trainer shares one loop (:class:`Trainer`: Adam, random horizontal flips, per-epoch
+validation and test accuracy, optional checkpoint, tqdm bar) and overrides its hooks.
+"""
+
+from fastinfluence.robust.config import ATConfig, ISPConfig, ISRConfig, TrainConfig
+from fastinfluence.robust.loop import EpochRecord, Trainer, TrainResult
+from fastinfluence.robust.methods import (
+    ATTrainer,
+    ISPTrainer,
+    ISRTrainer,
+    NaiveTrainer,
+    fgsm_uniform,
+    influence_weights,
+    select_influential,
+)
+
+__all__ = [
+    "ATConfig",
+    "ATTrainer",
+    "EpochRecord",
+    "ISPConfig",
+    "ISPTrainer",
+    "ISRConfig",
+    "ISRTrainer",
+    "NaiveTrainer",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "fgsm_uniform",
+    "influence_weights",
+    "select_influential",
+]

@@ -1,0 +1,226 @@
+"""The training loop shared by every robust trainer, with the hooks the methods override."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from fastinfluence.robust.config import TrainConfig
+
+Split = tuple[torch.Tensor, torch.Tensor]
+"""A labelled split: images ``[n, C, H, W]`` and integer labels ``[n]``."""
+
+
+@dataclass
+class EpochRecord:
+    """One epoch of a run: mean training objective, then eval-mode accuracies after it.
+
+    Attributes:
+        epoch: 1-based epoch number.
+        train_loss: mean over the epoch's batches of the loss that was minimised.
+        val_accuracy: accuracy on the validation set after the epoch.
+        test_accuracy: accuracy on the test set after the epoch.
+        seconds: wall time of the epoch, evaluation and method hooks included.
+    """
+
+    epoch: int
+    train_loss: float
+    val_accuracy: float
+    test_accuracy: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """What a run reports (DESIGN.md §5: never select on the test set).
+
+    Attributes:
+        history: one :class:`EpochRecord` per epoch.
+        final_test_accuracy: test accuracy after the last epoch.
+        best_epoch: the first epoch with the highest validation accuracy (1-based).
+        best_val_accuracy: that validation accuracy.
+        test_accuracy_at_best_val: the test accuracy after ``best_epoch``.
+        seconds: wall time of the whole run.
+        extras: method-specific results (influence scores, weights, perturbed indices...).
+    """
+
+    history: list[EpochRecord]
+    final_test_accuracy: float
+    best_epoch: int
+    best_val_accuracy: float
+    test_accuracy_at_best_val: float
+    seconds: float
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image of ``x`` (``[n, C, H, W]``) mirrored left-right with probability 1/2."""
+    mask = torch.rand(len(x), generator=generator) < 0.5
+    return torch.where(mask.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
+def check_split(split: Split, name: str) -> Split:
+    """``split`` as ``(float images [n, C, H, W], int64 labels [n])``, or a ``ValueError``."""
+    if not (isinstance(split, (tuple, list)) and len(split) == 2):
+        raise ValueError(f"{name} must be an (images, labels) pair of tensors")
+    x, y = split
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise ValueError(f"{name} must be an (images, labels) pair of tensors")
+    if x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"{name} images must be a float tensor [n, C, H, W], got {x.shape}")
+    if y.ndim != 1 or y.is_floating_point() or len(y) != len(x) or len(x) == 0:
+        raise ValueError(
+            f"{name} labels must be integer [n] matching {len(x)} non-zero images, "
+            f"got {y.dtype} {tuple(y.shape)}"
+        )
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} images contain NaN or Inf")
+    return x, y.long()
+
+
+class Trainer:
+    """Base trainer: Adam, random flips, per-epoch evaluation, history and checkpoints.
+
+    One epoch is ``before_epoch(e)``, then for every mini-batch ``B`` (indices into the
+    training set, shuffled by ``config.seed``) an Adam step on ``batch_loss(x_B, y_B, B)``
+    where ``x_B`` is flipped at random, then evaluation. Subclasses override the hooks;
+    the base class minimises plain cross-entropy ``(1/|B|) Σ_{i∈B} l(z_i, θ)``.
+
+    Args:
+        model: the classifier (trained in place; left in eval mode afterwards).
+        config: the method's settings.
+    """
+
+    method = "naive"
+    config_type: type[TrainConfig] = TrainConfig
+
+    def __init__(self, model: nn.Module, config: TrainConfig | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        config = self.config_type() if config is None else config
+        if not isinstance(config, self.config_type):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_type.__name__}, "
+                f"got {type(config).__name__}"
+            )
+        self.model = model
+        self.config = config
+        self.device = (
+            torch.device(config.device) if config.device is not None
+            else next(model.parameters()).device
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        self.train_data: Split | None = None
+        self.val_data: Split | None = None
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def before_epoch(self, epoch: int) -> None:
+        """Called before epoch ``epoch`` (0-based) trains; ``self.train_data`` may be replaced."""
+
+    def batch_loss(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The scalar loss minimised on one batch (model in train mode, ``x`` on device)."""
+        return F.cross_entropy(self.model(x), y)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def fit(self, train: Split, val: Split, test: Split) -> TrainResult:
+        """Train for ``config.epochs`` epochs and report per-epoch validation/test accuracy.
+
+        Args:
+            train: training images and labels (the images the method may reweight or perturb).
+            val: the (clean) validation set: model selection and influence target.
+            test: the test set, only ever reported.
+        """
+        start = time.perf_counter()
+        self.train_data = check_split(train, "train")
+        self.val_data = check_split(val, "val")
+        test = check_split(test, "test")
+        config = self.config
+        self.model.to(self.device)
+        history: list[EpochRecord] = []
+        bar = tqdm(range(config.epochs), desc=self.method, unit="epoch", leave=False,
+                   disable=not config.progress)
+        for epoch in bar:
+            epoch_start = time.perf_counter()
+            self.before_epoch(epoch)
+            loss = self._train_epoch()
+            record = EpochRecord(
+                epoch=epoch + 1,
+                train_loss=loss,
+                val_accuracy=self.accuracy(self.val_data),
+                test_accuracy=self.accuracy(test),
+                seconds=time.perf_counter() - epoch_start,
+            )
+            history.append(record)
+            bar.set_postfix(loss=f"{loss:.3f}", val=f"{record.val_accuracy:.3f}")
+            if config.checkpoint is not None:
+                self._save(Path(config.checkpoint), epoch + 1, history)
+        self.model.eval()
+        best = max(history, key=lambda r: r.val_accuracy)  # first of equal maxima
+        return TrainResult(
+            history=history,
+            final_test_accuracy=history[-1].test_accuracy,
+            best_epoch=best.epoch,
+            best_val_accuracy=best.val_accuracy,
+            test_accuracy_at_best_val=best.test_accuracy,
+            seconds=time.perf_counter() - start,
+            extras=self.extras(),
+        )
+
+    def extras(self) -> dict[str, Any]:
+        """Method-specific results added to :attr:`TrainResult.extras`."""
+        return {}
+
+    def _train_epoch(self) -> float:
+        assert self.train_data is not None
+        x_all, y_all = self.train_data
+        self.model.train()
+        order = torch.randperm(len(x_all), generator=self.generator)
+        total, batches = 0.0, 0
+        for index in order.split(self.config.batch_size):
+            x = x_all[index].to(self.device)
+            if self.config.flip:
+                x = random_flip(x, self.generator)
+            y = y_all[index].to(self.device)
+            self.optimizer.zero_grad()
+            loss = self.batch_loss(x, y, index)
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss.detach())
+            batches += 1
+        return total / batches
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode class predictions for images ``x``."""
+        self.model.eval()
+        return torch.cat([
+            self.model(part.to(self.device)).argmax(1).cpu()
+            for part in x.split(self.config.eval_batch_size)
+        ])
+
+    def accuracy(self, split: Split) -> float:
+        """Fraction of ``split`` predicted correctly (eval mode)."""
+        x, y = split
+        return float((self.predict(x) == y.cpu()).double().mean())
+
+    def _save(self, path: Path, epoch: int, history: list[EpochRecord]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()}
+        torch.save({
+            "method": self.method,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": [asdict(r) for r in history],
+            "config": config,
+        }, path)

@@ -1,0 +1,87 @@
+"""The shared loop: history, evaluation, best-validation selection, checkpoints, flips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastinfluence.models import PaperCNN
+from fastinfluence.robust import ATConfig, ISRTrainer, NaiveTrainer, TrainConfig, Trainer
+from fastinfluence.robust.loop import random_flip
+
+
+def test_naive_two_epochs(model, splits):
+    result = NaiveTrainer(model, TrainConfig(epochs=2, lr=1e-3, batch_size=8)).fit(*splits)
+    assert [r.epoch for r in result.history] == [1, 2]
+    for record in result.history:
+        assert 0 <= record.val_accuracy <= 1 and 0 <= record.test_accuracy <= 1
+        assert record.train_loss > 0 and record.seconds > 0
+    assert result.final_test_accuracy == result.history[-1].test_accuracy
+    assert not model.training
+
+
+def test_same_seed_same_run(splits):
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(NaiveTrainer(PaperCNN(32), TrainConfig(epochs=2, lr=1e-3, seed=3)).fit(*splits))
+    assert [r.train_loss for r in runs[0].history] == [r.train_loss for r in runs[1].history]
+
+
+class _Scripted(Trainer):
+    """Reports scripted accuracies: validation then test, epoch after epoch."""
+
+    def __init__(self, model, config, accuracies):
+        super().__init__(model, config)
+        self.accuracies = iter(accuracies)
+
+    def accuracy(self, split):
+        return next(self.accuracies)
+
+
+def test_best_epoch_selected_on_validation_never_test(model, splits):
+    # (val, test) per epoch: test is highest at epoch 1, validation at epochs 2 and 3 (tie).
+    scripted = [0.2, 0.9, 0.7, 0.4, 0.7, 0.5, 0.6, 0.3]
+    result = _Scripted(model, TrainConfig(epochs=4, lr=1e-3), scripted).fit(*splits)
+    assert result.best_epoch == 2
+    assert result.best_val_accuracy == 0.7
+    assert result.test_accuracy_at_best_val == 0.4
+    assert result.final_test_accuracy == 0.3
+
+
+def test_checkpoint_after_each_epoch(model, splits, tmp_path):
+    path = tmp_path / "run" / "last.pt"
+    config = TrainConfig(epochs=2, lr=1e-3, checkpoint=path)
+    NaiveTrainer(model, config).fit(*splits)
+    saved = torch.load(path, weights_only=False)
+    assert saved["epoch"] == 2 and saved["method"] == "naive"
+    assert len(saved["history"]) == 2
+    assert saved["config"]["checkpoint"] == str(path)
+    for name, value in model.state_dict().items():
+        assert torch.equal(saved["model"][name], value)
+
+
+def test_random_flip_mirrors_about_half():
+    x = torch.arange(200 * 4, dtype=torch.float32).reshape(200, 1, 2, 2)
+    flipped = random_flip(x, torch.Generator().manual_seed(0))
+    mirrored = (flipped == x.flip(-1)).flatten(1).all(1)
+    same = (flipped == x).flatten(1).all(1)
+    assert bool((mirrored ^ same).all())
+    assert 70 < int(mirrored.sum()) < 130
+
+
+@pytest.mark.parametrize("bad", [
+    "not a pair",
+    (torch.zeros(4, 32, 32), torch.zeros(4, dtype=torch.long)),
+    (torch.zeros(4, 1, 32, 32), torch.zeros(3, dtype=torch.long)),
+    (torch.zeros(4, 1, 32, 32), torch.zeros(4)),
+    (torch.full((4, 1, 32, 32), float("nan")), torch.zeros(4, dtype=torch.long)),
+])
+def test_bad_split_raises(model, splits, bad):
+    with pytest.raises(ValueError, match="train"):
+        NaiveTrainer(model, TrainConfig(epochs=1)).fit(bad, splits[1], splits[2])
+
+
+def test_wrong_config_type(model):
+    with pytest.raises(TypeError, match="ISRConfig"):
+        ISRTrainer(model, ATConfig())
