@@ -19,6 +19,7 @@ from fastinfluence.robust.methods import (
     influence_weights,
     select_influential,
 )
+from fastinfluence.robust.n2v import N2VConfig, N2VTrainer, blind_spot_mask
 
 __all__ = [
     "ATConfig",
@@ -28,10 +29,13 @@ __all__ = [
     "ISPTrainer",
     "ISRConfig",
     "ISRTrainer",
+    "N2VConfig",
+    "N2VTrainer",
     "NaiveTrainer",
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "blind_spot_mask",
     "fgsm_uniform",
     "influence_weights",
     "select_influential",

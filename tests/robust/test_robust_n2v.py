@@ -1,0 +1,80 @@
+"""Noise2Void: blind-spot masking, masked loss, U-Net shapes, and N2V-Training end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastinfluence.robust import N2VConfig, N2VTrainer, blind_spot_mask
+from fastinfluence.robust.n2v import UNet, masked_mse
+
+
+def test_masks_the_documented_fraction_from_the_neighbourhood_never_the_pixel_itself():
+    n, side, radius = 50, 64, 5
+    # Every pixel value is unique, so each replacement reveals where it came from.
+    patches = torch.arange(n * side * side, dtype=torch.float64).reshape(n, 1, side, side)
+    masked, mask = blind_spot_mask(patches, 0.002, radius, torch.Generator().manual_seed(0))
+    assert mask.shape == (n, 1, side, side)
+    assert (mask.flatten(1).sum(1) == round(0.002 * side * side)).all()  # 8 of 4096 (0.2 %)
+    assert torch.equal(masked[~mask], patches[~mask])
+    image, row, col = mask[:, 0].nonzero(as_tuple=True)
+    source = masked[image, 0, row, col].long() - image * side * side
+    source_row, source_col = source // side, source % side
+    assert ((source_row - row).abs() <= radius).all() and ((source_col - col).abs() <= radius).all()
+    assert ((source_row != row) | (source_col != col)).all()
+    # Replacements cover the whole window: rows and columns at every offset in [−ρ, ρ].
+    assert set((source_row - row).tolist()) == set(range(-radius, radius + 1))
+
+
+def test_corner_pixels_draw_from_inside_the_patch():
+    patches = torch.arange(4 * 4, dtype=torch.float32).reshape(1, 1, 4, 4).repeat(400, 1, 1, 1)
+    masked, mask = blind_spot_mask(patches, 0.5, 5, torch.Generator().manual_seed(1))
+    assert (mask.flatten(1).sum(1) == 8).all()
+    changed = masked[mask] != patches[mask]
+    assert changed.all()  # values are unique within a patch: never the pixel's own value
+
+
+def test_masked_mse_ignores_unmasked_pixels():
+    target = torch.rand(2, 1, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    mask[0, 0, 1, 2] = mask[1, 0, 5, 5] = True
+    prediction = target.clone()
+    prediction[0, 0, 1, 2] += 1.0
+    prediction[1, 0, 5, 5] += 3.0
+    noisy = prediction + 10.0 * (~mask)
+    assert masked_mse(noisy, target, mask) == pytest.approx(5.0)
+
+
+def test_unet_shapes_and_size_check():
+    net = UNet(depth=2, channels=4)
+    assert net(torch.rand(2, 1, 16, 24)).shape == (2, 1, 16, 24)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        net(torch.rand(1, 1, 18, 16))
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("patch_size", 30), ("mask_fraction", 1.0), ("radius", 0), ("depth", 0),
+    ("denoiser_epochs", 0),
+])
+def test_bad_config(field, value):
+    with pytest.raises(ValueError, match=field):
+        N2VConfig(**{field: value})
+
+
+def test_trainer_two_epochs_on_denoised_images(model, splits):
+    config = N2VConfig(epochs=2, lr=1e-3, batch_size=8, denoiser_epochs=2,
+                       denoiser_batch_size=8, patch_size=16, channels=4, mask_fraction=0.02)
+    trainer = N2VTrainer(model, config)
+    result = trainer.fit(*splits)
+    assert len(result.history) == 2 and len(result.extras["denoiser_losses"]) == 2
+    denoised = trainer.train_data[0]
+    assert denoised.shape == splits[0][0].shape
+    assert not torch.equal(denoised, splits[0][0])
+    assert denoised.min() >= 0 and denoised.max() <= 1
+    torch.testing.assert_close(denoised, trainer.denoiser.denoise(splits[0][0]))
+
+
+def test_patch_larger_than_images(model, splits):
+    config = N2VConfig(epochs=1, denoiser_epochs=1, patch_size=64)
+    with pytest.raises(ValueError, match="patch_size"):
+        N2VTrainer(model, config).fit(*splits)
