@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 EMPHASES = ("helpful", "harmful")
 SELECTIONS = ("helpful", "harmful")
 SOLVERS = ("auto", "direct", "cg", "lissa")
@@ -79,6 +81,11 @@ class TrainConfig:
             raise ValueError(f"flip must be a bool, got {self.flip!r}")
         if self.checkpoint is not None and not isinstance(self.checkpoint, (str, Path)):
             raise ValueError(f"checkpoint must be a path or None, got {self.checkpoint!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(f"device must name a torch device, got {self.device!r}") from error
 
 
 @dataclass

@@ -120,6 +120,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         self.train_data: Split | None = None
         self.val_data: Split | None = None
+        self._fitted = False
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -139,7 +140,13 @@ class Trainer:
             train: training images and labels (the images the method may reweight or perturb).
             val: the (clean) validation set: model selection and influence target.
             test: the test set, only ever reported.
+
+        A trainer fits once (its optimiser and method state belong to that run); make a new
+        one for another run.
         """
+        if self._fitted:
+            raise RuntimeError(f"this {type(self).__name__} has already been fitted")
+        self._fitted = True
         start = time.perf_counter()
         self.train_data = check_split(train, "train")
         self.val_data = check_split(val, "val")

@@ -161,6 +161,7 @@ class _InfluenceTrainer(Trainer):
             self.model, self.train_data, self.val_data, params="last",
             damping=self.config.damping, solver=self.config.solver,
             batch_size=self.config.eval_batch_size, device=self.device,
+            progress=self.config.progress,
         )
 
     def apply(self, influence: Influence) -> None:

@@ -292,6 +292,8 @@ class N2VTrainer(Trainer):
         self.denoiser_seconds = math.nan
 
     def fit(self, train: Split, val: Split, test: Split) -> TrainResult:
+        if self.denoiser is not None:
+            raise RuntimeError(f"this {type(self).__name__} has already been fitted")
         start = time.perf_counter()
         splits = [check_split(s, name) for s, name in ((train, "train"), (val, "val"),
                                                          (test, "test"))]

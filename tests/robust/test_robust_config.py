@@ -26,6 +26,7 @@ def test_paper_defaults():
     (TrainConfig, "eval_batch_size", 0),
     (TrainConfig, "flip", 1),
     (TrainConfig, "checkpoint", 3),
+    (TrainConfig, "device", "gpu0"),
     (ATConfig, "epsilon", -0.1),
     (ATConfig, "alpha", 0),
     (ISRConfig, "pretrain_epochs", -1),

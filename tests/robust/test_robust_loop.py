@@ -85,3 +85,10 @@ def test_bad_split_raises(model, splits, bad):
 def test_wrong_config_type(model):
     with pytest.raises(TypeError, match="ISRConfig"):
         ISRTrainer(model, ATConfig())
+
+
+def test_fits_once(model, splits):
+    trainer = NaiveTrainer(model, TrainConfig(epochs=1, lr=1e-3))
+    trainer.fit(*splits)
+    with pytest.raises(RuntimeError, match="already been fitted"):
+        trainer.fit(*splits)
