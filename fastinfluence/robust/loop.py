@@ -66,6 +66,32 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(mask.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int,
+                          device: torch.device) -> None:
+    """Set every BatchNorm layer's running mean and variance to the average of its batch
+    statistics over ``images`` (in batches of ``batch_size``, forward passes in train mode),
+    as if the momentum were ``1/k`` at the ``k``-th batch. The model's weights, momenta and
+    ``training`` flag are unchanged."""
+    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    norms = [m for m in model.modules() if isinstance(m, kinds) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    try:
+        for part in images.split(batch_size):
+            model(part.to(device))
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        model.train(was_training)
+
+
 def check_split(split: Split, name: str) -> Split:
     """``split`` as ``(float images [n, C, H, W], int64 labels [n])``, or a ``ValueError``."""
     if not (isinstance(split, (tuple, list)) and len(split) == 2):
@@ -160,6 +186,10 @@ class Trainer:
             epoch_start = time.perf_counter()
             self.before_epoch(epoch)
             loss = self._train_epoch()
+            if config.recalibrate_bn:
+                assert self.train_data is not None
+                recalibrate_batchnorm(self.model, self.train_data[0], config.eval_batch_size,
+                                      self.device)
             record = EpochRecord(
                 epoch=epoch + 1,
                 train_loss=loss,

@@ -25,6 +25,7 @@ def test_paper_defaults():
     (TrainConfig, "seed", -1),
     (TrainConfig, "eval_batch_size", 0),
     (TrainConfig, "flip", 1),
+    (TrainConfig, "recalibrate_bn", "yes"),
     (TrainConfig, "checkpoint", 3),
     (TrainConfig, "device", "gpu0"),
     (ATConfig, "epsilon", -0.1),

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from fastinfluence.models import PaperCNN
 from fastinfluence.robust import ATConfig, ISRTrainer, NaiveTrainer, TrainConfig, Trainer
-from fastinfluence.robust.loop import random_flip
+from fastinfluence.robust.loop import random_flip, recalibrate_batchnorm
 
 
 def test_naive_two_epochs(model, splits):
@@ -92,3 +93,32 @@ def test_fits_once(model, splits):
     trainer.fit(*splits)
     with pytest.raises(RuntimeError, match="already been fitted"):
         trainer.fit(*splits)
+
+
+def test_recalibrated_batchnorm_holds_the_training_mean():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 3, 3)
+    model = nn.Sequential(conv, nn.BatchNorm2d(3), nn.ReLU()).eval()
+    images = torch.rand(12, 1, 8, 8) * 0.1 + 0.5
+    recalibrate_batchnorm(model, images, 4, torch.device("cpu"))
+    norm = model[1]
+    with torch.no_grad():
+        expected = conv(images).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(norm.running_mean, expected)
+    assert norm.momentum == 0.1 and not model.training
+
+
+def test_recalibrate_option_runs_before_evaluation(model, splits):
+    stale = TrainConfig(epochs=1, lr=1e-3, batch_size=8)
+    fresh = TrainConfig(epochs=1, lr=1e-3, batch_size=8, recalibrate_bn=True)
+    torch.manual_seed(0)
+    NaiveTrainer(model, stale).fit(*splits)
+    first_norm = model.features[1]
+    before = first_norm.running_mean.clone()
+    torch.manual_seed(0)
+    other = PaperCNN(32)
+    NaiveTrainer(other, fresh).fit(*splits)
+    with torch.no_grad():
+        expected = other.features[0](splits[0][0]).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(other.features[1].running_mean, expected)
+    assert not torch.allclose(before, expected, atol=1e-3)
