@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,10 @@ from fastinfluence.robust.config import TrainConfig
 Split = tuple[torch.Tensor, torch.Tensor]
 """A labelled split: images ``[n, C, H, W]`` and integer labels ``[n]``."""
 
+TestSets = Split | Mapping[str, Split]
+"""One test split, or several by name (e.g. ``{"rho=0": ..., "rho=0.5": ...}``): every one is
+evaluated after every epoch; the first is *the* test set of the scalar accuracies."""
+
 
 @dataclass
 class EpochRecord:
@@ -26,15 +31,21 @@ class EpochRecord:
         epoch: 1-based epoch number.
         train_loss: mean over the epoch's batches of the loss that was minimised.
         val_accuracy: accuracy on the validation set after the epoch.
-        test_accuracy: accuracy on the test set after the epoch.
+        test_accuracies: accuracy on each test set after the epoch, by name (a single test
+            split is named ``"test"``).
         seconds: wall time of the epoch, evaluation and method hooks included.
     """
 
     epoch: int
     train_loss: float
     val_accuracy: float
-    test_accuracy: float
+    test_accuracies: dict[str, float]
     seconds: float
+
+    @property
+    def test_accuracy(self) -> float:
+        """Accuracy on the first test set."""
+        return next(iter(self.test_accuracies.values()))
 
 
 @dataclass
@@ -43,21 +54,37 @@ class TrainResult:
 
     Attributes:
         history: one :class:`EpochRecord` per epoch.
-        final_test_accuracy: test accuracy after the last epoch.
         best_epoch: the first epoch with the highest validation accuracy (1-based).
         best_val_accuracy: that validation accuracy.
-        test_accuracy_at_best_val: the test accuracy after ``best_epoch``.
         seconds: wall time of the whole run.
         extras: method-specific results (influence scores, weights, perturbed indices...).
     """
 
     history: list[EpochRecord]
-    final_test_accuracy: float
     best_epoch: int
     best_val_accuracy: float
-    test_accuracy_at_best_val: float
     seconds: float
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_test_accuracies(self) -> dict[str, float]:
+        """Accuracy on each test set after the last epoch."""
+        return self.history[-1].test_accuracies
+
+    @property
+    def test_accuracies_at_best_val(self) -> dict[str, float]:
+        """Accuracy on each test set after ``best_epoch``."""
+        return self.history[self.best_epoch - 1].test_accuracies
+
+    @property
+    def final_test_accuracy(self) -> float:
+        """Accuracy on the (first) test set after the last epoch."""
+        return self.history[-1].test_accuracy
+
+    @property
+    def test_accuracy_at_best_val(self) -> float:
+        """Accuracy on the (first) test set after ``best_epoch``."""
+        return self.history[self.best_epoch - 1].test_accuracy
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -111,6 +138,15 @@ def check_split(split: Split, name: str) -> Split:
     return x, y.long()
 
 
+def check_test_sets(test: TestSets) -> dict[str, Split]:
+    """``test`` as a non-empty ``{name: checked split}`` (a single split is named ``"test"``)."""
+    if not isinstance(test, Mapping):
+        return {"test": check_split(test, "test")}
+    if not test:
+        raise ValueError("test must be a split or a non-empty mapping of name to split")
+    return {str(name): check_split(split, f"test[{name!r}]") for name, split in test.items()}
+
+
 class Trainer:
     """Base trainer: Adam, random flips, per-epoch evaluation, history and checkpoints.
 
@@ -159,13 +195,13 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def fit(self, train: Split, val: Split, test: Split) -> TrainResult:
+    def fit(self, train: Split, val: Split, test: TestSets) -> TrainResult:
         """Train for ``config.epochs`` epochs and report per-epoch validation/test accuracy.
 
         Args:
             train: training images and labels (the images the method may reweight or perturb).
             val: the (clean) validation set: model selection and influence target.
-            test: the test set, only ever reported.
+            test: the test set, or several by name (:data:`TestSets`), only ever reported.
 
         A trainer fits once (its optimiser and method state belong to that run); make a new
         one for another run.
@@ -176,7 +212,7 @@ class Trainer:
         start = time.perf_counter()
         self.train_data = check_split(train, "train")
         self.val_data = check_split(val, "val")
-        test = check_split(test, "test")
+        tests = check_test_sets(test)
         config = self.config
         self.model.to(self.device)
         history: list[EpochRecord] = []
@@ -194,7 +230,7 @@ class Trainer:
                 epoch=epoch + 1,
                 train_loss=loss,
                 val_accuracy=self.accuracy(self.val_data),
-                test_accuracy=self.accuracy(test),
+                test_accuracies={name: self.accuracy(split) for name, split in tests.items()},
                 seconds=time.perf_counter() - epoch_start,
             )
             history.append(record)
@@ -205,10 +241,8 @@ class Trainer:
         best = max(history, key=lambda r: r.val_accuracy)  # first of equal maxima
         return TrainResult(
             history=history,
-            final_test_accuracy=history[-1].test_accuracy,
             best_epoch=best.epoch,
             best_val_accuracy=best.val_accuracy,
-            test_accuracy_at_best_val=best.test_accuracy,
             seconds=time.perf_counter() - start,
             extras=self.extras(),
         )

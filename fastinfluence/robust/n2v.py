@@ -25,7 +25,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastinfluence.robust.config import TrainConfig, _check_int, _check_positive
-from fastinfluence.robust.loop import Split, Trainer, TrainResult, check_split
+from fastinfluence.robust.loop import (
+    Split,
+    TestSets,
+    Trainer,
+    TrainResult,
+    check_split,
+    check_test_sets,
+)
 
 
 def _block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -291,20 +298,24 @@ class N2VTrainer(Trainer):
         self.denoiser_losses: list[float] = []
         self.denoiser_seconds = math.nan
 
-    def fit(self, train: Split, val: Split, test: Split) -> TrainResult:
+    def fit(self, train: Split, val: Split, test: TestSets) -> TrainResult:
         if self.denoiser is not None:
             raise RuntimeError(f"this {type(self).__name__} has already been fitted")
         start = time.perf_counter()
-        splits = [check_split(s, name) for s, name in ((train, "train"), (val, "val"),
-                                                         (test, "test"))]
+        train, val = check_split(train, "train"), check_split(val, "val")
+        tests = check_test_sets(test)
         self.denoiser, self.denoiser_losses = train_denoiser(
-            splits[0][0], self.config, self.generator, self.device
+            train[0], self.config, self.generator, self.device
         )
-        denoised = [
-            (self.denoiser.denoise(x, self.config.eval_batch_size), y) for x, y in splits
-        ]
+
+        def denoised(split: Split) -> Split:
+            assert self.denoiser is not None
+            return self.denoiser.denoise(split[0], self.config.eval_batch_size), split[1]
+
+        train, val = denoised(train), denoised(val)
+        tests = {name: denoised(split) for name, split in tests.items()}
         self.denoiser_seconds = time.perf_counter() - start
-        return super().fit(*denoised)
+        return super().fit(train, val, tests)
 
     def extras(self) -> dict[str, Any]:
         return {"denoiser_losses": self.denoiser_losses,

@@ -122,3 +122,29 @@ def test_recalibrate_option_runs_before_evaluation(model, splits):
         expected = other.features[0](splits[0][0]).mean(dim=(0, 2, 3))
     torch.testing.assert_close(other.features[1].running_mean, expected)
     assert not torch.allclose(before, expected, atol=1e-3)
+
+
+def test_several_named_test_sets_each_evaluated_every_epoch(model, splits):
+    train, val, test = splits
+    flipped = (test[0].flip(-1), test[1])
+    tests = {"plain": test, "mirrored": flipped}
+    result = NaiveTrainer(model, TrainConfig(epochs=2, lr=1e-3)).fit(train, val, tests)
+    trainer = NaiveTrainer(model, TrainConfig(epochs=1))
+    for record in result.history:
+        assert list(record.test_accuracies) == ["plain", "mirrored"]
+        assert record.test_accuracy == record.test_accuracies["plain"]
+    assert result.final_test_accuracies == result.history[-1].test_accuracies
+    best = result.history[result.best_epoch - 1]
+    assert result.test_accuracies_at_best_val == best.test_accuracies
+    assert result.final_test_accuracies["mirrored"] == trainer.accuracy(flipped)
+
+
+def test_single_test_split_is_named_test(model, splits):
+    result = NaiveTrainer(model, TrainConfig(epochs=1, lr=1e-3)).fit(*splits)
+    assert list(result.final_test_accuracies) == ["test"]
+
+
+@pytest.mark.parametrize("bad", [{}, {"a": (torch.zeros(2, 1, 32, 32), torch.zeros(3).long())}])
+def test_bad_test_mapping_rejected_before_training(model, splits, bad):
+    with pytest.raises(ValueError, match="test"):
+        NaiveTrainer(model, TrainConfig(epochs=1)).fit(splits[0], splits[1], bad)

@@ -78,3 +78,15 @@ def test_patch_larger_than_images(model, splits):
     config = N2VConfig(epochs=1, denoiser_epochs=1, patch_size=64)
     with pytest.raises(ValueError, match="patch_size"):
         N2VTrainer(model, config).fit(*splits)
+
+
+def test_every_named_test_set_is_denoised(model, splits):
+    config = N2VConfig(epochs=1, lr=1e-3, batch_size=8, denoiser_epochs=1,
+                       denoiser_batch_size=8, patch_size=16, channels=4, mask_fraction=0.02)
+    train, val, test = splits
+    noisy = ((test[0] + 0.2 * torch.rand_like(test[0])).clamp(0, 1), test[1])
+    trainer = N2VTrainer(model, config)
+    result = trainer.fit(train, val, {"clean": test, "noisy": noisy})
+    for name, (x, y) in (("clean", test), ("noisy", noisy)):
+        denoised = (trainer.denoiser.denoise(x, config.eval_batch_size), y)
+        assert result.final_test_accuracies[name] == trainer.accuracy(denoised)
