@@ -315,7 +315,9 @@ class N2VTrainer(Trainer):
         train, val = denoised(train), denoised(val)
         tests = {name: denoised(split) for name, split in tests.items()}
         self.denoiser_seconds = time.perf_counter() - start
-        return super().fit(train, val, tests)
+        result = super().fit(train, val, tests)
+        result.seconds = time.perf_counter() - start  # the whole run, denoiser included
+        return result
 
     def extras(self) -> dict[str, Any]:
         return {"denoiser_losses": self.denoiser_losses,

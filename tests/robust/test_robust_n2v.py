@@ -72,6 +72,7 @@ def test_trainer_two_epochs_on_denoised_images(model, splits):
     assert not torch.equal(denoised, splits[0][0])
     assert denoised.min() >= 0 and denoised.max() <= 1
     torch.testing.assert_close(denoised, trainer.denoiser.denoise(splits[0][0]))
+    assert result.seconds >= trainer.denoiser_seconds + sum(r.seconds for r in result.history)
 
 
 def test_patch_larger_than_images(model, splits):
