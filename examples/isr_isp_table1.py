@@ -336,34 +336,35 @@ def cell(values: list[float]) -> str:
     return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}"
 
 
-def markdown_table(runs: list[dict], rows: list[Row], noises: list[str], which: str) -> str:
+def table_head(noises: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The (test set, noise) columns and the Markdown header lines of a Table 1 layout."""
     columns = [(rho, noise) for rho in TEST_SETS for noise in noises]
     header = "| Method | " + " | ".join(
         f"ρ_test = {rho[4:]}, {NOISE_NAMES[noise]}" for rho, noise in columns) + " |"
-    lines = [header, "|---" * (len(columns) + 1) + "|"]
-    means = {}
-    for row in rows:
-        for column in columns:
-            values = [r[which][column[0]] for r in runs
-                      if r["key"] == row.key and r["noise"] == column[1]]
-            means[row.key, column] = np.mean(values) if values else -1.0
+    return columns, [header, "|---" * (len(columns) + 1) + "|"]
+
+
+def markdown_table(runs: list[dict], rows: list[Row], noises: list[str], which: str) -> str:
+    columns, lines = table_head(noises)
+    values = {
+        (row.key, column): [r[which][column[0]] for r in runs
+                            if r["key"] == row.key and r["noise"] == column[1]]
+        for row in rows for column in columns
+    }
+    best = {column: max((np.mean(values[row.key, column]) for row in rows
+                         if values[row.key, column]), default=None) for column in columns}
     for row in rows:
         cells = []
         for column in columns:
-            values = [r[which][column[0]] for r in runs
-                      if r["key"] == row.key and r["noise"] == column[1]]
-            best = means[row.key, column] == max(means[other.key, column] for other in rows)
-            text = cell(values)
-            cells.append(f"**{text}**" if best and values else text)
+            found = values[row.key, column]
+            text = cell(found)
+            cells.append(f"**{text}**" if found and np.mean(found) == best[column] else text)
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def paper_table(noises: list[str]) -> str:
-    columns = [(rho, noise) for rho in TEST_SETS for noise in noises]
-    lines = ["| Method | " + " | ".join(
-        f"ρ_test = {rho[4:]}, {NOISE_NAMES[noise]}" for rho, noise in columns) + " |",
-        "|---" * (len(columns) + 1) + "|"]
+    columns, lines = table_head(noises)
     for method in METHODS:
         cells = []
         for rho, noise in columns:
