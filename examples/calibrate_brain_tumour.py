@@ -31,6 +31,7 @@ from fastinfluence.datasets import (
     split_by_patient,
 )
 from fastinfluence.models import PaperCNN
+from fastinfluence.robust.loop import recalibrate_batchnorm
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,21 +56,6 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
     with torch.no_grad():
         predictions = torch.cat([model(chunk).argmax(1) for chunk in images.split(256)])
     return (predictions == labels).float().mean().item()
-
-
-def refresh_batchnorm(model: torch.nn.Module, images: torch.Tensor) -> None:
-    """Replace BatchNorm's running averages by the exact statistics over ``images``."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average over the passes below
-    model.train()
-    with torch.no_grad():
-        for chunk in images.split(32):
-            model(chunk)
-    for norm in norms:
-        norm.momentum = 0.1
-    model.eval()
 
 
 def main() -> None:
@@ -118,7 +104,7 @@ def main() -> None:
         )
 
     lagging = {rho: accuracy(model, x, test.labels) for rho, x in tests.items()}
-    refresh_batchnorm(model, noisy_train)
+    recalibrate_batchnorm(model, noisy_train, 32, torch.device("cpu"))
     final = {rho: accuracy(model, x, test.labels) for rho, x in tests.items()}
     for name, result in (("running BatchNorm averages", lagging), ("refreshed BatchNorm", final)):
         cells = "  ".join(f"rho_test={rho} {100 * acc:.1f}%" for rho, acc in result.items())
