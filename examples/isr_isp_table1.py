@@ -52,6 +52,7 @@ from fastinfluence.datasets import (
     make_brain_tumour,
     split_by_patient,
 )
+from fastinfluence.datasets.brain_tumour import CLASS_NAMES
 from fastinfluence.models import PaperCNN
 from fastinfluence.robust import (
     ATConfig,
@@ -377,6 +378,7 @@ def paper_table(noises: list[str]) -> str:
 def write_table(path: Path, runs: list[dict], rows: list[Row], settings: Settings,
                 meta: dict[str, Any]) -> None:
     trials = sorted({r["trial"] for r in runs})
+    minutes = sum(r["seconds"] for r in runs) / 60
     timing = [
         f"| {row.label} | {np.mean([r['seconds'] for r in runs if r['key'] == row.key]):.1f} |"
         for row in rows if any(r["key"] == row.key for r in runs)
@@ -391,7 +393,7 @@ def write_table(path: Path, runs: list[dict], rows: list[Row], settings: Setting
     text = f"""# ISR/ISP Table 1 on the embedded brain-tumour data
 
 Command: `{meta['command']}`
-({len(runs)} runs, trials {trials}, {meta['seconds'] / 60:.1f} min on {meta['machine']}.)
+({len(runs)} runs, trials {trials}, {minutes:.1f} min on {meta['machine']}.)
 Settings: {json.dumps(asdict(settings))}
 
 Test accuracy (%), mean ± std (population std) over trials; best of each column in bold.
@@ -456,11 +458,18 @@ def figure_images(trainers: dict[str, Any], x_clean: torch.Tensor, train: tuple,
     return images
 
 
+def show(ax: Any, image: torch.Tensor, title: str, **style: Any) -> None:
+    """One image panel without ticks."""
+    ax.imshow(image.numpy(), **style)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=8)
+
+
 def save_figures(out: Path, figures: dict[str, dict[str, Any]]) -> list[Path]:
     from matplotlib.figure import Figure
 
     saved = []
-    class_names = ("meningioma", "glioma", "pituitary")
     with_delta = {n: f for n, f in figures.items() if "delta" in f}
     if with_delta:
         rows = [(noise, k) for noise, f in with_delta.items() for k in range(len(f["index"]))]
@@ -473,11 +482,8 @@ def save_figures(out: Path, figures: dict[str, dict[str, Any]]) -> list[Path]:
                       (f["mask"][k, 0].float(), "gray", "tumour mask"),
                       (delta, "magma", "ISP |δ|")]
             for ax, (image, cmap, title) in zip(line, panels, strict=True):
-                ax.imshow(image.numpy(), cmap=cmap)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.set_title(title, fontsize=8)
-            line[0].set_ylabel(f"{NOISE_NAMES[noise]}\n{class_names[int(f['labels'][k])]}",
+                show(ax, image, title, cmap=cmap)
+            line[0].set_ylabel(f"{NOISE_NAMES[noise]}\n{CLASS_NAMES[int(f['labels'][k])]}",
                                fontsize=8)
         figure.suptitle("Figure 1: ISP perturbation beside the tumour mask", fontsize=9)
         figure.tight_layout()
@@ -490,10 +496,7 @@ def save_figures(out: Path, figures: dict[str, dict[str, Any]]) -> list[Path]:
     axes = figure.subplots(len(figures), len(columns), squeeze=False)
     for (noise, f), line in zip(figures.items(), axes, strict=True):
         for ax, name in zip(line, columns, strict=True):
-            ax.imshow(f[name][0, 0].numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(name, fontsize=8)
+            show(ax, f[name][0, 0], name, cmap="gray", vmin=0, vmax=1)
         line[0].set_ylabel(NOISE_NAMES[noise], fontsize=8)
     figure.suptitle("Figure 2: training images seen by each method", fontsize=9)
     figure.tight_layout()
@@ -526,7 +529,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else shlex.join(["python", "examples/isr_isp_table1.py", *argv]),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} "
                    f"threads, {device}, torch {torch.__version__}",
-        "seconds": sum(r["seconds"] for r in runs),
     }
 
     start = time.perf_counter()
@@ -552,7 +554,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = trainer.fit(train, data.val, tests)
         runs.append(run_record(row, noise, trial, result,
                                method_summary(trainer, data.train_masks)))
-        meta["seconds"] += result.seconds
         if trial == 0 and row.options == {k: PAPER_DEFAULTS[k] for k in row.options}:
             trainers[row.method] = trainer
         if trial == 0 and row is rows[-1] and noise not in figures:
