@@ -73,9 +73,12 @@ class FunctionalModel:
     def dim(self) -> int:
         return self.theta.numel()
 
+    def tensors(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer by name, the selected ones taken from ``theta``."""
+        return {**self.fixed, **self.selection.unflatten(theta)}
+
     def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        tensors = {**self.fixed, **self.selection.unflatten(theta)}
-        return torch.func.functional_call(self.model, tensors, (x,))
+        return torch.func.functional_call(self.model, self.tensors(theta), (x,))
 
     def losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.per_sample(self.logits(theta, x), y)
@@ -88,6 +91,21 @@ class FunctionalModel:
                 f"{tuple(values.shape)} (use reduction='none')"
             )
         return values
+
+    def loss_tangents(
+        self, logits: torch.Tensor, y: torch.Tensor, tangents: torch.Tensor
+    ) -> torch.Tensor:
+        """∂l/∂z · u for each sample and each tangent ``u`` in ``tangents`` [k, batch, C];
+        ``[k, batch]``."""
+        if self.uses_cross_entropy:
+            residual = torch.softmax(logits, dim=-1)
+            residual[torch.arange(len(y), device=y.device), y] -= 1
+            return (tangents * residual).sum(dim=-1)
+
+        def one(u: torch.Tensor) -> torch.Tensor:
+            return torch.func.jvp(lambda z: self.per_sample(z, y), (logits,), (u,))[1]
+
+        return torch.func.vmap(one)(tangents)
 
     def loss_hessian_vp(
         self, logits: torch.Tensor, y: torch.Tensor, tangents: torch.Tensor

@@ -40,9 +40,12 @@ from fastinfluence.hessian.solvers import (
 )
 from fastinfluence.params import ParamsSpec, select_parameters
 from fastinfluence.progress import progress_bar
+from fastinfluence.tangent import TangentProgram
 
 HEAD_PATH = "head-closed-form"
 AUTOGRAD_PATH = "autograd"
+FUSED_TANGENT = "fused-tangent"
+TORCH_JVP = "torch.func.jvp"
 DIRECT_MAX_DIM = {HEAD_PATH: 1024, AUTOGRAD_PATH: 512}
 CPU_ACTIVATION_BUDGET = 16 * 2**20
 """On CPU the default batch keeps the largest activation under 16 MiB: glibc serves blocks
@@ -66,6 +69,11 @@ class InfluenceReport:
         num_params: size ``p`` of θ_S.
         solve: the inverse-HVP solve's report (iterations, true residual, converged).
         seconds: wall time per stage (``features``, ``gradient``, ``solve``, ``scores``).
+        scoring: how directional derivatives are taken: ``"head-closed-form"``,
+            ``"fused-tangent"`` (:mod:`fastinfluence.tangent`, for chains of common layers) or
+            ``"torch.func.jvp"``.
+        scoring_reason: why the fused tangent pass was not used (``None`` when it was or when
+            the head path runs).
     """
 
     path: str
@@ -73,6 +81,8 @@ class InfluenceReport:
     solver: str
     hessian: str
     num_params: int
+    scoring: str = HEAD_PATH
+    scoring_reason: str | None = None
     solve: SolveReport | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -283,6 +293,7 @@ class Influence:
     def _prepare(self, path: str, hessian: str) -> None:
         """Build the Hessian operator and ``∇L(D_val)`` for the chosen path."""
         start = time.perf_counter()
+        self._tangent_program: TangentProgram | None = None
         if path == HEAD_PATH:
             module = self.selection.head
             self.layout = head.HeadLayout(module.out_features, module.in_features,
@@ -293,6 +304,9 @@ class Influence:
             self.operator: HessianOperator = HeadHessian(self._train_features, self.layout)
             self._val_gradient = head.mean_gradient(val_features, self.layout)
         else:
+            self._tangent_program, reason = TangentProgram.compile(self.model, self.fmodel.device)
+            self.report.scoring = TORCH_JVP if self._tangent_program is None else FUSED_TANGENT
+            self.report.scoring_reason = reason
             self.operator = AutogradHessian(self.fmodel, self.train, hessian, self.progress)
             self._val_gradient = self._mean_gradient(self.val)
         self.report.seconds["gradient"] = time.perf_counter() - start
@@ -336,16 +350,25 @@ class Influence:
         """``−dᵀ∇l(z)`` for each sample and each row ``d`` of ``directions``: ``[n, k]``.
 
         The closed-form head uses cached features; a network takes one forward-mode pass per
-        batch (``jvp`` of the per-sample losses along ``d``), never per-sample gradients.
+        batch (the tangent of the per-sample losses along ``d``), never per-sample gradients:
+        the fused pass of :mod:`fastinfluence.tangent` where it applies, else ``jvp``.
         """
         if self.report.path == HEAD_PATH:
             features = self._train_features if data is self.train else self._head_features(data)
             return head.scores(features, self.layout, directions)
         fmodel = self.fmodel
         columns = []
-        batches = data.batches(fmodel.device, fmodel.dtype)
-        for x, y in progress_bar(batches, self.progress, f"scores ({data.name})",
-                                 data.num_batches()):
+        batches = progress_bar(data.batches(fmodel.device, fmodel.dtype), self.progress,
+                               f"scores ({data.name})", data.num_batches())
+        if self._tangent_program is not None:
+            tensors = fmodel.tensors(fmodel.theta)
+            tangents = fmodel.selection.unflatten(directions)
+            for x, y in batches:
+                logits, dlogits = self._tangent_program.forward(tensors, tangents, x,
+                                                                len(directions))
+                columns.append(fmodel.loss_tangents(logits, y, dlogits).T)
+            return -torch.cat(columns)
+        for x, y in batches:
 
             def losses(theta: torch.Tensor, x=x, y=y) -> torch.Tensor:
                 return fmodel.losses(theta, x, y)

@@ -1,0 +1,259 @@
+"""The fused tangent pass against its twin, ``torch.func.jvp``, in float64 on random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from problems import make_problem
+from torch import nn
+
+import fastinfluence as fi
+from fastinfluence import reference
+from fastinfluence.models import PaperCNN
+from fastinfluence.tangent import TangentProgram
+
+
+def randomise_norms(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters (defaults hide folding errors)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                c = module.num_features
+                module.running_mean.copy_(torch.randn(c, generator=generator))
+                module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+                if module.affine:
+                    module.weight.copy_(torch.randn(c, generator=generator))
+                    module.bias.copy_(torch.randn(c, generator=generator))
+    return model.eval()
+
+
+class Functional(nn.Module):
+    """A non-Sequential model written with functional calls, as users write them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, stride=2, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(4, affine=False)
+        self.head = nn.Linear(4 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.norm(self.conv(x)))
+        return self.head(torch.sigmoid(x).flatten(1))
+
+
+class Sliced(Functional):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.sigmoid(self.norm(self.conv(x))).flatten(1)[:, :16])
+
+
+MODELS = {
+    "paper-cnn": (lambda: PaperCNN(image_size=32, channels=(4, 4, 6, 6, 6)), (1, 32, 32)),
+    "conv-chain": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 6, 3, padding=1, bias=False),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.MaxPool2d(3, stride=2, padding=1),
+            nn.Conv2d(6, 4, 3, groups=2),
+            nn.Tanh(),
+            nn.Dropout(0.5),
+            nn.BatchNorm2d(4, affine=False),
+            nn.Flatten(),
+            nn.Linear(4 * 3 * 3, 5, bias=False),
+        ),
+        (2, 9, 9),
+    ),
+    "functional": (Functional, (2, 4, 4)),
+    "mlp": (
+        lambda: nn.Sequential(
+            nn.Linear(7, 6),
+            nn.BatchNorm1d(6),
+            nn.Sigmoid(),
+            nn.Linear(6, 5),
+            nn.ReLU(),
+            nn.BatchNorm1d(5),
+            nn.Identity(),
+            nn.Linear(5, 3),
+        ),
+        (7,),
+    ),
+}
+
+
+def twin(model: nn.Module, names: list[str], x: torch.Tensor, directions: list[dict]):
+    """``torch.func.jvp`` of the logits along each direction: ``[k, B, C]``."""
+    primal = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    primal = {k: v.detach() for k, v in primal.items()}
+    out = []
+    for direction in directions:
+
+        def logits(selected: dict) -> torch.Tensor:
+            return torch.func.functional_call(model, {**primal, **selected}, (x,))
+
+        chosen = {n: primal[n] for n in names}
+        out.append(torch.func.jvp(logits, (chosen,), ({n: direction[n] for n in names},))[1])
+    return torch.stack(out)
+
+
+def compare(model: nn.Module, shape: tuple, names: list[str], k: int, seed: int,
+            device: str = "cpu") -> None:
+    generator = torch.Generator().manual_seed(seed)
+    model = randomise_norms(model.double(), generator)
+    x = torch.randn(5, *shape, generator=generator, dtype=torch.float64)
+    program, reason = TangentProgram.compile(model, torch.device(device))
+    assert program is not None, reason
+    params = dict(model.named_parameters())
+    directions = [
+        {n: torch.randn(params[n].shape, generator=generator, dtype=torch.float64)
+         for n in names}
+        for _ in range(k)
+    ]
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    tensors = {n: v.detach() for n, v in tensors.items()}
+    tangents = {n: torch.stack([d[n] for d in directions]) for n in names}
+    logits, dlogits = program.forward(tensors, tangents, x, k)
+    expected_logits = model(x)
+    torch.testing.assert_close(logits, expected_logits.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dlogits, twin(model, names, x, directions), rtol=1e-9,
+                               atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fused_pass_matches_jvp_all_parameters(kind, k, seed):
+    build, shape = MODELS[kind]
+    model = build()
+    compare(model, shape, [n for n, _ in model.named_parameters()], k, seed)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("which", ["norms", "first", "weights"])
+def test_fused_pass_matches_jvp_on_parameter_subsets(kind, which):
+    build, shape = MODELS[kind]
+    model = build()
+    names = [n for n, _ in model.named_parameters()]
+    modules = dict(model.named_modules())
+    if which == "norms":
+        names = [n for n in names
+                 if isinstance(modules[n.rsplit(".", 1)[0]], (nn.BatchNorm1d, nn.BatchNorm2d))]
+    elif which == "first":
+        names = names[:1]
+    else:
+        names = [n for n in names if n.endswith("weight")]
+    if not names:
+        pytest.skip("no such parameters in this model")
+    compare(model, shape, names, 2, seed=3)
+
+
+def test_contiguous_layout_matches_channels_last():
+    """The CPU program keeps activations channels-last; the other layout gives the same."""
+    build, shape = MODELS["paper-cnn"]
+    model = randomise_norms(build().double(), torch.Generator().manual_seed(0))
+    cpu, _ = TangentProgram.compile(model, torch.device("cpu"))
+    other, _ = TangentProgram.compile(model, torch.device("meta"))
+    assert cpu.channels_last and not other.channels_last
+    x = torch.randn(4, *shape, dtype=torch.float64)
+    tensors = {n: v.detach() for n, v in [*model.named_parameters(), *model.named_buffers()]}
+    tangents = {n: torch.randn(2, *v.shape, dtype=torch.float64) for n, v in tensors.items()
+                if n in dict(model.named_parameters())}
+    a = cpu.forward(tensors, tangents, x, 2)
+    b = other.forward(tensors, tangents, x, 2)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_relu_pool_swap_keeps_tangents_on_exact_ties():
+    """Zero background makes exact ties in pooling windows, here at exactly 0 before the ReLU
+    (its kink, where torch's derivative is 0); pooling before the ReLU must give the tangents
+    of ReLU-then-pool."""
+    generator = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    model = randomise_norms(model.double(), generator)
+    with torch.no_grad():  # background pre-activations exactly 0
+        model[0].bias.zero_()
+        model[1].running_mean.zero_()
+        model[1].bias.zero_()
+    x = torch.zeros(3, 1, 8, 8, dtype=torch.float64)
+    x[:, :, 2:5, 3:6] = torch.rand(3, 1, 3, 3, generator=generator, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    program, _ = TangentProgram.compile(model, torch.device("cpu"))
+    assert [step.kind for step in program.steps][:3] == ["affine", "maxpool", "relu"]
+    params = dict(model.named_parameters())
+    direction = {n: torch.randn(params[n].shape, generator=generator, dtype=torch.float64)
+                 for n in names}
+    tensors = {n: v.detach() for n, v in [*model.named_parameters(), *model.named_buffers()]}
+    tangents = {n: direction[n][None] for n in names}
+    _, dlogits = program.forward(tensors, tangents, x, 1)
+    torch.testing.assert_close(dlogits, twin(model, names, x, [direction]), rtol=1e-9,
+                               atol=1e-9)
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.linear(x)
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) if x.sum() > 0 else -self.linear(x)
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 3)), "GELU"),
+        (Residual(), "not a chain"),
+        (DataDependent(), "torch.fx could not trace"),
+        (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)),
+         "running statistics"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten()),
+         "padding_mode"),
+        (nn.Sequential(nn.Flatten(0)), "batch dimension"),
+        (Sliced(), "not supported"),
+    ],
+)
+def test_unsupported_models_say_why(model, reason):
+    program, why = TangentProgram.compile(model, torch.device("cpu"))
+    assert program is None
+    assert reason in why
+
+
+def test_influence_reports_the_scoring_pass_and_both_passes_agree():
+    """``Influence`` takes the fused pass on a chain CNN and says so; on a model it cannot
+    compile it uses ``jvp`` and says why. Both give the per-sample-gradient scores."""
+    model, train, val = make_problem("cnn")
+    fused = fi.Influence(model, train, val, params="all", hessian="gauss-newton")
+    assert fused.report.scoring == "fused-tangent" and fused.report.scoring_reason is None
+    plist = list(model.parameters())
+    expected = -(reference.per_sample_grads(model, plist, *train) @ fused.ihvp)
+    torch.testing.assert_close(fused.scores(), expected, rtol=1e-9, atol=1e-11)
+
+    gelu = nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.GELU(), nn.Linear(6, 3)).double()
+    slow = fi.Influence(gelu, train, val, params="all", hessian="gauss-newton")
+    assert slow.report.scoring == "torch.func.jvp" and "GELU" in slow.report.scoring_reason
+    expected = -(reference.per_sample_grads(gelu, list(gelu.parameters()), *train) @ slow.ihvp)
+    torch.testing.assert_close(slow.scores(), expected, rtol=1e-9, atol=1e-11)
+
+    test = (train[0][:4], train[1][:4])
+    pairwise = fused.pairwise(test)
+    grads = reference.per_sample_grads(model, plist, *train)
+    test_grads = reference.per_sample_grads(model, plist, *test)
+    solved = torch.linalg.solve(fused_hessian(fused), test_grads.T)
+    torch.testing.assert_close(pairwise, -(grads @ solved), rtol=1e-6, atol=1e-9)
+
+
+def fused_hessian(influence: fi.Influence) -> torch.Tensor:
+    """The damped Gauss-Newton matrix the influence object solves with, made explicit."""
+    p = influence.report.num_params
+    eye = torch.eye(p, dtype=torch.float64)
+    return influence.operator.matvec(eye) + influence.damping * eye
