@@ -17,7 +17,8 @@ indefinite and CG stops on it for ``params="all"``; for the softmax-CE head both
 For ``params="all"`` the IHVP is CG capped at ``--cg-max-iter`` iterations (each one HVP over the
 whole training set): that stage is timed as capped, and its residual is printed. Warm-ups run
 the same calls on a few samples; each timing is the median of ``--repeats`` runs
-(``--baseline-repeats`` for the slow baselines).
+(``--baseline-repeats`` for the slow baselines). The scoring stage and the baselines' scoring
+are timed in turns (one call of each per round), so their ratio compares the same minutes.
 
 Prints Markdown tables (seconds, samples/s, ratios checked against the targets) and writes
 JSON to ``--out``. Example::
@@ -203,6 +204,28 @@ def median_seconds(
     return statistics.median(times), times
 
 
+def interleaved_medians(
+    timed: dict[str, tuple[Callable[[], Any], Callable[[], Any], int]],
+) -> dict[str, float]:
+    """Median wall time of each ``name: (fn, warmup, repeats)``, the calls taken in turns.
+
+    Ratios between these stages are the benchmark's targets; on a shared machine the speed
+    drifts by tens of percent within minutes, so timing them in alternation (round r runs
+    every function that still has repeats left) keeps a ratio from comparing a fast minute
+    with a slow one.
+    """
+    for _fn, warmup, _repeats in timed.values():
+        warmup()
+    times: dict[str, list[float]] = {name: [] for name in timed}
+    for round_ in range(max(repeats for _fn, _warmup, repeats in timed.values())):
+        for name, (fn, _warmup, repeats) in timed.items():
+            if round_ < repeats:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def make_problem(
     size: int, args: argparse.Namespace
 ) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -274,38 +297,45 @@ def bench_params(
         )
     inf = built[-1]
     out["ihvp_solve"] = inf.report.seconds["solve"]
-    out["scoring"], _ = median_seconds(inf.scores, args.repeats)
     probe = inf.ihvp[None]
     out["hvp"], _ = median_seconds(lambda: inf.operator.matvec(probe), args.repeats)
     solve = inf.report.solve
     out["engine_path"] = inf.report.path
+    out["engine_scoring"] = inf.report.scoring
     if solve is not None:
         out["solve_iterations"] = solve.iterations
         out["solve_hessian_products"] = solve.hessian_products
         out["solve_relative_residual"] = solve.relative_residual
         out["solve_converged"] = solve.converged
+    timed: dict[str, tuple[Callable[[], Any], Callable[[], Any], int]] = {
+        "scoring": (inf.scores, inf.scores, args.repeats)
+    }
+    if not args.no_baselines:
+        params = selected_parameters(model, which)
+        s = inf.ihvp.detach()
+        X, y = train
+        per_sample = {
+            "loop": lambda n: reference.per_sample_grads(model, params, X[:n], y[:n]),
+            "vmap": lambda n: reference.per_sample_grads_vmap(
+                model, params, X[:n], y[:n], chunk_size=args.batch_size or 32
+            ),
+        }
+        for method, grads in per_sample.items():
+
+            def run(n: int | None = None, grads: Callable[[int | None], torch.Tensor] = grads):
+                return -(grads(n) @ s)
+
+            timed[f"reference_{method}_scoring"] = (
+                run, lambda run=run: run(4), args.baseline_repeats
+            )
+    out.update(interleaved_medians(timed))
     if args.no_baselines:
         return out
-
-    params = selected_parameters(model, which)
-    s = inf.ihvp.detach()
     scores = inf.scores()
-    X, y = train
-    per_sample = {
-        "loop": lambda n: reference.per_sample_grads(model, params, X[:n], y[:n]),
-        "vmap": lambda n: reference.per_sample_grads_vmap(
-            model, params, X[:n], y[:n], chunk_size=args.batch_size or 32
-        ),
-    }
-    for method, grads in per_sample.items():
-
-        def run(n: int | None = None, grads: Callable[[int | None], torch.Tensor] = grads):
-            return -(grads(n) @ s)
-
-        out[f"reference_{method}_scoring"], _ = median_seconds(
-            run, args.baseline_repeats, warmup=lambda run=run: run(4)
+    for method in per_sample:
+        out[f"reference_{method}_rel_error"] = relative_error(
+            timed[f"reference_{method}_scoring"][0](), scores
         )
-        out[f"reference_{method}_rel_error"] = relative_error(run(), scores)
     if which == "last":
         out["reference_hvp"], _ = median_seconds(
             lambda: reference.hvp(model, params, X, y, s), args.baseline_repeats

@@ -1,7 +1,7 @@
 """pytest-benchmark cases at small sizes: ``pytest benchmarks --benchmark-enable``.
 
-Not collected by the default test run (``testpaths = tests``); with the default
-``--benchmark-disable`` each case still runs once, as a plain test.
+Collected by the default test run too (``testpaths``), where ``--benchmark-disable`` runs each
+case once, as a plain test: the benchmark script cannot rot unnoticed.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from bench_influence import main, make_problem, parse_args, selected_parameters
+from bench_influence import TARGETS, main, make_problem, parse_args, selected_parameters
 
 import fastinfluence
 from fastinfluence import reference
@@ -81,9 +81,5 @@ def test_report_script_runs(tmp_path):
         assert result[which]["reference_loop_rel_error"] < 1e-3  # same s, same scores
         assert result[which]["reference_vmap_rel_error"] < 1e-3
     assert result["last"]["reference_lissa_extrapolated"]
-    assert {row["key"] for row in report["ratios"]} == {
-        "score_last_over_forward",
-        "scoring_all_over_forward_train",
-        "loop_over_scoring_all",
-        "lissa_over_ihvp_last",
-    }
+    assert {row["key"] for row in report["ratios"]} == {key for key, *_ in TARGETS}
+    assert result["all"]["engine_scoring"] == "fused-tangent"
