@@ -226,10 +226,9 @@ def _run(
 
 
 def _scale_and_shift(
-    step: Step, tensors: Tensors, tangents: Tensors, k: int
+    name: str, norm: nn.Module, tensors: Tensors, tangents: Tensors
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """A BatchNorm as ``y = a·x + c`` per channel, and ``da``, ``dc`` (``[k, C]`` or None)."""
-    name, norm = step.norm_name, step.norm
     inv_std = torch.rsqrt(tensors[f"{name}.running_var"] + norm.eps)
     mean = tensors[f"{name}.running_mean"]
     gamma = tensors.get(f"{name}.weight")
@@ -267,7 +266,8 @@ def _affine(
     dweight = tangents.get(f"{step.name}.weight")
     dbias = tangents.get(f"{step.name}.bias")
     if step.norm is not None:
-        scale, shift, dscale, dshift = _scale_and_shift(step, tensors, tangents, k)
+        scale, shift, dscale, dshift = _scale_and_shift(step.norm_name, step.norm, tensors,
+                                                          tangents)
         per_out = (-1,) + (1,) * (weight.ndim - 1)
         if dweight is not None:
             dweight = dweight * scale.view(per_out)
@@ -342,9 +342,7 @@ def _norm(
     dx: torch.Tensor | None,
     k: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    scale, shift, dscale, dshift = _scale_and_shift(
-        Step("norm", norm_name=step.name, norm=step.module), tensors, tangents, k
-    )
+    scale, shift, dscale, dshift = _scale_and_shift(step.name, step.module, tensors, tangents)
     per_channel = (-1,) + (1,) * (x.ndim - 2)
     y = x * scale.view(per_channel) + shift.view(per_channel)
     dy = None if dx is None else (dx.view(k, *x.shape) * scale.view(per_channel))
