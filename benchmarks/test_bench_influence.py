@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import float32_accuracy
 import pytest
 import torch
 from bench_influence import TARGETS, main, make_problem, parse_args, selected_parameters
@@ -83,3 +84,10 @@ def test_report_script_runs(tmp_path):
     assert result["last"]["reference_lissa_extrapolated"]
     assert {row["key"] for row in report["ratios"]} == {key for key, *_ in TARGETS}
     assert result["all"]["engine_scoring"] == "fused-tangent"
+
+
+def test_float32_accuracy_script_runs():
+    results = float32_accuracy.main([*ARGS, "--n-train", "16", "--n-val", "4"])
+    errors = results[SIZE]
+    assert errors["scoring"] == "fused-tangent"
+    assert 0 < errors["fastinfluence"] < 1e-3 and 0 < errors["reference_loop"] < 1e-3
