@@ -65,6 +65,16 @@ class Step:
     flatten: tuple[int, int] = (1, -1)
 
 
+@dataclass(frozen=True)
+class Point:
+    """Where and along what the pass differentiates: every parameter and buffer by name, the
+    ``k`` directions as ``[k, *shape]`` per selected parameter (others absent = zero)."""
+
+    tensors: Tensors
+    tangents: Tensors
+    k: int
+
+
 class TangentProgram:
     """Primal outputs and their tangents along several parameter directions, layer by layer.
 
@@ -121,13 +131,14 @@ class TangentProgram:
             x: an input batch.
             k: the number of directions.
         """
+        at = Point(tensors, tangents, k)
         tangent: torch.Tensor | None = None
         for step in self.steps:
             if self.channels_last and x.ndim == 4:  # no-ops when already channels-last
                 x = x.contiguous(memory_format=torch.channels_last)
                 if tangent is not None:
                     tangent = tangent.contiguous(memory_format=torch.channels_last)
-            x, tangent = _run(step, tensors, tangents, x, tangent, k)
+            x, tangent = _run(step, at, x, tangent)
         if tangent is None:
             tangent = torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device)
         return x, tangent.reshape(k, *x.shape)
@@ -194,20 +205,15 @@ def _fused(steps: list[Step]) -> list[Step]:
 
 
 def _run(
-    step: Step,
-    tensors: Tensors,
-    tangents: Tensors,
-    x: torch.Tensor,
-    dx: torch.Tensor | None,
-    k: int,
+    step: Step, at: Point, x: torch.Tensor, dx: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One step: the primal ``[B, ...]`` and the tangent ``[k·B, ...]`` (``None`` = zero)."""
     if step.kind == "affine":
-        return _affine(step, tensors, tangents, x, dx, k)
+        return _affine(step, at, x, dx)
     if step.kind == "norm":
-        return _norm(step, tensors, tangents, x, dx, k)
+        return _norm(step, at, x, dx)
     if step.kind == "maxpool":
-        return _maxpool(step.module, x, dx, k)
+        return _maxpool(step.module, x, dx, at.k)
     if step.kind == "flatten":
         start, end = step.flatten
         return x.flatten(start, end), None if dx is None else dx.flatten(start, end)
@@ -222,21 +228,21 @@ def _run(
         slope = y * (1 - y)
     if dx is None:
         return y, None
-    return y, (dx.view(k, *x.shape) * slope).reshape(dx.shape)
+    return y, (dx.view(at.k, *x.shape) * slope).reshape(dx.shape)
 
 
 def _scale_and_shift(
-    name: str, norm: nn.Module, tensors: Tensors, tangents: Tensors
+    name: str, norm: nn.Module, at: Point
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """A BatchNorm as ``y = a·x + c`` per channel, and ``da``, ``dc`` (``[k, C]`` or None)."""
-    inv_std = torch.rsqrt(tensors[f"{name}.running_var"] + norm.eps)
-    mean = tensors[f"{name}.running_mean"]
-    gamma = tensors.get(f"{name}.weight")
-    beta = tensors.get(f"{name}.bias")
+    inv_std = torch.rsqrt(at.tensors[f"{name}.running_var"] + norm.eps)
+    mean = at.tensors[f"{name}.running_mean"]
+    gamma = at.tensors.get(f"{name}.weight")
+    beta = at.tensors.get(f"{name}.bias")
     scale = inv_std if gamma is None else gamma * inv_std
     shift = -mean * scale if beta is None else beta - mean * scale
-    dgamma = tangents.get(f"{name}.weight")
-    dbeta = tangents.get(f"{name}.bias")
+    dgamma = at.tangents.get(f"{name}.weight")
+    dbeta = at.tangents.get(f"{name}.bias")
     dscale = None if dgamma is None else dgamma * inv_std
     dshift = None
     if dscale is not None:
@@ -253,21 +259,15 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _affine(
-    step: Step,
-    tensors: Tensors,
-    tangents: Tensors,
-    x: torch.Tensor,
-    dx: torch.Tensor | None,
-    k: int,
+    step: Step, at: Point, x: torch.Tensor, dx: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    module = step.module
-    weight = tensors[f"{step.name}.weight"]
-    bias = tensors.get(f"{step.name}.bias")
-    dweight = tangents.get(f"{step.name}.weight")
-    dbias = tangents.get(f"{step.name}.bias")
+    module, k = step.module, at.k
+    weight = at.tensors[f"{step.name}.weight"]
+    bias = at.tensors.get(f"{step.name}.bias")
+    dweight = at.tangents.get(f"{step.name}.weight")
+    dbias = at.tangents.get(f"{step.name}.bias")
     if step.norm is not None:
-        scale, shift, dscale, dshift = _scale_and_shift(step.norm_name, step.norm, tensors,
-                                                          tangents)
+        scale, shift, dscale, dshift = _scale_and_shift(step.norm_name, step.norm, at)
         per_out = (-1,) + (1,) * (weight.ndim - 1)
         if dweight is not None:
             dweight = dweight * scale.view(per_out)
@@ -335,14 +335,10 @@ def _parameter_tangent(
 
 
 def _norm(
-    step: Step,
-    tensors: Tensors,
-    tangents: Tensors,
-    x: torch.Tensor,
-    dx: torch.Tensor | None,
-    k: int,
+    step: Step, at: Point, x: torch.Tensor, dx: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    scale, shift, dscale, dshift = _scale_and_shift(step.name, step.module, tensors, tangents)
+    scale, shift, dscale, dshift = _scale_and_shift(step.name, step.module, at)
+    k = at.k
     per_channel = (-1,) + (1,) * (x.ndim - 2)
     y = x * scale.view(per_channel) + shift.view(per_channel)
     dy = None if dx is None else (dx.view(k, *x.shape) * scale.view(per_channel))
