@@ -69,9 +69,9 @@ class InfluenceReport:
         num_params: size ``p`` of θ_S.
         solve: the inverse-HVP solve's report (iterations, true residual, converged).
         seconds: wall time per stage (``features``, ``gradient``, ``solve``, ``scores``).
-        scoring: how directional derivatives are taken: ``"head-closed-form"``,
-            ``"fused-tangent"`` (:mod:`fastinfluence.tangent`, for chains of common layers) or
-            ``"torch.func.jvp"``.
+        scoring: how directional derivatives (scores, pairwise, and ``J V`` in Gauss-Newton
+            products) are taken: ``"head-closed-form"``, ``"fused-tangent"``
+            (:mod:`fastinfluence.tangent`, for chains of common layers) or ``"torch.func.jvp"``.
         scoring_reason: why the fused tangent pass was not used (``None`` when it was or when
             the head path runs).
     """
@@ -307,7 +307,8 @@ class Influence:
             self._tangent_program, reason = TangentProgram.compile(self.model, self.fmodel.device)
             self.report.scoring = TORCH_JVP if self._tangent_program is None else FUSED_TANGENT
             self.report.scoring_reason = reason
-            self.operator = AutogradHessian(self.fmodel, self.train, hessian, self.progress)
+            self.operator = AutogradHessian(self.fmodel, self.train, hessian, self.progress,
+                                            self._tangent_program)
             self._val_gradient = self._mean_gradient(self.val)
         self.report.seconds["gradient"] = time.perf_counter() - start
 

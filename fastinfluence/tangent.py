@@ -120,6 +120,12 @@ class TangentProgram:
             previous = node
         return cls(_fused(steps), channels_last=device.type == "cpu"), None
 
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the memory layout the program prefers (channels-last 4-d on CPU)."""
+        if self.channels_last and x.ndim == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def forward(
         self, tensors: Tensors, tangents: Tensors, x: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,10 +140,8 @@ class TangentProgram:
         at = Point(tensors, tangents, k)
         tangent: torch.Tensor | None = None
         for step in self.steps:
-            if self.channels_last and x.ndim == 4:  # no-ops when already channels-last
-                x = x.contiguous(memory_format=torch.channels_last)
-                if tangent is not None:
-                    tangent = tangent.contiguous(memory_format=torch.channels_last)
+            x = self.layout(x)  # no-ops when already in the preferred layout
+            tangent = None if tangent is None else self.layout(tangent)
             x, tangent = _run(step, at, x, tangent)
         if tangent is None:
             tangent = torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device)

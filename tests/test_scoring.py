@@ -74,9 +74,10 @@ def explicit_gauss_newton(model, plist, x, y) -> torch.Tensor:
     return total / len(x)
 
 
-@pytest.mark.parametrize("solver", ["direct", "cg", "lissa"])
-def test_gauss_newton_matches_explicit_solve(solver):
-    model, train, val = make_problem("mlp", seed=3)
+@pytest.mark.parametrize(("kind", "solver"),
+                         [("mlp", "direct"), ("mlp", "cg"), ("mlp", "lissa"), ("cnn", "cg")])
+def test_gauss_newton_matches_explicit_solve(kind, solver):
+    model, train, val = make_problem(kind, seed=3)
     plist = list(model.parameters())
     matrix = explicit_gauss_newton(model, plist, *train)
     damping = 0.05

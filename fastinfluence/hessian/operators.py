@@ -19,6 +19,7 @@ from fastinfluence.data import LabelledData
 from fastinfluence.functional import FunctionalModel
 from fastinfluence.hessian import head
 from fastinfluence.progress import progress_bar
+from fastinfluence.tangent import TangentProgram
 
 CURVATURES = ("exact", "gauss-newton")
 
@@ -44,7 +45,12 @@ class HessianOperator:
 
 
 class AutogradHessian(HessianOperator):
-    """``H V`` (or ``G V``) of a network by automatic differentiation over ``data``."""
+    """``H V`` (or ``G V``) of a network by automatic differentiation over ``data``.
+
+    With a ``tangent_program`` (:mod:`fastinfluence.tangent`), the Gauss-Newton product takes
+    ``J V`` from that fused pass instead of ``torch.func.jvp``, and runs the ``vjp`` on inputs
+    in the program's memory layout.
+    """
 
     def __init__(
         self,
@@ -52,6 +58,7 @@ class AutogradHessian(HessianOperator):
         data: LabelledData,
         curvature: str,
         progress: bool = False,
+        tangent_program: TangentProgram | None = None,
     ) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"hessian must be one of {CURVATURES}, got {curvature!r}")
@@ -59,6 +66,7 @@ class AutogradHessian(HessianOperator):
         self.data = data
         self.curvature = curvature
         self.progress = progress
+        self.tangent_program = tangent_program
         self.dim = fmodel.dim
         self.dtype = fmodel.dtype
         self.device = fmodel.device
@@ -67,7 +75,8 @@ class AutogradHessian(HessianOperator):
     def subsample(self, size: int, generator: torch.Generator) -> AutogradHessian:
         """The same operator on ``size`` training samples drawn with replacement."""
         indices = torch.randint(len(self.data), (size,), generator=generator)
-        part = AutogradHessian(self.fmodel, self.data.subset(indices), self.curvature)
+        part = AutogradHessian(self.fmodel, self.data.subset(indices), self.curvature,
+                               tangent_program=self.tangent_program)
         part.passes = 0
         return part
 
@@ -99,7 +108,9 @@ class AutogradHessian(HessianOperator):
         return torch.func.vmap(one)(vectors)
 
     def _gauss_newton_batch(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor):
-        fmodel = self.fmodel
+        fmodel, program = self.fmodel, self.tangent_program
+        if program is not None:
+            x = program.layout(x)
 
         def logits_of(theta: torch.Tensor) -> torch.Tensor:
             return fmodel.logits(theta, x)
@@ -109,7 +120,10 @@ class AutogradHessian(HessianOperator):
         def push(vector: torch.Tensor) -> torch.Tensor:
             return torch.func.jvp(logits_of, (fmodel.theta,), (vector,))[1]
 
-        if len(vectors) == 1:
+        if program is not None:
+            tangents = program.forward(fmodel.tensors(fmodel.theta),
+                                       fmodel.selection.unflatten(vectors), x, len(vectors))[1]
+        elif len(vectors) == 1:
             tangents = push(vectors[0])[None]
         else:
             tangents = torch.func.vmap(push)(vectors)
