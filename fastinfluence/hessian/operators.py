@@ -116,17 +116,18 @@ class AutogradHessian(HessianOperator):
             return fmodel.logits(theta, x)
 
         logits, pullback = torch.func.vjp(logits_of, fmodel.theta)
-
-        def push(vector: torch.Tensor) -> torch.Tensor:
-            return torch.func.jvp(logits_of, (fmodel.theta,), (vector,))[1]
-
         if program is not None:
             tangents = program.forward(fmodel.tensors(fmodel.theta),
                                        fmodel.selection.unflatten(vectors), x, len(vectors))[1]
-        elif len(vectors) == 1:
-            tangents = push(vectors[0])[None]
         else:
-            tangents = torch.func.vmap(push)(vectors)
+
+            def push(vector: torch.Tensor) -> torch.Tensor:
+                return torch.func.jvp(logits_of, (fmodel.theta,), (vector,))[1]
+
+            if len(vectors) == 1:
+                tangents = push(vectors[0])[None]
+            else:
+                tangents = torch.func.vmap(push)(vectors)
         curved = fmodel.loss_hessian_vp(logits.detach(), y, tangents)
         if len(vectors) == 1:
             return pullback(curved[0])[0][None]
