@@ -248,11 +248,7 @@ def _scale_and_shift(
     dgamma = at.tangents.get(f"{name}.weight")
     dbeta = at.tangents.get(f"{name}.bias")
     dscale = None if dgamma is None else dgamma * inv_std
-    dshift = None
-    if dscale is not None:
-        dshift = -mean * dscale
-    if dbeta is not None:
-        dshift = dbeta if dshift is None else dshift + dbeta
+    dshift = _add(None if dscale is None else -mean * dscale, dbeta)
     return scale, shift, dscale, dshift
 
 

@@ -82,10 +82,14 @@ MODELS = {
 }
 
 
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by name, detached."""
+    return {n: v.detach() for n, v in [*model.named_parameters(), *model.named_buffers()]}
+
+
 def twin(model: nn.Module, names: list[str], x: torch.Tensor, directions: list[dict]):
     """``torch.func.jvp`` of the logits along each direction: ``[k, B, C]``."""
-    primal = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    primal = {k: v.detach() for k, v in primal.items()}
+    primal = state(model)
     out = []
     for direction in directions:
 
@@ -110,8 +114,7 @@ def compare(model: nn.Module, shape: tuple, names: list[str], k: int, seed: int,
          for n in names}
         for _ in range(k)
     ]
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    tensors = {n: v.detach() for n, v in tensors.items()}
+    tensors = state(model)
     tangents = {n: torch.stack([d[n] for d in directions]) for n in names}
     logits, dlogits = program.forward(tensors, tangents, x, k)
     expected_logits = model(x)
@@ -156,7 +159,7 @@ def test_contiguous_layout_matches_channels_last():
     other, _ = TangentProgram.compile(model, torch.device("meta"))
     assert cpu.channels_last and not other.channels_last
     x = torch.randn(4, *shape, dtype=torch.float64)
-    tensors = {n: v.detach() for n, v in [*model.named_parameters(), *model.named_buffers()]}
+    tensors = state(model)
     tangents = {n: torch.randn(2, *v.shape, dtype=torch.float64) for n, v in tensors.items()
                 if n in dict(model.named_parameters())}
     a = cpu.forward(tensors, tangents, x, 2)
@@ -184,7 +187,7 @@ def test_relu_pool_swap_keeps_tangents_on_exact_ties():
     params = dict(model.named_parameters())
     direction = {n: torch.randn(params[n].shape, generator=generator, dtype=torch.float64)
                  for n in names}
-    tensors = {n: v.detach() for n, v in [*model.named_parameters(), *model.named_buffers()]}
+    tensors = state(model)
     tangents = {n: direction[n][None] for n in names}
     _, dlogits = program.forward(tensors, tangents, x, 1)
     torch.testing.assert_close(dlogits, twin(model, names, x, [direction]), rtol=1e-9,
