@@ -299,7 +299,7 @@ def bench_params(
     # the solve alone takes milliseconds for the head: the median of the timed constructions
     out["ihvp_solve"] = statistics.median(b.report.seconds["solve"] for b in built)
     probe = inf.ihvp[None]
-    out["hvp"], _ = median_seconds(lambda: inf.operator.matvec(probe), args.repeats)
+    out["hvp"], _ = median_seconds(lambda: inf.backend.matvec(probe), args.repeats)
     solve = inf.report.solve
     out["engine_path"] = inf.report.path
     out["engine_scoring"] = inf.report.scoring

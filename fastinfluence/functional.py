@@ -1,13 +1,16 @@
 """The model as a pure function of the flat selected parameters θ_S.
 
 Influence is computed on a snapshot of the model's weights, in eval mode, through
-``torch.func.functional_call``: the caller's module is never written to.
+``torch.func.functional_call``: the caller's module is never written to. Models in float16 or
+bfloat16 are evaluated on a float32 snapshot: inverse-HVP solves do not converge in half
+precision.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +18,9 @@ from torch import nn
 
 from fastinfluence.params import ParameterSelection
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+OutputFn = Callable[[Any], torch.Tensor]
+REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def cross_entropy_per_sample(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -41,8 +46,10 @@ class FunctionalModel:
     Args:
         model: the caller's module (only read).
         selection: which parameters form θ_S.
-        loss_fn: ``loss_fn(logits, y) -> [batch]``; ``None`` for cross-entropy.
+        loss_fn: ``loss_fn(output, y) -> [batch]``; ``None`` for cross-entropy on the logits.
         device: where the snapshot lives and the work runs.
+        output: picks the tensor the loss and the curvature read from the model's output
+            (e.g. ``lambda out: out["logits"]``); ``None`` takes the output as it is.
     """
 
     def __init__(
@@ -51,23 +58,32 @@ class FunctionalModel:
         selection: ParameterSelection,
         loss_fn: LossFn | None,
         device: torch.device,
+        output: OutputFn | None = None,
     ) -> None:
         self.model = model
         self.selection = selection
         self.uses_cross_entropy = loss_fn is None
         self.loss_fn = cross_entropy_per_sample if loss_fn is None else loss_fn
         self.device = device
+        self.output = output
         selected = set(selection.names)
+        named = dict(model.named_parameters())
+        self.model_dtype = named[selection.names[0]].dtype
+        self.dtype = torch.float32 if self.model_dtype in REDUCED_PRECISION else self.model_dtype
+
+        def snapshot(tensor: torch.Tensor) -> torch.Tensor:
+            tensor = tensor.detach().to(device)
+            if tensor.dtype in REDUCED_PRECISION:
+                tensor = tensor.to(self.dtype)
+            return tensor.clone()
+
         with torch.no_grad():
-            named = dict(model.named_parameters())
-            self.theta = selection.flatten([named[n].detach().to(device) for n in selection.names])
-            self.theta = self.theta.clone()
+            self.theta = selection.flatten([snapshot(named[n]) for n in selection.names])
             self.fixed = {
-                name: tensor.detach().to(device).clone()
+                name: snapshot(tensor)
                 for name, tensor in [*named.items(), *model.named_buffers()]
                 if name not in selected
             }
-        self.dtype = self.theta.dtype
 
     @property
     def dim(self) -> int:
@@ -77,18 +93,21 @@ class FunctionalModel:
         """Every parameter and buffer by name, the selected ones taken from ``theta``."""
         return {**self.fixed, **self.selection.unflatten(theta)}
 
-    def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(self.model, self.tensors(theta), (x,))
+    def logits(self, theta: torch.Tensor, x: torch.Tensor) -> Any:
+        """The model's output at ``theta`` (through ``output`` when one is given)."""
+        out = torch.func.functional_call(self.model, self.tensors(theta), (x,))
+        return out if self.output is None else self.output(out)
 
     def losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.per_sample(self.logits(theta, x), y)
 
-    def per_sample(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def per_sample(self, logits: Any, y: torch.Tensor) -> torch.Tensor:
         values = self.loss_fn(logits, y)
-        if values.shape != (len(logits),):
+        if not isinstance(values, torch.Tensor) or values.shape != (len(y),):
+            shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values)
             raise ValueError(
-                f"loss_fn must return one loss per sample, shape ({len(logits)},); got "
-                f"{tuple(values.shape)} (use reduction='none')"
+                f"loss_fn must return one loss per sample, shape ({len(y)},); got {shape} "
+                "(use reduction='none')"
             )
         return values
 

@@ -36,9 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastinfluence.functional import eval_mode
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = [
+    "gauss_newton",
     "hessian",
     "hvp",
     "ihvp",
@@ -142,18 +145,17 @@ def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 @contextmanager
 def _prepared(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Eval mode and ``requires_grad`` on the selected parameters; both restored on exit."""
-    was_training = model.training
+    """Eval mode and ``requires_grad`` on the selected parameters; both restored on exit
+    (each submodule's own ``training`` flag, as the engine's :func:`eval_mode` does)."""
     flags = [p.requires_grad for p in params]
-    model.eval()
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            yield
+        finally:
+            for p, flag in zip(params, flags, strict=True):
+                p.requires_grad_(flag)
 
 
 def _losses(model: nn.Module, X: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
@@ -320,6 +322,44 @@ def hessian(
             row = torch.autograd.grad(grad[k], params, retain_graph=True, materialize_grads=True)
             H[k] = _flatten(row)
     return H
+
+
+def gauss_newton(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    X: Tensor,
+    y: Tensor,
+    loss_fn: LossFn | None = None,
+) -> Tensor:
+    """Explicit Gauss-Newton matrix ``G = (1/n) Σ_i J_iᵀ (∂²l_i/∂z²) J_i`` ``[p, p]``.
+
+    ``J_i = ∂z_i/∂θ`` is sample ``i``'s Jacobian of the model output, built row by row (one
+    backward pass per output entry), and ``∂²l_i/∂z²`` the Hessian of its loss in the output
+    (for softmax cross-entropy ``diag(p_i) − p_i p_iᵀ``). No damping is added.
+    """
+    params = _check_params(model, params)
+    _check_data(X, y)
+    loss_fn = loss_fn or _cross_entropy
+    p = _num_params(params)
+    total = torch.zeros(p, p, dtype=X.dtype, device=X.device)
+    with _prepared(model, params):
+        for index in range(len(X)):
+            output = model(X[index:index + 1])[0]
+            rows = [
+                _flatten(torch.autograd.grad(entry, params, retain_graph=True,
+                                             materialize_grads=True))
+                for entry in output.reshape(-1)
+            ]
+            jacobian = torch.stack(rows)
+            target = y[index:index + 1]
+
+            def sample_loss(z: Tensor, target=target, shape=output.shape) -> Tensor:
+                return loss_fn(z.reshape(1, *shape), target)[0]
+
+            curvature = torch.autograd.functional.hessian(sample_loss,
+                                                          output.detach().reshape(-1))
+            total += jacobian.T @ curvature @ jacobian
+    return total / len(X)
 
 
 # --------------------------------------------------------------------------- IHVP solvers

@@ -89,7 +89,7 @@ class TangentProgram:
 
     @classmethod
     def compile(
-        cls, model: nn.Module, device: torch.device
+        cls, model: nn.Module, example: torch.Tensor, tensors: Tensors, selected
     ) -> tuple[TangentProgram | None, str | None]:
         """The program for ``model``, or ``None`` and why it does not apply.
 
@@ -118,7 +118,7 @@ class TangentProgram:
                 return None, step
             steps.append(step)
             previous = node
-        return cls(_fused(steps), channels_last=device.type == "cpu"), None
+        return cls(_fused(steps), channels_last=example.device.type == "cpu"), None
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` in the memory layout the program prefers (channels-last 4-d on CPU)."""

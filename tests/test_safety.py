@@ -87,12 +87,13 @@ def test_bad_labels_in_a_loader_are_caught_while_reading(mlp_problem):
 def test_indefinite_hessian_is_reported_not_hidden():
     model, train, val = make_problem("cnn", seed=0)
     with pytest.raises(fi.NotPositiveDefiniteError, match="smallest eigenvalue"):
-        fi.Influence(model, train, val, params="all", solver="direct", damping=0.0)
+        fi.Influence(model, train, val, params="all", solver="direct", damping=0.0,
+                     hessian="exact")
     with pytest.raises(fi.NotPositiveDefiniteError, match="non-positive curvature"):
-        fi.Influence(model, train, val, params="all", solver="cg", damping=0.0)
+        fi.Influence(model, train, val, params="all", solver="cg", damping=0.0, hessian="exact")
     with pytest.raises(fi.DivergenceError, match="diverged"):
         fi.Influence(model, train, val, params="all", solver="lissa", damping=1e-3,
-                     depth=5000)
+                     depth=5000, hessian="exact")
 
 
 def test_unconverged_solve_warns_and_reports():

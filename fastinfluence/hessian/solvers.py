@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from fastinfluence import ops
-from fastinfluence.hessian.operators import HeadHessian, HessianOperator
+from fastinfluence.hessian.backends import CurvatureBackend
 from fastinfluence.progress import progress_bar
 
 SOLVERS = ("direct", "cg", "lissa", "auto")
@@ -146,11 +146,16 @@ class SolveReport:
 
 
 class Solver:
-    """Solves ``(H + λI) X = B`` for ``B`` of shape ``[k, p]``."""
+    """Solves ``(H + λI) X = B`` for ``B`` of shape ``[k, p]``.
+
+    ``operator`` is the curvature half of a :class:`~fastinfluence.hessian.backends.
+    CurvatureBackend`: ``matvec``, ``dense``, ``subsample``, ``num_samples``, ``passes`` and the
+    optional hooks ``closed_form_inverse`` and ``lissa_recursion``.
+    """
 
     name: str
 
-    def __init__(self, operator: HessianOperator, damping: float, config, progress: bool):
+    def __init__(self, operator: CurvatureBackend, damping: float, config, progress: bool):
         self.operator = operator
         self.damping = damping
         self.config = config
@@ -193,33 +198,43 @@ class Solver:
 
 
 class DirectSolver(Solver):
-    """Cholesky factorisation of the explicit ``H + λI``; reused for every later solve."""
+    """Cholesky factorisation of the explicit ``H + λI``, reused for every later solve; or the
+    operator's ``closed_form_inverse`` where it has one (no explicit matrix then)."""
 
     name = "direct"
 
-    def __init__(self, operator: HessianOperator, damping: float, config: DirectConfig,
+    def __init__(self, operator: CurvatureBackend, damping: float, config: DirectConfig,
                  progress: bool = False):
         super().__init__(operator, damping, config, progress)
+        self.matrix: torch.Tensor | None = None
+        if operator.closed_form_inverse is not None:
+            return
         self.matrix = operator.dense(config.chunk)
         self.matrix.diagonal().add_(damping)
         factor, info = torch.linalg.cholesky_ex(self.matrix)
         if int(info) != 0:
             smallest = float(torch.linalg.eigvalsh(self.matrix)[0])
+            advice = f"a damping above {damping - smallest:.4g}"
             raise NotPositiveDefiniteError(
                 f"H + λI is not positive definite (smallest eigenvalue {smallest:.4g} with "
-                f"damping λ={damping:g}): use hessian='gauss-newton', or a damping above "
-                f"{damping - smallest:.4g}"
+                f"damping λ={damping:g}): {_remedy(operator, advice)}"
             )
         self.factor = factor
 
     def _solve(self, rhs):
+        if self.matrix is None:
+            return self.operator.closed_form_inverse(rhs, self.damping), 0, None
         return torch.cholesky_solve(rhs.T, self.factor).T, 0, None
 
     def _apply(self, vectors):
+        if self.matrix is None:
+            return super()._apply(vectors)
         return vectors @ self.matrix
 
     def quadratic_form(self, vectors: torch.Tensor) -> torch.Tensor:
         """``vᵀ(H + λI)^{-1}v`` for each row ``v``, as ``‖L^{-1}v‖²``."""
+        if self.matrix is None:
+            return (vectors * self._solve(vectors)[0]).sum(dim=1)
         whitened = torch.linalg.solve_triangular(self.factor, vectors.T, upper=False)
         return (whitened * whitened).sum(dim=0)
 
@@ -248,8 +263,8 @@ class CGSolver(Solver):
             if bool((active & (curvature <= 0)).any()):
                 raise NotPositiveDefiniteError(
                     f"CG met non-positive curvature at iteration {iterations}: H + λI is not "
-                    f"positive definite (damping λ={self.damping:g}); use "
-                    "hessian='gauss-newton' or more damping"
+                    f"positive definite (damping λ={self.damping:g}): "
+                    f"{_remedy(self.operator, 'more damping')}"
                 )
             step = torch.where(active, squared / curvature.where(active, 1.0), 0.0)
             solution += step[:, None] * direction
@@ -264,13 +279,14 @@ class CGSolver(Solver):
 class LiSSASolver(Solver):
     """LiSSA, see :class:`LiSSAConfig`.
 
-    Deterministic recursions (full-batch products) stop early on the residual; a minibatch
-    recursion over a closed-form head runs all ``depth`` steps in one native call.
+    Deterministic recursions (full-batch products) stop early on the residual; an operator
+    with a ``lissa_recursion`` hook (the closed-form head: one native call) runs minibatch
+    recursions itself.
     """
 
     name = "lissa"
 
-    def __init__(self, operator: HessianOperator, damping: float, config: LiSSAConfig,
+    def __init__(self, operator: CurvatureBackend, damping: float, config: LiSSAConfig,
                  progress: bool = False):
         super().__init__(operator, damping, config, progress)
         self.scale = config.scale if config.scale is not None else (
@@ -281,31 +297,20 @@ class LiSSASolver(Solver):
         config: LiSSAConfig = self.config
         total = torch.zeros_like(rhs)
         iterations = 0
+        hook = self.operator.lissa_recursion
         for repeat in range(config.repeats):
             seed = config.seed + repeat
-            if isinstance(self.operator, HeadHessian) and config.minibatch_size is not None:
-                estimate = self._head_recursion(rhs, seed)
+            estimate = None if hook is None else hook(
+                rhs, self.damping, self.scale, config.depth, config.minibatch_size, seed
+            )
+            if estimate is not None:
+                self._check_finite(estimate, config.depth)
                 iterations += config.depth
             else:
                 estimate, steps = self._recursion(rhs, seed)
                 iterations += steps
             total += estimate
         return total / config.repeats, iterations, self.scale
-
-    def _head_recursion(self, rhs: torch.Tensor, seed: int) -> torch.Tensor:
-        operator: HeadHessian = self.operator
-        layout = operator.layout
-        weights, biases = layout.split(rhs)
-        columns = []
-        for index in range(len(rhs)):
-            bias = None if biases is None else biases[index]
-            xw, xb = ops.head_lissa(operator.data.features, operator.data.probs,
-                                    weights[index], bias, self.damping, self.scale,
-                                    self.config.depth, self.config.minibatch_size, seed)
-            columns.append(layout.join(xw, xb))
-        estimate = torch.stack(columns)
-        self._check_finite(estimate, self.config.depth)
-        return estimate
 
     def _recursion(self, rhs: torch.Tensor, seed: int) -> tuple[torch.Tensor, int]:
         config: LiSSAConfig = self.config
@@ -327,9 +332,9 @@ class LiSSASolver(Solver):
                 break
         return iterate / self.scale, steps
 
-    def _minibatch_operator(self, generator: torch.Generator) -> HessianOperator:
+    def _minibatch_operator(self, generator: torch.Generator) -> CurvatureBackend:
         size = self.config.minibatch_size
-        if size is None or size >= len(self.operator.data):
+        if size is None or size >= self.operator.num_samples:
             return self.operator
         return self.operator.subsample(size, generator)
 
@@ -341,8 +346,16 @@ class LiSSASolver(Solver):
         raise DivergenceError(
             f"LiSSA diverged at step {steps} (‖h‖ = {size:.3g}, bound {bound:.3g}, "
             f"scale {self.scale:.4g}, damping {self.damping:g}): H + λI is probably not "
-            "positive definite — use hessian='gauss-newton', more damping, or solver='cg'"
+            f"positive definite: {_remedy(self.operator, 'more damping, or solver=cg')}"
         )
+
+
+def _remedy(operator: CurvatureBackend, damping_advice: str) -> str:
+    """What to do about a non-positive-definite ``H + λI``: Gauss-Newton only helps where the
+    curvature is not positive semi-definite already."""
+    if operator.positive_semidefinite:
+        return f"this curvature is positive semi-definite but singular; use {damping_advice}"
+    return f"use hessian='gauss-newton', or {damping_advice}"
 
 
 def _iterate_bound(rhs_norm: float, scale: float, damping: float, deterministic: bool) -> float:
@@ -354,7 +367,7 @@ def _iterate_bound(rhs_norm: float, scale: float, damping: float, deterministic:
     return margin * scale * rhs_norm / damping + rhs_norm
 
 
-def power_iteration(operator: HessianOperator, iterations: int, seed: int,
+def power_iteration(operator: CurvatureBackend, iterations: int, seed: int,
                     rtol: float = 1e-2) -> float:
     """An estimate of ``max |eigenvalue(H)|`` by power iteration from a seeded start."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -379,7 +392,7 @@ def _require(ok: bool, name: str, value, expected: str) -> None:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
-def make_solver(name: str, operator: HessianOperator, damping: float, config,
+def make_solver(name: str, operator: CurvatureBackend, damping: float, config,
                 progress: bool = False) -> Solver:
     kinds = {"direct": DirectSolver, "cg": CGSolver, "lissa": LiSSASolver}
     return kinds[name](operator, damping, config, progress)

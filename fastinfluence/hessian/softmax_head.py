@@ -1,4 +1,5 @@
-"""Closed forms for a softmax-cross-entropy Linear head (DESIGN.md §3, item 3).
+"""Gradient, Hessian-vector product, explicit Hessian and scores of a softmax-cross-entropy
+Linear head, in closed form (the engine's ``HeadBackend``, :mod:`.backends`).
 
 With features ``A`` [n, d] entering the head, probabilities ``P`` [n, C] and one-hot labels
 ``Y``, and the head's parameters viewed as ``(W [C, d], b [C])``:
@@ -31,6 +32,10 @@ class HeadFeatures:
 
     def __len__(self) -> int:
         return len(self.features)
+
+    def subset(self, indices: torch.Tensor) -> HeadFeatures:
+        """The rows at ``indices`` (repeats allowed)."""
+        return HeadFeatures(self.features[indices], self.probs[indices], self.labels[indices])
 
     def residuals(self) -> torch.Tensor:
         """``P − Y``, the gradient of each sample's loss w.r.t. its logits."""

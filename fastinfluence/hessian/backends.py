@@ -1,0 +1,494 @@
+"""Curvature backends: everything the engine asks of "a model, a loss and θ_S".
+
+An :class:`~fastinfluence.Influence` chooses one backend when it is built
+(:func:`select_backend`) and from then on talks to it alone; the solvers see only its curvature
+half. The protocol (:class:`CurvatureBackend`), with ``C`` the curvature of the **mean** training
+loss over θ_S (no damping) and ``l(z)`` the per-sample loss:
+
+* ``mean_gradient(data)``: ``∇_θ L(data)``, flat ``[p]``;
+* ``matvec(V)``: ``C V`` for the rows of ``V`` ``[k, p]`` (many right-hand sides per pass);
+* ``dense(chunk)``: ``C`` as an explicit symmetric ``[p, p]`` matrix;
+* ``directional(data, D)``: ``dᵀ∇l(z)`` for each sample and each row ``d`` of ``D``, ``[n, k]``;
+* ``per_sample_gradients(data)``: ``∇l(z)`` of each sample, ``[n, p]`` (materialised);
+* ``subsample(size, generator)``: the same curvature on ``size`` training samples drawn with
+  replacement (LiSSA's minibatches);
+* optional solver hooks, ``None`` where a backend does not offer them:
+  ``closed_form_inverse(rhs, damping)`` returns ``(C + λI)^{-1} rhs`` without iterating (for
+  factored curvatures such as K-FAC), and ``lissa_recursion(rhs, damping, scale, depth,
+  minibatch_size, seed)`` runs a whole minibatch LiSSA recursion in one call.
+
+The backends here, each tested against its slow twin in :mod:`fastinfluence.reference`
+(``tests/hessian/test_backends.py``):
+
+* :class:`HeadBackend` — ``params="last"`` on a final ``nn.Linear`` with softmax cross-entropy:
+  features cached by one forward pass, everything in closed form (:mod:`.softmax_head`);
+* :class:`ExactHessianBackend` — ``C = ∇²_θ L`` of any network, by forward-over-reverse
+  differentiation (``jvp`` of ``grad``);
+* :class:`GaussNewtonBackend` — ``C = Jᵀ(∂²l/∂z²)J`` with ``J = ∂z/∂θ`` the Jacobian of the
+  model's output; positive semi-definite whenever the loss is convex in the output
+  (cross-entropy is), so CG and LiSSA converge where a network's exact Hessian is indefinite.
+
+Network backends take directional derivatives by the fused tangent pass
+(:mod:`fastinfluence.tangent`) when it compiles and passes its numerical check, else by
+``torch.func.jvp``, and fall back to reverse mode only (per-sample ``vjp``; products by
+reverse-over-reverse) for models with an operation that has no forward-mode derivative, such as
+the CPU LSTM kernel. ``scoring`` and ``scoring_reason`` say which ran and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fastinfluence import ops
+from fastinfluence.data import LabelledData
+from fastinfluence.functional import FunctionalModel
+from fastinfluence.hessian import softmax_head
+from fastinfluence.progress import progress_bar
+from fastinfluence.tangent import TangentProgram
+
+CURVATURES = ("auto", "exact", "gauss-newton")
+HEAD_CLOSED_FORM = "head-closed-form"
+FUSED_TANGENT = "fused-tangent"
+TORCH_JVP = "torch.func.jvp"
+REVERSE_MODE = "reverse-mode"
+
+
+class CurvatureBackend:
+    """The curvature, gradients and directional derivatives of one model, loss and θ_S.
+
+    Attributes:
+        name: the curvature: ``"head-closed-form"``, ``"exact"`` or ``"gauss-newton"``.
+        scoring: how directional derivatives are taken (``"head-closed-form"``,
+            ``"fused-tangent"``, ``"torch.func.jvp"`` or ``"reverse-mode"``).
+        scoring_reason: why a faster way of scoring was not used (``None`` when none was
+            passed over).
+        positive_semidefinite: whether ``C`` is positive semi-definite by construction.
+        dim: ``p``, the number of selected parameters.
+        num_samples: training samples ``C`` is the mean over.
+        passes: products taken so far (each one pass over the training set or a minibatch).
+    """
+
+    name: str
+    scoring: str
+    scoring_reason: str | None = None
+    positive_semidefinite: bool
+    dim: int
+    dtype: torch.dtype
+    device: torch.device
+    num_samples: int
+    passes: int = 0
+    closed_form_inverse: Callable[[torch.Tensor, float], torch.Tensor] | None = None
+    lissa_recursion: Callable[..., torch.Tensor] | None = None
+
+    def mean_gradient(self, data: LabelledData) -> torch.Tensor:
+        """``∇_θ L(data)``, flat ``[p]``."""
+        raise NotImplementedError
+
+    def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``C V`` for ``vectors`` ``[k, p]`` (no damping)."""
+        raise NotImplementedError
+
+    def dense(self, chunk: int = 32) -> torch.Tensor:
+        """``C`` explicitly, from products with identity columns, symmetrised."""
+        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
+        rows = [self.matvec(eye[start:start + chunk]) for start in range(0, self.dim, chunk)]
+        full = torch.cat(rows)
+        return (full + full.T) / 2
+
+    def directional(self, data: LabelledData, directions: torch.Tensor) -> torch.Tensor:
+        """``dᵀ∇l(z)`` for each sample of ``data`` and each row ``d`` of ``directions``:
+        ``[n, k]``."""
+        raise NotImplementedError
+
+    def per_sample_gradients(self, data: LabelledData) -> torch.Tensor:
+        """``∇l(z)`` of each sample of ``data``, ``[n, p]``."""
+        raise NotImplementedError
+
+    def subsample(self, size: int, generator: torch.Generator) -> CurvatureBackend:
+        """The same curvature on ``size`` training samples drawn with replacement."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ModelProbe:
+    """What one forward pass on two validation samples tells about the model.
+
+    Attributes:
+        num_classes: outputs per sample (0 when the output is not ``[batch, classes]``).
+        sample_bytes: bytes of the largest activation of one sample.
+        output_is_tensor: whether the (selected) output is a tensor.
+        head_reason: why the closed-form head does not apply (``None`` when it does).
+    """
+
+    num_classes: int
+    sample_bytes: int
+    output_is_tensor: bool
+    head_reason: str | None
+
+
+def probe_model(fmodel: FunctionalModel, example: torch.Tensor) -> ModelProbe:
+    """One no-grad forward pass on ``example``: output size, largest activation, and whether
+    the closed-form head applies (then the selected Linear's output must be the model's)."""
+    model, head = fmodel.model, fmodel.selection.head
+    captured: dict[str, torch.Tensor] = {}
+    largest = [example[0].numel() * example.element_size()]
+
+    def measure(_module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor) and output.ndim > 0 and len(output):
+            largest[0] = max(largest[0], output[0].numel() * output.element_size())
+
+    hooks = [m.register_forward_hook(measure) for m in model.modules()]
+    if head is not None:
+        hooks.append(head.register_forward_hook(
+            lambda _m, inputs, output: captured.update(inputs=inputs[0], output=output)
+        ))
+    try:
+        with torch.no_grad():
+            output = fmodel.logits(fmodel.theta, example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    is_tensor = isinstance(output, torch.Tensor)
+    if fmodel.uses_cross_entropy and not (is_tensor and output.ndim == 2):
+        shape = tuple(output.shape) if is_tensor else type(output).__name__
+        raise ValueError(
+            f"the default cross-entropy loss needs [batch, classes] logits; the model returned "
+            f"{shape} (pass output= to pick the logits from it, or loss_fn for other outputs)"
+        )
+    num_classes = output.shape[1] if is_tensor and output.ndim == 2 else 0
+    if head is None:
+        reason = "the selected parameters are not exactly one nn.Linear's weight and bias"
+    elif not fmodel.uses_cross_entropy:
+        reason = "a custom loss_fn (the closed form is for softmax cross-entropy)"
+    elif captured.get("output") is not output:
+        reason = "the model's output is not the selected Linear layer's output"
+    elif captured["inputs"].ndim != 2:
+        reason = "the Linear layer's input is not [batch, features]"
+    else:
+        reason = None
+    return ModelProbe(num_classes, largest[0], is_tensor, reason)
+
+
+def select_backend(
+    fmodel: FunctionalModel,
+    probe: ModelProbe,
+    train: LabelledData,
+    example: torch.Tensor,
+    hessian: str,
+    progress: bool = False,
+) -> CurvatureBackend:
+    """The backend for ``hessian`` (``"auto"``: exact for the closed-form head, where it equals
+    Gauss-Newton; Gauss-Newton for networks, whose exact Hessian is indefinite in general)."""
+    if hessian not in CURVATURES:
+        raise ValueError(f"hessian must be one of {CURVATURES}, got {hessian!r}")
+    if probe.head_reason is None:
+        return HeadBackend(fmodel, train, progress)
+    if hessian == "auto":
+        hessian = "gauss-newton" if probe.output_is_tensor else "exact"
+    if hessian == "gauss-newton" and not probe.output_is_tensor:
+        raise ValueError(
+            "hessian='gauss-newton' needs a tensor model output (the Jacobian is taken of it); "
+            "pass output= to pick one, or use hessian='exact'"
+        )
+    kind = GaussNewtonBackend if hessian == "gauss-newton" else ExactHessianBackend
+    return kind(fmodel, train, example, progress)
+
+
+class HeadBackend(CurvatureBackend):
+    """The closed-form softmax-cross-entropy Linear head on cached features.
+
+    ``C`` is the exact Hessian of the head, which equals its Gauss-Newton matrix (the logits
+    are linear in θ_S). The training features are computed once, when the backend is built.
+    """
+
+    name = HEAD_CLOSED_FORM
+    scoring = HEAD_CLOSED_FORM
+    positive_semidefinite = True
+
+    def __init__(
+        self,
+        fmodel: FunctionalModel,
+        train: LabelledData,
+        progress: bool = False,
+        features: softmax_head.HeadFeatures | None = None,
+    ) -> None:
+        self.fmodel = fmodel
+        self.train = train
+        self.progress = progress
+        module = fmodel.selection.head
+        self.layout = softmax_head.HeadLayout(module.out_features, module.in_features,
+                                              module.bias is not None)
+        self.train_features = self._read_features(train) if features is None else features
+        self.dim = self.layout.dim
+        self.dtype = fmodel.dtype
+        self.device = fmodel.device
+        self.num_samples = len(self.train_features)
+        self.passes = 0
+
+    def features(self, data: LabelledData) -> softmax_head.HeadFeatures:
+        """Inputs of the head and softmax outputs over ``data`` (cached for the training set)."""
+        return self.train_features if data is self.train else self._read_features(data)
+
+    def _read_features(self, data: LabelledData) -> softmax_head.HeadFeatures:
+        """One no-grad forward pass over ``data``, capturing the head's inputs."""
+        captured: list[torch.Tensor] = []
+        fmodel = self.fmodel
+        hook = fmodel.selection.head.register_forward_hook(
+            lambda _m, inputs, _output: captured.append(inputs[0])
+        )
+        probs, labels = [], []
+        try:
+            with torch.no_grad():
+                batches = data.batches(fmodel.device, fmodel.dtype)
+                for x, y in progress_bar(batches, self.progress, f"features ({data.name})",
+                                         data.num_batches()):
+                    probs.append(torch.softmax(fmodel.logits(fmodel.theta, x), dim=1))
+                    labels.append(y)
+        finally:
+            hook.remove()
+        return softmax_head.HeadFeatures(torch.cat(captured), torch.cat(probs),
+                                         torch.cat(labels))
+
+    def mean_gradient(self, data: LabelledData) -> torch.Tensor:
+        return softmax_head.mean_gradient(self.features(data), self.layout)
+
+    def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
+        self.passes += 1
+        return softmax_head.hvp(self.train_features, self.layout, vectors)
+
+    def dense(self, chunk: int = 32) -> torch.Tensor:
+        return softmax_head.dense_hessian(self.train_features, self.layout)
+
+    def directional(self, data: LabelledData, directions: torch.Tensor) -> torch.Tensor:
+        return -softmax_head.scores(self.features(data), self.layout, directions)
+
+    def per_sample_gradients(self, data: LabelledData) -> torch.Tensor:
+        return softmax_head.per_sample_gradients(self.features(data), self.layout)
+
+    def subsample(self, size: int, generator: torch.Generator) -> HeadBackend:
+        indices = torch.randint(self.num_samples, (size,), generator=generator)
+        features = self.train_features.subset(indices.to(self.device))
+        return HeadBackend(self.fmodel, self.train, features=features)
+
+    def lissa_recursion(
+        self,
+        rhs: torch.Tensor,
+        damping: float,
+        scale: float,
+        depth: int,
+        minibatch_size: int | None,
+        seed: int,
+    ) -> torch.Tensor | None:
+        """A whole minibatch LiSSA recursion per right-hand side in one native call
+        (:func:`fastinfluence.ops.head_lissa`); ``None`` for full-batch recursions, which
+        the solver runs itself so that it can stop early on the residual."""
+        if minibatch_size is None:
+            return None
+        weights, biases = self.layout.split(rhs)
+        columns = []
+        for index in range(len(rhs)):
+            bias = None if biases is None else biases[index]
+            xw, xb = ops.head_lissa(self.train_features.features, self.train_features.probs,
+                                    weights[index], bias, damping, scale, depth,
+                                    minibatch_size, seed)
+            columns.append(self.layout.join(xw, xb))
+        return torch.stack(columns)
+
+
+class NetworkBackend(CurvatureBackend):
+    """Gradients and directional derivatives of any network by automatic differentiation.
+
+    Subclasses supply the curvature product of one batch (:meth:`_batch_product`).
+    """
+
+    def __init__(
+        self,
+        fmodel: FunctionalModel,
+        train: LabelledData,
+        example: torch.Tensor,
+        progress: bool = False,
+        modes: tuple[TangentProgram | None, bool, str | None] | None = None,
+    ) -> None:
+        self.fmodel = fmodel
+        self.train = train
+        self.progress = progress
+        self.dim = fmodel.dim
+        self.dtype = fmodel.dtype
+        self.device = fmodel.device
+        self.num_samples = len(train)
+        self.passes = 0
+        if modes is None:
+            modes = _differentiation_modes(fmodel, example)
+        self.tangent_program, self.forward_mode, self.scoring_reason = modes
+        if self.tangent_program is not None:
+            self.scoring = FUSED_TANGENT
+        else:
+            self.scoring = TORCH_JVP if self.forward_mode else REVERSE_MODE
+
+    def subsample(self, size: int, generator: torch.Generator) -> NetworkBackend:
+        indices = torch.randint(self.num_samples, (size,), generator=generator)
+        modes = (self.tangent_program, self.forward_mode, self.scoring_reason)
+        return type(self)(self.fmodel, self.train.subset(indices), None, modes=modes)
+
+    def mean_gradient(self, data: LabelledData) -> torch.Tensor:
+        fmodel = self.fmodel
+        total = torch.zeros_like(fmodel.theta)
+        count = 0
+        for x, y in data.batches(fmodel.device, fmodel.dtype):
+            total += torch.func.grad(lambda th, x=x, y=y: fmodel.losses(th, x, y).sum())(
+                fmodel.theta
+            )
+            count += len(x)
+        return total / count
+
+    def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(vectors)
+        count = 0
+        batches = self.train.batches(self.device, self.dtype)
+        for x, y in progress_bar(batches, self.progress, "Hessian-vector product",
+                                 self.train.num_batches()):
+            total += self._batch_product(x, y, vectors)
+            count += len(x)
+        self.passes += 1
+        return total / count
+
+    def _batch_product(self, x: torch.Tensor, y: torch.Tensor,
+                       vectors: torch.Tensor) -> torch.Tensor:
+        """``Σ_batch`` of the per-sample curvature times each row of ``vectors``."""
+        raise NotImplementedError
+
+    def directional(self, data: LabelledData, directions: torch.Tensor) -> torch.Tensor:
+        fmodel = self.fmodel
+        columns = []
+        batches = progress_bar(data.batches(fmodel.device, fmodel.dtype), self.progress,
+                               f"scores ({data.name})", data.num_batches())
+        program = self.tangent_program
+        if program is not None:
+            tensors = fmodel.tensors(fmodel.theta)
+            tangents = fmodel.selection.unflatten(directions)
+            for x, y in batches:
+                logits, dlogits = program.forward(tensors, tangents, x, len(directions))
+                columns.append(fmodel.loss_tangents(logits, y, dlogits).T)
+            return torch.cat(columns)
+        for x, y in batches:
+            if not self.forward_mode:
+                columns.append(self._batch_gradients(x, y) @ directions.T)
+                continue
+
+            def losses(theta: torch.Tensor, x=x, y=y) -> torch.Tensor:
+                return fmodel.losses(theta, x, y)
+
+            def along(direction: torch.Tensor) -> torch.Tensor:
+                return torch.func.jvp(losses, (fmodel.theta,), (direction,))[1]
+
+            columns.append(_each(along, directions).T)
+        return torch.cat(columns)
+
+    def per_sample_gradients(self, data: LabelledData) -> torch.Tensor:
+        rows = [self._batch_gradients(x, y)
+                for x, y in data.batches(self.fmodel.device, self.fmodel.dtype)]
+        return torch.cat(rows)
+
+    def _batch_gradients(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        fmodel = self.fmodel
+
+        def single(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return fmodel.losses(theta, x[None], y[None])[0]
+
+        return torch.func.vmap(torch.func.grad(single), in_dims=(None, 0, 0))(fmodel.theta, x, y)
+
+
+class ExactHessianBackend(NetworkBackend):
+    """``C = ∇²_θ L``: forward-over-reverse products (``jvp`` of ``grad``), or
+    reverse-over-reverse (``vjp`` of ``grad``, equal since ``H`` is symmetric) for models
+    without forward-mode derivatives."""
+
+    name = "exact"
+    positive_semidefinite = False
+
+    def _batch_product(self, x, y, vectors):
+        fmodel = self.fmodel
+
+        def summed_loss(theta: torch.Tensor) -> torch.Tensor:
+            return fmodel.losses(theta, x, y).sum()
+
+        grad_fn = torch.func.grad(summed_loss)
+        if not self.forward_mode:
+            _, pullback = torch.func.vjp(grad_fn, fmodel.theta)
+            return torch.stack([pullback(vector)[0] for vector in vectors])
+        return _each(lambda v: torch.func.jvp(grad_fn, (fmodel.theta,), (v,))[1], vectors)
+
+
+class GaussNewtonBackend(NetworkBackend):
+    """``C = Jᵀ(∂²l/∂z²)J``: ``J V`` by the fused tangent pass or ``jvp`` (by the transpose of
+    a ``vjp`` without forward mode), then ``Jᵀ`` by ``vjp``."""
+
+    name = "gauss-newton"
+
+    @property
+    def positive_semidefinite(self) -> bool:
+        return self.fmodel.uses_cross_entropy
+
+    def _batch_product(self, x, y, vectors):
+        fmodel, program = self.fmodel, self.tangent_program
+        if program is not None:
+            x = program.layout(x)
+
+        def logits_of(theta: torch.Tensor) -> torch.Tensor:
+            return fmodel.logits(theta, x)
+
+        logits, pullback = torch.func.vjp(logits_of, fmodel.theta)
+        if program is not None:
+            tangents = program.forward(fmodel.tensors(fmodel.theta),
+                                       fmodel.selection.unflatten(vectors), x, len(vectors))[1]
+        elif self.forward_mode:
+            tangents = _each(lambda v: torch.func.jvp(logits_of, (fmodel.theta,), (v,))[1],
+                             vectors)
+        else:
+            # u ↦ Jᵀu is linear, so the vjp of that map at any u is J v.
+            _, transpose = torch.func.vjp(lambda u: pullback(u)[0], torch.zeros_like(logits))
+            tangents = torch.stack([transpose(vector)[0] for vector in vectors])
+        curved = fmodel.loss_hessian_vp(logits.detach(), y, tangents)
+        if len(vectors) == 1:
+            return pullback(curved[0])[0][None]
+        return torch.func.vmap(pullback)(curved)[0]
+
+
+def _each(function: Callable[[torch.Tensor], torch.Tensor],
+          vectors: torch.Tensor) -> torch.Tensor:
+    """``function`` of each row of ``vectors``, stacked (``vmap`` for more than one)."""
+    if len(vectors) == 1:
+        return function(vectors[0])[None]
+    return torch.func.vmap(function)(vectors)
+
+
+def _differentiation_modes(
+    fmodel: FunctionalModel, example: torch.Tensor
+) -> tuple[TangentProgram | None, bool, str | None]:
+    """The fused tangent program (or ``None``), whether forward mode works at all, and why
+    the faster way was passed over: tried on ``example`` along a seeded direction."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    direction = torch.randn(fmodel.dim, generator=generator, dtype=fmodel.dtype)
+    direction = direction.to(fmodel.device)
+    x = example[:2]
+    try:
+        torch.func.jvp(lambda th: fmodel.logits(th, x), (fmodel.theta,), (direction,))
+    except (NotImplementedError, RuntimeError) as error:
+        return None, False, (
+            f"forward-mode differentiation failed ({type(error).__name__}: "
+            f"{_first_line(error)}); scores use per-sample reverse-mode gradients"
+        )
+    if fmodel.output is not None:
+        return None, True, "an output= selector (the fused pass reads the model's own output)"
+    program, reason = TangentProgram.compile(
+        fmodel.model, x, fmodel.tensors(fmodel.theta), fmodel.selection.names
+    )
+    return program, True, reason
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else ""

@@ -1,0 +1,153 @@
+"""Each curvature backend against its slow twin in ``fastinfluence.reference``, in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from problems import make_problem
+from torch import nn
+
+from fastinfluence import reference
+from fastinfluence.data import LabelledData
+from fastinfluence.functional import FunctionalModel
+from fastinfluence.hessian.backends import (
+    ExactHessianBackend,
+    GaussNewtonBackend,
+    HeadBackend,
+    NetworkBackend,
+    probe_model,
+    select_backend,
+)
+from fastinfluence.params import select_parameters
+
+
+def build(kind: str, params: str, hessian: str, *, modes=None, seed: int = 0):
+    """A backend on a float64 test problem, the selected parameters and the data."""
+    model, train, val = make_problem(kind, seed=seed, n_train=18, n_val=5)
+    selection = select_parameters(model, params)
+    fmodel = FunctionalModel(model, selection, None, torch.device("cpu"))
+    data = LabelledData(train, "train", batch_size=7)
+    example = val[0][:2]
+    if hessian == "head":
+        backend = HeadBackend(fmodel, data)
+    else:
+        kind_of = ExactHessianBackend if hessian == "exact" else GaussNewtonBackend
+        backend = kind_of(fmodel, data, example, modes=modes)
+    plist = [dict(model.named_parameters())[n] for n in selection.names]
+    return backend, model, plist, data, train, val
+
+
+FORWARD = None  # let the backend choose: the fused tangent pass where it compiles
+JVP_ONLY = (None, True, "forced by the test")
+REVERSE_ONLY = (None, False, "forced by the test")
+CASES = [
+    ("logistic", "last", "head", FORWARD),
+    ("cnn", "last", "head", FORWARD),
+    ("mlp", "all", "exact", FORWARD),
+    ("mlp", "all", "exact", REVERSE_ONLY),
+    ("cnn", "all", "exact", FORWARD),
+    ("cnn", "all", "exact", REVERSE_ONLY),
+    ("mlp", "all", "gauss-newton", FORWARD),
+    ("cnn", "all", "gauss-newton", FORWARD),
+    ("cnn", "all", "gauss-newton", JVP_ONLY),
+    ("cnn", "all", "gauss-newton", REVERSE_ONLY),
+]
+
+
+def twin_curvature(hessian: str, model, plist, X, y) -> torch.Tensor:
+    if hessian == "gauss-newton":
+        return reference.gauss_newton(model, plist, X, y)
+    return reference.hessian(model, plist, X, y)
+
+
+@pytest.mark.parametrize(("kind", "params", "hessian", "modes"), CASES)
+def test_backend_matches_its_textbook_twin(kind, params, hessian, modes):
+    backend, model, plist, data, train, val = build(kind, params, hessian, modes=modes)
+    generator = torch.Generator().manual_seed(1)
+    vectors = torch.randn(3, backend.dim, generator=generator, dtype=torch.float64)
+    matrix = twin_curvature(hessian, model, plist, *train)
+    torch.testing.assert_close(backend.matvec(vectors), vectors @ matrix, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(backend.dense(chunk=5), matrix, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(backend.mean_gradient(LabelledData(val, "val", 2)),
+                               reference.mean_loss_grad(model, plist, *val), rtol=1e-10,
+                               atol=1e-12)
+    grads = reference.per_sample_grads(model, plist, *train)
+    torch.testing.assert_close(backend.per_sample_gradients(data), grads, rtol=1e-10,
+                               atol=1e-12)
+    torch.testing.assert_close(backend.directional(data, vectors), grads @ vectors.T,
+                               rtol=1e-9, atol=1e-11)
+    other = (val[0][1:4], val[1][1:4])
+    torch.testing.assert_close(backend.directional(LabelledData(other, "other", 2), vectors),
+                               reference.per_sample_grads(model, plist, *other) @ vectors.T,
+                               rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize(("kind", "params", "hessian"),
+                         [("cnn", "last", "head"), ("mlp", "all", "exact"),
+                          ("cnn", "all", "gauss-newton")])
+def test_subsample_is_the_curvature_of_the_drawn_samples(kind, params, hessian):
+    backend, model, plist, _, train, _ = build(kind, params, hessian)
+    part = backend.subsample(11, torch.Generator().manual_seed(3))
+    indices = torch.randint(len(train[0]), (11,), generator=torch.Generator().manual_seed(3))
+    matrix = twin_curvature(hessian, model, plist, train[0][indices], train[1][indices])
+    vectors = torch.randn(2, backend.dim, dtype=torch.float64)
+    assert part.num_samples == 11
+    torch.testing.assert_close(part.matvec(vectors), vectors @ matrix, rtol=1e-9, atol=1e-11)
+
+
+def test_head_lissa_hook_runs_minibatch_recursions_only():
+    backend, *_ = build("cnn", "last", "head")
+    rhs = torch.randn(2, backend.dim, dtype=torch.float64)
+    assert backend.lissa_recursion(rhs, 0.1, 2.0, 10, None, 0) is None
+    estimate = backend.lissa_recursion(rhs, 0.1, 2.0, 10, 8, 0)
+    assert estimate.shape == rhs.shape and bool(torch.isfinite(estimate).all())
+
+
+def test_network_backends_take_the_fused_pass_where_it_compiles():
+    backend, *_ = build("cnn", "all", "gauss-newton")
+    assert backend.scoring == "fused-tangent" and backend.tangent_program is not None
+    forced, *_ = build("cnn", "all", "gauss-newton", modes=REVERSE_ONLY)
+    assert forced.scoring == "reverse-mode" and forced.scoring_reason == "forced by the test"
+
+
+class LSTMClassifier(nn.Module):
+    """The CPU LSTM kernel has no forward-mode derivative in torch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("hessian", ["exact", "gauss-newton"])
+def test_models_without_forward_mode_fall_back_to_reverse_mode(hessian):
+    """In float32 the CPU LSTM runs a kernel without forward-mode derivatives; the float64
+    copy (another kernel) is the twin."""
+    torch.manual_seed(0)
+    model = LSTMClassifier().eval()
+    X = torch.randn(10, 5, 3)
+    y = torch.randint(0, 3, (10,))
+    selection = select_parameters(model, "all")
+    fmodel = FunctionalModel(model, selection, None, torch.device("cpu"))
+    probe = probe_model(fmodel, X[:2])
+    backend = select_backend(fmodel, probe, LabelledData((X, y), "train", 4), X[:2], hessian)
+    assert isinstance(backend, NetworkBackend)
+    assert backend.scoring == "reverse-mode" and "forward-mode" in backend.scoring_reason
+    double = copy.deepcopy(model).double()
+    plist = list(double.parameters())
+    vectors = torch.randn(2, backend.dim, dtype=torch.float64)
+    matrix = twin_curvature(hessian, double, plist, X.double(), y)
+    torch.testing.assert_close(backend.matvec(vectors.float()).double(), vectors @ matrix,
+                               rtol=1e-4, atol=1e-5)
+    grads = reference.per_sample_grads(double, plist, X.double(), y)
+    torch.testing.assert_close(
+        backend.directional(LabelledData((X, y), "x", 4), vectors.float()).double(),
+        grads @ vectors.T, rtol=1e-4, atol=1e-5,
+    )
