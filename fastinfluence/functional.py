@@ -87,6 +87,7 @@ class FunctionalModel:
 
     @property
     def dim(self) -> int:
+        """``p``, the number of selected parameters."""
         return self.theta.numel()
 
     def tensors(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -99,9 +100,11 @@ class FunctionalModel:
         return out if self.output is None else self.output(out)
 
     def losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses ``[batch]`` of ``(x, y)`` at ``theta``."""
         return self.per_sample(self.logits(theta, x), y)
 
     def per_sample(self, logits: Any, y: torch.Tensor) -> torch.Tensor:
+        """``loss_fn(logits, y)``, checked to hold one loss per sample."""
         values = self.loss_fn(logits, y)
         if not isinstance(values, torch.Tensor) or values.shape != (len(y),):
             shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values)

@@ -430,6 +430,8 @@ class GaussNewtonBackend(NetworkBackend):
 
     @property
     def positive_semidefinite(self) -> bool:
+        """PSD by construction for the default cross-entropy; a custom loss may be
+        non-convex in the output."""
         return self.fmodel.uses_cross_entropy
 
     def _batch_product(self, x, y, vectors):

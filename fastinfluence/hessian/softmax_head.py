@@ -53,15 +53,18 @@ class HeadLayout:
 
     @property
     def dim(self) -> int:
+        """``p = C·(d + 1)`` with a bias, ``C·d`` without."""
         return self.num_classes * (self.num_features + int(self.has_bias))
 
     def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[..., p]`` into ``W [..., C, d]`` and ``b [..., C]`` (``None`` without bias)."""
         count = self.num_classes * self.num_features
         weight = flat[..., :count].reshape(*flat.shape[:-1], self.num_classes, self.num_features)
         bias = flat[..., count:] if self.has_bias else None
         return weight, bias
 
     def join(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The inverse of :meth:`split`: all of ``W`` (row-major), then ``b``."""
         flat = weight.reshape(*weight.shape[:-2], -1)
         return flat if bias is None else torch.cat([flat, bias], dim=-1)
 

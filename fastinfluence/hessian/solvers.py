@@ -142,6 +142,7 @@ class SolveReport:
     scale: float | None = None
 
     def as_dict(self) -> dict:
+        """The fields as a plain dictionary (for JSON)."""
         return asdict(self)
 
 
@@ -162,6 +163,8 @@ class Solver:
         self.progress = progress
 
     def solve(self, rhs: torch.Tensor) -> tuple[torch.Tensor, SolveReport]:
+        """``X`` with ``(H + λI) X = rhs`` row by row, and how the solve went (warns when the
+        true residual misses the tolerance)."""
         start = time.perf_counter()
         products_before = self.operator.passes
         solution, iterations, scale = self._solve(rhs)
@@ -394,5 +397,6 @@ def _require(ok: bool, name: str, value, expected: str) -> None:
 
 def make_solver(name: str, operator: CurvatureBackend, damping: float, config,
                 progress: bool = False) -> Solver:
+    """The solver called ``name`` (``"direct"``, ``"cg"`` or ``"lissa"``) on ``operator``."""
     kinds = {"direct": DirectSolver, "cg": CGSolver, "lissa": LiSSASolver}
     return kinds[name](operator, damping, config, progress)
