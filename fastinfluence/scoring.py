@@ -261,7 +261,8 @@ class Influence:
         on_head = backend.name == HEAD_CLOSED_FORM
         if solver == "auto":
             limit = DIRECT_MAX_DIM[HEAD_CLOSED_FORM if on_head else "network"]
-            solver = "direct" if backend.dim <= limit else "cg"
+            closed_form = backend.closed_form_inverse is not None
+            solver = "direct" if closed_form or backend.dim <= limit else "cg"
         return InfluenceReport(
             path=HEAD_CLOSED_FORM if on_head else "autograd",
             path_reason=head_reason,

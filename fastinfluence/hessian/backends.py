@@ -26,7 +26,9 @@ The backends here, each tested against its slow twin in :mod:`fastinfluence.refe
   differentiation (``jvp`` of ``grad``);
 * :class:`GaussNewtonBackend` — ``C = Jᵀ(∂²l/∂z²)J`` with ``J = ∂z/∂θ`` the Jacobian of the
   model's output; positive semi-definite whenever the loss is convex in the output
-  (cross-entropy is), so CG and LiSSA converge where a network's exact Hessian is indefinite.
+  (cross-entropy is), so CG and LiSSA converge where a network's exact Hessian is indefinite;
+* :class:`KroneckerBackend` — K-FAC or EK-FAC (:mod:`.kfac`): the Gauss-Newton matrix
+  factored per Linear/Conv2d layer, inverted in closed form.
 
 Network backends take directional derivatives by the fused tangent pass
 (:mod:`fastinfluence.tangent`) when it compiles and passes its numerical check, else by
@@ -46,10 +48,11 @@ from fastinfluence import ops
 from fastinfluence.data import LabelledData
 from fastinfluence.functional import FunctionalModel
 from fastinfluence.hessian import softmax_head
+from fastinfluence.hessian.kfac import KRONECKER_CURVATURES, KroneckerCurvature
 from fastinfluence.progress import progress_bar
 from fastinfluence.tangent import TangentProgram
 
-CURVATURES = ("auto", "exact", "gauss-newton")
+CURVATURES = ("auto", "exact", "gauss-newton", *KRONECKER_CURVATURES)
 HEAD_CLOSED_FORM = "head-closed-form"
 FUSED_TANGENT = "fused-tangent"
 TORCH_JVP = "torch.func.jvp"
@@ -188,11 +191,14 @@ def select_backend(
         return HeadBackend(fmodel, train, progress)
     if hessian == "auto":
         hessian = "gauss-newton" if probe.output_is_tensor else "exact"
-    if hessian == "gauss-newton" and not probe.output_is_tensor:
+    if hessian != "exact" and not probe.output_is_tensor:
         raise ValueError(
-            "hessian='gauss-newton' needs a tensor model output (the Jacobian is taken of it); "
+            f"hessian={hessian!r} needs a tensor model output (the Jacobian is taken of it); "
             "pass output= to pick one, or use hessian='exact'"
         )
+    if hessian in KRONECKER_CURVATURES:
+        return KroneckerBackend(fmodel, train, example, progress,
+                                eigen_corrected=hessian == "ekfac")
     kind = GaussNewtonBackend if hessian == "gauss-newton" else ExactHessianBackend
     return kind(fmodel, train, example, progress)
 
@@ -457,6 +463,40 @@ class GaussNewtonBackend(NetworkBackend):
         if len(vectors) == 1:
             return pullback(curved[0])[0][None]
         return torch.func.vmap(pullback)(curved)[0]
+
+
+class KroneckerBackend(NetworkBackend):
+    """K-FAC (``"kfac"``) or EK-FAC (``"ekfac"``): the layer-wise Kronecker-factored
+    Gauss-Newton matrix of :mod:`.kfac`, fitted once on the training set; products and the
+    damped inverse in closed form (the direct solver uses the inverse, no explicit matrix)."""
+
+    positive_semidefinite = True
+
+    def __init__(
+        self,
+        fmodel: FunctionalModel,
+        train: LabelledData,
+        example: torch.Tensor,
+        progress: bool = False,
+        eigen_corrected: bool = False,
+    ) -> None:
+        super().__init__(fmodel, train, example, progress)
+        self.name = "ekfac" if eigen_corrected else "kfac"
+        self.factors = KroneckerCurvature(fmodel, train, eigen_corrected, progress)
+
+    def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
+        self.passes += 1
+        return self.factors.matvec(vectors)
+
+    def closed_form_inverse(self, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+        """``(C + λI)^{-1} rhs`` through the factors' eigenbases."""
+        return self.factors.inverse(rhs, damping)
+
+    def subsample(self, size: int, generator: torch.Generator) -> NetworkBackend:
+        raise ValueError(
+            f"minibatch LiSSA is not offered for hessian={self.name!r}: its inverse is in "
+            "closed form (solver='direct')"
+        )
 
 
 def _each(function: Callable[[torch.Tensor], torch.Tensor],

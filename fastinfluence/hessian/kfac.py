@@ -1,0 +1,278 @@
+"""K-FAC and EK-FAC: Kronecker-factored Gauss-Newton curvature with a closed-form inverse.
+
+For a Linear or Conv2d layer with input patches ``a_t`` (a trailing 1 for the bias) and
+output gradients ``g_t`` at positions ``t`` (one position for a Linear on ``[batch, features]``;
+every output pixel of a convolution), the layer's block of the Gauss-Newton matrix is
+
+    ``G = mean_i Σ_c vec(Σ_t g_itc a_itᵀ) vec(Σ_t g_itc a_itᵀ)ᵀ``,
+
+where the ``g_itc`` are the output gradients of the columns ``c`` of a square root of the loss's
+Hessian in the model output (for softmax cross-entropy, column ``c`` is ``√p_c (e_c − p)``), so
+``Σ_c`` is exact, not sampled. K-FAC (Martens & Grosse 2015; for convolutions Grosse & Martens
+2016) approximates each block by a Kronecker product of two small factors,
+
+    ``G ≈ S ⊗ A``, ``A = mean_i Σ_t a_it a_itᵀ``, ``S = mean_i Σ_c Σ_t g_itc g_itcᵀ / T``,
+
+ignoring the blocks between layers. With ``S = Q_S Λ_S Q_Sᵀ`` and ``A = Q_A Λ_A Q_Aᵀ``, the
+damped inverse is applied in closed form, to a layer's parameters viewed as a matrix ``X``
+``[out, in (+1)]``: ``(G + λI)^{-1} X = Q_S [(Q_Sᵀ X Q_A) ⊘ (λ_S λ_Aᵀ + λ)] Q_Aᵀ``. EK-FAC
+(George et al. 2018) keeps the eigenbases and replaces ``λ_S λ_Aᵀ`` by the second moment of the
+per-sample gradients in that basis, ``Λ* = mean_i Σ_c (Q_Sᵀ G_ic Q_A)²``, from a second pass
+over the data. Damping is the additive ``λ`` of the rest of the library.
+
+On one Linear layer with a loss whose output Hessian is constant (mean squared error), both
+equal the exact Gauss-Newton matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastinfluence.data import LabelledData
+from fastinfluence.functional import FunctionalModel
+from fastinfluence.progress import progress_bar
+
+KRONECKER_CURVATURES = ("kfac", "ekfac")
+
+
+@dataclass
+class KroneckerLayer:
+    """One Linear or Conv2d layer of θ_S and its factors.
+
+    Attributes:
+        name: the module's name; ``weight``/``bias`` are the parameter names (``bias`` ``""``
+            without one).
+        module: the layer.
+        offsets: where its weight and bias sit in the flat θ_S (``-1`` for no bias).
+        activations: ``A`` ``[in (+1), in (+1)]``; ``gradients``: ``S`` ``[out, out]``.
+        eigen: after :meth:`KroneckerCurvature.fit`, ``(Q_A, Q_S, eigenvalues [out, in (+1)])``.
+    """
+
+    name: str
+    module: nn.Linear | nn.Conv2d
+    weight: str
+    bias: str
+    offsets: tuple[int, int]
+    activations: torch.Tensor | None = None
+    gradients: torch.Tensor | None = None
+    eigen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.module.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """Columns of the layer's matrix view, the bias column included."""
+        return self.module.weight[0].numel() + int(bool(self.bias))
+
+
+def kronecker_layers(fmodel: FunctionalModel) -> list[KroneckerLayer]:
+    """The Linear/Conv2d layers whose parameters make up θ_S, or a ValueError naming what
+    else the selection holds."""
+    selection = fmodel.selection
+    offsets, start = {}, 0
+    for name, shape in zip(selection.names, selection.shapes, strict=True):
+        offsets[name] = start
+        start += shape.numel()
+    canonical = {id(p): name for name, p in fmodel.model.named_parameters()}
+    covered: set[str] = set()
+    layers = []
+    for module_name, module in fmodel.model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        weight = canonical[id(module.weight)]
+        bias = canonical[id(module.bias)] if module.bias is not None else ""
+        if weight in covered or bias in covered:
+            raise ValueError(f"K-FAC does not support parameters shared between layers "
+                             f"({module_name!r} reuses {weight!r})")
+        if weight not in offsets:
+            if bias in offsets:
+                raise ValueError(f"K-FAC needs both the weight and the bias of {module_name!r}")
+            continue
+        if bias and bias not in offsets:
+            raise ValueError(f"K-FAC needs both the weight and the bias of {module_name!r}")
+        if isinstance(module, nn.Conv2d) and (module.groups != 1
+                                              or module.padding_mode != "zeros"):
+            raise ValueError(f"K-FAC supports Conv2d with groups=1 and zero padding only "
+                             f"({module_name!r})")
+        covered.update({weight, bias} - {""})
+        layers.append(KroneckerLayer(module_name, module, weight, bias,
+                                     (offsets[weight], offsets[bias] if bias else -1)))
+    others = [name for name in selection.names if name not in covered]
+    if others:
+        raise ValueError(
+            f"hessian='kfac'/'ekfac' covers the parameters of Linear and Conv2d layers; the "
+            f"selection also holds {others[:6]}: select the Linear/Conv2d modules by name"
+        )
+    return layers
+
+
+class KroneckerCurvature:
+    """The factors of every layer of θ_S, fitted on the training set.
+
+    Args:
+        fmodel: the model as a function of θ_S.
+        train: the data the curvature is the mean over.
+        eigen_corrected: EK-FAC's eigenvalues (a second pass) instead of K-FAC's.
+        progress: tqdm bars for the passes.
+    """
+
+    def __init__(self, fmodel: FunctionalModel, train: LabelledData, eigen_corrected: bool,
+                 progress: bool = False) -> None:
+        self.fmodel = fmodel
+        self.layers = kronecker_layers(fmodel)
+        self.eigen_corrected = eigen_corrected
+        self.fit(train, progress)
+
+    def fit(self, train: LabelledData, progress: bool = False) -> None:
+        """Factors from one pass over ``train``; eigenbases; EK-FAC eigenvalues from a second."""
+        dtype, device = self.fmodel.dtype, self.fmodel.device
+        for layer in self.layers:
+            layer.activations = torch.zeros(layer.in_features, layer.in_features, dtype=dtype,
+                                            device=device)
+            layer.gradients = torch.zeros(layer.out_features, layer.out_features, dtype=dtype,
+                                          device=device)
+        count = 0
+        for patches, grads in self._passes(train, progress, "K-FAC factors"):
+            count += len(next(iter(patches.values())))
+            for layer in self.layers:
+                a, g = patches[layer.name], grads[layer.name]  # [B, T, in], [C, B, T, out]
+                layer.activations += torch.einsum("bti,btj->ij", a, a)
+                layer.gradients += torch.einsum("cbti,cbtj->ij", g, g) / a.shape[1]
+        for layer in self.layers:
+            layer.activations /= count
+            layer.gradients /= count
+            values_a, basis_a = torch.linalg.eigh(layer.activations)
+            values_s, basis_s = torch.linalg.eigh(layer.gradients)
+            product = values_s.clamp_min(0)[:, None] * values_a.clamp_min(0)[None, :]
+            layer.eigen = (basis_a, basis_s, product)
+        if not self.eigen_corrected:
+            return
+        corrected = {layer.name: torch.zeros_like(layer.eigen[2]) for layer in self.layers}
+        for patches, grads in self._passes(train, progress, "EK-FAC eigenvalues"):
+            for layer in self.layers:
+                basis_a, basis_s, _ = layer.eigen
+                per_sample = torch.einsum("cbto,bti->cboi", grads[layer.name], patches[layer.name])
+                projected = basis_s.T @ per_sample @ basis_a
+                corrected[layer.name] += (projected * projected).sum(dim=(0, 1))
+        for layer in self.layers:
+            layer.eigen = (layer.eigen[0], layer.eigen[1], corrected[layer.name] / count)
+
+    def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The factored curvature times each row of ``vectors`` ``[k, p]``."""
+        return self._apply(vectors, lambda values: values)
+
+    def inverse(self, vectors: torch.Tensor, damping: float) -> torch.Tensor:
+        """``(G + λI)^{-1}`` of the factored curvature times each row of ``vectors``."""
+        return self._apply(vectors, lambda values: 1.0 / (values + damping))
+
+    def _apply(self, vectors: torch.Tensor, spectrum) -> torch.Tensor:
+        out = torch.empty_like(vectors)
+        for layer in self.layers:
+            basis_a, basis_s, values = layer.eigen
+            matrix = self._matrix(layer, vectors)
+            rotated = basis_s.T @ matrix @ basis_a
+            self._write(layer, basis_s @ (rotated * spectrum(values)) @ basis_a.T, out)
+        return out
+
+    def _matrix(self, layer: KroneckerLayer, vectors: torch.Tensor) -> torch.Tensor:
+        """The rows of ``vectors`` as the layer's ``[k, out, in (+1)]`` matrices."""
+        start = layer.offsets[0]
+        size = layer.module.weight.numel()
+        weight = vectors[:, start:start + size].reshape(len(vectors), layer.out_features, -1)
+        if not layer.bias:
+            return weight
+        bias = vectors[:, layer.offsets[1]:layer.offsets[1] + layer.out_features]
+        return torch.cat([weight, bias[:, :, None]], dim=2)
+
+    def _write(self, layer: KroneckerLayer, matrix: torch.Tensor, out: torch.Tensor) -> None:
+        start = layer.offsets[0]
+        size = layer.module.weight.numel()
+        columns = layer.module.weight[0].numel()
+        out[:, start:start + size] = matrix[:, :, :columns].reshape(len(out), -1)
+        if layer.bias:
+            out[:, layer.offsets[1]:layer.offsets[1] + layer.out_features] = matrix[:, :, -1]
+
+    def _passes(self, data: LabelledData, progress: bool, what: str):
+        """Per batch: every layer's input patches ``[B, T, in (+1)]`` and the output gradients
+        of each column of the loss Hessian's square root, ``[C, B, T, out]``."""
+        fmodel = self.fmodel
+        batches = progress_bar(data.batches(fmodel.device, fmodel.dtype), progress, what,
+                               data.num_batches())
+        for x, y in batches:
+            inputs: dict[str, torch.Tensor] = {}
+            outputs: dict[str, torch.Tensor] = {}
+            hooks = [layer.module.register_forward_hook(self._capture(layer, inputs, outputs))
+                     for layer in self.layers]
+            try:
+                theta = fmodel.theta.detach().requires_grad_(True)
+                logits = fmodel.logits(theta, x)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+                raise ValueError("K-FAC needs [batch, outputs] model outputs")
+            roots = self._loss_hessian_roots(logits.detach(), y)  # [C, B, outputs]
+            names = [layer.name for layer in self.layers]
+            grads: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+            for column in roots:
+                pieces = torch.autograd.grad(logits, [outputs[n] for n in names], column,
+                                             retain_graph=True)
+                for name, piece in zip(names, pieces, strict=True):
+                    grads[name].append(_positions(piece))
+            patches = {layer.name: self._patches(layer, inputs[layer.name].detach())
+                       for layer in self.layers}
+            yield patches, {name: torch.stack(values) for name, values in grads.items()}
+
+    @staticmethod
+    def _capture(layer: KroneckerLayer, inputs: dict, outputs: dict):
+        def hook(_module, args, output) -> None:
+            inputs[layer.name] = args[0]
+            outputs[layer.name] = output
+
+        return hook
+
+    @staticmethod
+    def _patches(layer: KroneckerLayer, x: torch.Tensor) -> torch.Tensor:
+        module = layer.module
+        if isinstance(module, nn.Conv2d):
+            unfolded = F.unfold(x, module.kernel_size, module.dilation, module.padding,
+                                module.stride)
+            patches = unfolded.transpose(1, 2)
+        else:
+            patches = x.reshape(len(x), -1, x.shape[-1])
+        if layer.bias:
+            ones = patches.new_ones(*patches.shape[:2], 1)
+            patches = torch.cat([patches, ones], dim=2)
+        return patches
+
+    def _loss_hessian_roots(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Columns ``r_c`` with ``Σ_c r_c r_cᵀ = ∂²l/∂z²`` per sample: ``[C, B, outputs]``."""
+        if self.fmodel.uses_cross_entropy:
+            probs = torch.softmax(logits, dim=1)
+            eye = torch.eye(probs.shape[1], dtype=probs.dtype, device=probs.device)
+            roots = probs.sqrt()[:, :, None] * (eye[None] - probs[:, None, :])
+            return roots.permute(1, 0, 2)
+
+        def per_sample_hessian(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return torch.func.hessian(
+                lambda u: self.fmodel.per_sample(u[None], target[None])[0]
+            )(z)
+
+        hessians = torch.func.vmap(per_sample_hessian)(logits, y)
+        values, vectors = torch.linalg.eigh(hessians)  # a loss non-convex in z: its PSD part
+        roots = vectors * values.clamp_min(0).sqrt()[:, None, :]
+        return roots.permute(2, 0, 1)
+
+
+def _positions(gradient: torch.Tensor) -> torch.Tensor:
+    """A layer's output gradient as ``[B, T, out]`` (positions ``T`` between batch and
+    channels for a convolution; the middle dimensions of a Linear)."""
+    if gradient.ndim == 4:
+        return gradient.flatten(2).transpose(1, 2)
+    return gradient.reshape(len(gradient), -1, gradient.shape[-1])
