@@ -145,7 +145,8 @@ class Influence:
             raise ValueError(f"hessian must be one of {CURVATURES}, got {hessian!r}")
         if not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping < 0:
             raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (isinstance(batch_size, bool)
+                                       or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         self.model = model
         self.damping = float(damping)

@@ -9,6 +9,7 @@ Every solve returns a :class:`SolveReport` with the *true* relative residual
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -43,8 +44,8 @@ class DirectConfig:
     tol: float = 1e-3
 
     def __post_init__(self) -> None:
-        _require(self.chunk >= 1, "chunk", self.chunk, ">= 1")
-        _require(self.tol > 0, "tol", self.tol, "> 0")
+        _require_integer(self, "chunk", minimum=1)
+        _require_positive_finite(self, "tol")
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,8 @@ class CGConfig:
     tol: float = 1e-6
 
     def __post_init__(self) -> None:
-        _require(self.max_iter >= 1, "max_iter", self.max_iter, ">= 1")
-        _require(self.tol > 0, "tol", self.tol, "> 0")
+        _require_integer(self, "max_iter", minimum=1)
+        _require_positive_finite(self, "tol")
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ class LiSSAConfig:
         repeats: independent recursions averaged (useful with minibatches).
         scale: step divisor; ``None`` picks ``1.1·(|λ|_max(H) + λ)`` by power iteration.
         minibatch_size: samples per Hessian-vector product, ``None`` for all of them.
-        tol: stop a repeat when ``‖h_{t+1} − h_t‖ ≤ tol·‖b‖``.
+        tol: stop a repeat when ``‖h_{t+1} − h_t‖ ≤ tol·‖b‖``. A full-batch repeat also stops
+            when that step norm has stalled (a tolerance below the rounding floor, see
+            :class:`_StallDetector`); the solve is then reported as not converged.
         seed: seeds the minibatch sampling and the power iteration.
         power_iters: most power-iteration steps for the automatic scale.
     """
@@ -94,13 +97,15 @@ class LiSSAConfig:
     power_iters: int = 30
 
     def __post_init__(self) -> None:
-        _require(self.depth >= 1, "depth", self.depth, ">= 1")
-        _require(self.repeats >= 1, "repeats", self.repeats, ">= 1")
-        _require(self.scale is None or self.scale > 0, "scale", self.scale, "> 0 or None")
-        _require(self.minibatch_size is None or self.minibatch_size >= 1, "minibatch_size",
-                 self.minibatch_size, ">= 1 or None")
-        _require(self.tol > 0, "tol", self.tol, "> 0")
-        _require(self.power_iters >= 1, "power_iters", self.power_iters, ">= 1")
+        _require_integer(self, "depth", minimum=1)
+        _require_integer(self, "repeats", minimum=1)
+        if self.scale is not None:
+            _require_positive_finite(self, "scale")
+        if self.minibatch_size is not None:
+            _require_integer(self, "minibatch_size", minimum=1)
+        _require_positive_finite(self, "tol")
+        _require_integer(self, "seed", minimum=0)
+        _require_integer(self, "power_iters", minimum=1)
 
 
 CONFIGS = {"direct": DirectConfig, "cg": CGConfig, "lissa": LiSSAConfig}
@@ -312,7 +317,9 @@ class LiSSASolver(Solver):
         generator = torch.Generator(device="cpu").manual_seed(seed)
         iterate = rhs.clone()
         rhs_norm = float(rhs.norm())
-        bound = _iterate_bound(rhs_norm, self.scale, self.damping, config.minibatch_size is None)
+        deterministic = config.minibatch_size is None
+        bound = _iterate_bound(rhs_norm, self.scale, self.damping, deterministic)
+        stall = _StallDetector()
         steps = 0
         for steps in progress_bar(range(1, config.depth + 1), self.progress, "LiSSA"):
             operator = self._minibatch_operator(generator)
@@ -323,7 +330,10 @@ class LiSSASolver(Solver):
             size = float(iterate.norm())
             if not math.isfinite(size) or size > bound:
                 self._diverged(steps, size, bound)
-            if float((iterate - previous).norm()) <= config.tol * rhs_norm:
+            step_norm = float((iterate - previous).norm())
+            if step_norm <= config.tol * rhs_norm:
+                break
+            if deterministic and stall.stalled(steps, step_norm):
                 break
         return iterate / self.scale, steps
 
@@ -343,6 +353,34 @@ class LiSSASolver(Solver):
             f"scale {self.scale:.4g}, damping {self.damping:g}): H + λI is probably not "
             "positive definite — use hessian='gauss-newton', more damping, or solver='cg'"
         )
+
+
+class _StallDetector:
+    """Whether a full-batch LiSSA recursion has stopped making progress.
+
+    With full-batch products the step ``h_{t+1} − h_t = b − (H + λI)h_t/scale`` is the residual
+    of the current estimate, and in exact arithmetic its norm never grows (the recursion
+    contracts it by ``ρ = max|1 − μ/scale| < 1`` over the eigenvalues ``μ`` of ``H + λI``).
+    Once rounding dominates it only fluctuates around a floor, so a tolerance below that floor
+    would run all ``depth`` steps for nothing. A *record* is a step norm at least
+    ``RECORD_GAIN`` below the previous record; the recursion has stalled when no record was
+    set for ``max(MIN_PATIENCE, t_record)`` steps (at least as long as it took to reach the
+    last record). A geometric decrease sets a record every ``RECORD_GAIN/(1 − ρ)`` steps, so
+    no recursion converging at ``1 − ρ ≥ 2e-6`` is ever stopped early.
+    """
+
+    RECORD_GAIN = 1e-3
+    MIN_PATIENCE = 1000
+
+    def __init__(self) -> None:
+        self.record = math.inf
+        self.record_step = 0
+
+    def stalled(self, step: int, step_norm: float) -> bool:
+        if step_norm < (1 - self.RECORD_GAIN) * self.record:
+            self.record, self.record_step = step_norm, step
+            return False
+        return step - self.record_step > max(self.MIN_PATIENCE, self.record_step)
 
 
 def _iterate_bound(rhs_norm: float, scale: float, damping: float, deterministic: bool) -> float:
@@ -374,9 +412,25 @@ def power_iteration(operator: HessianOperator, iterations: int, seed: int,
     return estimate
 
 
-def _require(ok: bool, name: str, value, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+def _require_integer(config, name: str, minimum: int) -> None:
+    """``config.name`` must be an integer (``bool`` is not) ``>= minimum``; stored as ``int``."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    object.__setattr__(config, name, int(value))
+
+
+def _require_positive_finite(config, name: str) -> None:
+    """``config.name`` must be a finite real number ``> 0`` (``bool`` is not); stored as
+    ``float``."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number > 0, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
+    object.__setattr__(config, name, float(value))
 
 
 def make_solver(name: str, operator: HessianOperator, damping: float, config,
