@@ -81,9 +81,9 @@ class LiSSAConfig:
         repeats: independent recursions averaged (useful with minibatches).
         scale: step divisor; ``None`` picks ``1.1·(|λ|_max(H) + λ)`` by power iteration.
         minibatch_size: samples per Hessian-vector product, ``None`` for all of them.
-        tol: stop a repeat when ``‖h_{t+1} − h_t‖ ≤ tol·‖b‖``. A full-batch repeat also stops
-            when that step norm has stalled (a tolerance below the rounding floor, see
-            :class:`_StallDetector`); the solve is then reported as not converged.
+        tol: stop a repeat when ``‖h_{t+1} − h_t‖ ≤ tol·‖b‖`` for every column ``b``. A
+            full-batch repeat also stops when that step has stalled (a tolerance below the
+            rounding floor, see :class:`_StallDetector`), reported as not converged.
         seed: seeds the minibatch sampling and the power iteration.
         power_iters: most power-iteration steps for the automatic scale.
     """
@@ -317,6 +317,7 @@ class LiSSASolver(Solver):
         generator = torch.Generator(device="cpu").manual_seed(seed)
         iterate = rhs.clone()
         rhs_norm = float(rhs.norm())
+        column_norms = rhs.norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)
         deterministic = config.minibatch_size is None
         bound = _iterate_bound(rhs_norm, self.scale, self.damping, deterministic)
         stall = _StallDetector()
@@ -330,10 +331,12 @@ class LiSSASolver(Solver):
             size = float(iterate.norm())
             if not math.isfinite(size) or size > bound:
                 self._diverged(steps, size, bound)
-            step_norm = float((iterate - previous).norm())
-            if step_norm <= config.tol * rhs_norm:
+            # With full-batch products the step is the residual b − (H + λI)h_t/scale of
+            # each column, so this is the relative residual the report measures.
+            relative_step = float(((iterate - previous).norm(dim=1) / column_norms).max())
+            if relative_step <= config.tol:
                 break
-            if deterministic and stall.stalled(steps, step_norm):
+            if deterministic and stall.stalled(steps, relative_step):
                 break
         return iterate / self.scale, steps
 
@@ -359,7 +362,8 @@ class _StallDetector:
     """Whether a full-batch LiSSA recursion has stopped making progress.
 
     With full-batch products the step ``h_{t+1} − h_t = b − (H + λI)h_t/scale`` is the residual
-    of the current estimate, and in exact arithmetic its norm never grows (the recursion
+    of the current estimate, and in exact arithmetic its norm (per column, so also the largest
+    relative one, which is what is tracked) never grows (the recursion
     contracts it by ``ρ = max|1 − μ/scale| < 1`` over the eigenvalues ``μ`` of ``H + λI``).
     Once rounding dominates it only fluctuates around a floor, so a tolerance below that floor
     would run all ``depth`` steps for nothing. A *record* is a step norm at least
