@@ -103,6 +103,7 @@ class LabelledData:
         self.loader_batch_size: int | None = None
         """The batch size of a given ``DataLoader`` (``None``: follow ``batch_size``)."""
         self.loader_options: dict[str, Any] = {}
+        self._sequential: DataLoader | None = None
         self.num_classes: int | None = None
         if isinstance(data, (tuple, list)):
             if len(data) != 2 or not all(isinstance(t, torch.Tensor) for t in data):
@@ -199,10 +200,13 @@ class LabelledData:
         )
 
     def _loader(self) -> DataLoader:
-        """A sequential, complete pass over ``dataset`` (DataLoader settings kept)."""
+        """A sequential, complete pass over ``dataset`` (DataLoader settings kept), built once
+        per batch size so that persistent workers persist across passes."""
         batch_size = self.loader_batch_size or self.batch_size
-        return DataLoader(self.dataset, batch_size=batch_size, shuffle=False, drop_last=False,
-                          **self.loader_options)
+        if self._sequential is None or self._sequential.batch_size != batch_size:
+            self._sequential = DataLoader(self.dataset, batch_size=batch_size, shuffle=False,
+                                          drop_last=False, **self.loader_options)
+        return self._sequential
 
     def subset(self, indices: torch.Tensor) -> LabelledData:
         """The samples at ``indices`` (repeats allowed), in the same form of batches."""

@@ -348,3 +348,16 @@ def test_iterable_data_is_refused_by_the_engine():
         fi.Influence(model, Stream(*train), val)
     with pytest.raises(TypeError, match="val .*IterableDataset"):
         fi.Influence(model, train, DataLoader(Stream(*val), batch_size=4))
+
+
+def test_a_loader_with_workers_is_read_in_order_by_its_workers():
+    x, y = pairs()
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, num_workers=2,
+                        persistent_workers=True, prefetch_factor=3)
+    wrapped = LabelledData(loader, "train")
+    for _ in range(2):
+        got_x, got_y, _ = read(wrapped)
+        assert torch.equal(got_x, x) and torch.equal(got_y, y)
+    sequential = wrapped._loader()
+    assert sequential.num_workers == 2 and sequential.prefetch_factor == 3
+    assert sequential.persistent_workers and sequential is wrapped._loader()
