@@ -362,11 +362,11 @@ class _StallDetector:
     """Whether a full-batch LiSSA recursion has stopped making progress.
 
     With full-batch products the step ``h_{t+1} − h_t = b − (H + λI)h_t/scale`` is the residual
-    of the current estimate, and in exact arithmetic its norm (per column, so also the largest
-    relative one, which is what is tracked) never grows (the recursion
-    contracts it by ``ρ = max|1 − μ/scale| < 1`` over the eigenvalues ``μ`` of ``H + λI``).
-    Once rounding dominates it only fluctuates around a floor, so a tolerance below that floor
-    would run all ``depth`` steps for nothing. A *record* is a step norm at least
+    of the current estimate. In exact arithmetic each step shrinks every column's residual by
+    at least ``ρ = max|1 − μ/scale| < 1`` over the eigenvalues ``μ`` of ``H + λI``, so the
+    largest relative one, which is what is tracked, never grows. Once rounding dominates it
+    only fluctuates around a floor, so a tolerance below that floor would run all ``depth``
+    steps for nothing. A *record* is a step norm at least
     ``RECORD_GAIN`` below the previous record; the recursion has stalled when no record was
     set for ``max(MIN_PATIENCE, t_record)`` steps (at least as long as it took to reach the
     last record). A geometric decrease sets a record every ``RECORD_GAIN/(1 − ρ)`` steps, so
