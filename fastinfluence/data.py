@@ -1,8 +1,13 @@
 """Adapters that turn the accepted data forms into batches, and the input checks.
 
-Accepted forms (DESIGN.md §2): a ``(X, y)`` tuple of tensors, a ``Dataset`` yielding
-``(x, y)``, or a ``DataLoader``. Tuples are checked whole when wrapped; datasets and loaders
-are checked batch by batch as they are read, since reading them is the expensive part.
+Accepted forms (DESIGN.md §2): a ``(X, y)`` tuple of tensors, a map-style ``Dataset`` yielding
+``(x, y)``, or a ``DataLoader`` over one. Influence needs a sized data set that can be read
+again in a fixed order (``H`` and ``∇L`` are means over it; scores come back one per sample),
+so a ``DataLoader`` is re-read over ``loader.dataset`` in index order: its ``shuffle`` and
+``drop_last`` are overridden, its batch size, ``collate_fn`` and worker settings are kept.
+
+Tuples are checked whole when their labels are checked; datasets and loaders are checked
+batch by batch as they are read, since reading them is the expensive part.
 """
 
 from __future__ import annotations
@@ -11,11 +16,23 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+)
 
 DataLike = tuple[torch.Tensor, torch.Tensor] | Dataset | DataLoader
 
 DEFAULT_BATCH_SIZE = 256
+
+KEPT_LOADER_OPTIONS = ("collate_fn", "num_workers", "pin_memory", "timeout", "worker_init_fn",
+                       "multiprocessing_context", "persistent_workers", "pin_memory_device")
+"""The ``DataLoader`` settings a re-read keeps (``prefetch_factor`` too, with workers)."""
 
 
 def check_features(x: torch.Tensor, name: str) -> None:
@@ -27,28 +44,53 @@ def check_features(x: torch.Tensor, name: str) -> None:
             raise ValueError(f"{name} contains {bad} NaN or Inf value(s)")
 
 
-def check_class_labels(y: torch.Tensor, num_classes: int, name: str) -> None:
-    """Raise ``ValueError`` unless ``y`` holds integer class indices in ``[0, num_classes)``."""
+def class_labels(y: torch.Tensor, num_classes: int, name: str) -> torch.Tensor:
+    """``y`` as ``int64`` class indices of shape ``[n]``, or ``ValueError`` naming the problem.
+
+    Any integer dtype is accepted (and cast), and so is a ``[n, 1]`` column (squeezed); one-hot
+    or other 2-D labels, floats, booleans and labels outside ``[0, num_classes)`` are refused.
+    These are the targets of the default cross-entropy loss only (a custom ``loss_fn`` gets its
+    targets as given).
+    """
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise ValueError(
             f"{name} must hold integer class indices for the default cross-entropy loss, "
             f"got dtype {y.dtype}; pass loss_fn for other targets"
         )
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        hint = (" (one-hot labels? pass y.argmax(dim=1))"
+                if y.ndim == 2 and y.shape[1] == num_classes else "")
+        raise ValueError(
+            f"{name} must be class indices of shape [n] (or [n, 1]) for the default "
+            f"cross-entropy loss, got shape {tuple(y.shape)}{hint}; pass loss_fn for other "
+            "targets"
+        )
+    y = y.to(torch.int64)
     if y.numel() == 0:
-        return
+        return y
     low, high = int(y.min()), int(y.max())
     if low < 0 or high >= num_classes:
         raise ValueError(
             f"{name} has labels in [{low}, {high}] but the model outputs {num_classes} classes "
             f"(labels must lie in [0, {num_classes - 1}])"
         )
+    return y
 
 
 class LabelledData:
     """A labelled data set in any accepted form, read as ``(x, y)`` batches on a device.
 
+    Batches always come in the data set's own order, and every sample is read exactly once per
+    pass (a count that differs from ``len(dataset)`` raises ``ValueError``).
+
     Args:
-        data: ``(X, y)`` tensors, a ``Dataset`` of ``(x, y)`` pairs, or a ``DataLoader``.
+        data: ``(X, y)`` tensors, a map-style ``Dataset`` of ``(x, y)`` pairs, or a
+            ``DataLoader`` whose sampler is sequential or a plain shuffle (re-read in index
+            order, keeping its batch size, ``collate_fn`` and workers; ``drop_last`` is
+            ignored). Samplers that skip, repeat or weight samples and custom batch samplers
+            are refused: pass a ``Subset`` of the data set instead.
         name: what the data is called in error messages (``"train"``, ``"val"``, ...).
         batch_size: batch size for tuples and datasets; a ``DataLoader`` keeps its own.
     """
@@ -57,7 +99,11 @@ class LabelledData:
         self.name = name
         self.batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
         self.tensors: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.loader: DataLoader | None = None
+        self.dataset: Dataset | None = None
+        self.loader_batch_size: int | None = None
+        """The batch size of a given ``DataLoader`` (``None``: follow ``batch_size``)."""
+        self.loader_options: dict[str, Any] = {}
+        self._sequential: DataLoader | None = None
         self.num_classes: int | None = None
         if isinstance(data, (tuple, list)):
             if len(data) != 2 or not all(isinstance(t, torch.Tensor) for t in data):
@@ -75,49 +121,92 @@ class LabelledData:
             self.tensors = (inputs, targets)
             self.length = len(inputs)
         elif isinstance(data, DataLoader):
-            self.loader = data
-            self.length = len(data.dataset)  # type: ignore[arg-type]
+            self.dataset = self._map_style(data.dataset, f"{name} (a DataLoader's dataset)")
+            self.loader_batch_size = _loader_batch_size(data, name)
+            self.loader_options = {key: getattr(data, key) for key in KEPT_LOADER_OPTIONS}
+            if data.num_workers > 0:
+                self.loader_options["prefetch_factor"] = data.prefetch_factor
         elif isinstance(data, Dataset):
-            self.loader = DataLoader(data, batch_size=self.batch_size, shuffle=False)
-            self.length = len(data)  # type: ignore[arg-type]
+            self.dataset = self._map_style(data, name)
         else:
             raise TypeError(
                 f"{name} must be an (X, y) tuple of tensors, a Dataset or a DataLoader, "
                 f"got {type(data).__name__}"
             )
+        if self.dataset is not None:
+            self.length = len(self.dataset)  # type: ignore[arg-type]
         if self.length == 0:
             raise ValueError(f"{name} is empty: influence needs at least one sample")
+
+    @staticmethod
+    def _map_style(dataset: Any, name: str) -> Dataset:
+        if isinstance(dataset, IterableDataset):
+            raise TypeError(
+                f"{name} is an IterableDataset: influence needs a map-style Dataset (with "
+                "__len__ and __getitem__) that can be read again in a fixed order"
+            )
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise TypeError(
+                f"{name} must be a map-style Dataset with __len__ and __getitem__, got "
+                f"{type(dataset).__name__}"
+            )
+        return dataset
 
     def __len__(self) -> int:
         return self.length
 
     def check_labels(self, num_classes: int) -> None:
-        """Check the labels of tuple data now; other forms are checked as they are read."""
+        """Check (and cast) the labels of tuple data now; other forms are checked as read.
+
+        Called only for the default cross-entropy loss, see :func:`class_labels`.
+        """
         self.num_classes = num_classes
         if self.tensors is not None:
-            check_class_labels(self.tensors[1], num_classes, f"{self.name} y")
+            inputs, targets = self.tensors
+            self.tensors = (inputs, class_labels(targets, num_classes, f"{self.name} y"))
 
     def batches(
         self, device: torch.device, dtype: torch.dtype
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(x, y)`` on ``device``; floating inputs are cast to ``dtype``."""
+        """Yield ``(x, y)`` on ``device`` in the data set's order; floating inputs are cast to
+        ``dtype``."""
         if self.tensors is not None:
             inputs, targets = self.tensors
             for start in range(0, self.length, self.batch_size):
                 stop = start + self.batch_size
                 yield self._prepare(inputs[start:stop], targets[start:stop], device, dtype)
             return
-        assert self.loader is not None
-        for batch in self.loader:
+        read = 0
+        for batch in self._loader():
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError(f"{self.name} must yield (x, y) pairs")
             inputs, targets = (torch.as_tensor(t) for t in batch)
-            if len(inputs) != len(targets):
+            if inputs.ndim == 0 or len(inputs) != len(targets):
                 raise ValueError(f"{self.name} yielded a batch whose x and y differ in length")
+            read += len(inputs)
+            if read > self.length:
+                self._count_mismatch(f"more than {self.length}")
             check_features(inputs, f"{self.name} x")
             if self.num_classes is not None:
-                check_class_labels(targets, self.num_classes, f"{self.name} y")
+                targets = class_labels(targets, self.num_classes, f"{self.name} y")
             yield self._prepare(inputs, targets, device, dtype)
+        if read != self.length:
+            self._count_mismatch(str(read))
+
+    def _count_mismatch(self, read: str) -> None:
+        raise ValueError(
+            f"{self.name} yielded {read} samples but its dataset has length {self.length}: "
+            "influence takes means over every sample, so the two must agree"
+        )
+
+    def _loader(self) -> DataLoader:
+        """A sequential, complete pass over ``dataset`` (DataLoader settings kept), built once
+        per batch size so that persistent workers persist across passes."""
+        batch_size = self.loader_batch_size or self.batch_size
+        if self._sequential is None or self._sequential.batch_size != batch_size:
+            self._sequential = DataLoader(self.dataset, batch_size=batch_size, shuffle=False,
+                                          drop_last=False, **self.loader_options)
+        return self._sequential
 
     def subset(self, indices: torch.Tensor) -> LabelledData:
         """The samples at ``indices`` (repeats allowed), in the same form of batches."""
@@ -127,21 +216,51 @@ class LabelledData:
             part = LabelledData((inputs[index], targets[index.to(targets.device)]), self.name,
                                 self.batch_size)
         else:
-            assert self.loader is not None
-            part = LabelledData(Subset(self.loader.dataset, indices.tolist()), self.name,
+            part = LabelledData(Subset(self.dataset, indices.tolist()), self.name,
                                 self.batch_size)
+            part.loader_batch_size = self.loader_batch_size
+            part.loader_options = dict(self.loader_options)
         part.num_classes = self.num_classes
         return part
 
     def num_batches(self) -> int:
-        if self.loader is not None:
-            return len(self.loader)
-        return -(-self.length // self.batch_size)
+        batch_size = self.loader_batch_size or self.batch_size
+        return -(-self.length // batch_size)
 
     @staticmethod
     def _prepare(
         inputs: torch.Tensor, targets: torch.Tensor, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = inputs.to(device=device, dtype=dtype if inputs.is_floating_point() else None)
-        targets = targets.to(device=device)
-        return inputs, targets
+        return cast_inputs(inputs, device, dtype), targets.to(device=device)
+
+
+def cast_inputs(inputs: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``inputs`` on ``device``, in ``dtype`` when floating point (integer inputs such as token
+    ids keep their dtype)."""
+    return inputs.to(device=device, dtype=dtype if inputs.is_floating_point() else None)
+
+
+def _loader_batch_size(loader: DataLoader, name: str) -> int:
+    """The batch size of ``loader``, if re-reading its dataset in order reads what it reads."""
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is None:
+        raise ValueError(
+            f"{name}: DataLoader(batch_size=None) turns batching off; influence needs batches "
+            "of (x, y) samples (give the DataLoader a batch_size)"
+        )
+    if type(batch_sampler) is not BatchSampler:
+        raise ValueError(
+            f"{name}: the DataLoader's custom batch_sampler ({type(batch_sampler).__name__}) "
+            "cannot be re-read in the dataset's order; give the DataLoader a batch_size instead "
+            "(influence reads loader.dataset in index order)"
+        )
+    sampler = batch_sampler.sampler
+    complete_shuffle = (type(sampler) is RandomSampler and not sampler.replacement
+                        and sampler.num_samples == len(loader.dataset))  # type: ignore[arg-type]
+    if type(sampler) is not SequentialSampler and not complete_shuffle:
+        raise ValueError(
+            f"{name}: the DataLoader's sampler ({type(sampler).__name__}) may skip, repeat or "
+            "weight samples, and influence reads every sample of loader.dataset once, in index "
+            "order; pass a torch.utils.data.Subset of the dataset to use only some samples"
+        )
+    return batch_sampler.batch_size

@@ -42,17 +42,34 @@ class ParameterSelection:
         }
 
 
-def select_parameters(model: nn.Module, params: ParamsSpec) -> ParameterSelection:
-    """Resolve ``params`` ("last", "all", module names or parameters) against ``model``."""
+def select_parameters(
+    model: nn.Module, params: ParamsSpec, example: torch.Tensor | None = None
+) -> ParameterSelection:
+    """Resolve ``params`` against ``model``.
+
+    Args:
+        model: the module whose parameters are selected.
+        params: one of
+
+            * ``"last"``: the trainable parameters of the last module with parameters of its
+              own to *run* on ``example`` (its forward finishes last). Without ``example``
+              the last such module in registration order is taken, which differs when, say,
+              an output layer is registered before the body. A last module whose parameters
+              are all frozen (``requires_grad=False``) is an error, not skipped: the layer
+              before it is not what "last" means; name the parameters (or ``"all"``) instead.
+            * ``"all"``: every parameter that requires grad.
+            * module or parameter names (``"fc"``, ``"fc.weight"``): all their parameters,
+              frozen or not.
+            * parameters of the model.
+        example: a batch the model accepts (on its device), run once in eval mode without
+            gradients to find the module that runs last; used only by ``"last"``.
+    """
     named = dict(model.named_parameters())
     if not named:
         raise ValueError("the model has no parameters: there is nothing to take influence over")
     if isinstance(params, str):
         if params == "last":
-            owners = [m for m in model.modules() if any(True for _ in m.parameters(False))]
-            last = owners[-1]
-            ids = {id(p) for p in last.parameters(recurse=False)}
-            names = [n for n, p in named.items() if id(p) in ids]
+            names = _names_of_last_module(model, named, example)
         elif params == "all":
             names = [n for n, p in named.items() if p.requires_grad]
             if not names:
@@ -79,6 +96,51 @@ def select_parameters(model: nn.Module, params: ParamsSpec) -> ParameterSelectio
             raise TypeError("params as a list must hold only module names or only parameters")
     shapes = tuple(named[n].shape for n in names)
     return ParameterSelection(tuple(names), shapes, _linear_head(model, names))
+
+
+def _names_of_last_module(
+    model: nn.Module, named: dict[str, nn.Parameter], example: torch.Tensor | None
+) -> list[str]:
+    owners = {name: module for name, module in model.named_modules()
+              if any(True for _ in module.parameters(recurse=False))}
+    if example is None:
+        last_name = list(owners)[-1]
+        how = "the last module with parameters in registration order"
+    else:
+        last_name = _last_to_run(model, owners, example)
+        how = "the last module with parameters to run on the example batch"
+    prefix = f"{last_name}." if last_name else ""
+    own = [prefix + local for local, _ in owners[last_name].named_parameters(recurse=False)]
+    names = [n for n in named if n in own and named[n].requires_grad]
+    if not names:
+        shown = repr(last_name) if last_name else "the model itself"
+        raise ValueError(
+            f'params="last" found {shown} ({how}), but none of its parameters require grad; '
+            'pass params="all" or the names of the modules to take influence over'
+        )
+    return names
+
+
+def _last_to_run(model: nn.Module, owners: dict[str, nn.Module], example: torch.Tensor) -> str:
+    """The name of the module in ``owners`` whose forward finishes last on ``example``."""
+    # functional imports this module (ParameterSelection), so its eval_mode is imported here.
+    from fastinfluence.functional import eval_mode
+
+    finished: list[str] = []
+    hooks = [module.register_forward_hook(lambda *_args, name=name: finished.append(name))
+             for name, module in owners.items()]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not finished:
+        raise ValueError(
+            'params="last": no module with parameters ran on the example batch; pass '
+            'params="all" or module names'
+        )
+    return finished[-1]
 
 
 def _names_of_modules(

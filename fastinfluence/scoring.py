@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastinfluence.data import DataLike, LabelledData
+from fastinfluence.data import DataLike, LabelledData, cast_inputs
 from fastinfluence.functional import FunctionalModel, LossFn, OutputFn, eval_mode
 from fastinfluence.hessian.backends import (
     CURVATURES,
@@ -104,11 +104,13 @@ class Influence:
     Args:
         model: a classifier returning logits (or whatever ``loss_fn`` takes).
         train: training data — ``(X, y)`` tensors, a ``Dataset`` of ``(x, y)`` or a
-            ``DataLoader``; ``H`` is the Hessian of its mean loss.
+            ``DataLoader`` (re-read over its dataset in index order: shuffling and
+            ``drop_last`` do not apply); ``H`` is the Hessian of its mean loss.
         val: the data whose mean loss the influence is measured on.
         loss_fn: ``loss_fn(output, y) -> [batch]`` per-sample losses; default cross-entropy.
-        params: ``"last"`` (the last module owning parameters), ``"all"``, module names, or
-            parameters of the model.
+        params: ``"last"`` (the trainable parameters of the last module with parameters to
+            run; a frozen one is an error), ``"all"``, module names, or parameters of the
+            model.
         solver: ``"direct"``, ``"cg"``, ``"lissa"`` or ``"auto"`` (direct for small θ_S, CG
             otherwise).
         damping: ``λ ≥ 0`` in ``H + λI``.
@@ -154,14 +156,16 @@ class Influence:
         self.batch_size = batch_size
         self.train = LabelledData(train, "train", batch_size)
         self.val = LabelledData(val, "val", batch_size)
-        self.selection = select_parameters(model, params)
-        if device is None:
-            device = next(model.parameters()).device
-        self.fmodel = FunctionalModel(model, self.selection, loss_fn, torch.device(device),
+        first = next(model.parameters())
+        # Two validation inputs: which module runs last, the probe, the fused pass's check.
+        model_example = next(iter(self.val.batches(first.device, first.dtype)))[0][:2]
+        self.selection = select_parameters(model, params, example=model_example)
+        self.fmodel = FunctionalModel(model, self.selection, loss_fn,
+                                      torch.device(first.device if device is None else device),
                                       output)
 
         with eval_mode(model):
-            example = next(iter(self.val.batches(self.fmodel.device, self.fmodel.dtype)))[0][:2]
+            example = cast_inputs(model_example, self.fmodel.device, self.fmodel.dtype)
             probe = probe_model(self.fmodel, example)
             self.num_classes = probe.num_classes
             if batch_size is None:

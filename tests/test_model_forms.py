@@ -174,3 +174,29 @@ def test_default_curvature_of_an_untrained_relu_network_is_gauss_newton():
                                                                              dtype=torch.float64)
     s = torch.linalg.solve(matrix, reference.mean_loss_grad(model, plist, *val))
     torch.testing.assert_close(inf.ihvp, s, rtol=1e-8, atol=1e-10)
+
+
+class HeadRegisteredFirst(nn.Module):
+    """The output layer is registered before the body: "last" must mean last to run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(8, 3)
+        self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(x))
+
+
+def test_last_means_the_last_module_to_run():
+    torch.manual_seed(0)
+    model = HeadRegisteredFirst().double().eval()
+    train, val = data(0), data(1, 8)
+    inf = fi.Influence(model, train, val, damping=0.1)
+    assert inf.selection.names == ("out.weight", "out.bias")
+    assert inf.report.path == "head-closed-form"
+    by_name = fi.Influence(model, train, val, params=["out"], damping=0.1)
+    torch.testing.assert_close(inf.scores(), by_name.scores(), rtol=1e-12, atol=1e-14)
+    model.out.requires_grad_(False)
+    with pytest.raises(ValueError, match="out"):
+        fi.Influence(model, train, val)

@@ -196,3 +196,42 @@ def test_default_cpu_batch_keeps_activations_small():
     # The first block's output is 32 × 64 × 64 float32 = 512 KiB per sample: 32 fit in 16 MiB.
     assert fi.Influence(model, data, data).batch_size == 32
     assert fi.Influence(model, data, data, batch_size=3).batch_size == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"batch_size": True}, ValueError, "batch_size must be"),
+        ({"batch_size": 8.0}, ValueError, "batch_size must be"),
+        ({"solver": "lissa", "depth": 2.5}, TypeError, "depth must be an integer"),
+        ({"solver": "lissa", "depth": "100"}, TypeError, "depth must be an integer"),
+        ({"solver": "lissa", "repeats": True}, TypeError, "repeats must be an integer"),
+        ({"solver": "lissa", "power_iters": 3.0}, TypeError, "power_iters must be an integer"),
+        ({"solver": "lissa", "minibatch_size": 1.5}, TypeError, "minibatch_size must be an"),
+        ({"solver": "lissa", "scale": float("inf")}, ValueError, "scale must be > 0 and finite"),
+        ({"solver": "lissa", "scale": float("nan")}, ValueError, "scale must be > 0 and finite"),
+        ({"solver": "lissa", "tol": float("inf")}, ValueError, "tol must be > 0 and finite"),
+        ({"solver": "cg", "max_iter": 2.0}, TypeError, "max_iter must be an integer"),
+        ({"solver": "cg", "tol": float("nan")}, ValueError, "tol must be > 0 and finite"),
+        ({"solver": "direct", "chunk": True}, TypeError, "chunk must be an integer"),
+    ],
+)
+def test_bad_numbers_in_options_raise_clear_errors(mlp_problem, kwargs, error, message):
+    model, train, val = mlp_problem
+    with pytest.raises(error, match=message):
+        fi.Influence(model, train, val, **kwargs)
+
+
+def test_full_batch_lissa_with_an_unreachable_tol_stops_and_says_so():
+    """float32 cannot reach tol=1e-12; the recursion stops when its residual stalls instead of
+    running all 10⁶ steps, and the solve is reported (and warned) as not converged."""
+    model, (x, y), (xv, yv) = make_problem("mlp", seed=9)
+    model.float()
+    with pytest.warns(RuntimeWarning, match="lissa solve did not reach tol=1e-12"):
+        inf = fi.Influence(model, (x.float(), y), (xv.float(), yv), solver="lissa",
+                           tol=1e-12, depth=10**6, damping=0.1)
+    assert not inf.report.solve.converged
+    assert inf.report.solve.iterations < 20_000
+    assert inf.report.solve.relative_residual < 1e-4
+    exact = fi.Influence(model.double(), (x, y), (xv, yv), solver="direct", damping=0.1)
+    assert torch.allclose(inf.ihvp.double(), exact.ihvp, rtol=1e-4, atol=1e-6)

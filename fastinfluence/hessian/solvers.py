@@ -9,6 +9,7 @@ Every solve returns a :class:`SolveReport` with the *true* relative residual
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -43,8 +44,8 @@ class DirectConfig:
     tol: float = 1e-3
 
     def __post_init__(self) -> None:
-        _require(self.chunk >= 1, "chunk", self.chunk, ">= 1")
-        _require(self.tol > 0, "tol", self.tol, "> 0")
+        _require_integer(self, "chunk", minimum=1)
+        _require_positive_finite(self, "tol")
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,8 @@ class CGConfig:
     tol: float = 1e-6
 
     def __post_init__(self) -> None:
-        _require(self.max_iter >= 1, "max_iter", self.max_iter, ">= 1")
-        _require(self.tol > 0, "tol", self.tol, "> 0")
+        _require_integer(self, "max_iter", minimum=1)
+        _require_positive_finite(self, "tol")
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ class LiSSAConfig:
         repeats: independent recursions averaged (useful with minibatches).
         scale: step divisor; ``None`` picks ``1.1·(|λ|_max(H) + λ)`` by power iteration.
         minibatch_size: samples per Hessian-vector product, ``None`` for all of them.
-        tol: stop a repeat when ``‖h_{t+1} − h_t‖ ≤ tol·‖b‖``.
+        tol: stop a repeat when ``‖h_{t+1} − h_t‖ ≤ tol·‖b‖`` for every column ``b``. A
+            full-batch repeat also stops when that step has stalled (a tolerance below the
+            rounding floor, see :class:`_StallDetector`), reported as not converged.
         seed: seeds the minibatch sampling and the power iteration.
         power_iters: most power-iteration steps for the automatic scale.
     """
@@ -94,13 +97,15 @@ class LiSSAConfig:
     power_iters: int = 30
 
     def __post_init__(self) -> None:
-        _require(self.depth >= 1, "depth", self.depth, ">= 1")
-        _require(self.repeats >= 1, "repeats", self.repeats, ">= 1")
-        _require(self.scale is None or self.scale > 0, "scale", self.scale, "> 0 or None")
-        _require(self.minibatch_size is None or self.minibatch_size >= 1, "minibatch_size",
-                 self.minibatch_size, ">= 1 or None")
-        _require(self.tol > 0, "tol", self.tol, "> 0")
-        _require(self.power_iters >= 1, "power_iters", self.power_iters, ">= 1")
+        _require_integer(self, "depth", minimum=1)
+        _require_integer(self, "repeats", minimum=1)
+        if self.scale is not None:
+            _require_positive_finite(self, "scale")
+        if self.minibatch_size is not None:
+            _require_integer(self, "minibatch_size", minimum=1)
+        _require_positive_finite(self, "tol")
+        _require_integer(self, "seed", minimum=0)
+        _require_integer(self, "power_iters", minimum=1)
 
 
 CONFIGS = {"direct": DirectConfig, "cg": CGConfig, "lissa": LiSSAConfig}
@@ -126,7 +131,8 @@ class SolveReport:
         solver: ``"direct"``, ``"cg"`` or ``"lissa"``.
         iterations: CG iterations or LiSSA steps (summed over repeats); 0 for direct.
         hessian_products: Hessian-vector products taken, on the whole training set or on a
-            LiSSA minibatch (power iteration and the residual check included).
+            LiSSA minibatch: the residual check included, and in a solver's first report
+            also those taken to build it (the explicit matrix, LiSSA's power iteration).
         relative_residual: ``max_j ‖(H + λI)x_j − b_j‖ / ‖b_j‖`` measured after the solve.
         converged: whether ``relative_residual`` met the solver's tolerance.
         seconds: wall time of the solve.
@@ -161,18 +167,22 @@ class Solver:
         self.damping = damping
         self.config = config
         self.progress = progress
+        # The first solve's report counts the products taken while the solver was built
+        # (the explicit matrix, LiSSA's power iteration).
+        self._products_counted = operator.passes
 
     def solve(self, rhs: torch.Tensor) -> tuple[torch.Tensor, SolveReport]:
         """``X`` with ``(H + λI) X = rhs`` row by row, and how the solve went (warns when the
         true residual misses the tolerance)."""
         start = time.perf_counter()
-        products_before = self.operator.passes
         solution, iterations, scale = self._solve(rhs)
         residual = self._relative_residual(solution, rhs)
+        products = self.operator.passes - self._products_counted
+        self._products_counted = self.operator.passes
         report = SolveReport(
             solver=self.name,
             iterations=iterations,
-            hessian_products=self.operator.passes - products_before,
+            hessian_products=products,
             relative_residual=residual,
             converged=residual <= self.config.tol,
             seconds=time.perf_counter() - start,
@@ -320,7 +330,10 @@ class LiSSASolver(Solver):
         generator = torch.Generator(device="cpu").manual_seed(seed)
         iterate = rhs.clone()
         rhs_norm = float(rhs.norm())
-        bound = _iterate_bound(rhs_norm, self.scale, self.damping, config.minibatch_size is None)
+        column_norms = rhs.norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)
+        deterministic = config.minibatch_size is None
+        bound = _iterate_bound(rhs_norm, self.scale, self.damping, deterministic)
+        stall = _StallDetector()
         steps = 0
         for steps in progress_bar(range(1, config.depth + 1), self.progress, "LiSSA"):
             operator = self._minibatch_operator(generator)
@@ -331,7 +344,12 @@ class LiSSASolver(Solver):
             size = float(iterate.norm())
             if not math.isfinite(size) or size > bound:
                 self._diverged(steps, size, bound)
-            if float((iterate - previous).norm()) <= config.tol * rhs_norm:
+            # With full-batch products the step is the residual b − (H + λI)h_t/scale of
+            # each column, so this is the relative residual the report measures.
+            relative_step = float(((iterate - previous).norm(dim=1) / column_norms).max())
+            if relative_step <= config.tol:
+                break
+            if deterministic and stall.stalled(steps, relative_step):
                 break
         return iterate / self.scale, steps
 
@@ -359,6 +377,35 @@ def _remedy(operator: CurvatureBackend, damping_advice: str) -> str:
     if operator.positive_semidefinite:
         return f"this curvature is positive semi-definite but singular; use {damping_advice}"
     return f"use hessian='gauss-newton', or {damping_advice}"
+
+
+class _StallDetector:
+    """Whether a full-batch LiSSA recursion has stopped making progress.
+
+    With full-batch products the step ``h_{t+1} − h_t = b − (H + λI)h_t/scale`` is the residual
+    of the current estimate. In exact arithmetic each step shrinks every column's residual by
+    at least ``ρ = max|1 − μ/scale| < 1`` over the eigenvalues ``μ`` of ``H + λI``, so the
+    largest relative one, which is what is tracked, never grows. Once rounding dominates it
+    only fluctuates around a floor, so a tolerance below that floor would run all ``depth``
+    steps for nothing. A *record* is a step norm at least
+    ``RECORD_GAIN`` below the previous record; the recursion has stalled when no record was
+    set for ``max(MIN_PATIENCE, t_record)`` steps (at least as long as it took to reach the
+    last record). A geometric decrease sets a record every ``RECORD_GAIN/(1 − ρ)`` steps, so
+    no recursion converging at ``1 − ρ ≥ 2e-6`` is ever stopped early.
+    """
+
+    RECORD_GAIN = 1e-3
+    MIN_PATIENCE = 1000
+
+    def __init__(self) -> None:
+        self.record = math.inf
+        self.record_step = 0
+
+    def stalled(self, step: int, step_norm: float) -> bool:
+        if step_norm < (1 - self.RECORD_GAIN) * self.record:
+            self.record, self.record_step = step_norm, step
+            return False
+        return step - self.record_step > max(self.MIN_PATIENCE, self.record_step)
 
 
 def _iterate_bound(rhs_norm: float, scale: float, damping: float, deterministic: bool) -> float:
@@ -390,9 +437,25 @@ def power_iteration(operator: CurvatureBackend, iterations: int, seed: int,
     return estimate
 
 
-def _require(ok: bool, name: str, value, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+def _require_integer(config, name: str, minimum: int) -> None:
+    """``config.name`` must be an integer (``bool`` is not) ``>= minimum``; stored as ``int``."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    object.__setattr__(config, name, int(value))
+
+
+def _require_positive_finite(config, name: str) -> None:
+    """``config.name`` must be a finite real number ``> 0`` (``bool`` is not); stored as
+    ``float``."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number > 0, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
+    object.__setattr__(config, name, float(value))
 
 
 def make_solver(name: str, operator: CurvatureBackend, damping: float, config,

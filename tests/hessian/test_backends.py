@@ -9,6 +9,7 @@ import torch
 from problems import make_problem
 from torch import nn
 
+import fastinfluence as fi
 from fastinfluence import reference
 from fastinfluence.data import LabelledData
 from fastinfluence.functional import FunctionalModel
@@ -151,3 +152,12 @@ def test_models_without_forward_mode_fall_back_to_reverse_mode(hessian):
         backend.directional(LabelledData((X, y), "x", 4), vectors.float()).double(),
         grads @ vectors.T, rtol=1e-4, atol=1e-5,
     )
+
+
+def test_first_solve_reports_the_products_that_built_the_solver():
+    model, train, val = make_problem("mlp", seed=2)
+    inf = fi.Influence(model, train, val, params="all", solver="direct", damping=0.5, chunk=16)
+    # the explicit matrix: one product per 16 identity columns; the residual uses the matrix
+    assert inf.report.solve.hessian_products == -(-inf.report.num_params // 16)
+    inf.pairwise((val[0][:2], val[1][:2]))
+    assert inf.report.query_solve.hessian_products == 0
