@@ -1,0 +1,168 @@
+"""K-FAC and EK-FAC against textbook twins built from per-sample Jacobians, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from problems import make_problem
+from torch import nn
+
+import fastinfluence as fi
+from fastinfluence import reference
+
+
+def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((output - target) ** 2).sum(dim=1)
+
+
+@pytest.mark.parametrize("hessian", ["kfac", "ekfac"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_linear_layer_with_squared_error_is_exact_gauss_newton(hessian, bias):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3, bias=bias)).double()
+    X = torch.randn(25, 4, dtype=torch.float64)
+    Y = torch.randn(25, 3, dtype=torch.float64)
+    inf = fi.Influence(model, (X, Y), (X[:6], Y[:6]), params="all", loss_fn=mse,
+                       hessian=hessian, damping=0.1)
+    assert inf.report.hessian == hessian and inf.report.solver == "direct"
+    plist = list(model.parameters())
+    matrix = reference.gauss_newton(model, plist, X, Y, loss_fn=mse)
+    torch.testing.assert_close(inf.backend.dense(), matrix, rtol=1e-10, atol=1e-12)
+    gradient = reference.mean_loss_grad(model, plist, X[:6], Y[:6], loss_fn=mse)
+    s = torch.linalg.solve(matrix + 0.1 * torch.eye(len(matrix), dtype=matrix.dtype), gradient)
+    torch.testing.assert_close(inf.ihvp, s, rtol=1e-10, atol=1e-12)
+
+
+def layer_jacobians(model: nn.Module, layer: nn.Module, x: torch.Tensor):
+    """The layer's input and the Jacobian of the logits w.r.t. its output, for one sample,
+    by adding a zero perturbation to the output and differentiating along it."""
+    seen = {}
+
+    def keep(_module, inputs, output):
+        seen["input"], seen["output"] = inputs[0].detach(), output.detach()
+
+    handle = layer.register_forward_hook(keep)
+    logits = model(x[None])[0].detach()
+    handle.remove()
+
+    def logits_of(delta):
+        shift = layer.register_forward_hook(lambda _m, _i, out: out + delta)
+        try:
+            return model(x[None])[0]
+        finally:
+            shift.remove()
+
+    jacobian = torch.autograd.functional.jacobian(logits_of, torch.zeros_like(seen["output"]))
+    return seen["input"], jacobian, logits
+
+
+def kfac_twin(model: nn.Module, layer: nn.Module, X: torch.Tensor):
+    """``A = mean_i Σ_t a_it a_itᵀ`` and ``S = mean_i Σ_t B_itᵀ H_i B_it / T`` with the
+    softmax-CE output Hessian ``H_i = diag(p_i) − p_i p_iᵀ``, sample by sample."""
+    A = S = 0
+    for x in X:
+        inputs, jacobian, logits = layer_jacobians(model, layer, x)
+        probs = torch.softmax(logits, dim=0)
+        curvature = torch.diag(probs) - torch.outer(probs, probs)
+        if isinstance(layer, nn.Conv2d):
+            patches = F.unfold(inputs, layer.kernel_size, layer.dilation, layer.padding,
+                               layer.stride)[0].T
+            per_position = jacobian[:, 0].flatten(2).permute(2, 0, 1)  # [T, classes, out]
+        else:
+            patches = inputs.reshape(1, -1)
+            per_position = jacobian[:, 0][None]
+        if layer.bias is not None:
+            patches = torch.cat([patches, torch.ones(len(patches), 1, dtype=X.dtype)], dim=1)
+        A = A + patches.T @ patches
+        S = S + sum(b.T @ curvature @ b for b in per_position) / len(per_position)
+    return A / len(X), S / len(X)
+
+
+def flat_order(layer: nn.Module) -> torch.Tensor:
+    """Positions of the flat (weight, then bias) parameters in the ``[out, in (+1)]`` matrix
+    view, row-major."""
+    out = layer.weight.shape[0]
+    columns = layer.weight[0].numel() + int(layer.bias is not None)
+    index = torch.arange(out * columns).reshape(out, columns)
+    if layer.bias is None:
+        return index.reshape(-1)
+    return torch.cat([index[:, :-1].reshape(-1), index[:, -1]])
+
+
+def cnn_problem():
+    model, train, val = make_problem("cnn", seed=1, n_train=16, n_val=4)
+    return model, train, val, [model[0], model[5]]
+
+
+def expected_blocks(model, layers, X, y, corrected: bool) -> torch.Tensor:
+    """The block-diagonal K-FAC (or EK-FAC) matrix in the flat θ_S order."""
+    blocks = []
+    for layer in layers:
+        A, S = kfac_twin(model, layer, X)
+        order = flat_order(layer)
+        kronecker = torch.kron(S, A)[order][:, order]
+        if corrected:  # EK-FAC: the exact Gauss-Newton block's variances in K-FAC's eigenbasis
+            basis = torch.kron(torch.linalg.eigh(S)[1], torch.linalg.eigh(A)[1])[order]
+            exact = reference.gauss_newton(model, list(layer.parameters()), X, y)
+            values = torch.diagonal(basis.T @ exact @ basis)
+            kronecker = basis @ torch.diag(values) @ basis.T
+        blocks.append(kronecker)
+    return torch.block_diag(*blocks)
+
+
+@pytest.mark.parametrize("hessian", ["kfac", "ekfac"])
+def test_conv_and_linear_factors_match_the_per_sample_twin(hessian):
+    model, train, val, layers = cnn_problem()
+    inf = fi.Influence(model, train, val, params=["0", "5"], hessian=hessian, damping=0.05)
+    expected = expected_blocks(model, layers, *train, corrected=hessian == "ekfac")
+    torch.testing.assert_close(inf.backend.dense(), expected, rtol=1e-8, atol=1e-10)
+    gradient = reference.mean_loss_grad(model, [p for m in layers for p in m.parameters()],
+                                        *val)
+    s = torch.linalg.solve(expected + 0.05 * torch.eye(len(expected), dtype=expected.dtype),
+                           gradient)
+    torch.testing.assert_close(inf.ihvp, s, rtol=1e-8, atol=1e-10)
+    cg = fi.Influence(model, train, val, params=["0", "5"], hessian=hessian, damping=0.05,
+                      solver="cg", tol=1e-12)
+    torch.testing.assert_close(cg.ihvp, inf.ihvp, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scores_correlate_with_exact_gauss_newton_scores(seed):
+    """Measured on this problem (seeds 0-2, 48 samples): Pearson 0.93-0.96 at λ = 0.1,
+    0.82-0.89 at λ = 0.01, 0.996 at λ = 1; EK-FAC within ±0.01 of K-FAC."""
+    model, train, val = make_problem("cnn", seed=seed, n_train=48, n_val=8)
+    options = {"params": ["0", "5"], "damping": 0.1}
+    exact = fi.Influence(model, train, val, hessian="gauss-newton", solver="direct",
+                         **options).scores()
+    correlations = {}
+    for hessian in ("kfac", "ekfac"):
+        scores = fi.Influence(model, train, val, hessian=hessian, **options).scores()
+        correlations[hessian] = float(torch.corrcoef(torch.stack([scores, exact]))[0, 1])
+    assert min(correlations.values()) > 0.9, correlations
+
+
+def test_selections_kfac_cannot_factor_are_refused_clearly():
+    model, train, val = make_problem("cnn", seed=1)
+    with pytest.raises(ValueError, match="Linear and Conv2d"):
+        fi.Influence(model, train, val, params="all", hessian="kfac")
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Linear(5, 5)
+            self.second = nn.Linear(5, 3)
+            self.third = nn.Linear(5, 5)
+            self.third.weight = self.first.weight
+
+        def forward(self, x):
+            return self.second(self.third(torch.tanh(self.first(x))))
+
+    tied = Tied().double()
+    X = torch.randn(10, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    with pytest.raises(ValueError, match="shared between layers"):
+        fi.Influence(tied, (X, y), (X, y), params="all", hessian="ekfac")
+    with pytest.raises(ValueError, match="minibatch LiSSA"):
+        fi.Influence(model, train, val, params=["5"], loss_fn=lambda z, t: F.cross_entropy(
+            z, t, reduction="none"), hessian="kfac", solver="lissa", minibatch_size=4)
