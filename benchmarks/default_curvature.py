@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 import fastinfluence as fi
-from fastinfluence.data import LabelledData
 from fastinfluence.functional import FunctionalModel
 from fastinfluence.hessian.backends import probe_model, select_backend
+from fastinfluence.labelled_data import LabelledData
 from fastinfluence.models import PaperCNN
 from fastinfluence.params import select_parameters
 

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastinfluence.data import DataLike, LabelledData, cast_inputs
 from fastinfluence.functional import FunctionalModel, LossFn, OutputFn, eval_mode
 from fastinfluence.hessian.backends import (
     CURVATURES,
@@ -39,6 +38,7 @@ from fastinfluence.hessian.solvers import (
     make_config,
     make_solver,
 )
+from fastinfluence.labelled_data import DataLike, LabelledData, cast_inputs
 from fastinfluence.params import ParamsSpec, select_parameters
 
 DIRECT_MAX_DIM = {HEAD_CLOSED_FORM: 1024, "network": 512}

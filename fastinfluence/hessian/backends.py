@@ -45,10 +45,10 @@ from dataclasses import dataclass
 import torch
 
 from fastinfluence import ops
-from fastinfluence.data import LabelledData
 from fastinfluence.functional import FunctionalModel
 from fastinfluence.hessian import softmax_head
 from fastinfluence.hessian.kfac import KRONECKER_CURVATURES, KroneckerCurvature
+from fastinfluence.labelled_data import LabelledData
 from fastinfluence.progress import progress_bar
 from fastinfluence.tangent import TangentProgram
 

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastinfluence.data import LabelledData
 from fastinfluence.functional import FunctionalModel
+from fastinfluence.labelled_data import LabelledData
 from fastinfluence.progress import progress_bar
 
 KRONECKER_CURVATURES = ("kfac", "ekfac")

@@ -11,7 +11,6 @@ from torch import nn
 
 import fastinfluence as fi
 from fastinfluence import reference
-from fastinfluence.data import LabelledData
 from fastinfluence.functional import FunctionalModel
 from fastinfluence.hessian.backends import (
     ExactHessianBackend,
@@ -21,6 +20,7 @@ from fastinfluence.hessian.backends import (
     probe_model,
     select_backend,
 )
+from fastinfluence.labelled_data import LabelledData
 from fastinfluence.params import select_parameters
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import (
 )
 
 import fastinfluence as fi
-from fastinfluence.data import LabelledData, class_labels
+from fastinfluence.labelled_data import LabelledData, class_labels
 
 CPU = torch.device("cpu")
 
