@@ -434,6 +434,7 @@ FIGURE_INPUTS = "figure_inputs"
 
 
 def is_paper_default(row: Row) -> bool:
+    """Whether the row's options (if any) are the paper's."""
     return row.options == {k: PAPER_DEFAULTS[k] for k in row.options}
 
 
@@ -455,6 +456,7 @@ def run_order(rows: list[Row]) -> list[Row]:
 
 
 def figure_input_path(out: Path, noise: str, method: str) -> Path:
+    """Where the trial-0 run of ``method`` on ``noise`` saves its example images."""
     return out / FIGURE_INPUTS / f"{noise}_{method}.pt"
 
 
@@ -500,6 +502,7 @@ def run_images(trainer: Any, picks: list[int], train: tuple, settings: Settings,
 
 
 def save_run_images(path: Path, picks: list[int], images: dict[str, torch.Tensor]) -> None:
+    """Save the images with their sample indices (written whole or not at all)."""
     path.parent.mkdir(exist_ok=True)
     temporary = path.with_suffix(".tmp")
     torch.save({"index": picks, **images}, temporary)
