@@ -10,9 +10,12 @@ training images. Reported: mean +- std over trials of the final-epoch test accur
 the test accuracy at the best-validation epoch (chosen on the clean validation set only).
 
 Outputs in ``--out``: ``runs.json`` (settings and every run with its per-epoch history,
-rewritten after each run: an interrupted run resumes where it stopped), ``table.md``,
+rewritten after each run: after Ctrl-C the same command resumes where it stopped), ``table.md``,
 ``figure1_isp_perturbation.png`` (ISP perturbations beside the tumour masks) and
-``figure2_training_images.png`` (clean / noisy / AT / ISP / N2V training images).
+``figure2_training_images.png`` (clean / noisy / AT / ISP / N2V training images). The figures
+are drawn from the data and from ``figure_inputs/<noise>_<method>.pt``, the few example images
+that the first trial's AT, N2V and ISP runs save beside ``runs.json`` (never from trainers held
+in memory), so a resumed run draws the same figures as an uninterrupted one.
 
     python examples/isr_isp_table1.py                # CPU default (~1 hour on 2 cores)
     python examples/isr_isp_table1.py --full         # the paper's settings (for a GPU)
@@ -36,6 +39,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -425,37 +429,110 @@ Test accuracy (%), mean ± std (population std) over trials; best of each column
 
 # -- the figures -----------------------------------------------------------------------------
 
+FIGURE_METHODS = ("at", "n2v", "isp")  # whose training images the figures show (trial 0)
+FIGURE_INPUTS = "figure_inputs"
 
-def figure_images(trainers: dict[str, Any], x_clean: torch.Tensor, train: tuple,
-                  masks: torch.Tensor, settings: Settings, trial: int) -> dict[str, Any]:
-    """Tensors of Figures 1 and 2 for one noise (CPU), from the first trial's trainers."""
+
+def is_paper_default(row: Row) -> bool:
+    """Whether the row's options (if any) are the paper's."""
+    return row.options == {k: PAPER_DEFAULTS[k] for k in row.options}
+
+
+def shows_in_figures(row: Row, trial: int) -> bool:
+    """Whether this run saves example images for the figures: trial 0, paper options."""
+    return trial == 0 and row.method in FIGURE_METHODS and is_paper_default(row)
+
+
+def figure_row(rows: list[Row]) -> Row | None:
+    """ISP with the paper's options, whose trial-0 runs choose the figures' samples."""
+    return next((row for row in rows if row.method == "isp" and is_paper_default(row)), None)
+
+
+def run_order(rows: list[Row]) -> list[Row]:
+    """The rows in the order they train: :func:`figure_row` first, so that the AT and N2V runs
+    after it know which samples to save images of."""
+    first = figure_row(rows)
+    return rows if first is None else [first, *(row for row in rows if row is not first)]
+
+
+def figure_input_path(out: Path, noise: str, method: str) -> Path:
+    """Where the trial-0 run of ``method`` on ``noise`` saves its example images."""
+    return out / FIGURE_INPUTS / f"{noise}_{method}.pt"
+
+
+def first_of_each_class(candidates: torch.Tensor, y: torch.Tensor) -> list[int]:
+    """The first index in ``candidates`` of every class that occurs among them."""
+    labels = y[candidates]
+    return [int(candidates[(labels == c).nonzero()[0, 0]])
+            for c in range(len(CLASS_NAMES)) if (labels == c).any()]
+
+
+def isp_picks(isp: ISPTrainer, y: torch.Tensor) -> list[int]:
+    """One perturbed sample per class: the one with the largest mean ``|δ|``."""
+    order = isp.delta.abs().flatten(1).mean(1).argsort(descending=True).cpu()
+    return first_of_each_class(isp.selected.cpu()[order], y)
+
+
+def figure_picks(out: Path, noise: str, rows: list[Row], y: torch.Tensor) -> list[int] | None:
+    """The training samples the figures show for ``noise``: those the trial-0 ISP run chose
+    (``None`` while its images are not saved) or, without that row, the first of each class."""
+    if figure_row(rows) is None:
+        return first_of_each_class(torch.arange(len(y)), y)
+    path = figure_input_path(out, noise, "isp")
+    return torch.load(path)["index"] if path.exists() else None
+
+
+def run_images(trainer: Any, picks: list[int], train: tuple, settings: Settings,
+               trial: int) -> dict[str, torch.Tensor]:
+    """The images of samples ``picks`` that a finished AT, N2V or ISP trainer trained on (CPU)."""
     x_noisy, y = train
-    isp = trainers.get("isp")
-    if isp is not None:
-        order = isp.delta.abs().flatten(1).mean(1).argsort(descending=True)
-        selected = isp.selected[order]
-    else:
-        selected = torch.arange(len(y))
-    picks = [int(selected[(y[selected] == c).nonzero()[0, 0]])
-             for c in range(3) if (y[selected] == c).any()]
-    images: dict[str, Any] = {"index": picks, "labels": y[picks],
-                              "clean": x_clean[picks], "noisy": x_noisy[picks],
-                              "mask": masks[picks]}
-    if "at" in trainers:
-        at = trainers["at"]
-        at.model.eval()  # eval mode: drawing must not move BatchNorm's running averages
-        device = next(at.model.parameters()).device
+    if isinstance(trainer, ATTrainer):
+        trainer.model.eval()  # eval mode: drawing must not move BatchNorm's running averages
+        device = next(trainer.model.parameters()).device
         generator = torch.Generator().manual_seed(trial)
-        adversarial = fgsm_uniform(at.model, x_noisy[picks].to(device), y[picks].to(device),
-                                   settings.epsilon, settings.alpha, generator)
-        images["AT"] = adversarial.cpu()
-    if isp is not None:
-        images["ISP"] = isp.train_data[0][picks].cpu()
-        position = {int(i): k for k, i in enumerate(isp.selected)}
-        images["delta"] = isp.delta[[position[i] for i in picks]].cpu()
-    if "n2v" in trainers:
-        images["N2V"] = trainers["n2v"].denoiser.denoise(x_noisy[picks]).cpu()
-    return images
+        adversarial = fgsm_uniform(trainer.model, x_noisy[picks].to(device),
+                                   y[picks].to(device), settings.epsilon, settings.alpha,
+                                   generator)
+        return {"AT": adversarial.cpu()}
+    if isinstance(trainer, N2VTrainer):
+        return {"N2V": trainer.denoiser.denoise(x_noisy[picks]).cpu()}
+    position = {int(i): k for k, i in enumerate(trainer.selected)}
+    return {"ISP": trainer.train_data[0][picks].cpu(),
+            "delta": trainer.delta[[position[i] for i in picks]].cpu()}
+
+
+def save_run_images(path: Path, picks: list[int], images: dict[str, torch.Tensor]) -> None:
+    """Save the images with their sample indices (written whole or not at all)."""
+    path.parent.mkdir(exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    torch.save({"index": picks, **images}, temporary)
+    temporary.replace(path)
+
+
+def figure_arrays(out: Path, rows: list[Row], data: Data,
+                  settings: Settings) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The tensors of Figures 1 and 2 by noise, from the data and the saved run images, and
+    what is missing (then no figure is drawn: a figure without a method's column would
+    misreport the run)."""
+    shown = [row.method for row in rows if shows_in_figures(row, 0)]
+    figures, missing = {}, []
+    for noise in settings.noises:
+        paths = [figure_input_path(out, noise, method) for method in shown]
+        missing += [str(path) for path in paths if not path.exists()]
+        (x_noisy, y), _ = noisy_splits(data, noise, 0)
+        picks = figure_picks(out, noise, rows, y)
+        if picks is None:
+            continue
+        images: dict[str, Any] = {"index": picks, "labels": y[picks],
+                                  "clean": data.train[0][picks], "noisy": x_noisy[picks],
+                                  "mask": data.train_masks[picks]}
+        for path in filter(Path.exists, paths):
+            saved = torch.load(path)
+            if saved.pop("index") != picks:
+                missing.append(f"{path} (of other samples than ISP's)")
+            images.update(saved)
+        figures[noise] = images
+    return figures, missing
 
 
 def show(ax: Any, image: torch.Tensor, title: str, **style: Any) -> None:
@@ -510,6 +587,11 @@ def save_figures(out: Path, figures: dict[str, dict[str, Any]]) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run every missing (method, noise, trial), then write the table and the figures.
+
+    Returns the runs, the table rows, the figures' tensors by noise and the written paths.
+    Ctrl-C saves nothing of the unfinished run and exits with code 130 after one line.
+    """
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -518,57 +600,63 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = table_rows(settings)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    runs_path, figures_path = out / "runs.json", out / "figures.pt"
+    runs_path = out / "runs.json"
     runs = load_runs(runs_path, settings, args.fresh)
     if args.fresh:
-        figures_path.unlink(missing_ok=True)
+        shutil.rmtree(out / FIGURE_INPUTS, ignore_errors=True)
     done = {(r["key"], r["noise"], r["trial"]) for r in runs}
-    figures = torch.load(figures_path, weights_only=False) if figures_path.exists() else {}
     meta = {
         "command": shlex.join(["python", *sys.argv]) if argv is None
         else shlex.join(["python", "examples/isr_isp_table1.py", *argv]),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} "
                    f"threads, {device}, torch {torch.__version__}",
     }
-
-    start = time.perf_counter()
-    data = load_data(settings, args.progress)
-    meta["slices"] = {name: len(split[1]) for name, split in
-                      (("train", data.train), ("val", data.val), ("test", data.test))}
-    print(f"data: {meta['slices']} slices at {data.train[0].shape[-1]}² "
-          f"({time.perf_counter() - start:.0f} s)")
     jobs = [(trial, noise, row) for trial in range(settings.trials) for noise in settings.noises
-            for row in rows]
-    bar = tqdm(jobs, desc="Table 1", unit="run", disable=not args.progress)
-    current: tuple[int, str] | None = None
-    for trial, noise, row in bar:
-        if (row.key, noise, trial) in done:
-            continue
-        bar.set_postfix_str(f"trial {trial}, {noise}, {row.label}")
-        if current != (trial, noise):
-            current, trainers = (trial, noise), {}
-            train, tests = noisy_splits(data, noise, trial)
-        torch.manual_seed(trial)  # the same initial weights for every method of a trial
-        model = PaperCNN(data.train[0].shape[-1])
-        trainer = make_trainer(row, settings, model, trial, device)
-        result = trainer.fit(train, data.val, tests)
-        runs.append(run_record(row, noise, trial, result,
-                               method_summary(trainer, data.train_masks)))
-        if trial == 0 and row.options == {k: PAPER_DEFAULTS[k] for k in row.options}:
-            trainers[row.method] = trainer
-        if trial == 0 and row is rows[-1] and noise not in figures:
-            figures[noise] = figure_images(trainers, data.train[0], train, data.train_masks,
-                                           settings, trial)
-            torch.save(figures, figures_path)
-        save_json(runs_path, {"settings": asdict(settings), "meta": meta, "runs": runs})
+            for row in run_order(rows)]
+    try:
+        start = time.perf_counter()
+        data = load_data(settings, args.progress)
+        meta["slices"] = {name: len(split[1]) for name, split in
+                          (("train", data.train), ("val", data.val), ("test", data.test))}
+        print(f"data: {meta['slices']} slices at {data.train[0].shape[-1]}² "
+              f"({time.perf_counter() - start:.0f} s)")
+        current: tuple[int, str] | None = None
+        with tqdm(jobs, desc="Table 1", unit="run", disable=not args.progress) as bar:
+            for trial, noise, row in bar:
+                if (row.key, noise, trial) in done:
+                    continue
+                bar.set_postfix_str(f"trial {trial}, {noise}, {row.label}")
+                if current != (trial, noise):
+                    current = (trial, noise)
+                    train, tests = noisy_splits(data, noise, trial)
+                torch.manual_seed(trial)  # the same initial weights for every method of a trial
+                model = PaperCNN(data.train[0].shape[-1])
+                trainer = make_trainer(row, settings, model, trial, device)
+                result = trainer.fit(train, data.val, tests)
+                if shows_in_figures(row, trial):
+                    picks = (isp_picks(trainer, train[1]) if row.method == "isp"
+                             else figure_picks(out, noise, rows, train[1]))
+                    if picks is not None:  # None: ISP's images were never saved (old runs)
+                        save_run_images(figure_input_path(out, noise, row.method), picks,
+                                        run_images(trainer, picks, train, settings, trial))
+                runs.append(run_record(row, noise, trial, result,
+                                       method_summary(trainer, data.train_masks)))
+                save_json(runs_path, {"settings": asdict(settings), "meta": meta, "runs": runs})
+                write_table(out / "table.md", runs, rows, settings, meta)
         write_table(out / "table.md", runs, rows, settings, meta)
-    bar.close()
-    write_table(out / "table.md", runs, rows, settings, meta)
-    paths = save_figures(out, figures) if figures else []
-    print((out / "table.md").read_text())
-    for path in [runs_path, out / "table.md", *paths]:
-        print(f"wrote {path}")
-    return {"runs": runs, "rows": rows, "figures": paths}
+        figures, missing = figure_arrays(out, rows, data, settings)
+        if missing:
+            print(f"figures not drawn: no saved images in {', '.join(missing)} (runs made "
+                  f"before the images were saved; --fresh redoes them)")
+        paths = save_figures(out, figures) if figures and not missing else []
+        print((out / "table.md").read_text())
+        for path in [runs_path, out / "table.md", *paths]:
+            print(f"wrote {path}")
+    except KeyboardInterrupt:
+        print(f"interrupted: {len(runs)} of {len(jobs)} runs are saved in {runs_path}; "
+              f"the same command resumes from there", file=sys.stderr)
+        raise SystemExit(130) from None
+    return {"runs": runs, "rows": rows, "figures": figures, "paths": paths}
 
 
 if __name__ == "__main__":

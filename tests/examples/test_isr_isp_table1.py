@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "isr_isp_table1.py"
 TINY = ["--n-slices", "36", "--n-patients", "12", "--image-size", "32", "--epochs", "2",
@@ -51,6 +54,10 @@ def test_every_method_noise_and_test_set_reported(finished):
         assert name in table
     assert (out / "figure1_isp_perturbation.png").stat().st_size > 0
     assert (out / "figure2_training_images.png").stat().st_size > 0
+    for noise, images in result["figures"].items():
+        assert set(images) == FIGURE_KEYS, noise
+        labels = images["labels"].tolist()
+        assert len(set(labels)) == len(labels) > 0  # at most one sample of each class
 
 
 def test_resume_skips_finished_runs_and_refuses_other_settings(table1, finished):
@@ -60,6 +67,81 @@ def test_resume_skips_finished_runs_and_refuses_other_settings(table1, finished)
     assert len(again["runs"]) == len(first["runs"])
     with pytest.raises(SystemExit, match="--fresh"):
         table1.main([*TINY, "--out", str(out), "--epochs", "3"])
+
+
+FIGURE_KEYS = {"index", "labels", "clean", "noisy", "mask", "AT", "N2V", "ISP", "delta"}
+
+
+def interrupt_run(table1, monkeypatch, k):
+    """Ctrl-C during the second epoch of the ``k``-th (0-based) run this process starts."""
+    make_trainer = table1.make_trainer
+    started = itertools.count()
+
+    def make(*args, **kwargs):
+        trainer = make_trainer(*args, **kwargs)
+        if next(started) == k:
+            def before_epoch(epoch):
+                if epoch == 1:
+                    raise KeyboardInterrupt
+            trainer.before_epoch = before_epoch
+        return trainer
+
+    monkeypatch.setattr(table1, "make_trainer", make)
+
+
+def without_seconds(runs):
+    """The runs without their timings (the only numbers that differ between equal runs)."""
+    return [{**r, "seconds": None, "history": [{**h, "seconds": None} for h in r["history"]],
+             "method_summary": {k: v for k, v in r["method_summary"].items()
+                                if k != "denoiser_seconds"}}
+            for r in runs]
+
+
+def test_interrupted_and_resumed_run_gives_the_same_runs_and_figures(
+        table1, finished, tmp_path, monkeypatch, capsys):
+    _, uninterrupted = finished
+    out = tmp_path / "resumed"
+    # Trial 0, Gaussian trains ISP, Naive, AT, N2V, ISR: stop in N2V, after AT has finished.
+    interrupt_run(table1, monkeypatch, 3)
+    try:
+        table1.main([*TINY, "--out", str(out)])
+    except KeyboardInterrupt:  # escaping main(), it would end the script with a traceback
+        pytest.fail("KeyboardInterrupt escaped main()")
+    except SystemExit as stopped:
+        assert stopped.code == 130
+    else:
+        pytest.fail("the interrupted run finished")
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "Traceback" not in message
+    assert f"3 of 10 runs are saved in {out / 'runs.json'}" in message
+    assert "resumes" in message
+    assert [r["method"] for r in json.loads((out / "runs.json").read_text())["runs"]] == [
+        "isp", "naive", "at"]
+    monkeypatch.undo()
+
+    resumed = table1.main([*TINY, "--out", str(out)])
+    assert without_seconds(resumed["runs"]) == without_seconds(uninterrupted["runs"])
+    assert resumed["figures"].keys() == uninterrupted["figures"].keys() == {"gaussian", "rician"}
+    for noise, images in resumed["figures"].items():
+        expected = uninterrupted["figures"][noise]
+        assert set(images) == set(expected) == FIGURE_KEYS, noise
+        assert images["index"] == expected["index"]
+        for name in FIGURE_KEYS - {"index"}:
+            assert torch.equal(images[name], expected[name]), (noise, name)
+    assert (out / "figure2_training_images.png").stat().st_size > 0
+
+
+def test_figures_need_every_saved_run_image(table1, finished, tmp_path, capsys):
+    finished_out, _ = finished
+    out = tmp_path / "copy"
+    shutil.copytree(finished_out, out)
+    for figure in out.glob("figure*.png"):
+        figure.unlink()
+    (out / "figure_inputs" / "rician_at.pt").unlink()
+    result = table1.main([*TINY, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "figures not drawn" in printed and str(out / "figure_inputs" / "rician_at.pt") in printed
+    assert result["paths"] == [] and not list(out.glob("figure*.png"))
 
 
 def test_sweeps_make_one_row_per_combination(table1):

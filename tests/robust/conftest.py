@@ -1,10 +1,14 @@
-"""Tiny synthetic image problems for the robust trainers' tests."""
+"""Tiny synthetic image problems for the robust trainers' tests, and their textbook influence."""
 
 from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from fastinfluence import reference
 from fastinfluence.models import PaperCNN
 
 
@@ -28,3 +32,21 @@ def splits():
 def model():
     torch.manual_seed(0)
     return PaperCNN(32)
+
+
+def textbook_head_influence(model, train, val, damping):
+    """Influence over the final Linear layer of a float64 copy of ``model`` (a
+    :class:`PaperCNN`), by :mod:`fastinfluence.reference` alone: ``s = H_λ^{-1}∇L(val)``
+    (explicit Hessian) and the scores ``I(z_i) = −sᵀ∇l(z_i)`` of ``train``."""
+    model = copy.deepcopy(model).double()
+    head = [model.classifier.weight, model.classifier.bias]
+    (x, y), (x_val, y_val) = (train[0].double(), train[1]), (val[0].double(), val[1])
+    g_val = reference.mean_loss_grad(model, head, x_val, y_val)
+    s = reference.ihvp(model, head, x, y, g_val, damping)
+    scores = reference.scores_from_ihvp(model, head, x, y, s)
+    return SimpleNamespace(model=model, head=head, s=s, scores=scores)
+
+
+@pytest.fixture
+def head_influence():
+    return textbook_head_influence
