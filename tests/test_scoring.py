@@ -157,3 +157,18 @@ def test_full_batch_lissa_stops_early_on_the_residual():
     assert inf.report.solve.converged
     assert inf.report.solve.iterations < 1000
     assert inf.report.solve.scale > 1.0
+
+
+@pytest.mark.parametrize("params", ["last", "all"])
+def test_float32_engine_agrees_with_float64(params):
+    """The same model and data in float32 and in float64: scores within float32 accuracy."""
+    import copy
+
+    model, train, val = make_problem("cnn", seed=7)
+    single = copy.deepcopy(model).float()
+    options = {"params": params, "damping": 0.1, "hessian": "gauss-newton", "solver": "direct"}
+    wide = fi.Influence(model, train, val, **options).scores()
+    narrow = fi.Influence(single, (train[0].float(), train[1]), (val[0].float(), val[1]),
+                          **options)
+    assert narrow.ihvp.dtype == torch.float32
+    assert relative_error(narrow.scores().double(), wide) < 1e-4
