@@ -25,6 +25,20 @@ def small_cnn(classes: int = 3) -> nn.Module:
     )
 
 
+class LSTMClassifier(nn.Module):
+    """A sequence classifier; in float32 torch's CPU LSTM kernel has no forward-mode
+    derivative."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
 def make_problem(kind: str, seed: int = 0, n_train: int = 40, n_val: int = 10):
     """A float64 model (eval mode; BatchNorm with non-trivial running statistics) and data."""
     generator = torch.Generator().manual_seed(seed)

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from problems import make_problem
+from problems import LSTMClassifier, make_problem
 from torch import nn
 
 import fastinfluence as fi
@@ -81,17 +81,6 @@ def test_a_loss_fn_that_unpacks_the_output_needs_no_selector():
                      hessian="gauss-newton")
     with pytest.raises(ValueError, match="output="):
         fi.Influence(model, train, val)
-
-
-class LSTMClassifier(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lstm = nn.LSTM(3, 4, batch_first=True)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(x)
-        return self.head(out[:, -1])
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")

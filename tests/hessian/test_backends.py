@@ -6,8 +6,7 @@ import copy
 
 import pytest
 import torch
-from problems import make_problem
-from torch import nn
+from problems import LSTMClassifier, make_problem
 
 import fastinfluence as fi
 from fastinfluence import reference
@@ -111,19 +110,6 @@ def test_network_backends_take_the_fused_pass_where_it_compiles():
     assert backend.scoring == "fused-tangent" and backend.tangent_program is not None
     forced, *_ = build("cnn", "all", "gauss-newton", modes=REVERSE_ONLY)
     assert forced.scoring == "reverse-mode" and forced.scoring_reason == "forced by the test"
-
-
-class LSTMClassifier(nn.Module):
-    """The CPU LSTM kernel has no forward-mode derivative in torch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lstm = nn.LSTM(3, 4, batch_first=True)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(x)
-        return self.head(out[:, -1])
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
