@@ -13,7 +13,7 @@ import time
 import torch
 
 from fastinfluence import _extension
-from fastinfluence.ops import reference
+from fastinfluence.ops import twins
 
 NATIVE = torch.ops.fastinfluence
 
@@ -52,55 +52,55 @@ def cases(device: torch.device, dtype: torch.dtype):
         (
             "head_hvp (4096x1024, C=3)",
             lambda: NATIVE.head_hvp(A, P, Vw, Vb, 0.01),
-            lambda: reference.head_hvp(A, P, Vw, Vb, 0.01),
+            lambda: twins.head_hvp(A, P, Vw, Vb, 0.01),
             a_bytes,
         ),
         (
             "head_scores (4096x1024, C=3)",
             lambda: NATIVE.head_scores(A, P, y, Vw, Vb),
-            lambda: reference.head_scores(A, P, y, Vw, Vb),
+            lambda: twins.head_scores(A, P, y, Vw, Vb),
             a_bytes,
         ),
         (
             "head_lissa (depth 20, batch 512)",
             lambda: NATIVE.head_lissa(A, P, Vw, Vb, 0.01, 10.0, 20, 512, 0),
-            lambda: reference.head_lissa(A, P, Vw, Vb, 0.01, 10.0, 20, 512, 0),
+            lambda: twins.head_lissa(A, P, Vw, Vb, 0.01, 10.0, 20, 512, 0),
             None,
         ),
         (
             "head_lissa (depth 5, full batch)",
             lambda: NATIVE.head_lissa(A, P, Vw, Vb, 0.01, 10.0, 5, None, 0),
-            lambda: reference.head_lissa(A, P, Vw, Vb, 0.01, 10.0, 5, None, 0),
+            lambda: twins.head_lissa(A, P, Vw, Vb, 0.01, 10.0, 5, None, 0),
             None,
         ),
         (
             "lissa_update_ (4M entries)",
             lambda: NATIVE.lissa_update_(v, g, hv, 0.01, 10.0),
-            lambda: reference.lissa_update_(v, g, hv, 0.01, 10.0),
+            lambda: twins.lissa_update_(v, g, hv, 0.01, 10.0),
             None,
         ),
         (
             "linear_per_sample_grad (256x16, 128->64)",
             lambda: NATIVE.linear_per_sample_grad(x, go),
-            lambda: reference.linear_per_sample_grad(x, go),
+            lambda: twins.linear_per_sample_grad(x, go),
             None,
         ),
         (
             "linear_per_sample_grad_dot",
             lambda: NATIVE.linear_per_sample_grad_dot(x, go, v_lin),
-            lambda: reference.linear_per_sample_grad_dot(x, go, v_lin),
+            lambda: twins.linear_per_sample_grad_dot(x, go, v_lin),
             None,
         ),
         (
             "conv2d_per_sample_grad (64, K=288, L=256, 64)",
             lambda: NATIVE.conv2d_per_sample_grad(xu, gc),
-            lambda: reference.conv2d_per_sample_grad(xu, gc),
+            lambda: twins.conv2d_per_sample_grad(xu, gc),
             None,
         ),
         (
             "conv2d_per_sample_grad_dot",
             lambda: NATIVE.conv2d_per_sample_grad_dot(xu, gc, v_conv),
-            lambda: reference.conv2d_per_sample_grad_dot(xu, gc, v_conv),
+            lambda: twins.conv2d_per_sample_grad_dot(xu, gc, v_conv),
             None,
         ),
     ], A

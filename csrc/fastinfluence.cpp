@@ -1,6 +1,6 @@
 // The fastinfluence operator library: every schema, in one place. Kernels are registered per
 // device in ops/cpu/*_kernel.cpp and ops/cuda/*_glue.cpp; fake (meta) kernels and autograd in
-// fastinfluence/ops/_native.py; pure-PyTorch twins in fastinfluence/ops/reference.py.
+// fastinfluence/ops/_native.py; pure-PyTorch twins in fastinfluence/ops/twins.py.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -39,7 +39,7 @@ FI_HOST_DEVICE FI_INLINE T head_score(const T* p, const T* s, int64_t y, int64_t
 }
 
 // Row of draw k in LiSSA step t: splitmix64(seed + (t·batch + k + 1)·φ) mod n. Counter-based,
-// so every device (and the Python twin, reference.lissa_batch_indices) draws the same rows.
+// so every device (and the Python twin, twins.lissa_batch_indices) draws the same rows.
 FI_HOST_DEVICE FI_INLINE int64_t lissa_row(int64_t seed, int64_t step, int64_t batch, int64_t k,
                                            int64_t n) {
   uint64_t z = static_cast<uint64_t>(seed) +

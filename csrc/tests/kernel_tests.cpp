@@ -156,7 +156,7 @@ void test_lissa_rows() {
   for (int64_t count : counts) {
     expect_close(static_cast<double>(count), 1000.0, "lissa_row uniformity", 0.15);
   }
-  // The Python twin draws the same rows: reference.lissa_batch_indices(5, 1, 4, 1000).
+  // The Python twin draws the same rows: twins.lissa_batch_indices(5, 1, 4, 1000).
   const int64_t python_rows[4] = {461, 436, 609, 515};
   for (int64_t k = 0; k < 4; ++k) {
     expect_close(static_cast<double>(fi::lissa_row(5, 1, 4, k, 1000)),

@@ -3,7 +3,7 @@
 Each function runs the registered op ``torch.ops.fastinfluence.<name>`` when the extension has
 a kernel for the inputs' device and that kernel beats the pure-PyTorch twin there
 (``NATIVE_DEFAULT``, from ``benchmarks/bench_ops.py``); otherwise it runs the twin in
-``fastinfluence.ops.reference``. Running a twin because the extension is missing is reported
+``fastinfluence.ops.twins``. Running a twin because the extension is missing is reported
 once by a warning.
 """
 
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fastinfluence import _extension
-from fastinfluence.ops import reference
+from fastinfluence.ops import twins
 
 if _extension.loaded():
     from fastinfluence.ops import _native  # noqa: F401  (fake kernels and autograd)
@@ -26,7 +26,7 @@ __all__ = [
     "linear_per_sample_grad",
     "linear_per_sample_grad_dot",
     "lissa_update_",
-    "reference",
+    "twins",
     "use_native",
 ]
 
@@ -76,7 +76,7 @@ def head_hvp(
     (None when Vb is None). A [n, d] features, P [n, C] softmax probabilities, Vw [C, d].
     """
     if not use_native("head_hvp", A):
-        return reference.head_hvp(A, P, Vw, Vb, damping)
+        return twins.head_hvp(A, P, Vw, Vb, damping)
     HVw, HVb = torch.ops.fastinfluence.head_hvp(A, P, Vw, Vb, damping)
     return HVw, _none_if_empty(HVb, Vb)
 
@@ -88,14 +88,14 @@ def head_scores(A: Tensor, P: Tensor, y: Tensor, Sw: Tensor, Sb: Tensor | None) 
     harmful). Differentiable in A, P, Sw and Sb.
     """
     if not use_native("head_scores", A):
-        return reference.head_scores(A, P, y, Sw, Sb)
+        return twins.head_scores(A, P, y, Sw, Sb)
     return torch.ops.fastinfluence.head_scores(A, P, y, Sw, Sb)
 
 
 def lissa_update_(v: Tensor, g: Tensor, hv: Tensor, damping: float, scale: float) -> Tensor:
     """In place ``v ← g + (1 − damping/scale)·v − hv/scale`` (one pass); returns v."""
     if not use_native("lissa_update_", v):
-        return reference.lissa_update_(v, g, hv, damping, scale)
+        return twins.lissa_update_(v, g, hv, damping, scale)
     torch.ops.fastinfluence.lissa_update_(v, g, hv, damping, scale)
     return v
 
@@ -115,11 +115,11 @@ def head_lissa(
 
     ``h₀ = g``, ``h_{t+1} = g + (1 − damping/scale)·h_t − H_B h_t / scale``, with ``H_B`` the
     head Hessian (``head_hvp`` without damping) on ``batch_size`` rows drawn uniformly with
-    replacement (``reference.lissa_batch_indices(seed, t, batch_size, n)``; the same rows on
+    replacement (``twins.lissa_batch_indices(seed, t, batch_size, n)``; the same rows on
     every device), or on all rows when ``batch_size`` is None or >= n.
     """
     if not use_native("head_lissa", A):
-        return reference.head_lissa(A, P, Gw, Gb, damping, scale, depth, batch_size, seed)
+        return twins.head_lissa(A, P, Gw, Gb, damping, scale, depth, batch_size, seed)
     Xw, Xb = torch.ops.fastinfluence.head_lissa(
         A, P, Gw, Gb, damping, scale, depth, batch_size, seed
     )
@@ -133,14 +133,14 @@ def linear_per_sample_grad(x: Tensor, grad_out: Tensor) -> Tensor:
     the sequence dims ``*`` are summed over.
     """
     if not use_native("linear_per_sample_grad", x):
-        return reference.linear_per_sample_grad(x, grad_out)
+        return twins.linear_per_sample_grad(x, grad_out)
     return torch.ops.fastinfluence.linear_per_sample_grad(x, grad_out)
 
 
 def linear_per_sample_grad_dot(x: Tensor, grad_out: Tensor, v: Tensor) -> Tensor:
     """``⟨G_n, v⟩ = Σ_s grad_out[n,s]ᵀ v x[n,s]`` [n] without materialising G; v [out, in]."""
     if not use_native("linear_per_sample_grad_dot", x):
-        return reference.linear_per_sample_grad_dot(x, grad_out, v)
+        return twins.linear_per_sample_grad_dot(x, grad_out, v)
     return torch.ops.fastinfluence.linear_per_sample_grad_dot(x, grad_out, v)
 
 
@@ -151,7 +151,7 @@ def conv2d_per_sample_grad(x_unfolded: Tensor, grad_out: Tensor) -> Tensor:
     grad_out [n, C_out, L]; reshape G to [n, C_out, C_in, kh, kw] for the weight's layout.
     """
     if not use_native("conv2d_per_sample_grad", x_unfolded):
-        return reference.conv2d_per_sample_grad(x_unfolded, grad_out)
+        return twins.conv2d_per_sample_grad(x_unfolded, grad_out)
     return torch.ops.fastinfluence.conv2d_per_sample_grad(x_unfolded, grad_out)
 
 
@@ -159,5 +159,5 @@ def conv2d_per_sample_grad_dot(x_unfolded: Tensor, grad_out: Tensor, v: Tensor) 
     """``⟨G_n, v⟩ = Σ_l grad_out[n,:,l]ᵀ v x_unfolded[n,:,l]`` [n] without materialising G;
     v [C_out, K]."""
     if not use_native("conv2d_per_sample_grad_dot", x_unfolded):
-        return reference.conv2d_per_sample_grad_dot(x_unfolded, grad_out, v)
+        return twins.conv2d_per_sample_grad_dot(x_unfolded, grad_out, v)
     return torch.ops.fastinfluence.conv2d_per_sample_grad_dot(x_unfolded, grad_out, v)

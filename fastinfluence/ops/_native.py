@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastinfluence.ops import _checks
-from fastinfluence.ops.reference import as_samples
+from fastinfluence.ops.twins import as_samples
 
 
 def _needs(ctx, index: int) -> bool:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import TOLERANCE, head_problem, requires_cuda
 
-from fastinfluence.ops import reference
+from fastinfluence.ops import twins
 
 pytestmark = requires_cuda
 NATIVE = torch.ops.fastinfluence
@@ -31,21 +31,21 @@ def test_cuda_head_ops(dtype, shape, bias):
     assert_all_close(
         NATIVE.head_hvp(*cuda_args, 0.1)[: 1 + bias],
         NATIVE.head_hvp(A, P, Vw, Vb, 0.1)[: 1 + bias],
-        reference.head_hvp(A, P, Vw, Vb, 0.1)[: 1 + bias],
+        twins.head_hvp(A, P, Vw, Vb, 0.1)[: 1 + bias],
         dtype,
     )
     A_c, P_c, Vw_c, Vb_c = cuda_args
     assert_all_close(
         [NATIVE.head_scores(A_c, P_c, y.cuda(), Vw_c, Vb_c)],
         [NATIVE.head_scores(A, P, y, Vw, Vb)],
-        [reference.head_scores(A, P, y, Vw, Vb)],
+        [twins.head_scores(A, P, y, Vw, Vb)],
         dtype,
     )
     for batch_size in (None, 16):
         assert_all_close(
             NATIVE.head_lissa(*cuda_args, 0.1, 10.0, 20, batch_size, 3)[: 1 + bias],
             NATIVE.head_lissa(A, P, Vw, Vb, 0.1, 10.0, 20, batch_size, 3)[: 1 + bias],
-            reference.head_lissa(A, P, Vw, Vb, 0.1, 10.0, 20, batch_size, 3)[: 1 + bias],
+            twins.head_lissa(A, P, Vw, Vb, 0.1, 10.0, 20, batch_size, 3)[: 1 + bias],
             dtype,
         )
 
@@ -67,7 +67,7 @@ def test_cuda_per_sample_grad_ops(dtype):
         assert_all_close(
             [getattr(NATIVE, op)(*on_cuda(*args))],
             [getattr(NATIVE, op)(*args)],
-            [getattr(reference, op)(*args)],
+            [getattr(twins, op)(*args)],
             dtype,
         )
     x, g, v = (torch.randn(s, dtype=dtype) for s in ((5, 27, 64), (5, 8, 64), (8, 27)))
@@ -76,7 +76,7 @@ def test_cuda_per_sample_grad_ops(dtype):
         assert_all_close(
             [getattr(NATIVE, op)(*on_cuda(*args))],
             [getattr(NATIVE, op)(*args)],
-            [getattr(reference, op)(*args)],
+            [getattr(twins, op)(*args)],
             dtype,
         )
 

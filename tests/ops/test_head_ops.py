@@ -5,7 +5,7 @@ import torch
 from conftest import TOLERANCE, head_problem, noncontiguous, requires_native
 
 from fastinfluence import ops
-from fastinfluence.ops import reference
+from fastinfluence.ops import twins
 
 SHAPES = [(0, 5, 3), (1, 1, 2), (7, 33, 3), (130, 70, 5), (64, 16, 1)]
 NATIVE = torch.ops.fastinfluence
@@ -27,7 +27,7 @@ def test_twin_hvp_is_the_autograd_hessian_of_mean_cross_entropy(bias):
     _, expected = torch.autograd.functional.hvp(
         lambda *p: head_loss(p[0], p[1] if bias else None, A, y), params, vector
     )
-    HVw, HVb = reference.head_hvp(A, P, Vw, Vb, 0.25)
+    HVw, HVb = twins.head_hvp(A, P, Vw, Vb, 0.25)
     torch.testing.assert_close(HVw, expected[0] + 0.25 * Vw)
     if bias:
         torch.testing.assert_close(HVb, expected[1] + 0.25 * Vb)
@@ -45,7 +45,7 @@ def test_twin_scores_are_minus_per_sample_gradient_dot_direction():
             head_loss(W.requires_grad_(), b.requires_grad_(), A[i : i + 1], y[i : i + 1]), (W, b)
         )
         expected.append(-((gW * Sw).sum() + (gb * Sb).sum()))
-    torch.testing.assert_close(reference.head_scores(A, P, y, Sw, Sb), torch.stack(expected))
+    torch.testing.assert_close(twins.head_scores(A, P, y, Sw, Sb), torch.stack(expected))
 
 
 @requires_native
@@ -56,7 +56,7 @@ def test_native_hvp_matches_twin(dtype, shape, bias):
     A, P, _, Vw, Vb = head_problem(*shape, dtype=dtype, bias=bias)
     atol, rtol = TOLERANCE[dtype]
     HVw, HVb = NATIVE.head_hvp(A, P, Vw, Vb, 0.1)
-    expected_w, expected_b = reference.head_hvp(A, P, Vw, Vb, 0.1)
+    expected_w, expected_b = twins.head_hvp(A, P, Vw, Vb, 0.1)
     torch.testing.assert_close(HVw, expected_w, atol=atol, rtol=rtol)
     if bias:
         torch.testing.assert_close(HVb, expected_b, atol=atol, rtol=rtol)
@@ -72,12 +72,12 @@ def test_native_scores_match_twin(dtype, shape):
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(
         NATIVE.head_scores(A, P, y, Sw, Sb),
-        reference.head_scores(A, P, y, Sw, Sb),
+        twins.head_scores(A, P, y, Sw, Sb),
         atol=atol,
         rtol=rtol,
     )
     torch.testing.assert_close(
-        NATIVE.head_scores(A, P, y, Sw, None), reference.head_scores(A, P, y, Sw, None)
+        NATIVE.head_scores(A, P, y, Sw, None), twins.head_scores(A, P, y, Sw, None)
     )
 
 
@@ -87,11 +87,11 @@ def test_native_head_ops_accept_non_contiguous_inputs():
     args = [noncontiguous(t) for t in (A, P, Vw)]
     assert not args[0].is_contiguous()
     torch.testing.assert_close(
-        NATIVE.head_hvp(*args, Vb, 0.0)[0], reference.head_hvp(A, P, Vw, Vb, 0.0)[0]
+        NATIVE.head_hvp(*args, Vb, 0.0)[0], twins.head_hvp(A, P, Vw, Vb, 0.0)[0]
     )
     torch.testing.assert_close(
         NATIVE.head_scores(args[0], args[1], y, args[2], Vb),
-        reference.head_scores(A, P, y, Vw, Vb),
+        twins.head_scores(A, P, y, Vw, Vb),
     )
 
 
@@ -105,7 +105,7 @@ def test_native_scores_reject_labels_out_of_range():
 
 @pytest.mark.parametrize("implementation", [pytest.param("native", marks=requires_native), "twin"])
 def test_head_ops_name_the_bad_argument(implementation):
-    hvp = NATIVE.head_hvp if implementation == "native" else reference.head_hvp
+    hvp = NATIVE.head_hvp if implementation == "native" else twins.head_hvp
     A, P, y, Vw, Vb = head_problem(10, 4, 3)
     with pytest.raises(RuntimeError, match=r"Vw must be \[C=3, d=4\]"):
         hvp(A, P, Vw.T, Vb, 0.0)
@@ -119,13 +119,13 @@ def test_head_ops_name_the_bad_argument(implementation):
 def test_wrappers_agree_with_twins(bias):
     A, P, y, Vw, Vb = head_problem(40, 9, 3, bias=bias)
     HVw, HVb = ops.head_hvp(A, P, Vw, Vb, 0.5)
-    expected_w, expected_b = reference.head_hvp(A, P, Vw, Vb, 0.5)
+    expected_w, expected_b = twins.head_hvp(A, P, Vw, Vb, 0.5)
     torch.testing.assert_close(HVw, expected_w)
     assert (HVb is None) == (not bias)
     if bias:
         torch.testing.assert_close(HVb, expected_b)
     torch.testing.assert_close(
-        ops.head_scores(A, P, y, Vw, Vb), reference.head_scores(A, P, y, Vw, Vb)
+        ops.head_scores(A, P, y, Vw, Vb), twins.head_scores(A, P, y, Vw, Vb)
     )
 
 

@@ -5,7 +5,7 @@ import torch
 from conftest import TOLERANCE, head_problem, noncontiguous, requires_native
 
 from fastinfluence import ops
-from fastinfluence.ops import reference
+from fastinfluence.ops import twins
 
 NATIVE = torch.ops.fastinfluence
 
@@ -18,7 +18,7 @@ def explicit_head_hessian(A, P, bias):
     for k in range(size):
         e = torch.zeros(size, dtype=A.dtype)
         e[k] = 1
-        HVw, HVb = reference.head_hvp(
+        HVw, HVb = twins.head_hvp(
             A, P, e[: C * d].reshape(C, d), e[C * d :] if bias else None, 0
         )
         columns.append(torch.cat([HVw.flatten()] + ([HVb] if bias else [])))
@@ -48,7 +48,7 @@ def test_lissa_update_writes_through_non_contiguous_v():
     v, g, hv = (torch.randn(6, 9, generator=gen, dtype=torch.float64) for _ in range(3))
     v_view = noncontiguous(v)
     assert not v_view.is_contiguous()
-    expected = reference.lissa_update_(v.clone(), g, hv, 0.1, 2.0)
+    expected = twins.lissa_update_(v.clone(), g, hv, 0.1, 2.0)
     NATIVE.lissa_update_(v_view, noncontiguous(g), hv, 0.1, 2.0)
     torch.testing.assert_close(v_view, expected)
 
@@ -70,7 +70,7 @@ def test_native_head_lissa_matches_twin(dtype, batch_size, bias):
     A, P, _, Gw, Gb = head_problem(37, 11, 3, dtype=dtype, bias=bias)
     atol, rtol = TOLERANCE[dtype]
     Xw, Xb = NATIVE.head_lissa(A, P, Gw, Gb, 0.05, 5.0, 30, batch_size, 1234)
-    expected_w, expected_b = reference.head_lissa(A, P, Gw, Gb, 0.05, 5.0, 30, batch_size, 1234)
+    expected_w, expected_b = twins.head_lissa(A, P, Gw, Gb, 0.05, 5.0, 30, batch_size, 1234)
     torch.testing.assert_close(Xw, expected_w, atol=atol, rtol=rtol)
     if bias:
         torch.testing.assert_close(Xb, expected_b, atol=atol, rtol=rtol)
@@ -83,7 +83,7 @@ def test_native_head_lissa_handles_empty_set_and_zero_depth():
     A, P, _, Gw, Gb = head_problem(0, 4, 3)
     Xw, Xb = NATIVE.head_lissa(A, P, Gw, Gb, 0.5, 2.0, 10, 8, 0)
     # No rows: H = 0, and every step is h ← g + (1 − damping/scale)·h.
-    torch.testing.assert_close(Xw, reference.head_lissa(A, P, Gw, Gb, 0.5, 2.0, 10, 8, 0)[0])
+    torch.testing.assert_close(Xw, twins.head_lissa(A, P, Gw, Gb, 0.5, 2.0, 10, 8, 0)[0])
     A, P, _, Gw, Gb = head_problem(9, 4, 3)
     Xw, Xb = NATIVE.head_lissa(A, P, Gw, Gb, 0.5, 2.0, 0, None, 0)
     torch.testing.assert_close(Xw, Gw / 2.0)
@@ -117,10 +117,10 @@ def test_stochastic_head_lissa_is_right_on_average():
 
 
 def test_sampler_is_uniform_and_deterministic():
-    rows = reference.lissa_batch_indices(seed=3, step=2, batch_size=20000, n=10)
-    assert torch.equal(rows, reference.lissa_batch_indices(seed=3, step=2, batch_size=20000, n=10))
+    rows = twins.lissa_batch_indices(seed=3, step=2, batch_size=20000, n=10)
+    assert torch.equal(rows, twins.lissa_batch_indices(seed=3, step=2, batch_size=20000, n=10))
     assert not torch.equal(
-        rows, reference.lissa_batch_indices(seed=4, step=2, batch_size=20000, n=10)
+        rows, twins.lissa_batch_indices(seed=4, step=2, batch_size=20000, n=10)
     )
     counts = torch.bincount(rows, minlength=10).double()
     chi2 = ((counts - 2000) ** 2 / 2000).sum()
@@ -130,7 +130,7 @@ def test_sampler_is_uniform_and_deterministic():
 
 @pytest.mark.parametrize("implementation", [pytest.param("native", marks=requires_native), "twin"])
 def test_head_lissa_rejects_bad_parameters(implementation):
-    lissa = NATIVE.head_lissa if implementation == "native" else reference.head_lissa
+    lissa = NATIVE.head_lissa if implementation == "native" else twins.head_lissa
     A, P, _, Gw, Gb = head_problem(5, 2, 2)
     with pytest.raises(RuntimeError, match="scale must be > 0"):
         lissa(A, P, Gw, Gb, 0.1, 0.0, 3, None, 0)
