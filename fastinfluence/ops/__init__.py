@@ -68,12 +68,13 @@ def _none_if_empty(bias: Tensor, given: Tensor | None) -> Tensor | None:
 def head_hvp(
     A: Tensor, P: Tensor, Vw: Tensor, Vb: Tensor | None, damping: float
 ) -> tuple[Tensor, Tensor | None]:
-    """Hessian of the mean softmax-CE over the rows of A w.r.t. (W, b), times (Vw, Vb), plus
-    damping·V.
+    """Hessian of the mean softmax-CE over the rows of A w.r.t. (W, b), times k directions
+    (Vw [k, C, d], Vb [k, C] or None) in one pass over A, plus damping·V.
 
-    ``U = A Vwᵀ + Vb`` [n, C], ``R = P⊙U − P⊙rowsum(P⊙U)``;
-    returns ``HVw = Rᵀ A / n + damping·Vw`` [C, d] and ``HVb = colsum(R)/n + damping·Vb`` [C]
-    (None when Vb is None). A [n, d] features, P [n, C] softmax probabilities, Vw [C, d].
+    Per direction j: ``U_j = A Vw[j]ᵀ + Vb[j]`` [n, C], ``R_j = P⊙U_j − P⊙rowsum(P⊙U_j)``;
+    returns ``HVw[j] = R_jᵀ A / n + damping·Vw[j]`` ([k, C, d]) and
+    ``HVb[j] = colsum(R_j)/n + damping·Vb[j]`` ([k, C]; None when Vb is None).
+    A [n, d] features, P [n, C] softmax probabilities.
     """
     if not use_native("head_hvp", A):
         return twins.head_hvp(A, P, Vw, Vb, damping)
@@ -82,10 +83,11 @@ def head_hvp(
 
 
 def head_scores(A: Tensor, P: Tensor, y: Tensor, Sw: Tensor, Sb: Tensor | None) -> Tensor:
-    """Influence scores of a softmax-CE head: ``score_i = −(p_i − onehot(y_i))ᵀ (Sw a_i + Sb)``.
+    """Influence scores of a softmax-CE head along k directions, in one pass over A:
+    ``scores[i, j] = −(p_i − onehot(y_i))ᵀ (Sw[j] a_i + Sb[j])``.
 
-    A [n, d], P [n, C], y int64 [n], Sw [C, d], Sb [C] or None; returns [n] (positive =
-    harmful). Differentiable in A, P, Sw and Sb.
+    A [n, d], P [n, C], y int64 [n] in [0, C), Sw [k, C, d], Sb [k, C] or None; returns [n, k]
+    (positive = harmful). Differentiable in A, P, Sw and Sb.
     """
     if not use_native("head_scores", A):
         return twins.head_scores(A, P, y, Sw, Sb)
@@ -111,7 +113,8 @@ def head_lissa(
     batch_size: int | None,
     seed: int,
 ) -> tuple[Tensor, Tensor | None]:
-    """The whole head LiSSA recursion in one call; returns ``h_depth/scale ≈ (H + damping·I)⁻¹ g``.
+    """The whole head LiSSA recursion in one call, for one right-hand side g = (Gw [C, d], Gb [C]
+    or None); returns ``h_depth/scale ≈ (H + damping·I)⁻¹ g``.
 
     ``h₀ = g``, ``h_{t+1} = g + (1 − damping/scale)·h_t − H_B h_t / scale``, with ``H_B`` the
     head Hessian (``head_hvp`` without damping) on ``batch_size`` rows drawn uniformly with
