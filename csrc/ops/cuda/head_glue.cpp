@@ -32,8 +32,9 @@ const T* optional_data(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-// HVw [k·C, d] ← alpha·Rᵀ A (+ beta·Vw when given), HVb [k·C] ← alpha·colsum(R) (+ beta·Vb),
-// R [n, k·C] the residuals of the directions (Vw, Vb) on the rows of A (head_residuals).
+// HVw [k·C, d] ← alpha·Rᵀ A + beta·Vw and, when HVb is defined, HVb [k·C] ← alpha·colsum(R)
+// (+ beta·Vb when Vb is defined), with R [n, k·C] the residuals of the directions (Vw, Vb)
+// on the rows of A (head_residuals). All contiguous.
 void head_hvp_into(const at::Tensor& A, const at::Tensor& P, const at::Tensor& Vw,
                    const at::Tensor& Vb, int64_t k, double alpha, double beta, at::Tensor& R,
                    at::Tensor& HVw, at::Tensor& HVb) {
