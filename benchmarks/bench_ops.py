@@ -4,9 +4,9 @@
 
 Prints a Markdown table: best-of-N time of each op and its twin, the speed-up, and for the
 memory-bound head ops the bandwidth achieved on A (bytes of A / time) next to a plain copy
-of the same bytes (``A.clone()``). Head problem: n=4096, d=1024, 3 classes; head_hvp and
-head_scores take k ∈ {1, 8} directions per call, and for k = 8 the table also times k
-one-direction native calls (what a caller looping over directions pays).
+of the same bytes (``A.clone()``). Head problem: n=4096, d=1024, 3 classes; head_hvp,
+head_scores and head_lissa take k ∈ {1, 8} directions per call, and for k = 8 the table also
+times k one-direction native calls (what a caller looping over directions pays).
 """
 
 import argparse
@@ -36,7 +36,8 @@ def best_time(fn, device: torch.device, repeats: int) -> float:
 
 
 def head_cases(A, P, y, Vw, Vb):
-    """head_hvp and head_scores rows for the k = len(Vw) directions (Vw, Vb)."""
+    """head_hvp, head_scores and minibatch head_lissa rows for the k = len(Vw) directions
+    (Vw, Vb)."""
     k, a_bytes = len(Vw), A.numel() * A.element_size()
 
     def one_at_a_time(op):
@@ -49,6 +50,9 @@ def head_cases(A, P, y, Vw, Vb):
 
     def scores(W, b):
         return NATIVE.head_scores(A, P, y, W, b)
+
+    def lissa(W, b):
+        return NATIVE.head_lissa(A, P, W, b, 0.01, 10.0, 20, 512, 0)
 
     return [
         (
@@ -64,6 +68,13 @@ def head_cases(A, P, y, Vw, Vb):
             lambda: twins.head_scores(A, P, y, Vw, Vb),
             one_at_a_time(scores),
             a_bytes,
+        ),
+        (
+            f"head_lissa (depth 20, batch 512, k={k})",
+            lambda: lissa(Vw, Vb),
+            lambda: twins.head_lissa(A, P, Vw, Vb, 0.01, 10.0, 20, 512, 0),
+            one_at_a_time(lissa),
+            None,
         ),
     ]
 
@@ -81,20 +92,13 @@ def cases(device: torch.device, dtype: torch.dtype):
     P = torch.softmax(randn(n, C), dim=1)
     y = torch.randint(0, C, (n,), generator=gen).to(device)
     head = [row for k in (1, 8) for row in head_cases(A, P, y, randn(k, C, d), randn(k, C))]
-    Gw, Gb = randn(C, d), randn(C)
+    Gw, Gb = randn(1, C, d), randn(1, C)
     v, g, hv = randn(1 << 22), randn(1 << 22), randn(1 << 22)
     x, go, v_lin = randn(256, 16, 128), randn(256, 16, 64), randn(64, 128)
     xu, gc, v_conv = randn(64, 288, 256), randn(64, 64, 256), randn(64, 288)
     return head + [
         (
-            "head_lissa (depth 20, batch 512)",
-            lambda: NATIVE.head_lissa(A, P, Gw, Gb, 0.01, 10.0, 20, 512, 0),
-            lambda: twins.head_lissa(A, P, Gw, Gb, 0.01, 10.0, 20, 512, 0),
-            None,
-            None,
-        ),
-        (
-            "head_lissa (depth 5, full batch)",
+            "head_lissa (depth 5, full batch, k=1)",
             lambda: NATIVE.head_lissa(A, P, Gw, Gb, 0.01, 10.0, 5, None, 0),
             lambda: twins.head_lissa(A, P, Gw, Gb, 0.01, 10.0, 5, None, 0),
             None,

@@ -27,9 +27,9 @@ TORCH_LIBRARY(fastinfluence, m) {
   m.def("head_scores(Tensor A, Tensor P, Tensor y, Tensor Sw, Tensor? Sb) -> Tensor");
   // In place v ← g + (1 − damping/scale)·v − hv/scale.
   m.def("lissa_update_(Tensor(a!) v, Tensor g, Tensor hv, float damping, float scale) -> ()");
-  // The head LiSSA recursion for one right-hand side Gw [C, d], Gb [C] (minibatches of
-  // batch_size rows drawn from seed; None: all rows), returning h/scale. The second output is
-  // empty ([0]) when Gb is None.
+  // The head LiSSA recursion for k right-hand sides Gw [k, C, d], Gb [k, C] (minibatches of
+  // batch_size rows drawn from seed, shared by the k; None: all rows), returning h/scale. The
+  // second output is empty ([0]) when Gb is None.
   m.def(
       "head_lissa(Tensor A, Tensor P, Tensor Gw, Tensor? Gb, float damping, float scale, "
       "int depth, int? batch_size, int seed) -> (Tensor, Tensor)");

@@ -296,14 +296,10 @@ class LiSSASolver(Solver):
         operator: HeadHessian = self.operator
         layout = operator.layout
         weights, biases = layout.split(rhs)
-        columns = []
-        for index in range(len(rhs)):
-            bias = None if biases is None else biases[index]
-            xw, xb = ops.head_lissa(operator.data.features, operator.data.probs,
-                                    weights[index], bias, self.damping, self.scale,
-                                    self.config.depth, self.config.minibatch_size, seed)
-            columns.append(layout.join(xw, xb))
-        estimate = torch.stack(columns)
+        xw, xb = ops.head_lissa(operator.data.features, operator.data.probs, weights, biases,
+                                self.damping, self.scale, self.config.depth,
+                                self.config.minibatch_size, seed)
+        estimate = layout.join(xw, xb)
         self._check_finite(estimate, self.config.depth)
         return estimate
 

@@ -113,8 +113,8 @@ def head_lissa(
     batch_size: int | None,
     seed: int,
 ) -> tuple[Tensor, Tensor | None]:
-    """The whole head LiSSA recursion in one call, for one right-hand side g = (Gw [C, d], Gb [C]
-    or None); returns ``h_depth/scale ≈ (H + damping·I)⁻¹ g``.
+    """The whole head LiSSA recursion in one call, for k right-hand sides g = (Gw [k, C, d],
+    Gb [k, C] or None); returns ``h_depth/scale ≈ (H + damping·I)⁻¹ g`` ([k, C, d], [k, C]).
 
     ``h₀ = g``, ``h_{t+1} = g + (1 − damping/scale)·h_t − H_B h_t / scale``, with ``H_B`` the
     head Hessian (``head_hvp`` without damping) on ``batch_size`` rows drawn uniformly with

@@ -29,13 +29,13 @@ def _needs(ctx, index: int) -> bool:
 
 @torch.library.register_fake("fastinfluence::head_hvp")
 def _head_hvp_fake(A, P, Vw, Vb, damping):
-    _checks.check_head(A, P, Vw, Vb, "Vw", "Vb", batched=True)
+    _checks.check_head(A, P, Vw, Vb, "Vw", "Vb")
     return Vw.new_empty(Vw.shape), Vw.new_empty((0,) if Vb is None else Vb.shape)
 
 
 @torch.library.register_fake("fastinfluence::head_scores")
 def _head_scores_fake(A, P, y, Sw, Sb):
-    _checks.check_head(A, P, Sw, Sb, "Sw", "Sb", batched=True)
+    _checks.check_head(A, P, Sw, Sb, "Sw", "Sb")
     _checks.check_labels(y, A.shape[0])
     return A.new_empty((A.shape[0], Sw.shape[0]))
 
@@ -47,7 +47,7 @@ def _lissa_update_fake(v, g, hv, damping, scale):
 
 @torch.library.register_fake("fastinfluence::head_lissa")
 def _head_lissa_fake(A, P, Gw, Gb, damping, scale, depth, batch_size, seed):
-    _checks.check_head(A, P, Gw, Gb, "Gw", "Gb", batched=False)
+    _checks.check_head(A, P, Gw, Gb, "Gw", "Gb")
     _checks.check_lissa_params(damping, scale, depth, batch_size)
     return Gw.new_empty(Gw.shape), Gw.new_empty((0,) if Gb is None else Gb.shape)
 

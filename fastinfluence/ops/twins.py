@@ -27,7 +27,7 @@ def head_hvp(
     ``HVw[j] = R_jᵀ A / n + damping·Vw[j]``, ``HVb[j] = colsum(R_j) / n + damping·Vb[j]``.
     An empty batch has a zero Hessian.
     """
-    _checks.check_head(A, P, Vw, Vb, "Vw", "Vb", batched=True)
+    _checks.check_head(A, P, Vw, Vb, "Vw", "Vb")
     n, d = A.shape
     k, C = Vw.shape[0], P.shape[1]
     U = (A @ Vw.reshape(k * C, d).T).reshape(n, k, C)
@@ -44,7 +44,7 @@ def head_hvp(
 def head_scores(A: Tensor, P: Tensor, y: Tensor, Sw: Tensor, Sb: Tensor | None) -> Tensor:
     """Per-row influence scores along k directions Sw [k, C, d], Sb [k, C] or None:
     ``scores[i, j] = −(p_i − onehot(y_i))ᵀ (Sw[j] a_i + Sb[j])`` ([n, k])."""
-    _checks.check_head(A, P, Sw, Sb, "Sw", "Sb", batched=True)
+    _checks.check_head(A, P, Sw, Sb, "Sw", "Sb")
     _checks.check_labels(y, A.shape[0])
     n, d = A.shape
     k, C = Sw.shape[0], P.shape[1]
@@ -87,14 +87,14 @@ def head_lissa(
     batch_size: int | None,
     seed: int,
 ) -> tuple[Tensor, Tensor | None]:
-    """LiSSA for the head and one right-hand side g = (Gw [C, d], Gb [C] or None):
+    """LiSSA for the head and k right-hand sides g = (Gw [k, C, d], Gb [k, C] or None):
     ``h₀ = g``, ``h_{t+1} = g + (1 − damping/scale)·h_t − H_B h_t/scale``.
 
     ``H_B`` is the head Hessian (``head_hvp`` without damping) on the rows
-    ``lissa_batch_indices(seed, t, batch_size, n)``, or on all rows when ``batch_size`` is None
-    or >= n. Returns ``h_depth / scale`` ≈ ``(H + damping·I)⁻¹ g``.
+    ``lissa_batch_indices(seed, t, batch_size, n)`` (the same for all k), or on all rows when
+    ``batch_size`` is None or >= n. Returns ``h_depth / scale`` ≈ ``(H + damping·I)⁻¹ g``.
     """
-    _checks.check_head(A, P, Gw, Gb, "Gw", "Gb", batched=False)
+    _checks.check_head(A, P, Gw, Gb, "Gw", "Gb")
     _checks.check_lissa_params(damping, scale, depth, batch_size)
     n = A.shape[0]
     full_batch = batch_size is None or batch_size >= n
@@ -106,10 +106,10 @@ def head_lissa(
         else:
             rows = lissa_batch_indices(seed, step, batch_size, n).to(A.device)
             A_B, P_B = A[rows], P[rows]
-        Hw, Hb = head_hvp(A_B, P_B, hw[None], None if hb is None else hb[None], 0.0)
-        lissa_update_(hw, Gw, Hw[0], damping, scale)
+        Hw, Hb = head_hvp(A_B, P_B, hw, hb, 0.0)
+        lissa_update_(hw, Gw, Hw, damping, scale)
         if hb is not None:
-            lissa_update_(hb, Gb, Hb[0], damping, scale)
+            lissa_update_(hb, Gb, Hb, damping, scale)
     return hw / scale, None if hb is None else hb / scale
 
 

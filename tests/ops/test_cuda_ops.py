@@ -49,8 +49,9 @@ def test_cuda_head_ops(dtype, shape, bias, k):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(0, 5, 3), (7, 33, 3), (1000, 300, 10)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_cuda_head_lissa(dtype, shape, bias):
-    A, P, _, Gw, Gb = head_problem(*shape, dtype=dtype, bias=bias)
+@pytest.mark.parametrize("k", [1, 4])
+def test_cuda_head_lissa(dtype, shape, bias, k):
+    A, P, _, Gw, Gb = head_problem(*shape, dtype=dtype, bias=bias, k=k)
     cuda_args = on_cuda(A, P, Gw, Gb)
     for batch_size in (None, 16):
         assert_all_close(
@@ -106,4 +107,4 @@ def test_cuda_opcheck():
     A, P, y, Vw, Vb = on_cuda(*head_problem(12, 5, 3, k=2))
     torch.library.opcheck(NATIVE.head_hvp, (A, P, Vw, Vb, 0.1))
     torch.library.opcheck(NATIVE.head_scores, (A, P, y, Vw, Vb))
-    torch.library.opcheck(NATIVE.head_lissa, (A, P, Vw[0], Vb[0], 0.1, 3.0, 4, 5, 0))
+    torch.library.opcheck(NATIVE.head_lissa, (A, P, Vw, Vb, 0.1, 3.0, 4, 5, 0))

@@ -1,4 +1,4 @@
-"""lissa_update_, head_lissa and the shared minibatch sampler."""
+"""lissa_update_, head_lissa (k right-hand sides per call) and the shared minibatch sampler."""
 
 import pytest
 import torch
@@ -52,7 +52,7 @@ def test_lissa_update_writes_through_non_contiguous_v():
 
 @requires_native
 def test_opcheck_lissa_ops():
-    A, P, _, Gw, Gb = head_problem(16, 5, 3)
+    A, P, _, Gw, Gb = head_problem(16, 5, 3, k=2)
     torch.library.opcheck(NATIVE.lissa_update_, (Gw.clone(), Gw, Gw * 2, 0.1, 3.0))
     torch.library.opcheck(NATIVE.head_lissa, (A, P, Gw, Gb, 0.1, 3.0, 5, None, 0))
     torch.library.opcheck(NATIVE.head_lissa, (A, P, Gw, None, 0.1, 3.0, 5, 4, 7))
@@ -62,9 +62,10 @@ def test_opcheck_lissa_ops():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batch_size", [None, 200, 5, 1])
 @pytest.mark.parametrize("bias", [True, False])
-def test_native_head_lissa_matches_twin(dtype, batch_size, bias):
+@pytest.mark.parametrize("k", [1, 3])
+def test_native_head_lissa_matches_twin(dtype, batch_size, bias, k):
     """Full batch is deterministic; minibatches come from the same counter-based sampler."""
-    A, P, _, Gw, Gb = head_problem(37, 11, 3, dtype=dtype, bias=bias)
+    A, P, _, Gw, Gb = head_problem(37, 11, 3, dtype=dtype, bias=bias, k=k)
     atol, rtol = TOLERANCE[dtype]
     Xw, Xb = NATIVE.head_lissa(A, P, Gw, Gb, 0.05, 5.0, 30, batch_size, 1234)
     expected_w, expected_b = twins.head_lissa(A, P, Gw, Gb, 0.05, 5.0, 30, batch_size, 1234)
@@ -89,15 +90,26 @@ def test_native_head_lissa_handles_empty_set_and_zero_depth():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_head_lissa_converges_to_damped_inverse_hvp(bias):
-    A, P, _, Gw, Gb = head_problem(60, 4, 3, bias=bias)
+    A, P, _, Gw, Gb = head_problem(60, 4, 3, bias=bias, k=2)
     damping = 0.1
     H = explicit_head_hessian(A, P, bias)
-    g = torch.cat([Gw.flatten()] + ([Gb] if bias else []))
-    expected = torch.linalg.solve(H + damping * torch.eye(len(g), dtype=g.dtype), g)
+    g = torch.cat([Gw.flatten(1)] + ([Gb] if bias else []), dim=1)  # [k, p]
+    expected = torch.linalg.solve(H + damping * torch.eye(g.shape[1], dtype=g.dtype), g.T).T
     scale = 2 * (torch.linalg.eigvalsh(H).max().item() + damping)
     Xw, Xb = ops.head_lissa(A, P, Gw, Gb, damping, scale, 2000, None, 0)
-    result = torch.cat([Xw.flatten()] + ([Xb] if bias else []))
+    result = torch.cat([Xw.flatten(1)] + ([Xb] if bias else []), dim=1)
     torch.testing.assert_close(result, expected, atol=1e-8, rtol=1e-8)
+
+
+@requires_native
+def test_native_head_lissa_right_hand_sides_share_the_minibatches():
+    """Each of k right-hand sides gets what a one-right-hand-side call with its seed gets."""
+    A, P, _, Gw, Gb = head_problem(40, 6, 3, k=3)
+    Xw, Xb = NATIVE.head_lissa(A, P, Gw, Gb, 0.1, 4.0, 25, 8, 11)
+    for j in range(3):
+        Xw_j, Xb_j = NATIVE.head_lissa(A, P, Gw[j : j + 1], Gb[j : j + 1], 0.1, 4.0, 25, 8, 11)
+        torch.testing.assert_close(Xw[j : j + 1], Xw_j)
+        torch.testing.assert_close(Xb[j : j + 1], Xb_j)
 
 
 def test_stochastic_head_lissa_is_right_on_average():
@@ -133,5 +145,7 @@ def test_head_lissa_rejects_bad_parameters(implementation):
         lissa(A, P, Gw, Gb, 0.1, 0.0, 3, None, 0)
     with pytest.raises(RuntimeError, match="batch_size must be > 0"):
         lissa(A, P, Gw, Gb, 0.1, 1.0, 3, 0, 0)
-    with pytest.raises(RuntimeError, match=r"Gw must be \[C=2, d=2\]"):
-        lissa(A, P, Gw[:1], Gb, 0.1, 1.0, 3, None, 0)
+    with pytest.raises(RuntimeError, match=r"Gw must be \[k, C=2, d=2\] \(k directions\)"):
+        lissa(A, P, Gw[0], Gb, 0.1, 1.0, 3, None, 0)
+    with pytest.raises(RuntimeError, match=r"Gb must be \[k=1, C=2\]"):
+        lissa(A, P, Gw, Gb[0], 0.1, 1.0, 3, None, 0)

@@ -1,5 +1,5 @@
-// CPU kernels of the softmax-CE head ops: head_hvp, head_scores (k directions per call),
-// head_lissa (one right-hand side). One pass over the features A per call (per LiSSA step):
+// CPU kernels of the softmax-CE head ops: head_hvp, head_scores, head_lissa, each for k
+// directions (right-hand sides) per call. One pass over the features A per call (per LiSSA step):
 // each row's k·C dot products and its rank-k·C update of the accumulator happen while the row
 // is in cache.
 #include <ATen/Dispatch.h>
@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> head_hvp_cpu(const at::Tensor& A, const at::T
                                                 const at::Tensor& Vw,
                                                 const std::optional<at::Tensor>& Vb,
                                                 double damping) {
-  check_head(A, P, Vw, Vb, "Vw", "Vb", /*batched=*/true);
+  check_head(A, P, Vw, Vb, "Vw", "Vb");
   const at::Tensor A_c = A.contiguous(), P_c = P.contiguous(), Vw_c = Vw.contiguous();
   const at::Tensor Vb_c = Vb.has_value() ? Vb->contiguous() : at::Tensor();
   const int64_t n = A.size(0), k = Vw.size(0), C = P.size(1), d = A.size(1);
@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> head_hvp_cpu(const at::Tensor& A, const at::T
 
 at::Tensor head_scores_cpu(const at::Tensor& A, const at::Tensor& P, const at::Tensor& y,
                            const at::Tensor& Sw, const std::optional<at::Tensor>& Sb) {
-  check_head(A, P, Sw, Sb, "Sw", "Sb", /*batched=*/true);
+  check_head(A, P, Sw, Sb, "Sw", "Sb");
   check_labels(y, A);
   const at::Tensor A_c = A.contiguous(), P_c = P.contiguous(), Sw_c = Sw.contiguous();
   const at::Tensor y_c = y.contiguous();
@@ -130,12 +130,12 @@ std::tuple<at::Tensor, at::Tensor> head_lissa_cpu(const at::Tensor& A, const at:
                                                   double damping, double scale, int64_t depth,
                                                   std::optional<int64_t> batch_size,
                                                   int64_t seed) {
-  check_head(A, P, Gw, Gb, "Gw", "Gb", /*batched=*/false);
+  check_head(A, P, Gw, Gb, "Gw", "Gb");
   check_lissa_params(damping, scale, depth, batch_size);
   const at::Tensor A_c = A.contiguous(), P_c = P.contiguous(), Gw_c = Gw.contiguous();
   const bool has_bias = Gb.has_value();
   const at::Tensor Gb_c = has_bias ? Gb->contiguous() : at::zeros({0}, A.options());
-  const int64_t n = A.size(0), C = P.size(1), d = A.size(1);
+  const int64_t n = A.size(0), k = Gw.size(0), C = P.size(1), d = A.size(1);
   const bool full_batch = !batch_size.has_value() || *batch_size >= n;
   const int64_t count = full_batch ? n : *batch_size;
   at::Tensor hw = Gw_c.clone();
@@ -146,19 +146,19 @@ std::tuple<at::Tensor, at::Tensor> head_lissa_cpu(const at::Tensor& A, const at:
     scalar_t* h_b = has_bias ? hb.mutable_data_ptr<scalar_t>() : nullptr;
     const scalar_t* g_w = Gw_c.const_data_ptr<scalar_t>();
     const scalar_t* g_b = Gb_c.const_data_ptr<scalar_t>();
-    std::vector<scalar_t> hv_w(C * d), hv_b(C);
+    std::vector<scalar_t> hv_w(k * C * d), hv_b(k * C);
     const scalar_t keep = scalar_t(1.0 - damping / scale);
     // H_B h / scale = (Σ_B r aᵀ) / (count · scale).
     const scalar_t inv_scale = scalar_t(1.0 / (scale * std::max<int64_t>(count, 1)));
     for (int64_t step = 0; step < depth; ++step) {
-      for (int64_t k = 0; k < static_cast<int64_t>(rows.size()); ++k) {
-        rows[k] = lissa_row(seed, step, count, k, n);
+      for (int64_t draw = 0; draw < static_cast<int64_t>(rows.size()); ++draw) {
+        rows[draw] = lissa_row(seed, step, count, draw, n);
       }
       head_hvp_sum(A_c.const_data_ptr<scalar_t>(), P_c.const_data_ptr<scalar_t>(), h_w, h_b,
-                   full_batch ? nullptr : rows.data(), count, /*k=*/1, C, d, hv_w.data(),
+                   full_batch ? nullptr : rows.data(), count, k, C, d, hv_w.data(),
                    has_bias ? hv_b.data() : nullptr);
-      lissa_update_range(h_w, g_w, hv_w.data(), C * d, keep, inv_scale);
-      lissa_update_range(h_b, g_b, hv_b.data(), has_bias ? C : 0, keep, inv_scale);
+      lissa_update_range(h_w, g_w, hv_w.data(), k * C * d, keep, inv_scale);
+      lissa_update_range(h_b, g_b, hv_b.data(), has_bias ? k * C : 0, keep, inv_scale);
     }
   });
   return {hw.div_(scale), hb.div_(scale)};

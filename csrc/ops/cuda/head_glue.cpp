@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> head_hvp_cuda(const at::Tensor& A, const at::
                                                  const at::Tensor& Vw,
                                                  const std::optional<at::Tensor>& Vb,
                                                  double damping) {
-  check_head(A, P, Vw, Vb, "Vw", "Vb", /*batched=*/true);
+  check_head(A, P, Vw, Vb, "Vw", "Vb");
   check_classes(P);
   const c10::cuda::CUDAGuard guard(A.device());
   const int64_t n = A.size(0), k = Vw.size(0), C = P.size(1), d = A.size(1);
@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> head_hvp_cuda(const at::Tensor& A, const at::
 // (one 4-byte copy, which waits for the kernel), so that bad labels raise as on CPU.
 at::Tensor head_scores_cuda(const at::Tensor& A, const at::Tensor& P, const at::Tensor& y,
                             const at::Tensor& Sw, const std::optional<at::Tensor>& Sb) {
-  check_head(A, P, Sw, Sb, "Sw", "Sb", /*batched=*/true);
+  check_head(A, P, Sw, Sb, "Sw", "Sb");
   check_labels(y, A);
   check_classes(P);
   const c10::cuda::CUDAGuard guard(A.device());
@@ -110,20 +110,23 @@ std::tuple<at::Tensor, at::Tensor> head_lissa_cuda(const at::Tensor& A, const at
                                                    double damping, double scale, int64_t depth,
                                                    std::optional<int64_t> batch_size,
                                                    int64_t seed) {
-  check_head(A, P, Gw, Gb, "Gw", "Gb", /*batched=*/false);
+  check_head(A, P, Gw, Gb, "Gw", "Gb");
   check_classes(P);
   check_lissa_params(damping, scale, depth, batch_size);
   const c10::cuda::CUDAGuard guard(A.device());
   const at::Tensor A_c = A.contiguous(), P_c = P.contiguous(), Gw_c = Gw.contiguous();
   const bool has_bias = Gb.has_value();
   const at::Tensor Gb_c = has_bias ? Gb->contiguous() : at::zeros({0}, A.options());
-  const int64_t n = A.size(0), C = P.size(1), d = A.size(1);
+  const int64_t n = A.size(0), k = Gw.size(0), C = P.size(1), d = A.size(1);
   const bool full_batch = !batch_size.has_value() || *batch_size >= n;
   const int64_t count = full_batch ? n : *batch_size;
   at::Tensor hw = Gw_c.clone(), hb = Gb_c.clone();
-  at::Tensor hv_w = at::empty({C, d}, A.options());
-  at::Tensor hv_b = has_bias ? at::empty({C}, A.options()) : at::Tensor();
-  at::Tensor R = at::empty({count, C}, A.options());
+  // [k·C, d] and [k·C] views of the iterate, which the GEMM pass reads.
+  const at::Tensor hw_rows = hw.view({k * C, d});
+  const at::Tensor hb_rows = has_bias ? hb.view({k * C}) : at::Tensor();
+  at::Tensor hv_w = at::empty({k * C, d}, A.options());
+  at::Tensor hv_b = has_bias ? at::empty({k * C}, A.options()) : at::Tensor();
+  at::Tensor R = at::empty({count, k * C}, A.options());
   at::Tensor rows = at::empty({full_batch ? 0 : count}, A.options().dtype(at::kLong));
   at::Tensor A_batch = full_batch ? A_c : at::empty({count, d}, A.options());
   at::Tensor P_batch = full_batch ? P_c : at::empty({count, C}, A.options());
@@ -135,16 +138,15 @@ std::tuple<at::Tensor, at::Tensor> head_lissa_cuda(const at::Tensor& A, const at
       at::index_select_out(P_batch, P_c, 0, rows);
     }
     // hv = Σ_B r aᵀ (unnormalised; the update below divides by count · scale).
-    head_hvp_into(A_batch, P_batch, hw, has_bias ? hb : at::Tensor(), 1, 1.0, 0.0, R, hv_w,
-                  hv_b);
+    head_hvp_into(A_batch, P_batch, hw_rows, hb_rows, k, 1.0, 0.0, R, hv_w, hv_b);
     AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "head_lissa_cuda", [&] {
       const auto keep = static_cast<scalar_t>(1.0 - damping / scale);
       const auto inv_scale = static_cast<scalar_t>(1.0 / (scale * std::max<int64_t>(count, 1)));
       cuda::lissa_update(hw.mutable_data_ptr<scalar_t>(), Gw_c.const_data_ptr<scalar_t>(),
-                         hv_w.const_data_ptr<scalar_t>(), C * d, keep, inv_scale, stream);
+                         hv_w.const_data_ptr<scalar_t>(), k * C * d, keep, inv_scale, stream);
       if (has_bias) {
         cuda::lissa_update(hb.mutable_data_ptr<scalar_t>(), Gb_c.const_data_ptr<scalar_t>(),
-                           hv_b.const_data_ptr<scalar_t>(), C, keep, inv_scale, stream);
+                           hv_b.const_data_ptr<scalar_t>(), k * C, keep, inv_scale, stream);
       }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
