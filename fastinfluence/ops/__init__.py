@@ -31,9 +31,9 @@ __all__ = [
 ]
 
 # Ops whose native kernel is the default, per device type; the others run the twin. On CPU the
-# twins of the per-sample gradient ops (batched MKL GEMMs) beat the native loops 1.5-6x
-# (benchmarks/README_ops.md). On CUDA (not yet measured) the plain per-sample gradients go to
-# cuBLAS through the twin; the dots, which the native kernels fuse, stay native.
+# twins of the per-sample gradient ops (batched MKL GEMMs) match or beat the native loops (by
+# up to 6x, benchmarks/README_ops.md). On CUDA (not yet measured) the plain per-sample
+# gradients go to cuBLAS through the twin; the dots, which the native kernels fuse, stay native.
 _PER_SAMPLE = frozenset(
     {
         "linear_per_sample_grad",
