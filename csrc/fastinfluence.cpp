@@ -1,6 +1,6 @@
 // The fastinfluence operator library: every schema, in one place. Kernels are registered per
 // device in ops/cpu/*_kernel.cpp and ops/cuda/*_glue.cpp; fake (meta) kernels and autograd in
-// fastinfluence/ops/_native.py; pure-PyTorch twins in fastinfluence/ops/reference.py.
+// fastinfluence/ops/_native.py; pure-PyTorch twins in fastinfluence/ops/twins.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -19,15 +19,17 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fastinfluence, m) {
-  // Softmax-CE head Hessian-vector product plus damping·V. The second output is empty ([0])
-  // when Vb is None (a head without bias).
+  // Softmax-CE head Hessian times k directions Vw [k, C, d], Vb [k, C], plus damping·V, in one
+  // pass over A. The second output is empty ([0]) when Vb is None (a head without bias).
   m.def("head_hvp(Tensor A, Tensor P, Tensor Vw, Tensor? Vb, float damping) -> (Tensor, Tensor)");
-  // score_i = −(p_i − onehot(y_i))ᵀ (Sw a_i + Sb).
+  // scores[i, j] = −(p_i − onehot(y_i))ᵀ (Sw[j] a_i + Sb[j]) for k directions Sw [k, C, d],
+  // Sb [k, C]: [n, k], in one pass over A.
   m.def("head_scores(Tensor A, Tensor P, Tensor y, Tensor Sw, Tensor? Sb) -> Tensor");
   // In place v ← g + (1 − damping/scale)·v − hv/scale.
   m.def("lissa_update_(Tensor(a!) v, Tensor g, Tensor hv, float damping, float scale) -> ()");
-  // The head LiSSA recursion (minibatches of batch_size rows drawn from seed; None: all rows),
-  // returning h/scale. The second output is empty ([0]) when Gb is None.
+  // The head LiSSA recursion for k right-hand sides Gw [k, C, d], Gb [k, C] (minibatches of
+  // batch_size rows drawn from seed, shared by the k; None: all rows), returning h/scale. The
+  // second output is empty ([0]) when Gb is None.
   m.def(
       "head_lissa(Tensor A, Tensor P, Tensor Gw, Tensor? Gb, float damping, float scale, "
       "int depth, int? batch_size, int seed) -> (Tensor, Tensor)");

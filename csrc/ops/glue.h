@@ -8,16 +8,17 @@
 
 namespace fastinfluence {
 
-// A [n, d], P [n, C], W [C, d], b [C] (optional): floating point, one dtype, one device.
+// A [n, d], P [n, C], and k directions shaped like the head's (weight, bias): W [k, C, d],
+// b [k, C] (optional). Floating point, one dtype, one device.
 inline void check_head(const at::Tensor& A, const at::Tensor& P, const at::Tensor& W,
                        const std::optional<at::Tensor>& b, const char* w_name,
                        const char* b_name) {
   TORCH_CHECK(A.dim() == 2, "A must be [n, d] features, got shape ", A.sizes());
   TORCH_CHECK(P.dim() == 2 && P.size(0) == A.size(0), "P must be [n=", A.size(0),
               ", C] probabilities, got shape ", P.sizes());
-  const int64_t C = P.size(1);
-  TORCH_CHECK(W.dim() == 2 && W.size(0) == C && W.size(1) == A.size(1), w_name, " must be [C=",
-              C, ", d=", A.size(1), "], got shape ", W.sizes());
+  const int64_t C = P.size(1), d = A.size(1);
+  TORCH_CHECK(W.dim() == 3 && W.size(1) == C && W.size(2) == d, w_name, " must be [k, C=", C,
+              ", d=", d, "] (k directions), got shape ", W.sizes());
   TORCH_CHECK(at::isFloatingType(A.scalar_type()), "A must be floating point, got ",
               A.scalar_type());
   TORCH_CHECK(P.scalar_type() == A.scalar_type() && W.scalar_type() == A.scalar_type(),
@@ -26,8 +27,8 @@ inline void check_head(const at::Tensor& A, const at::Tensor& P, const at::Tenso
   TORCH_CHECK(P.device() == A.device() && W.device() == A.device(), "A, P and ", w_name,
               " must be on one device");
   if (b.has_value()) {
-    TORCH_CHECK(b->dim() == 1 && b->size(0) == C, b_name, " must be [C=", C, "], got shape ",
-                b->sizes());
+    TORCH_CHECK(b->dim() == 2 && b->size(0) == W.size(0) && b->size(1) == C, b_name,
+                " must be [k=", W.size(0), ", C=", C, "], got shape ", b->sizes());
     TORCH_CHECK(b->scalar_type() == A.scalar_type() && b->device() == A.device(), b_name,
                 " must have A's dtype and device");
   }

@@ -5,6 +5,9 @@
 // logits = A Wᵀ + b and the loss the mean softmax cross-entropy. For a direction (Vw, Vb):
 //   u_i = Vw a_i + Vb,  r_i = p_i⊙u_i − p_i (p_iᵀ u_i),
 //   H V = (Σ_i r_i a_iᵀ / n,  Σ_i r_i / n).
+// The ops take k directions at once, Vw [k, C, d] and Vb [k, C]: read as k·C stacked rows of
+// one [k·C, d] matrix, so one pass over A serves all k (u_i, r_i are then [k·C], one C-block per
+// direction).
 #pragma once
 
 #include <cstdint>
@@ -39,7 +42,7 @@ FI_HOST_DEVICE FI_INLINE T head_score(const T* p, const T* s, int64_t y, int64_t
 }
 
 // Row of draw k in LiSSA step t: splitmix64(seed + (t·batch + k + 1)·φ) mod n. Counter-based,
-// so every device (and the Python twin, reference.lissa_batch_indices) draws the same rows.
+// so every device (and the Python twin, twins.lissa_batch_indices) draws the same rows.
 FI_HOST_DEVICE FI_INLINE int64_t lissa_row(int64_t seed, int64_t step, int64_t batch, int64_t k,
                                            int64_t n) {
   uint64_t z = static_cast<uint64_t>(seed) +
@@ -58,14 +61,16 @@ FI_HOST_DEVICE FI_INLINE T lissa_step(T g, T h, T hv, T keep, T inv_scale) {
   return g + keep * h - hv * inv_scale;
 }
 
-// Host: accumulates Σ r_i a_iᵀ into acc_w [C, d] and Σ r_i into acc_b [C] (if not null) over
-// rows[begin..end) (or rows begin..end when rows is null). A and P are row-major with leading
-// dimensions lda and ldp; Vb may be null; u is scratch of kRowBlock·C entries. Rows go in
-// blocks of kRowBlock so that each pass over Vw and acc_w serves several rows of A.
+// Host: accumulates Σ r_i a_iᵀ into acc_w [k·C, d] and Σ r_i into acc_b [k·C] (if not null)
+// for the k directions Vw [k·C, d], Vb [k·C] (may be null), over rows[begin..end) (or rows
+// begin..end when rows is null). A and P are row-major with leading dimensions lda and ldp;
+// u is scratch of kRowBlock·k·C entries. Rows go in blocks of kRowBlock so that each pass over
+// Vw and acc_w serves several rows of A.
 template <typename T>
 FI_INLINE void head_hvp_rows(const T* A, int64_t lda, const T* P, int64_t ldp, const T* Vw,
                              const T* Vb, const int64_t* rows, int64_t begin, int64_t end,
-                             int64_t C, int64_t d, T* u, T* acc_w, T* acc_b) {
+                             int64_t k, int64_t C, int64_t d, T* u, T* acc_w, T* acc_b) {
+  const int64_t kC = k * C;
   for (int64_t r = begin; r < end; r += kRowBlock) {
     const int rows_here = static_cast<int>(end - r < kRowBlock ? end - r : kRowBlock);
     // A short last block repeats its first row with a zero weight.
@@ -77,33 +82,37 @@ FI_INLINE void head_hvp_rows(const T* A, int64_t lda, const T* P, int64_t ldp, c
       a[b] = A + index[b] * lda;
     }
     T weight[kRowBlock];
-    for (int64_t c = 0; c < C; ++c) {
-      dot_rows(Vw + c * d, a, d, weight);
+    for (int64_t q = 0; q < kC; ++q) {
+      dot_rows(Vw + q * d, a, d, weight);
       for (int b = 0; b < kRowBlock; ++b) {
-        u[b * C + c] = weight[b] + (Vb != nullptr ? Vb[c] : T(0));
+        u[b * kC + q] = weight[b] + (Vb != nullptr ? Vb[q] : T(0));
       }
     }
     for (int b = 0; b < kRowBlock; ++b) {
-      head_residual(P + index[b] * ldp, u + b * C, C);
+      for (int64_t direction = 0; direction < k; ++direction) {
+        head_residual(P + index[b] * ldp, u + b * kC + direction * C, C);
+      }
     }
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t q = 0; q < kC; ++q) {
       for (int b = 0; b < kRowBlock; ++b) {
-        weight[b] = b < rows_here ? u[b * C + c] : T(0);
+        weight[b] = b < rows_here ? u[b * kC + q] : T(0);
         if (acc_b != nullptr) {
-          acc_b[c] += weight[b];
+          acc_b[q] += weight[b];
         }
       }
-      axpy_rows(weight, a, acc_w + c * d, d);
+      axpy_rows(weight, a, acc_w + q * d, d);
     }
   }
 }
 
-// Host: scores of rows begin..end into out; s is scratch of kRowBlock·C entries. Returns how
-// many labels were out of range (their scores are NaN).
+// Host: scores of rows begin..end along the k directions Sw [k·C, d], Sb [k·C] (may be null)
+// into out [n, k] (row-major); s is scratch of kRowBlock·k·C entries. Returns how many labels
+// were out of range (their k scores are NaN).
 template <typename T>
 FI_INLINE int64_t head_scores_rows(const T* A, int64_t lda, const T* P, int64_t ldp,
                                    const int64_t* y, const T* Sw, const T* Sb, int64_t begin,
-                                   int64_t end, int64_t C, int64_t d, T* s, T* out) {
+                                   int64_t end, int64_t k, int64_t C, int64_t d, T* s, T* out) {
+  const int64_t kC = k * C;
   int64_t bad_labels = 0;
   for (int64_t r = begin; r < end; r += kRowBlock) {
     const int rows_here = static_cast<int>(end - r < kRowBlock ? end - r : kRowBlock);
@@ -112,16 +121,18 @@ FI_INLINE int64_t head_scores_rows(const T* A, int64_t lda, const T* P, int64_t 
       a[b] = A + (r + (b < rows_here ? b : 0)) * lda;
     }
     T dots[kRowBlock];
-    for (int64_t c = 0; c < C; ++c) {
-      dot_rows(Sw + c * d, a, d, dots);
+    for (int64_t q = 0; q < kC; ++q) {
+      dot_rows(Sw + q * d, a, d, dots);
       for (int b = 0; b < kRowBlock; ++b) {
-        s[b * C + c] = dots[b] + (Sb != nullptr ? Sb[c] : T(0));
+        s[b * kC + q] = dots[b] + (Sb != nullptr ? Sb[q] : T(0));
       }
     }
     for (int b = 0; b < rows_here; ++b) {
       const int64_t i = r + b;
       bad_labels += (y[i] < 0 || y[i] >= C) ? 1 : 0;
-      out[i] = head_score(P + i * ldp, s + b * C, y[i], C);
+      for (int64_t direction = 0; direction < k; ++direction) {
+        out[i * k + direction] = head_score(P + i * ldp, s + b * kC + direction * C, y[i], C);
+      }
     }
   }
   return bad_labels;

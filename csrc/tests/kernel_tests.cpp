@@ -78,66 +78,76 @@ void test_dot_helpers(std::mt19937_64& rng) {
 }
 
 void test_head_hvp_and_scores(std::mt19937_64& rng) {
-  const int64_t n = 11, d = 19, C = 3;
-  const auto A = random_vector(n * d, rng), Vw = random_vector(C * d, rng);
-  const auto Vb = random_vector(C, rng), P = softmax_rows(random_vector(n * C, rng), n, C);
-  std::vector<double> acc_w(C * d, 0), acc_b(C, 0), u(fi::kRowBlock * C), scores(n);
-  fi::head_hvp_rows(A.data(), d, P.data(), C, Vw.data(), Vb.data(), nullptr, 0, n, C, d,
+  // k = 3 directions, read as k·C stacked rows.
+  const int64_t n = 11, d = 19, C = 3, k = 3, kC = k * C;
+  const auto A = random_vector(n * d, rng), Vw = random_vector(kC * d, rng);
+  const auto Vb = random_vector(kC, rng), P = softmax_rows(random_vector(n * C, rng), n, C);
+  std::vector<double> acc_w(kC * d, 0), acc_b(kC, 0), u(fi::kRowBlock * kC), scores(n * k);
+  fi::head_hvp_rows(A.data(), d, P.data(), C, Vw.data(), Vb.data(), nullptr, 0, n, k, C, d,
                     u.data(), acc_w.data(), acc_b.data());
   std::vector<int64_t> y(n);
   for (int64_t i = 0; i < n; ++i) {
     y[i] = i % C;
   }
   const int64_t bad = fi::head_scores_rows(A.data(), d, P.data(), C, y.data(), Vw.data(),
-                                           Vb.data(), 0, n, C, d, u.data(), scores.data());
+                                           Vb.data(), 0, n, k, C, d, u.data(), scores.data());
   if (bad != 0) {
     std::printf("FAIL head_scores_rows: %lld bad labels reported\n", static_cast<long long>(bad));
     ++failures;
   }
-  std::vector<double> want_w(C * d, 0), want_b(C, 0);
+  std::vector<double> want_w(kC * d, 0), want_b(kC, 0);
   for (int64_t i = 0; i < n; ++i) {
-    double U[C], pu = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      U[c] = Vb[c];
-      for (int64_t j = 0; j < d; ++j) {
-        U[c] += Vw[c * d + j] * A[i * d + j];
+    for (int64_t j = 0; j < k; ++j) {
+      double U[C], pu = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t q = j * C + c;
+        U[c] = Vb[q];
+        for (int64_t e = 0; e < d; ++e) {
+          U[c] += Vw[q * d + e] * A[i * d + e];
+        }
+        pu += P[i * C + c] * U[c];
       }
-      pu += P[i * C + c] * U[c];
-    }
-    double score = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      const double r = P[i * C + c] * U[c] - P[i * C + c] * pu;
-      for (int64_t j = 0; j < d; ++j) {
-        want_w[c * d + j] += r * A[i * d + j];
+      double score = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t q = j * C + c;
+        const double r = P[i * C + c] * U[c] - P[i * C + c] * pu;
+        for (int64_t e = 0; e < d; ++e) {
+          want_w[q * d + e] += r * A[i * d + e];
+        }
+        want_b[q] += r;
+        score -= (P[i * C + c] - (c == y[i] ? 1.0 : 0.0)) * U[c];
       }
-      want_b[c] += r;
-      score -= (P[i * C + c] - (c == y[i] ? 1.0 : 0.0)) * U[c];
+      expect_close(scores[i * k + j], score, "head_scores_rows");
     }
-    expect_close(scores[i], score, "head_scores_rows");
   }
-  for (int64_t e = 0; e < C * d; ++e) {
+  for (int64_t e = 0; e < kC * d; ++e) {
     expect_close(acc_w[e], want_w[e], "head_hvp_rows weight");
   }
-  for (int64_t c = 0; c < C; ++c) {
-    expect_close(acc_b[c], want_b[c], "head_hvp_rows bias");
+  for (int64_t q = 0; q < kC; ++q) {
+    expect_close(acc_b[q], want_b[q], "head_hvp_rows bias");
   }
   // Index lists: the same rows listed explicitly give the same sums.
   std::vector<int64_t> rows(n);
   for (int64_t i = 0; i < n; ++i) {
     rows[i] = n - 1 - i;
   }
-  std::vector<double> listed_w(C * d, 0);
-  fi::head_hvp_rows(A.data(), d, P.data(), C, Vw.data(), Vb.data(), rows.data(), 0, n, C, d,
+  std::vector<double> listed_w(kC * d, 0);
+  fi::head_hvp_rows(A.data(), d, P.data(), C, Vw.data(), Vb.data(), rows.data(), 0, n, k, C, d,
                     u.data(), listed_w.data(), static_cast<double*>(nullptr));
-  for (int64_t e = 0; e < C * d; ++e) {
+  for (int64_t e = 0; e < kC * d; ++e) {
     expect_close(listed_w[e], want_w[e], "head_hvp_rows with row list");
   }
   y[2] = C;
-  if (fi::head_scores_rows(A.data(), d, P.data(), C, y.data(), Vw.data(), Vb.data(), 0, n, C, d,
-                           u.data(), scores.data()) != 1 ||
-      !std::isnan(scores[2])) {
-    std::printf("FAIL head_scores_rows: an out-of-range label must give NaN and be counted\n");
+  if (fi::head_scores_rows(A.data(), d, P.data(), C, y.data(), Vw.data(), Vb.data(), 0, n, k, C,
+                           d, u.data(), scores.data()) != 1) {
+    std::printf("FAIL head_scores_rows: an out-of-range label must be counted once\n");
     ++failures;
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    if (!std::isnan(scores[2 * k + j])) {
+      std::printf("FAIL head_scores_rows: an out-of-range label must give NaN scores\n");
+      ++failures;
+    }
   }
 }
 
@@ -156,7 +166,7 @@ void test_lissa_rows() {
   for (int64_t count : counts) {
     expect_close(static_cast<double>(count), 1000.0, "lissa_row uniformity", 0.15);
   }
-  // The Python twin draws the same rows: reference.lissa_batch_indices(5, 1, 4, 1000).
+  // The Python twin draws the same rows: twins.lissa_batch_indices(5, 1, 4, 1000).
   const int64_t python_rows[4] = {461, 436, 609, 515};
   for (int64_t k = 0; k < 4; ++k) {
     expect_close(static_cast<double>(fi::lissa_row(5, 1, 4, k, 1000)),

@@ -288,20 +288,15 @@ class HeadBackend(CurvatureBackend):
         minibatch_size: int | None,
         seed: int,
     ) -> torch.Tensor | None:
-        """A whole minibatch LiSSA recursion per right-hand side in one native call
+        """A whole minibatch LiSSA recursion for all right-hand sides in one native call
         (:func:`fastinfluence.ops.head_lissa`); ``None`` for full-batch recursions, which
         the solver runs itself so that it can stop early on the residual."""
         if minibatch_size is None:
             return None
         weights, biases = self.layout.split(rhs)
-        columns = []
-        for index in range(len(rhs)):
-            bias = None if biases is None else biases[index]
-            xw, xb = ops.head_lissa(self.train_features.features, self.train_features.probs,
-                                    weights[index], bias, damping, scale, depth,
-                                    minibatch_size, seed)
-            columns.append(self.layout.join(xw, xb))
-        return torch.stack(columns)
+        xw, xb = ops.head_lissa(self.train_features.features, self.train_features.probs,
+                                weights, biases, damping, scale, depth, minibatch_size, seed)
+        return self.layout.join(xw, xb)
 
 
 class NetworkBackend(CurvatureBackend):

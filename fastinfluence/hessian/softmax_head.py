@@ -87,12 +87,8 @@ def per_sample_gradients(data: HeadFeatures, layout: HeadLayout) -> torch.Tensor
 def hvp(data: HeadFeatures, layout: HeadLayout, vectors: torch.Tensor) -> torch.Tensor:
     """``H V`` for flat ``vectors`` [k, p] (no damping)."""
     weights, biases = layout.split(vectors)
-    out = []
-    for index in range(len(vectors)):
-        bias = None if biases is None else biases[index]
-        hw, hb = ops.head_hvp(data.features, data.probs, weights[index], bias, 0.0)
-        out.append(layout.join(hw, hb))
-    return torch.stack(out)
+    hw, hb = ops.head_hvp(data.features, data.probs, weights, biases, 0.0)
+    return layout.join(hw, hb)
 
 
 def dense_hessian(data: HeadFeatures, layout: HeadLayout) -> torch.Tensor:
@@ -125,9 +121,4 @@ def scores(data: HeadFeatures, layout: HeadLayout, directions: torch.Tensor) -> 
     """``−sᵀ∇l_i`` for each sample and each flat direction ``s`` in ``directions`` [k, p];
     returns ``[n, k]``."""
     weights, biases = layout.split(directions)
-    columns = []
-    for index in range(len(directions)):
-        bias = None if biases is None else biases[index]
-        columns.append(ops.head_scores(data.features, data.probs, data.labels,
-                                       weights[index], bias))
-    return torch.stack(columns, dim=1)
+    return ops.head_scores(data.features, data.probs, data.labels, weights, biases)

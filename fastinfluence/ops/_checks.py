@@ -13,7 +13,8 @@ def _check(condition: bool, message: str) -> None:
 
 
 def check_head(A: Tensor, P: Tensor, W: Tensor, b: Tensor | None, w_name: str, b_name: str) -> None:
-    """A [n, d], P [n, C], W [C, d], b [C] or None, all of one floating dtype."""
+    """A [n, d], P [n, C], and k directions shaped like the head's (weight, bias): W [k, C, d],
+    b [k, C] or None; one floating dtype."""
     _check(A.dim() == 2, f"A must be [n, d] features, got shape {tuple(A.shape)}")
     n, d = A.shape
     _check(
@@ -21,7 +22,10 @@ def check_head(A: Tensor, P: Tensor, W: Tensor, b: Tensor | None, w_name: str, b
         f"P must be [n={n}, C] probabilities, got shape {tuple(P.shape)}",
     )
     C = P.shape[1]
-    _check(W.shape == (C, d), f"{w_name} must be [C={C}, d={d}], got shape {tuple(W.shape)}")
+    _check(
+        W.dim() == 3 and W.shape[1:] == (C, d),
+        f"{w_name} must be [k, C={C}, d={d}] (k directions), got shape {tuple(W.shape)}",
+    )
     _check(A.dtype.is_floating_point, f"A must be floating point, got {A.dtype}")
     dtypes = [P.dtype, W.dtype] + ([b.dtype] if b is not None else [])
     _check(
@@ -29,7 +33,8 @@ def check_head(A: Tensor, P: Tensor, W: Tensor, b: Tensor | None, w_name: str, b
         f"A, P, {w_name} and {b_name} must share one dtype, got {A.dtype} and {dtypes}",
     )
     if b is not None:
-        _check(b.shape == (C,), f"{b_name} must be [C={C}], got shape {tuple(b.shape)}")
+        k = W.shape[0]
+        _check(b.shape == (k, C), f"{b_name} must be [k={k}, C={C}], got shape {tuple(b.shape)}")
 
 
 def check_labels(y: Tensor, n: int) -> None:

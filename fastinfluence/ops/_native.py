@@ -8,15 +8,16 @@ Backward formulas (gout the incoming gradient; sums over repeated indices):
 - conv2d G[n,c,k] = g[n,c,l] x[n,k,l]:  dx = gGᵀ g,  dg = gG x.
 - conv2d dot out[n] = v[c,k] g[n,c,l] x[n,k,l]:  dx = gout·(vᵀ g),  dg = gout·(v x),
   dv = gout[n] g[n,c,l] x[n,k,l].
-- head scores out[i] = −(p_i − y_i)ᵀ s_i, s_i = Sw a_i + Sb:  ds = −gout·(P − Y),
-  dA = ds Sw,  dSw = dsᵀ A,  dSb = colsum(ds),  dP = −gout·S.
+- head scores out[i,j] = −(p_i − y_i)ᵀ s_ij, s_ij = Sw[j] a_i + Sb[j]:
+  ds[i,j] = −gout[i,j]·(p_i − y_i),  dA[i] = Σ_j Sw[j]ᵀ ds[i,j],  dSw[j] = Σ_i ds[i,j] a_iᵀ,
+  dSb[j] = Σ_i ds[i,j],  dP[i] = −Σ_j gout[i,j]·s_ij.
 """
 
 import torch
 from torch import Tensor
 
 from fastinfluence.ops import _checks
-from fastinfluence.ops.reference import as_samples
+from fastinfluence.ops.twins import as_samples
 
 
 def _needs(ctx, index: int) -> bool:
@@ -36,7 +37,7 @@ def _head_hvp_fake(A, P, Vw, Vb, damping):
 def _head_scores_fake(A, P, y, Sw, Sb):
     _checks.check_head(A, P, Sw, Sb, "Sw", "Sb")
     _checks.check_labels(y, A.shape[0])
-    return A.new_empty((A.shape[0],))
+    return A.new_empty((A.shape[0], Sw.shape[0]))
 
 
 @torch.library.register_fake("fastinfluence::lissa_update_")
@@ -126,16 +127,17 @@ def _head_scores_setup(ctx, inputs, output):
 
 def _head_scores_backward(ctx, gout):
     A, P, y, Sw, *bias = ctx.saved_tensors
-    residual = P - torch.nn.functional.one_hot(y, P.shape[1]).to(P.dtype)
-    ds = -gout[:, None] * residual
-    dA = ds @ Sw if _needs(ctx, 0) else None
+    (n, d), (k, C) = A.shape, Sw.shape[:2]
+    residual = P - torch.nn.functional.one_hot(y, C).to(P.dtype)
+    ds = (-gout[:, :, None] * residual[:, None, :]).reshape(n, k * C)
+    dA = ds @ Sw.reshape(k * C, d) if _needs(ctx, 0) else None
     if _needs(ctx, 1):
-        S = A @ Sw.T + (bias[0] if ctx.has_bias else 0)
-        dP = -gout[:, None] * S
+        S = (A @ Sw.reshape(k * C, d).T).reshape(n, k, C) + (bias[0] if ctx.has_bias else 0)
+        dP = -(gout[:, :, None] * S).sum(dim=1)
     else:
         dP = None
-    dSw = ds.T @ A if _needs(ctx, 3) else None
-    dSb = ds.sum(dim=0) if ctx.has_bias and _needs(ctx, 4) else None
+    dSw = (ds.T @ A).reshape(k, C, d) if _needs(ctx, 3) else None
+    dSb = ds.sum(dim=0).reshape(k, C) if ctx.has_bias and _needs(ctx, 4) else None
     return dA, dP, None, dSw, dSb
 
 

@@ -17,14 +17,15 @@ requires_cuda = pytest.mark.skipif(
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4)}
 
 
-def head_problem(n, d, C, dtype=torch.float64, device="cpu", seed=0, bias=True):
-    """(A, P, y, Vw, Vb): features, probabilities, labels, and a direction shaped like (W, b)."""
+def head_problem(n, d, C, dtype=torch.float64, device="cpu", seed=0, bias=True, k=1):
+    """(A, P, y, Vw, Vb): features, probabilities, labels, and k directions shaped like the
+    head's (W, b): Vw [k, C, d], Vb [k, C]."""
     gen = torch.Generator().manual_seed(seed)
     A = torch.randn(n, d, generator=gen, dtype=torch.float64)
     P = torch.softmax(torch.randn(n, C, generator=gen, dtype=torch.float64) * 2, dim=1)
     y = torch.randint(0, C, (n,), generator=gen)
-    Vw = torch.randn(C, d, generator=gen, dtype=torch.float64)
-    Vb = torch.randn(C, generator=gen, dtype=torch.float64) if bias else None
+    Vw = torch.randn(k, C, d, generator=gen, dtype=torch.float64)
+    Vb = torch.randn(k, C, generator=gen, dtype=torch.float64) if bias else None
     floats = [t if t is None else t.to(device=device, dtype=dtype) for t in (A, P, Vw, Vb)]
     return floats[0], floats[1], y.to(device), floats[2], floats[3]
 

@@ -5,7 +5,7 @@ import torch
 from conftest import TOLERANCE, noncontiguous, requires_native
 
 from fastinfluence import ops
-from fastinfluence.ops import reference
+from fastinfluence.ops import twins
 
 NATIVE = torch.ops.fastinfluence
 LINEAR_SHAPES = [((0, 4), 3), ((5, 7), 3), ((4, 3, 6), 2), ((3, 2, 5, 9), 4), ((6, 1, 33), 17)]
@@ -24,22 +24,22 @@ def test_twins_equal_autograd_per_sample_gradients():
     for i in range(5):
         out = linear(x_seq[i : i + 1])
         (grad_w,) = torch.autograd.grad((out**2).sum(), linear.weight)
-        G = reference.linear_per_sample_grad(x_seq[i : i + 1], 2 * out.detach())
+        G = twins.linear_per_sample_grad(x_seq[i : i + 1], 2 * out.detach())
         torch.testing.assert_close(G[0], grad_w)
         out = conv(x_img[i : i + 1])
         (grad_w,) = torch.autograd.grad((out**2).sum(), conv.weight)
         unfolded = torch.nn.functional.unfold(x_img[i : i + 1], 3, padding=1)
-        G = reference.conv2d_per_sample_grad(unfolded, 2 * out.detach().flatten(2))
+        G = twins.conv2d_per_sample_grad(unfolded, 2 * out.detach().flatten(2))
         torch.testing.assert_close(G[0].reshape(conv.weight.shape), grad_w)
 
 
 def test_twin_dots_equal_dots_of_materialised_gradients():
     x, g, v = random((4, 3, 6)), random((4, 3, 5), seed=1), random((5, 6), seed=2)
-    G = reference.linear_per_sample_grad(x, g)
-    torch.testing.assert_close(reference.linear_per_sample_grad_dot(x, g, v), (G * v).sum((1, 2)))
+    G = twins.linear_per_sample_grad(x, g)
+    torch.testing.assert_close(twins.linear_per_sample_grad_dot(x, g, v), (G * v).sum((1, 2)))
     x, g, v = random((4, 6, 10)), random((4, 3, 10), seed=1), random((3, 6), seed=2)
-    G = reference.conv2d_per_sample_grad(x, g)
-    torch.testing.assert_close(reference.conv2d_per_sample_grad_dot(x, g, v), (G * v).sum((1, 2)))
+    G = twins.conv2d_per_sample_grad(x, g)
+    torch.testing.assert_close(twins.conv2d_per_sample_grad_dot(x, g, v), (G * v).sum((1, 2)))
 
 
 @requires_native
@@ -52,13 +52,13 @@ def test_native_linear_matches_twin(dtype, x_shape, out):
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(
         NATIVE.linear_per_sample_grad(x, g),
-        reference.linear_per_sample_grad(x, g),
+        twins.linear_per_sample_grad(x, g),
         atol=atol,
         rtol=rtol,
     )
     torch.testing.assert_close(
         NATIVE.linear_per_sample_grad_dot(x, g, v),
-        reference.linear_per_sample_grad_dot(x, g, v),
+        twins.linear_per_sample_grad_dot(x, g, v),
         atol=atol,
         rtol=rtol,
     )
@@ -76,13 +76,13 @@ def test_native_conv2d_matches_twin(dtype, n, K, L, C_out):
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(
         NATIVE.conv2d_per_sample_grad(x, g),
-        reference.conv2d_per_sample_grad(x, g),
+        twins.conv2d_per_sample_grad(x, g),
         atol=atol,
         rtol=rtol,
     )
     torch.testing.assert_close(
         NATIVE.conv2d_per_sample_grad_dot(x, g, v),
-        reference.conv2d_per_sample_grad_dot(x, g, v),
+        twins.conv2d_per_sample_grad_dot(x, g, v),
         atol=atol,
         rtol=rtol,
     )
@@ -94,24 +94,24 @@ def test_native_per_sample_ops_accept_non_contiguous_inputs():
     xs, gs, vs = noncontiguous(x), noncontiguous(g), noncontiguous(v)
     assert not xs.is_contiguous()
     torch.testing.assert_close(
-        NATIVE.linear_per_sample_grad(xs, gs), reference.linear_per_sample_grad(x, g)
+        NATIVE.linear_per_sample_grad(xs, gs), twins.linear_per_sample_grad(x, g)
     )
     torch.testing.assert_close(
-        NATIVE.linear_per_sample_grad_dot(xs, gs, vs), reference.linear_per_sample_grad_dot(x, g, v)
+        NATIVE.linear_per_sample_grad_dot(xs, gs, vs), twins.linear_per_sample_grad_dot(x, g, v)
     )
     x, g, v = random((3, 6, 10)), random((3, 4, 10), seed=1), random((4, 6), seed=2)
     xs, gs, vs = noncontiguous(x), noncontiguous(g), noncontiguous(v)
     torch.testing.assert_close(
-        NATIVE.conv2d_per_sample_grad(xs, gs), reference.conv2d_per_sample_grad(x, g)
+        NATIVE.conv2d_per_sample_grad(xs, gs), twins.conv2d_per_sample_grad(x, g)
     )
     torch.testing.assert_close(
-        NATIVE.conv2d_per_sample_grad_dot(xs, gs, vs), reference.conv2d_per_sample_grad_dot(x, g, v)
+        NATIVE.conv2d_per_sample_grad_dot(xs, gs, vs), twins.conv2d_per_sample_grad_dot(x, g, v)
     )
 
 
 @pytest.mark.parametrize("implementation", [pytest.param("native", marks=requires_native), "twin"])
 def test_per_sample_ops_name_the_bad_argument(implementation):
-    source = NATIVE if implementation == "native" else reference
+    source = NATIVE if implementation == "native" else twins
     x, g = random((4, 3, 6)), random((4, 3, 5))
     with pytest.raises(RuntimeError, match="grad_out must be"):
         source.linear_per_sample_grad(x, g[:, :2])
@@ -124,17 +124,17 @@ def test_per_sample_ops_name_the_bad_argument(implementation):
 def test_wrappers_agree_with_twins():
     x, g, v = random((4, 3, 6)), random((4, 3, 5), seed=1), random((5, 6), seed=2)
     torch.testing.assert_close(
-        ops.linear_per_sample_grad(x, g), reference.linear_per_sample_grad(x, g)
+        ops.linear_per_sample_grad(x, g), twins.linear_per_sample_grad(x, g)
     )
     torch.testing.assert_close(
-        ops.linear_per_sample_grad_dot(x, g, v), reference.linear_per_sample_grad_dot(x, g, v)
+        ops.linear_per_sample_grad_dot(x, g, v), twins.linear_per_sample_grad_dot(x, g, v)
     )
     x, g, v = random((3, 6, 10)), random((3, 4, 10), seed=1), random((4, 6), seed=2)
     torch.testing.assert_close(
-        ops.conv2d_per_sample_grad(x, g), reference.conv2d_per_sample_grad(x, g)
+        ops.conv2d_per_sample_grad(x, g), twins.conv2d_per_sample_grad(x, g)
     )
     torch.testing.assert_close(
-        ops.conv2d_per_sample_grad_dot(x, g, v), reference.conv2d_per_sample_grad_dot(x, g, v)
+        ops.conv2d_per_sample_grad_dot(x, g, v), twins.conv2d_per_sample_grad_dot(x, g, v)
     )
 
 

@@ -1,10 +1,13 @@
 // CUDA kernels of the softmax-CE head ops (math in ops/head_common.h). No torch headers.
 //
-// HVP: a fixed grid of kHvpBlocks blocks splits the rows; each block streams its rows of A
-// once, computing a row's residual r (block reductions of the C dot products) and adding
-// r aᵀ into the block's private accumulator (shared memory when C·d fits, else global
-// workspace) while the row is still in cache. A second kernel sums the block accumulators in a
-// fixed order, so results are deterministic.
+// head_scores and the first pass of head_hvp share one shape: a warp per row of A (the grid
+// sized to n, capped at the resident blocks, the rest by grid stride), the row's k·C dot
+// products with the directions W [k·C, d] by warp reductions, W staged once per block in
+// shared memory when it fits (else read through the read-only cache). head_scores then writes
+// u_y − pᵀu per direction; head_hvp writes the residuals R [n, k·C], and the glue forms
+// Rᵀ A / n + damping·V with one GEMM (cuBLAS reads A at bandwidth). So the HVP reads A twice;
+// a single fused pass would need a [k·C, d] accumulator per block, which does not fit in
+// registers or shared memory for the engine's sizes and costs more traffic in global memory.
 #include "ops/cuda/launchers.h"
 #include "ops/cuda/reduce.cuh"
 #include "ops/head_common.h"
@@ -13,114 +16,92 @@ namespace fastinfluence {
 namespace cuda {
 namespace {
 
-constexpr int kHvpBlocks = 264;  // about two blocks per SM on A100/H100
 constexpr int64_t kMaxClasses = kHeadMaxClassesCuda;
-constexpr size_t kSharedAccumulatorBytes = 40 * 1024;
+// W is staged in shared memory up to this size, which keeps several blocks resident per SM.
+constexpr size_t kStagedDirectionBytes = 32 * 1024;
+// Classes whose dot products share each load of the row a.
+constexpr int kClassTile = 4;
+// Resident blocks per SM aimed at by the grid cap (8 warps each).
+constexpr int kBlocksPerSm = 4;
 
+// One warp, one row a [d] with probabilities p [C], direction j: u[c] (the warp's shared
+// buffer) ← W[j·C + c]·a + b[j·C + c] for c < C; returns pᵀu (on every lane).
 template <typename T>
-__global__ void hvp_partial_kernel(const T* A, const T* P, const T* Vw, const T* Vb,
-                                   const int64_t* rows, int64_t count, int64_t C, int64_t d,
-                                   T* workspace, bool shared_accumulator) {
-  extern __shared__ unsigned char shared_bytes[];
-  __shared__ T scratch[kWarpsPerBlock];
-  __shared__ T residual[kMaxClasses];
-  const int64_t stride = C * d + C;
-  T* block_out = workspace + blockIdx.x * stride;
-  T* acc = shared_accumulator ? reinterpret_cast<T*>(shared_bytes) : block_out;
-  for (int64_t j = threadIdx.x; j < stride; j += blockDim.x) {
-    acc[j] = T(0);
+__device__ __forceinline__ T row_direction(const T* __restrict__ a, const T* __restrict__ p,
+                                           const T* W, const T* __restrict__ b, int64_t j,
+                                           int64_t C, int64_t d, int lane, T* u) {
+  for (int64_t c0 = 0; c0 < C; c0 += kClassTile) {
+    const T* w = W + (j * C + c0) * d;
+    const int64_t tile = C - c0 < kClassTile ? C - c0 : kClassTile;
+    T partial[kClassTile] = {};
+    for (int64_t e = lane; e < d; e += kWarpSize) {
+      const T ae = a[e];
+#pragma unroll
+      for (int t = 0; t < kClassTile; ++t) {
+        if (t < tile) {
+          partial[t] += w[t * d + e] * ae;
+        }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < kClassTile; ++t) {
+      const T total = warp_sum(partial[t]);  // every lane takes part, also for t >= tile
+      if (lane == 0 && t < tile) {
+        u[c0 + t] = total + (b != nullptr ? b[j * C + c0 + t] : T(0));
+      }
+    }
   }
-  __syncthreads();
-  const int64_t begin = blockIdx.x * count / gridDim.x;
-  const int64_t end = (blockIdx.x + 1) * count / gridDim.x;
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t i = rows != nullptr ? rows[r] : r;
-    const T* a = A + i * d;
-    for (int64_t c = 0; c < C; ++c) {
-      T partial = 0;
-      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-        partial += Vw[c * d + j] * a[j];
-      }
-      const T u = block_sum(partial, scratch);
-      if (threadIdx.x == 0) {
-        residual[c] = u + (Vb != nullptr ? Vb[c] : T(0));
-      }
+  __syncwarp();
+  T pu = 0;
+  for (int64_t c = lane; c < C; c += kWarpSize) {
+    pu += p[c] * u[c];
+  }
+  return warp_sum(pu);
+}
+
+// kScores: out [n, k] scores, bad_labels += rows whose label is not in [0, C) (NaN scores).
+// Else: out [n, k·C] residuals r = p⊙u − p (pᵀu).
+template <typename T, bool kScores>
+__global__ void head_rows_kernel(const T* __restrict__ A, const T* __restrict__ P,
+                                 const int64_t* __restrict__ y, const T* __restrict__ W,
+                                 const T* __restrict__ b, int64_t n, int64_t k, int64_t C,
+                                 int64_t d, bool stage_directions, T* __restrict__ out,
+                                 int* bad_labels) {
+  extern __shared__ __align__(16) unsigned char staged_bytes[];
+  __shared__ T u_buffers[kWarpsPerBlock][kMaxClasses];
+  const int64_t kC = k * C;
+  const T* directions = W;
+  if (stage_directions) {
+    T* staged = reinterpret_cast<T*>(staged_bytes);
+    for (int64_t e = threadIdx.x; e < kC * d; e += blockDim.x) {
+      staged[e] = W[e];
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      head_residual(P + i * C, residual, C);
-    }
-    __syncthreads();
-    for (int64_t c = 0; c < C; ++c) {
-      const T rc = residual[c];
-      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-        acc[c * d + j] += rc * a[j];
-      }
-    }
-    if (threadIdx.x == 0) {
-      for (int64_t c = 0; c < C; ++c) {
-        acc[C * d + c] += residual[c];
-      }
-    }
-    __syncthreads();  // residual is rewritten by the next row
+    directions = staged;
   }
-  __syncthreads();
-  if (shared_accumulator) {
-    for (int64_t j = threadIdx.x; j < stride; j += blockDim.x) {
-      block_out[j] = acc[j];
-    }
-  }
-}
-
-template <typename T>
-__global__ void sum_partials_kernel(const T* workspace, int64_t blocks, int64_t C, int64_t d,
-                                    T* sum_w, T* sum_b) {
-  const int64_t stride = C * d + C;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < stride;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    T total = 0;
-    for (int64_t b = 0; b < blocks; ++b) {
-      total += workspace[b * stride + e];
-    }
-    if (e < C * d) {
-      sum_w[e] = total;
-    } else if (sum_b != nullptr) {
-      sum_b[e - C * d] = total;
-    }
-  }
-}
-
-template <typename T>
-__global__ void combine_kernel(const T* sum, const T* v, T scale_sum, T scale_v, int64_t len,
-                               T* out) {
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < len;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[e] = scale_sum * sum[e] + scale_v * v[e];
-  }
-}
-
-// One warp per row: C dot products by warp reductions, the score by lane 0.
-template <typename T>
-__global__ void scores_kernel(const T* A, const T* P, const int64_t* y, const T* Sw,
-                              const T* Sb, int64_t n, int64_t C, int64_t d, T* scores) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarpSize);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x / kWarpSize) +
-                   threadIdx.x / kWarpSize;
-       i < n; i += warps) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  T* u = u_buffers[warp];
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock) {
     const T* a = A + i * d;
-    const int64_t label = y[i];
-    T total = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      T partial = 0;
-      for (int64_t j = lane; j < d; j += kWarpSize) {
-        partial += Sw[c * d + j] * a[j];
+    const T* p = P + i * C;
+    const int64_t label = kScores ? y[i] : 0;
+    const bool label_ok = label >= 0 && label < C;
+    for (int64_t j = 0; j < k; ++j) {
+      const T pu = row_direction(a, p, directions, b, j, C, d, lane, u);
+      if (kScores) {
+        if (lane == 0) {
+          out[i * k + j] = label_ok ? u[label] - pu : T(0) / T(0);
+        }
+      } else {
+        for (int64_t c = lane; c < C; c += kWarpSize) {
+          out[i * kC + j * C + c] = p[c] * (u[c] - pu);
+        }
       }
-      const T s = warp_sum(partial) + (Sb != nullptr ? Sb[c] : T(0));
-      total += ((c == label) ? s : T(0)) - P[i * C + c] * s;
+      __syncwarp();  // u is rewritten by the next direction
     }
-    if (lane == 0) {
-      scores[i] = (label < 0 || label >= C) ? T(0) / T(0) : total;
+    if (kScores && lane == 0 && !label_ok) {
+      atomicAdd(bad_labels, 1);
     }
   }
 }
@@ -133,35 +114,33 @@ __global__ void rows_kernel(int64_t seed, int64_t step, int64_t batch, int64_t n
   }
 }
 
-}  // namespace
-
-int64_t head_hvp_workspace_size(int64_t C, int64_t d) { return kHvpBlocks * (C * d + C); }
-
-template <typename T>
-void head_hvp_sum(const T* A, const T* P, const T* Vw, const T* Vb, const int64_t* rows,
-                  int64_t count, int64_t C, int64_t d, T* sum_w, T* sum_b, T* workspace,
-                  cudaStream_t stream) {
-  const size_t accumulator_bytes = static_cast<size_t>(C * d + C) * sizeof(T);
-  const bool shared_accumulator = accumulator_bytes <= kSharedAccumulatorBytes;
-  hvp_partial_kernel<T><<<kHvpBlocks, kBlockThreads, shared_accumulator ? accumulator_bytes : 0,
-                          stream>>>(A, P, Vw, Vb, rows, count, C, d, workspace,
-                                    shared_accumulator);
-  sum_partials_kernel<T><<<blocks_for(C * d + C, kBlockThreads), kBlockThreads, 0, stream>>>(
-      workspace, kHvpBlocks, C, d, sum_w, sum_b);
+template <typename T, bool kScores>
+void launch_head_rows(const T* A, const T* P, const int64_t* y, const T* W, const T* b,
+                      int64_t n, int64_t k, int64_t C, int64_t d, T* out, int* bad_labels,
+                      cudaStream_t stream) {
+  const size_t direction_bytes = static_cast<size_t>(k * C * d) * sizeof(T);
+  const bool stage = direction_bytes > 0 && direction_bytes <= kStagedDirectionBytes;
+  int device = 0, sms = 1;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int blocks = blocks_for(n, kWarpsPerBlock, static_cast<int64_t>(sms) * kBlocksPerSm);
+  head_rows_kernel<T, kScores><<<blocks, kBlockThreads, stage ? direction_bytes : 0, stream>>>(
+      A, P, y, W, b, n, k, C, d, stage, out, bad_labels);
 }
 
+}  // namespace
+
 template <typename T>
-void combine(const T* sum, const T* v, T scale_sum, T scale_v, int64_t len, T* out,
-             cudaStream_t stream) {
-  combine_kernel<T><<<blocks_for(len, kBlockThreads), kBlockThreads, 0, stream>>>(
-      sum, v, scale_sum, scale_v, len, out);
+void head_residuals(const T* A, const T* P, const T* Vw, const T* Vb, int64_t n, int64_t k,
+                    int64_t C, int64_t d, T* R, cudaStream_t stream) {
+  launch_head_rows<T, false>(A, P, nullptr, Vw, Vb, n, k, C, d, R, nullptr, stream);
 }
 
 template <typename T>
 void head_scores(const T* A, const T* P, const int64_t* y, const T* Sw, const T* Sb, int64_t n,
-                 int64_t C, int64_t d, T* scores, cudaStream_t stream) {
-  scores_kernel<T><<<blocks_for(n, kWarpsPerBlock), kBlockThreads, 0, stream>>>(
-      A, P, y, Sw, Sb, n, C, d, scores);
+                 int64_t k, int64_t C, int64_t d, T* scores, int* bad_labels,
+                 cudaStream_t stream) {
+  launch_head_rows<T, true>(A, P, y, Sw, Sb, n, k, C, d, scores, bad_labels, stream);
 }
 
 void lissa_rows(int64_t seed, int64_t step, int64_t batch, int64_t n, int64_t* rows,
@@ -171,11 +150,10 @@ void lissa_rows(int64_t seed, int64_t step, int64_t batch, int64_t n, int64_t* r
 }
 
 #define FI_INSTANTIATE_HEAD(T)                                                                  \
-  template void head_hvp_sum<T>(const T*, const T*, const T*, const T*, const int64_t*, int64_t, \
-                                int64_t, int64_t, T*, T*, T*, cudaStream_t);                   \
-  template void combine<T>(const T*, const T*, T, T, int64_t, T*, cudaStream_t);              \
+  template void head_residuals<T>(const T*, const T*, const T*, const T*, int64_t, int64_t,     \
+                                  int64_t, int64_t, T*, cudaStream_t);                         \
   template void head_scores<T>(const T*, const T*, const int64_t*, const T*, const T*, int64_t, \
-                               int64_t, int64_t, T*, cudaStream_t);
+                               int64_t, int64_t, int64_t, T*, int*, cudaStream_t);
 FI_INSTANTIATE_HEAD(float)
 FI_INSTANTIATE_HEAD(double)
 #undef FI_INSTANTIATE_HEAD

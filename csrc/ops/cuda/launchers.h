@@ -11,27 +11,23 @@
 namespace fastinfluence {
 namespace cuda {
 
-// The head kernels keep one row's C residuals in shared memory: C must not exceed this.
+// The head kernels keep one row's C values per direction in shared memory: C must not exceed
+// this.
 constexpr int64_t kHeadMaxClassesCuda = 64;
 
-// Unnormalised head HVP over `count` rows (rows[0..count), or 0..count when rows is null):
-// sum_w [C, d] ← Σ r_i a_iᵀ, sum_b [C] ← Σ r_i (skipped when null). workspace holds
-// head_hvp_workspace_size(C, d) elements.
-int64_t head_hvp_workspace_size(int64_t C, int64_t d);
+// First pass of the head HVP for k directions Vw [k·C, d], Vb [k·C] (may be null):
+// R [n, k·C] with R[i, j·C + c] = (p_i⊙u − p_i (p_iᵀu))_c, u = Vw[j] a_i + Vb[j].
 template <typename T>
-void head_hvp_sum(const T* A, const T* P, const T* Vw, const T* Vb, const int64_t* rows,
-                  int64_t count, int64_t C, int64_t d, T* sum_w, T* sum_b, T* workspace,
-                  cudaStream_t stream);
+void head_residuals(const T* A, const T* P, const T* Vw, const T* Vb, int64_t n, int64_t k,
+                    int64_t C, int64_t d, T* R, cudaStream_t stream);
 
-// out = scale_sum·sum + scale_v·v, elementwise over len entries.
-template <typename T>
-void combine(const T* sum, const T* v, T scale_sum, T scale_v, int64_t len, T* out,
-             cudaStream_t stream);
-
-// scores[i] = −(p_i − onehot(y_i))ᵀ (Sw a_i + Sb); NaN where y_i is not in [0, C).
+// scores [n, k], scores[i, j] = −(p_i − onehot(y_i))ᵀ (Sw[j] a_i + Sb[j]); rows whose label
+// is not in [0, C) get NaN and are counted into *bad_labels (device memory, zeroed by the
+// caller).
 template <typename T>
 void head_scores(const T* A, const T* P, const int64_t* y, const T* Sw, const T* Sb, int64_t n,
-                 int64_t C, int64_t d, T* scores, cudaStream_t stream);
+                 int64_t k, int64_t C, int64_t d, T* scores, int* bad_labels,
+                 cudaStream_t stream);
 
 // h ← g + keep·h − hv·inv_scale over len entries.
 template <typename T>

@@ -21,33 +21,38 @@ _MIX2 = 0x94D049BB133111EB
 def head_hvp(
     A: Tensor, P: Tensor, Vw: Tensor, Vb: Tensor | None, damping: float
 ) -> tuple[Tensor, Tensor | None]:
-    """Head Hessian-vector product plus damping.
+    """Head Hessian times k directions plus damping: Vw [k, C, d], Vb [k, C] or None.
 
-    ``U = A Vwᵀ + Vb``, ``R = P⊙U − P⊙rowsum(P⊙U)``,
-    ``HVw = Rᵀ A / n + damping·Vw``, ``HVb = colsum(R) / n + damping·Vb``.
+    Per direction j: ``U_j = A Vw[j]ᵀ + Vb[j]``, ``R_j = P⊙U_j − P⊙rowsum(P⊙U_j)``,
+    ``HVw[j] = R_jᵀ A / n + damping·Vw[j]``, ``HVb[j] = colsum(R_j) / n + damping·Vb[j]``.
     An empty batch has a zero Hessian.
     """
     _checks.check_head(A, P, Vw, Vb, "Vw", "Vb")
-    U = A @ Vw.T
+    n, d = A.shape
+    k, C = Vw.shape[0], P.shape[1]
+    U = (A @ Vw.reshape(k * C, d).T).reshape(n, k, C)
     if Vb is not None:
         U = U + Vb
-    PU = P * U
-    R = PU - P * PU.sum(dim=1, keepdim=True)
-    rows = max(A.shape[0], 1)
-    HVw = R.T @ A / rows + damping * Vw
+    PU = P[:, None, :] * U
+    R = PU - P[:, None, :] * PU.sum(dim=2, keepdim=True)
+    rows = max(n, 1)
+    HVw = (R.reshape(n, k * C).T @ A).reshape(k, C, d) / rows + damping * Vw
     HVb = None if Vb is None else R.sum(dim=0) / rows + damping * Vb
     return HVw, HVb
 
 
 def head_scores(A: Tensor, P: Tensor, y: Tensor, Sw: Tensor, Sb: Tensor | None) -> Tensor:
-    """Per-row influence scores ``score_i = −(p_i − onehot(y_i))ᵀ (Sw a_i + Sb)`` ([n])."""
+    """Per-row influence scores along k directions Sw [k, C, d], Sb [k, C] or None:
+    ``scores[i, j] = −(p_i − onehot(y_i))ᵀ (Sw[j] a_i + Sb[j])`` ([n, k])."""
     _checks.check_head(A, P, Sw, Sb, "Sw", "Sb")
     _checks.check_labels(y, A.shape[0])
-    S = A @ Sw.T
+    n, d = A.shape
+    k, C = Sw.shape[0], P.shape[1]
+    S = (A @ Sw.reshape(k * C, d).T).reshape(n, k, C)
     if Sb is not None:
         S = S + Sb
-    residual = P - torch.nn.functional.one_hot(y, P.shape[1]).to(P.dtype)
-    return -(residual * S).sum(dim=1)
+    residual = P - torch.nn.functional.one_hot(y, C).to(P.dtype)
+    return -(residual[:, None, :] * S).sum(dim=2)
 
 
 def lissa_update_(v: Tensor, g: Tensor, hv: Tensor, damping: float, scale: float) -> Tensor:
@@ -82,11 +87,12 @@ def head_lissa(
     batch_size: int | None,
     seed: int,
 ) -> tuple[Tensor, Tensor | None]:
-    """LiSSA for the head: ``h₀ = g``, ``h_{t+1} = g + (1 − damping/scale)·h_t − H_B h_t/scale``.
+    """LiSSA for the head and k right-hand sides g = (Gw [k, C, d], Gb [k, C] or None):
+    ``h₀ = g``, ``h_{t+1} = g + (1 − damping/scale)·h_t − H_B h_t/scale``.
 
     ``H_B`` is the head Hessian (``head_hvp`` without damping) on the rows
-    ``lissa_batch_indices(seed, t, batch_size, n)``, or on all rows when ``batch_size`` is None
-    or >= n. Returns ``h_depth / scale`` ≈ ``(H + damping·I)⁻¹ g``.
+    ``lissa_batch_indices(seed, t, batch_size, n)`` (the same for all k), or on all rows when
+    ``batch_size`` is None or >= n. Returns ``h_depth / scale`` ≈ ``(H + damping·I)⁻¹ g``.
     """
     _checks.check_head(A, P, Gw, Gb, "Gw", "Gb")
     _checks.check_lissa_params(damping, scale, depth, batch_size)
