@@ -19,6 +19,9 @@ fi
 # Pin torch first so that nothing below can resolve another (CUDA) build of it; numpy with it,
 # or importing torch in setup.py warns "Failed to initialize NumPy".
 "$VENV/bin/pip" install -q "torch==2.13.0" "numpy>=1.24"
-MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/pip" install -q --no-build-isolation -e ".[dev,datasets]"
+# setuptools' "Editable installation" notice (a same-named folder in the working directory
+# would shadow the package) is silenced: here that folder is the package being installed.
+PYTHONWARNINGS="ignore:Editable installation.:UserWarning" MAX_JOBS="${MAX_JOBS:-2}" \
+    "$VENV/bin/pip" install -q --no-build-isolation -e ".[dev,datasets]"
 touch "$STAMP"
 echo "fastinfluence: environment ready in $VENV"
