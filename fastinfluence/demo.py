@@ -283,8 +283,8 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
         f"{accuracy['train_true_labels']:.3f} (true labels), val {accuracy['val']:.3f}, "
         f"test {accuracy['test']:.3f}")
     accuracy_note = (
-        f"val and test accuracy are not comparable: the {len(splits.y_val)} val images (5% of "
-        f"the patients) are clean, as the influence target, while the training and the "
+        f"val and test accuracy are not comparable: the {len(splits.y_val)} val images (the 5% "
+        f"split by patient) are clean, as the influence target, while the training and the "
         f"{len(splits.y_test)} test images carry Gaussian noise (sigma 32)"
     )
     log(f"  {accuracy_note}")
