@@ -6,21 +6,38 @@ The native sources live in ``csrc/``; see DESIGN.md §4 and the README's "Native
   ``auto`` (default): CPU, plus CUDA when torch was built with CUDA and nvcc is found;
   ``1``: CPU and CUDA, failing if that is impossible; ``0``: CPU only.
 CUDA builds honour ``TORCH_CUDA_ARCH_LIST`` and default to ``8.0;9.0`` (sm_80, sm_90).
+
+The extension links against the torch it is compiled with, and torch's C++ ABI changes between
+releases: the runtime requirement is therefore ``torch==<that version>`` (computed here, hence
+``dynamic = ["dependencies"]`` in pyproject.toml), and the build writes that version into
+``fastinfluence/_build_info.py`` so that ``fastinfluence._extension`` can name a mismatch.
 """
 
 import glob
 import os
 import sys
 
+import torch
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
+BUILD_INFO = os.path.join("fastinfluence", "_build_info.py")
+# Runtime dependencies besides torch, whose pin is computed in runtime_requirements().
+BASE_REQUIREMENTS = ["numpy>=1.24", "tqdm>=4.60", "scipy>=1.10"]
+
+
+def runtime_requirements(torch_version: str) -> list[str]:
+    """``torch==`` the release being built against, plus the other runtime dependencies.
+
+    The local label (``+cpu``, ``+cu130``) is dropped: PEP 440 cannot pin it in a requirement
+    that pip resolves from PyPI, and the release number is what fixes torch's C++ ABI.
+    """
+    return [f"torch=={torch_version.split('+', 1)[0]}", *BASE_REQUIREMENTS]
 
 
 def cuda_wanted() -> bool:
     """Resolve FASTINFLUENCE_CUDA=auto|0|1 against the installed torch and toolkit."""
-    import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
     choice = os.environ.get("FASTINFLUENCE_CUDA", "auto").strip().lower()
@@ -40,7 +57,6 @@ def cuda_wanted() -> bool:
 
 
 def native_extensions():
-    import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -75,8 +91,36 @@ def native_extensions():
         f"against torch {torch.__version__} "
         f"(FASTINFLUENCE_CUDA={os.environ.get('FASTINFLUENCE_CUDA', 'auto')})"
     )
-    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
+    return [ext], {"build_ext": build_ext_recording_torch(BuildExtension)}
+
+
+def build_ext_recording_torch(base: type) -> type:
+    """torch's ``BuildExtension`` that also writes ``fastinfluence/_build_info.py`` next to the
+    built extension (in the build folder, and in the source tree for in-place and editable
+    builds)."""
+
+    class BuildNative(base.with_options(no_python_abi_suffix=True)):
+        def run(self) -> None:
+            super().run()
+            text = (
+                '"""Written by setup.py when it builds fastinfluence._C: the torch it was '
+                'compiled against."""\n\n'
+                f'TORCH_VERSION = "{torch.__version__}"\n'
+            )
+            targets = [os.path.join(self.build_lib, BUILD_INFO)]
+            if self.inplace:
+                targets.append(os.path.join(ROOT, BUILD_INFO))
+            for target in targets:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "w", encoding="utf-8") as handle:
+                    handle.write(text)
+
+    return BuildNative
 
 
 ext_modules, cmdclass = native_extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=runtime_requirements(torch.__version__),
+)

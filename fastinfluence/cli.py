@@ -16,11 +16,17 @@ def _info(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from fastinfluence.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(
+    config = DemoConfig(
         seed=args.seed, epochs=args.epochs, image_size=args.image_size,
         label_noise=args.label_noise, n_slices=args.slices, n_patients=args.patients,
         out=args.out, progress=args.progress, device=args.device,
-    ))
+    )
+    try:
+        config.validate()
+    except ValueError as error:
+        # An argument error (usage, exit status 2) before any data is generated.
+        args.parser.error(str(error))
+    run_demo(config)
     return 0
 
 
@@ -51,7 +57,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
                       default=defaults.progress, help="show progress bars")
     demo.add_argument("--device", default=defaults.device,
                       help="cpu, cuda, ...; None: cuda when available, else cpu")
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_demo, parser=demo)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastinfluence._optional import require
 from fastinfluence.datasets import (
     add_noise,
     flip_labels_symmetric,
@@ -63,6 +64,21 @@ class DemoConfig:
     out: Path = Path("runs/demo/influence_demo.png")
     progress: bool = True
     device: str | None = None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting out of range (before any work)."""
+        if not 0 <= self.label_noise < 1:
+            raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
+        for name in ("epochs", "top_k", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("n_slices", "n_patients"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer or None, "
+                                 f"got {getattr(self, name)}")
+        # PaperCNN owns the size rule (one 2x2 pool per block); an invalid size fails before
+        # it allocates anything.
+        PaperCNN(image_size=self.image_size)
 
 
 @dataclass
@@ -156,24 +172,32 @@ def _rows(order: torch.Tensor, splits: _Splits, scores: torch.Tensor,
 
 
 def _precision_at(k: int, harmful_order: torch.Tensor, flipped: torch.Tensor) -> dict[str, Any]:
-    """Flipped labels among the ``k`` most harmful samples, against a random ranking."""
+    """precision@k: the fraction of the ``k`` most harmful samples whose label was flipped.
+
+    Its chance level is the flipped fraction of the training set, the expected precision of a
+    ranking in random order.
+    """
     found = int(flipped[harmful_order[:k]].sum())
-    expected = k * float(flipped.double().mean())
     return {
         "k": k,
         "flipped_found": found,
-        "expected_at_random": expected,
-        "precision": found / k if k else 0.0,
-        "base_rate": float(flipped.double().mean()),
+        "precision": found / k,
+        "chance_precision": float(flipped.double().mean()),
     }
 
 
-def _save_figure(path: Path, splits: _Splits, harmful: list[dict[str, Any]],
-                 helpful: list[dict[str, Any]]) -> None:
-    from matplotlib.figure import Figure
+def _precision_line(entry: dict[str, Any]) -> str:
+    k, chance = entry["k"], entry["chance_precision"]
+    line = (f"precision@{k} (flipped labels among the {k} most harmful): "
+            f"{entry['precision']:.2f} ({entry['flipped_found']} of {k}); chance level "
+            f"{chance:.2f} (the flipped fraction of the training set)")
+    return line + (f", {entry['precision'] / chance:.1f}x chance" if chance else "")
 
+
+def _save_figure(figure_class: type, path: Path, splits: _Splits,
+                 harmful: list[dict[str, Any]], helpful: list[dict[str, Any]]) -> None:
     columns = max(len(harmful), len(helpful))
-    figure = Figure(figsize=(1.9 * columns, 5.8), layout="constrained")
+    figure = figure_class(figsize=(1.9 * columns, 5.8), layout="constrained")
     axes = figure.subplots(2, columns, squeeze=False)
     names = splits.class_names
     for row, (title, entries) in enumerate(
@@ -223,14 +247,20 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
 
     Returns:
         The summary also written to ``summary.json`` next to ``config.out``: the settings,
-        accuracies, the influence report (path, solver, residual, seconds per stage), the
-        most harmful / helpful samples, precision@k of flipped labels, one score per training
-        sample and which training labels were flipped, and the output paths.
+        accuracies and why val and test differ, the influence report (path, solver,
+        residual, seconds per stage), the most harmful / helpful samples, precision@k of
+        flipped labels with its chance level, one score per training sample and which
+        training labels were flipped, and the output paths.
+
+    Raises:
+        ValueError: a setting out of range (:meth:`DemoConfig.validate`).
+        ImportError: matplotlib is missing; raised before any data is generated.
     """
-    if not 0 <= config.label_noise < 1:
-        raise ValueError(f"label_noise must be in [0, 1), got {config.label_noise}")
-    if config.epochs < 1 or config.top_k < 1 or config.batch_size < 1:
-        raise ValueError("epochs, top_k and batch_size must be positive")
+    config.validate()
+    # The figure is drawn last: fail now, not after the training, when matplotlib is missing.
+    figure_class = require(
+        "matplotlib.figure", "matplotlib", "examples", "the demo's figure"
+    ).Figure
     total_start = time.perf_counter()
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)
@@ -252,6 +282,12 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
         f"train {accuracy['train_given_labels']:.3f} (given labels) / "
         f"{accuracy['train_true_labels']:.3f} (true labels), val {accuracy['val']:.3f}, "
         f"test {accuracy['test']:.3f}")
+    accuracy_note = (
+        f"val and test accuracy are not comparable: the {len(splits.y_val)} val images (the 5% "
+        f"split by patient) are clean, as the influence target, while the training and the "
+        f"{len(splits.y_test)} test images carry Gaussian noise (sigma 32)"
+    )
+    log(f"  {accuracy_note}")
 
     start = time.perf_counter()
     influence = Influence(model, (splits.x_train, splits.y_train), (splits.x_val, splits.y_val),
@@ -284,18 +320,17 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     if n_flipped and n_flipped != k:
         precision.append(_precision_at(n_flipped, harmful_order, splits.flipped))
     for entry in precision:
-        log(f"flipped labels among the top-{entry['k']} harmful: {entry['flipped_found']} "
-            f"(precision@{entry['k']} = {entry['precision']:.2f}); expected at random "
-            f"{entry['expected_at_random']:.2f} (base rate {entry['base_rate']:.2f})")
+        log(_precision_line(entry))
 
     out = Path(config.out)
     summary_path = out.with_name("summary.json")
-    _save_figure(out, splits, harmful, helpful)
+    _save_figure(figure_class, out, splits, harmful, helpful)
     summary = {
         "config": {**asdict(config), "out": str(out), "device": str(device)},
         "sizes": {"train": n_train, "val": len(splits.y_val), "test": len(splits.y_test),
                   "flipped": n_flipped},
         "accuracy": accuracy,
+        "accuracy_note": accuracy_note,
         "influence": {
             "path": report.path,
             "path_reason": report.path_reason,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates the virtual env (default .venv; FASTINFLUENCE_VENV overrides) with torch==2.13.0 and
-# fastinfluence installed in editable mode with its dev extras, building the native extension.
+# fastinfluence installed in editable mode with its dev and datasets extras, building the
+# native extension against that torch (the install then requires exactly that release).
 # Re-running it reinstalls only when setup.py, pyproject.toml or csrc/ changed since.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +16,12 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
-# Pin torch first so that nothing below can resolve another (CUDA) build of it.
-"$VENV/bin/pip" install -q "torch==2.13.0"
-MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/pip" install -q --no-build-isolation -e ".[dev]"
+# Pin torch first so that nothing below can resolve another (CUDA) build of it; numpy with it,
+# or importing torch in setup.py warns "Failed to initialize NumPy".
+"$VENV/bin/pip" install -q "torch==2.13.0" "numpy>=1.24"
+# setuptools' "Editable installation" notice (a same-named folder in the working directory
+# would shadow the package) is silenced: here that folder is the package being installed.
+PYTHONWARNINGS="ignore:Editable installation.:UserWarning" MAX_JOBS="${MAX_JOBS:-2}" \
+    "$VENV/bin/pip" install -q --no-build-isolation -e ".[dev,datasets]"
 touch "$STAMP"
 echo "fastinfluence: environment ready in $VENV"

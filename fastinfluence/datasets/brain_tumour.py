@@ -16,7 +16,7 @@ import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from fastinfluence.datasets._template import Template, load_template
+from fastinfluence.datasets.mni_template import Template, load_template
 
 CLASS_NAMES: tuple[str, str, str] = ("meningioma", "glioma", "pituitary")
 PAPER_SLICES_PER_CLASS: tuple[int, int, int] = (708, 1426, 930)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fastinfluence._optional import require
 from fastinfluence.datasets.brain_tumour import CLASS_NAMES, BrainTumourData
 
 _FIELDS = ("label", "PID", "image", "tumorMask")
@@ -45,7 +46,7 @@ def load_figshare_brain_tumour(
     Returns:
         A :class:`BrainTumourData` with labels 0 meningioma, 1 glioma, 2 pituitary.
     """
-    h5py = _h5py()
+    h5py = require("h5py", "h5py", "datasets", "reading MATLAB v7.3 files")
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"root is not a folder: {root}")
@@ -95,14 +96,6 @@ def load_figshare_brain_tumour(
         class_names=CLASS_NAMES,
         folds=_folds(root / "cvind.mat", files, h5py),
     )
-
-
-def _h5py() -> ModuleType:
-    try:
-        import h5py
-    except ImportError as error:  # pragma: no cover - h5py is a declared dependency
-        raise ImportError("reading MATLAB v7.3 files needs h5py (pip install h5py)") from error
-    return h5py
 
 
 def _file_number(path: Path) -> tuple[int, str]:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fastinfluence._optional import require
+
 ISIC2017_CLASSES: tuple[str, ...] = ("melanoma", "seborrheic_keratosis", "nevus")
 ISIC2018_CLASSES: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 BINARY_CLASSES: tuple[str, ...] = ("benign", "melanoma")
@@ -130,7 +132,7 @@ def _assemble(
     image_size: int | None,
     progress: bool | None,
 ) -> SkinLesionData:
-    from PIL import Image
+    Image = require("PIL.Image", "Pillow", "datasets", "reading ISIC images")
 
     if image_size is not None and (
         isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastinfluence._optional import require
 from fastinfluence.datasets.brain_tumour import BrainTumourData
 from fastinfluence.datasets.noise import NoiseKind, add_noise
 
@@ -26,7 +27,9 @@ def save_brain_tumour_grid(
 
     Uses matplotlib's object API (no pyplot, no global backend change). Returns the path.
     """
-    from matplotlib.figure import Figure
+    Figure = require(
+        "matplotlib.figure", "matplotlib", "examples", "save_brain_tumour_grid"
+    ).Figure
 
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
         raise ValueError(f"per_class must be a positive integer, got {per_class!r}")

@@ -1,7 +1,11 @@
-"""fastinfluence.info(), `python -m fastinfluence info`, and the warned twin fallback."""
+"""fastinfluence.info(), `python -m fastinfluence info`, the warned twin fallback, the
+build-time torch check and FASTINFLUENCE_REQUIRE_NATIVE."""
 
+import os
+import re
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -48,3 +52,54 @@ def test_missing_extension_runs_twins_and_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ops.lissa_update_(v, g, hv, 0.0, 1.0)
+
+
+def test_extension_built_for_another_torch_release_is_not_loaded_and_says_why(monkeypatch):
+    running = torch.__version__
+    reason = _extension._load_native("2.0.1")
+    assert reason == f"built against torch 2.0.1, running torch {running}"
+    # Another local build (+cpu / +cu130) of the running release is the same release.
+    same_release = running.split("+")[0] + "+cu130"
+    assert _extension._load_native(same_release) == _extension._load_native(running)
+
+    monkeypatch.setitem(sys.modules, "fastinfluence._build_info",
+                        types.SimpleNamespace(TORCH_VERSION="2.0.1"))
+    assert _extension._build_torch_version() == "2.0.1"
+    monkeypatch.setitem(sys.modules, "fastinfluence._build_info", None)
+    assert _extension._build_torch_version() is None
+
+    monkeypatch.setattr(_extension, "LOAD_ERROR", reason)
+    monkeypatch.setattr(_extension, "BUILT_AGAINST_TORCH", "2.0.1")
+    monkeypatch.setattr(_extension, "_warned", set())
+    text = _extension.format_info(_extension.info())
+    assert f"NOT loaded (built against torch 2.0.1, running torch {running})" in text
+    with pytest.warns(RuntimeWarning, match=re.escape(reason)):
+        ops.lissa_update_(torch.ones(3), torch.ones(3), torch.ones(3), 0.0, 1.0)
+
+
+def test_require_native_turns_an_unloadable_extension_into_an_import_error():
+    # A fresh interpreter in which `import fastinfluence._C` fails.
+    code = (
+        "import sys; sys.modules['fastinfluence._C'] = None\n"
+        "from fastinfluence import _extension; print(_extension.LOAD_ERROR)\n"
+    )
+    outcomes = {}
+    for value in ("0", "1", "yes"):
+        env = {**os.environ, "FASTINFLUENCE_REQUIRE_NATIVE": value}
+        outcomes[value] = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env
+        )
+    halted = "ModuleNotFoundError: import of fastinfluence._C halted"
+    assert outcomes["0"].returncode == 0 and outcomes["0"].stdout.startswith(halted)
+    assert outcomes["1"].returncode != 0
+    assert (f"ImportError: FASTINFLUENCE_REQUIRE_NATIVE=1, but fastinfluence._C is not loaded "
+            f"({halted}") in outcomes["1"].stderr
+    assert outcomes["yes"].returncode != 0
+    assert "FASTINFLUENCE_REQUIRE_NATIVE must be 0 or 1, got 'yes'" in outcomes["yes"].stderr
+
+
+@pytest.mark.skipif(os.environ.get("FASTINFLUENCE_REQUIRE_NATIVE") != "1",
+                    reason="CI's check (FASTINFLUENCE_REQUIRE_NATIVE=1) of the installed build")
+def test_ci_build_loaded_and_recorded_the_torch_it_was_built_against():
+    assert _extension.loaded()
+    assert _extension.BUILT_AGAINST_TORCH == torch.__version__

@@ -8,6 +8,8 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
+from fastinfluence._optional import require
+
 _BRAIN_THRESHOLD = 0.05
 _DISTANCE_STEP = 2  # voxels; the distance maps are computed on a 2 mm grid (fast, smooth enough)
 _HULL_CLOSING_MM = 28.0  # closes the skull-base notches so the skull is drawn around, not into
@@ -61,14 +63,10 @@ def _signed_distance(mask: np.ndarray, step: float) -> np.ndarray:
 def load_template() -> Template:
     """Load the 1 mm MNI152 T1 template from nilearn's wheel (no download) and derive the
     signed distance maps. Cached for the life of the process, never on disk."""
-    try:
-        from nilearn.datasets import load_mni152_template
-    except ImportError as error:  # pragma: no cover - nilearn is a declared dependency
-        raise ImportError(
-            "the brain-tumour generator needs nilearn (pip install nilearn): it reads the "
-            "MNI152 template bundled in nilearn's wheel"
-        ) from error
-    image = load_mni152_template(resolution=1)
+    nilearn_datasets = require(
+        "nilearn.datasets", "nilearn", "datasets", "the brain-tumour generator (MNI152 template)"
+    )
+    image = nilearn_datasets.load_mni152_template(resolution=1)
     volume = np.asarray(image.dataobj, dtype=np.float32)
     volume = np.clip(volume / volume.max(), 0.0, 1.0)
     brain = ndimage.binary_fill_holes(volume > _BRAIN_THRESHOLD)

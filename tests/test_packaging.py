@@ -1,0 +1,101 @@
+"""Packaging: the sdist's contents and metadata, the set-up script, and the optional
+dependencies of ``fastinfluence.datasets`` (the ``[datasets]`` extra)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_source_tree = pytest.mark.skipif(
+    not (ROOT / "setup.py").is_file(), reason="needs the source tree (setup.py, csrc/)"
+)
+
+
+@needs_source_tree
+def test_sdist_has_every_native_source_pins_the_build_torch_and_builds_quietly(tmp_path):
+    # The PEP 517 hook that `pip` and `python -m build --no-isolation` call.
+    build = "import sys, setuptools.build_meta as m; print(m.build_sdist(sys.argv[1]))"
+    result = subprocess.run(
+        [sys.executable, "-W", "default", "-c", build, str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    output = result.stdout + result.stderr
+    for unwanted in ("Deprecat", "project.license", "Failed to initialize NumPy", "warning:"):
+        assert unwanted not in output, f"the sdist build printed {unwanted!r}:\n{output}"
+
+    archive = tmp_path / result.stdout.strip().splitlines()[-1]
+    with tarfile.open(archive) as sdist:
+        top = sdist.getnames()[0].split("/")[0]
+        names = {name.removeprefix(f"{top}/") for name in sdist.getnames()}
+        metadata = sdist.extractfile(f"{top}/PKG-INFO").read().decode()
+    native = [p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*") if p.is_file()]
+    assert {p.rsplit(".", 1)[-1] for p in native} >= {"h", "cpp", "cu", "cuh"}
+    missing = sorted(set(native + ["CMakeLists.txt", "scripts/native_check.sh"]) - names)
+    assert not missing, f"not in the sdist: {missing}"
+
+    requires = re.findall(r"^Requires-Dist: (.+)$", metadata, flags=re.MULTILINE)
+    release = torch.__version__.split("+")[0]
+    assert f"torch=={release}" in requires
+    assert not [r for r in requires if r.startswith("torch") and r != f"torch=={release}"]
+    assert re.search(r"^License-Expression: MIT$", metadata, flags=re.MULTILINE)
+    for package in ("nilearn", "h5py", "Pillow"):
+        lines = [r for r in requires if r.startswith(package)]
+        assert lines and all('extra == "datasets"' in r for r in lines), lines
+
+
+@needs_source_tree
+def test_setup_script_installs_numpy_with_torch_then_the_dev_and_datasets_extras():
+    lines = [line.strip() for line in (ROOT / "scripts/setup.sh").read_text().splitlines()
+             if "pip\" install" in line and not line.lstrip().startswith("#")]
+    torch_line = next(i for i, line in enumerate(lines) if '"torch==2.13.0"' in line)
+    editable_line = next(i for i, line in enumerate(lines) if " -e " in line)
+    # numpy must be there when setup.py imports torch, or torch warns while building.
+    assert "numpy" in lines[torch_line] and torch_line < editable_line
+    assert '".[dev,datasets]"' in lines[editable_line]
+    assert "FASTINFLUENCE_REQUIRE_NATIVE=1" in (ROOT / ".ci/run").read_text()
+
+
+def test_datasets_import_without_optional_dependencies_and_name_the_extra(tmp_path):
+    # A fresh interpreter in which nilearn, h5py, Pillow and matplotlib cannot be imported.
+    code = textwrap.dedent(f"""
+        import json, sys
+        for name in ("nilearn", "nilearn.datasets", "h5py", "PIL", "PIL.Image",
+                     "matplotlib", "matplotlib.figure"):
+            sys.modules[name] = None
+        import fastinfluence.datasets as fd
+        from fastinfluence.datasets.mni_template import load_template
+        tmp = {str(tmp_path)!r}
+        with open(tmp + "/truth.csv", "w") as f:
+            f.write("image_id,melanoma,seborrheic_keratosis\\nISIC_0000000,0,0\\n")
+        calls = {{
+            "nilearn": lambda: load_template(),
+            "h5py": lambda: fd.load_figshare_brain_tumour(tmp),
+            "Pillow": lambda: fd.load_isic2017(tmp, tmp + "/truth.csv"),
+            "matplotlib": lambda: fd.save_brain_tumour_grid(None, tmp + "/grid.png"),
+        }}
+        errors = {{}}
+        for package, call in calls.items():
+            try:
+                call()
+                errors[package] = None
+            except ImportError as error:
+                errors[package] = str(error)
+        print(json.dumps(errors))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    for package in ("nilearn", "h5py", "Pillow"):
+        assert errors[package] is not None, f"{package}: no ImportError"
+        assert package in errors[package]
+        assert 'pip install "fastinfluence[datasets]"' in errors[package]
+    assert 'pip install "fastinfluence[examples]"' in errors["matplotlib"]
