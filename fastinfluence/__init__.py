@@ -3,7 +3,7 @@
 >>> import fastinfluence as fi
 >>> scores = fi.score(model, (X_train, y_train), (X_val, y_val))   # > 0 means harmful
 
-Sign and damping conventions: see :mod:`fastinfluence.scoring` and DESIGN.md §1.
+Sign and damping conventions: see :mod:`fastinfluence.scoring` and docs/design.md §1.
 """
 
 from fastinfluence._extension import info

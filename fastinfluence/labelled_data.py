@@ -1,6 +1,6 @@
 """Adapters that turn the accepted data forms into batches, and the input checks.
 
-Accepted forms (DESIGN.md §2): a ``(X, y)`` tuple of tensors, a map-style ``Dataset`` yielding
+Accepted forms (docs/design.md §2): a ``(X, y)`` tuple of tensors, a map-style ``Dataset`` yielding
 ``(x, y)``, or a ``DataLoader`` over one. Influence needs a sized data set that can be read
 again in a fixed order (``H`` and ``∇L`` are means over it; scores come back one per sample),
 so a ``DataLoader`` is re-read over ``loader.dataset`` in index order: its ``shuffle`` and
@@ -224,6 +224,7 @@ class LabelledData:
         return part
 
     def num_batches(self) -> int:
+        """Batches per pass (for progress bars)."""
         batch_size = self.loader_batch_size or self.batch_size
         return -(-self.length // batch_size)
 

@@ -16,7 +16,7 @@ class ParameterSelection:
     """The selected parameters, in the model's ``named_parameters`` order.
 
     ``names`` index ``model.named_parameters()``; the flat vector of the selection is the
-    concatenation of the flattened tensors in this order (DESIGN.md §2, ``Influence.ihvp``).
+    concatenation of the flattened tensors in this order (docs/design.md §2, ``Influence.ihvp``).
     """
 
     names: tuple[str, ...]
@@ -26,9 +26,11 @@ class ParameterSelection:
 
     @property
     def numel(self) -> int:
+        """``p``, the number of selected parameter entries."""
         return sum(s.numel() for s in self.shapes)
 
     def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Tensors shaped like the selected parameters, in their order, as one flat vector."""
         return torch.cat([t.reshape(-1) for t in tensors])
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:

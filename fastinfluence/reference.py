@@ -6,7 +6,7 @@ backward, explicit Hessians built row by row, and LiSSA exactly as in Koh & Lian
 slow, and that is fine: clarity comes first, so that each function can be checked by reading it.
 The fast engine (``fastinfluence.score`` / ``fastinfluence.Influence``) is tested against it.
 
-Conventions (DESIGN.md §1), shared with the engine:
+Conventions (docs/design.md §1), shared with the engine:
 
 * ``l(z, θ)`` is the per-sample loss (default: cross-entropy on logits), ``L(D, θ)`` its mean.
 * ``H`` is the Hessian of the **mean** training loss ``L(D_train, θ)`` with respect to the

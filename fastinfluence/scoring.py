@@ -1,4 +1,4 @@
-"""``Influence`` and ``score``: the public entry points (DESIGN.md §1–§3).
+"""``Influence`` and ``score``: the public entry points (docs/design.md §1–§3).
 
 Conventions (Koh & Liang 2017; shared/papers/isr-isp-noisy-brain-mri.md Eq. 3, 7, 8):
 

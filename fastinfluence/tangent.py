@@ -1,7 +1,7 @@
 """A fused forward-mode pass: per-sample directional derivatives of a layer chain.
 
 For a direction ``d`` over θ_S, scoring needs ``dᵀ∇_θ l(z_i)`` for every sample — the
-tangent of the per-sample losses when θ moves along ``d`` (DESIGN.md §3.1). The general
+tangent of the per-sample losses when θ moves along ``d`` (docs/design.md §3). The general
 engine gets it from ``torch.func.jvp``, which is this module's slow, obviously-right twin.
 For models that are a plain chain of common eval-mode layers, :class:`TangentProgram` runs the
 same derivative by hand, cheaper:

@@ -17,7 +17,7 @@ Kinds (``n1, n2 ~ N(0, sigma^2)`` independent, ``v = 255 * x``):
   scale. It is always positive, with mean ``sigma * sqrt(pi/2) * L_1/2(-nu^2/2)`` (about 24.8
   for the paper's values): it brightens the image as well as adding spread.
 
-Both Rician kinds have non-zero mean noise, as DESIGN.md §5 records; :func:`rice_moments`
+Both Rician kinds have non-zero mean noise, as docs/design.md §5 records; :func:`rice_moments`
 gives the closed-form mean and variance.
 """
 

@@ -63,6 +63,7 @@ class KroneckerLayer:
 
     @property
     def out_features(self) -> int:
+        """Rows of the layer's matrix view (output channels)."""
         return self.module.weight.shape[0]
 
     @property

@@ -1,6 +1,6 @@
 """Solvers for ``x = (H + λI)^{-1} b`` with one or many right-hand sides ``b``.
 
-``λ`` (``damping``) is always the additive damping of DESIGN.md §1; the solvers converge to
+``λ`` (``damping``) is always the additive damping of docs/design.md §1; the solvers converge to
 ``(H + λI)^{-1} b`` and nothing else. LiSSA's ``scale`` is an internal step size, not damping.
 Every solve returns a :class:`SolveReport` with the *true* relative residual
 ``‖(H + λI)x − b‖ / ‖b‖`` measured after the solve; a solve that misses its tolerance warns.

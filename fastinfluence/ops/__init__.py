@@ -1,4 +1,4 @@
-"""Typed entry points of the native ops (DESIGN.md §3 item 4).
+"""Typed entry points of the native ops (docs/design.md §3 item 4).
 
 Each function runs the registered op ``torch.ops.fastinfluence.<name>`` when the extension has
 a kernel for the inputs' device and that kernel beats the pure-PyTorch twin there

@@ -1,6 +1,6 @@
 """Pure-PyTorch twins of the native ops: the test oracle, and the fallback without ``_C``.
 
-Conventions (DESIGN.md §1 and §3 item 3): ``A`` [n, d] are the head's input features, ``P``
+Conventions (docs/design.md §1 and §3 item 3): ``A`` [n, d] are the head's input features, ``P``
 [n, C] its softmax probabilities, ``y`` [n] the labels. The head is ``logits = A Wᵀ + b`` and
 its loss the mean softmax cross-entropy over the n rows.
 """

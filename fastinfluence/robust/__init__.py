@@ -1,4 +1,4 @@
-"""Robust training for noisy images (the ISR/ISP paper, DESIGN.md §5).
+"""Robust training for noisy images (the ISR/ISP paper, docs/design.md §5).
 
 >>> from fastinfluence.robust import ISPTrainer, ISPConfig
 >>> result = ISPTrainer(model, ISPConfig(lr=1e-3)).fit(train, val, test)

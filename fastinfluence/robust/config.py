@@ -1,4 +1,4 @@
-"""Validated settings of the robust trainers (DESIGN.md §5 for the paper's values).
+"""Validated settings of the robust trainers (docs/design.md §5 for the paper's values).
 
 Paper symbols: ``T`` = ``epochs``, ``T_pre`` = ``pretrain_epochs``, ``m`` = ``max_weight``,
 ``r`` = ``ratio``, ``γ`` = ``gamma``, ``η`` = ``lr``, ``α`` = ``alpha``, ``ε`` = ``epsilon``.

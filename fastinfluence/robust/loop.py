@@ -50,7 +50,7 @@ class EpochRecord:
 
 @dataclass
 class TrainResult:
-    """What a run reports (DESIGN.md §5: never select on the test set).
+    """What a run reports (docs/design.md §5: never select on the test set).
 
     Attributes:
         history: one :class:`EpochRecord` per epoch.

@@ -1,8 +1,8 @@
 """The ISR/ISP paper's training methods: Naive, AT, ISR (Algorithm 1), ISP (Algorithm 2).
 
-Influence conventions (DESIGN.md §1): ``I(z) = −∇L(D_val)ᵀ H_λ^{-1} ∇l(z)``, positive =
+Influence conventions (docs/design.md §1): ``I(z) = −∇L(D_val)ᵀ H_λ^{-1} ∇l(z)``, positive =
 harmful; ``I_pert(z) = −∇_x(sᵀ∇_θ l(z))`` with ``s = H_λ^{-1}∇L(D_val)``. Both over the final
-Linear layer, model in eval mode, validation set clean (DESIGN.md §5).
+Linear layer, model in eval mode, validation set clean (docs/design.md §5).
 """
 
 from __future__ import annotations

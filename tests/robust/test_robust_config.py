@@ -1,4 +1,4 @@
-"""Config defaults (the paper's values, DESIGN.md §5) and ValueErrors for bad settings."""
+"""Config defaults (the paper's values, docs/design.md §5) and ValueErrors for bad settings."""
 
 from __future__ import annotations
 
