@@ -304,7 +304,10 @@ class Influence:
             self.operator: HessianOperator = HeadHessian(self._train_features, self.layout)
             self._val_gradient = head.mean_gradient(val_features, self.layout)
         else:
-            self._tangent_program, reason = TangentProgram.compile(self.model, self.fmodel.device)
+            example = next(iter(self.val.batches(self.fmodel.device, self.fmodel.dtype)))[0][:2]
+            self._tangent_program, reason = TangentProgram.compile(
+                self.model, example, self.fmodel.tensors(self.fmodel.theta),
+                self.fmodel.selection.names)
             self.report.scoring = TORCH_JVP if self._tangent_program is None else FUSED_TANGENT
             self.report.scoring_reason = reason
             self.operator = AutogradHessian(self.fmodel, self.train, hessian, self.progress,

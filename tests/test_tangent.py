@@ -101,12 +101,11 @@ def twin(model: nn.Module, names: list[str], x: torch.Tensor, directions: list[d
     return torch.stack(out)
 
 
-def compare(model: nn.Module, shape: tuple, names: list[str], k: int, seed: int,
-            device: str = "cpu") -> None:
+def compare(model: nn.Module, shape: tuple, names: list[str], k: int, seed: int) -> TangentProgram:
     generator = torch.Generator().manual_seed(seed)
     model = randomise_norms(model.double(), generator)
     x = torch.randn(5, *shape, generator=generator, dtype=torch.float64)
-    program, reason = TangentProgram.compile(model, torch.device(device))
+    program, reason = TangentProgram.compile(model, x, state(model), names)
     assert program is not None, reason
     params = dict(model.named_parameters())
     directions = [
@@ -121,6 +120,7 @@ def compare(model: nn.Module, shape: tuple, names: list[str], k: int, seed: int,
     torch.testing.assert_close(logits, expected_logits.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(dlogits, twin(model, names, x, directions), rtol=1e-9,
                                atol=1e-9)
+    return program
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
@@ -155,13 +155,14 @@ def test_contiguous_layout_matches_channels_last():
     """The CPU program keeps activations channels-last; the other layout gives the same."""
     build, shape = MODELS["paper-cnn"]
     model = randomise_norms(build().double(), torch.Generator().manual_seed(0))
-    cpu, _ = TangentProgram.compile(model, torch.device("cpu"))
-    other, _ = TangentProgram.compile(model, torch.device("meta"))
-    assert cpu.channels_last and not other.channels_last
     x = torch.randn(4, *shape, dtype=torch.float64)
     tensors = state(model)
-    tangents = {n: torch.randn(2, *v.shape, dtype=torch.float64) for n, v in tensors.items()
-                if n in dict(model.named_parameters())}
+    names = [n for n, _ in model.named_parameters()]
+    cpu, _ = TangentProgram.compile(model, x, tensors, names)
+    other, _ = TangentProgram.compile(model, x, tensors, names)
+    assert cpu.channels_last
+    other.channels_last = False  # the layout compile chooses off CPU
+    tangents = {n: torch.randn(2, *tensors[n].shape, dtype=torch.float64) for n in names}
     a = cpu.forward(tensors, tangents, x, 2)
     b = other.forward(tensors, tangents, x, 2)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -182,7 +183,8 @@ def test_relu_pool_swap_keeps_tangents_on_exact_ties():
     x = torch.zeros(3, 1, 8, 8, dtype=torch.float64)
     x[:, :, 2:5, 3:6] = torch.rand(3, 1, 3, 3, generator=generator, dtype=torch.float64)
     names = [n for n, _ in model.named_parameters()]
-    program, _ = TangentProgram.compile(model, torch.device("cpu"))
+    program, reason = TangentProgram.compile(model, x, state(model), names)
+    assert program is not None, reason
     assert [step.kind for step in program.steps][:3] == ["affine", "maxpool", "relu"]
     params = dict(model.named_parameters())
     direction = {n: torch.randn(params[n].shape, generator=generator, dtype=torch.float64)
@@ -213,21 +215,25 @@ class DataDependent(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("model", "reason"),
+    ("model", "shape", "reason"),
     [
-        (nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 3)), "GELU"),
-        (Residual(), "not a chain"),
-        (DataDependent(), "torch.fx could not trace"),
-        (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)),
+        (nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 3)), (4,), "GELU"),
+        (Residual(), (4,), "not a chain"),
+        (DataDependent(), (4,), "torch.fx could not trace"),
+        (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)), (4,),
          "running statistics"),
         (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten()),
-         "padding_mode"),
-        (nn.Sequential(nn.Flatten(0)), "batch dimension"),
-        (Sliced(), "not supported"),
+         (1, 5, 5), "padding_mode"),
+        (nn.Sequential(nn.Flatten(0)), (4,), "batch dimension"),
+        (nn.Sequential(nn.Linear(4, 4), nn.Flatten(-2)), (4,), "batch dimension"),
+        (Sliced(), (2, 4, 4), "not supported"),
     ],
 )
-def test_unsupported_models_say_why(model, reason):
-    program, why = TangentProgram.compile(model, torch.device("cpu"))
+def test_unsupported_models_say_why(model, shape, reason):
+    model = model.double()
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    tensors = state(model)
+    program, why = TangentProgram.compile(model, x, tensors, list(dict(model.named_parameters())))
     assert program is None
     assert reason in why
 
