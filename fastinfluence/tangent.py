@@ -367,7 +367,7 @@ class Affine(Rule):
         if dweight is not None:
             dy = _add(dy, self._parameter_tangent(step, x, dweight, channel_dim, k))
         if dbias is not None:
-            shape = (k, 1, -1) + (1,) * (y.ndim - channel_dim - 1)
+            shape = (k,) + (1,) * channel_dim + (-1,) + (1,) * (y.ndim - channel_dim - 1)
             if dy is None:
                 dy = dbias.view(shape).expand(k, *y.shape).reshape(k * len(y), *y.shape[1:])
             else:

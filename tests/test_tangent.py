@@ -9,7 +9,7 @@ from problems import make_problem
 from torch import nn
 
 import fastinfluence as fi
-from fastinfluence import reference
+from fastinfluence import reference, tangent
 from fastinfluence.hessian.operators import AutogradHessian
 from fastinfluence.models import PaperCNN
 from fastinfluence.tangent import TangentProgram
@@ -281,3 +281,108 @@ def test_gauss_newton_products_match_with_and_without_the_fused_pass(k):
                           generator=torch.Generator().manual_seed(k))
     torch.testing.assert_close(fused.matvec(vectors), plain.matvec(vectors), rtol=1e-10,
                                atol=1e-12)
+
+
+class Tied(nn.Module):
+    """An encoder and decoder sharing one square weight (``dec.weight is enc.weight``)."""
+
+    def __init__(self, features: int = 5, classes: int = 3) -> None:
+        super().__init__()
+        self.enc = nn.Linear(features, features)
+        self.dec = nn.Linear(features, features)
+        self.dec.weight = self.enc.weight
+        self.head = nn.Linear(features, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.dec(torch.tanh(self.enc(x)))))
+
+
+@pytest.mark.parametrize("names", [["enc.weight", "enc.bias", "dec.bias", "head.weight",
+                                    "head.bias"], ["enc.weight"], ["dec.bias", "head.weight"]])
+def test_tied_weights_are_read_and_differentiated_under_one_name(names):
+    """``dec.weight`` is read as ``enc.weight``; selected, its tangent enters at both uses."""
+    model = Tied()
+    assert "dec.weight" not in state(model)
+    program = compare(model, (5,), names, 2, seed=6)
+    assert [step.keys["weight"] for step in program.steps if step.kind == "affine"] == [
+        "enc.weight", "enc.weight", "head.weight"]
+
+
+def test_influence_scores_a_model_with_tied_weights():
+    _, train, val = make_problem("mlp")
+    torch.manual_seed(0)
+    model = Tied().double().eval()
+    influence = fi.Influence(model, train, val, params="all", hessian="gauss-newton")
+    assert influence.report.scoring == "fused-tangent", influence.report.scoring_reason
+    grads = reference.per_sample_grads(model, list(model.parameters()), *train)
+    torch.testing.assert_close(influence.scores(), -(grads @ influence.ihvp), rtol=1e-9,
+                               atol=1e-11)
+
+
+def test_batchnorm_after_a_linear_on_3d_input_runs_on_its_own_axis():
+    """``Linear`` on ``[B, L, F]`` has its channels last; ``BatchNorm1d(L)`` normalises dim 1,
+    so it must not be folded into the Linear (here ``L`` = out features, so a wrong fold
+    would even fit the shapes)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16, 3))
+    program = compare(model, (4, 3), [n for n, _ in model.named_parameters()], 2, seed=7)
+    assert [step.kind for step in program.steps] == ["affine", "norm", "relu", "flatten",
+                                                     "affine"]
+    assert program.steps[0].norm is None
+    folded = compare(MODELS["mlp"][0](), (7,), ["0.weight", "1.weight"], 1, seed=7)
+    assert folded.steps[0].norm is not None  # on 2-d input the same pair is folded
+
+
+def tanh_model() -> tuple[nn.Module, torch.Tensor, dict, list[str]]:
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    return model, x, state(model), [n for n, _ in model.named_parameters()]
+
+
+def test_a_wrong_rule_is_caught_by_the_numerical_check(monkeypatch):
+    model, x, tensors, names = tanh_model()
+    rule = tangent.MODULE_RULES[nn.Tanh]
+    run = rule.run
+
+    def off_by_a_little(step, at, x, dx):
+        y, dy = run(step, at, x, dx)
+        return y, dy + 1e-3
+
+    monkeypatch.setattr(rule, "run", off_by_a_little)
+    program, reason = TangentProgram.compile(model, x, tensors, names)
+    assert program is None
+    assert reason.startswith("numerical check against torch.func.jvp failed: max relative")
+
+
+def test_an_exception_in_a_rule_falls_back_with_the_reason(monkeypatch):
+    model, x, tensors, names = tanh_model()
+
+    def broken(step, at, x, dx):
+        raise RuntimeError("no kernel for this input")
+
+    monkeypatch.setattr(tangent.MODULE_RULES[nn.Tanh], "run", broken)
+    program, reason = TangentProgram.compile(model, x, tensors, names)
+    assert program is None
+    assert reason == ("numerical check against torch.func.jvp raised RuntimeError: no kernel "
+                      "for this input")
+
+
+def test_tensors_that_cannot_be_resolved_fall_back_at_compile_time():
+    model, x, tensors, names = tanh_model()
+    missing = {n: v for n, v in tensors.items() if n != "2.bias"}
+    program, reason = TangentProgram.compile(model, x, missing, names[:2])
+    assert program is None and reason == "2.bias (named '2.bias') is not in the tensors"
+    program, reason = TangentProgram.compile(model, x, missing, names)
+    assert program is None and reason == "selected parameter '2.bias' is not in the tensors"
+
+    del model[2].weight  # a plain tensor attribute: no parameter or buffer holds it
+    model[2].weight = torch.randn(3, 5, dtype=torch.float64)
+    tensors, names = state(model), [n for n, _ in model.named_parameters()]
+    program, reason = TangentProgram.compile(model, x, tensors, names)
+    assert program is None and reason == "2.weight is not a parameter or buffer of the model"
+
+
+def test_compile_rejects_an_empty_example():
+    model, x, tensors, names = tanh_model()
+    with pytest.raises(ValueError, match="example must be a batch"):
+        TangentProgram.compile(model, x[:0], tensors, names)
