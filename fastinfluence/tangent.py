@@ -558,12 +558,13 @@ class TangentProgram:
         }
         primals = {name: tensors[name] for name in selected}
         fixed = dict(tensors)
+        x = self.layout(x)  # the same function; the twin runs faster in this layout too
 
         def logits(chosen: Tensors) -> torch.Tensor:
             return torch.func.functional_call(model, {**fixed, **chosen}, (x,))
 
         try:
-            outputs, tangents = self.forward(fixed, directions, self.layout(x), k)
+            outputs, tangents = self.forward(fixed, directions, x, k)
             expected = [
                 torch.func.jvp(logits, (primals,), ({n: d[j] for n, d in directions.items()},))
                 for j in range(k)
@@ -606,24 +607,29 @@ def _build(
     chain = _chain(graph_module.graph)
     if isinstance(chain, str):
         return chain
-    rules: list[tuple[fx.Node, Rule, nn.Module | None]] = []
+    keys = _canonical_keys(model)
+    found: list[tuple[fx.Node, Rule, nn.Module | None, dict[str, str | None]]] = []
     for node in chain:
         module = graph_module.get_submodule(node.target) if node.op == "call_module" else None
         rule = _rule(node, module)
         if isinstance(rule, str):
             return rule
-        rules.append((node, rule, module))
-    keys = _canonical_keys(model)
+        resolved: dict[str, str | None] = {}
+        for attribute in rule.reads:
+            resolved[attribute], reason = _resolve(module, node.target, attribute, keys, tensors)
+            if reason is not None:
+                return reason
+        found.append((node, rule, module, resolved))
     shapes = _shapes(graph_module, example, tensors, keys)
     if isinstance(shapes, str):
         return shapes
     steps: list[Step] = []
-    for node, rule, module in rules:
+    for node, rule, module, resolved in found:
         site = Site(node, module, shapes[node.all_input_nodes[0]], shapes[node])
-        step = _step(site, rule, keys, tensors)
-        if isinstance(step, str):
-            return step
-        steps.append(step)
+        options = rule.configure(site)
+        if isinstance(options, str):
+            return options
+        steps.append(Step(rule, site.name, module, resolved, options, site.shape))
     return _fused(steps)
 
 
@@ -673,41 +679,28 @@ def _canonical_keys(model: nn.Module) -> dict[int, str]:
 
 
 def _resolve(
-    site: Site, attribute: str, keys: dict[int, str], tensors: Mapping[str, torch.Tensor]
+    module: nn.Module, name: str, attribute: str, keys: dict[int, str],
+    tensors: Mapping[str, torch.Tensor],
 ) -> tuple[str | None, str | None]:
-    """The key of the module's tensor ``attribute`` in ``tensors`` (``None`` when the module
-    has no such tensor), and why it cannot be read (``None`` when it can)."""
-    tensor = getattr(site.module, attribute, None)
+    """The key of ``module.<attribute>`` in ``tensors`` (``None`` when the module has no such
+    tensor), and why it cannot be read (``None`` when it can)."""
+    tensor = getattr(module, attribute, None)
     if tensor is None:
         return None, None
     key = keys.get(id(tensor))
     if key is None:
-        return None, f"{site.name}.{attribute} is not a parameter or buffer of the model"
+        return None, f"{name}.{attribute} is not a parameter or buffer of the model"
     if key not in tensors:
-        return None, f"{site.name}.{attribute} (named {key!r}) is not in the tensors"
+        return None, f"{name}.{attribute} (named {key!r}) is not in the tensors"
     return key, None
-
-
-def _step(
-    site: Site, rule: Rule, keys: dict[int, str], tensors: Mapping[str, torch.Tensor]
-) -> Step | str:
-    """A node's step with its options and tensor keys, or why the rule cannot run it."""
-    options = rule.configure(site)
-    if isinstance(options, str):
-        return options
-    resolved: dict[str, str | None] = {}
-    for attribute in rule.reads:
-        resolved[attribute], reason = _resolve(site, attribute, keys, tensors)
-        if reason is not None:
-            return reason
-    return Step(rule, site.name, site.module, resolved, options, site.shape)
 
 
 def _shapes(
     graph_module: fx.GraphModule, example: torch.Tensor, tensors: Mapping[str, torch.Tensor],
     keys: dict[int, str],
 ) -> dict[fx.Node, Shape] | str:
-    """Every node's output shape on ``example``, each module run on the caller's tensors."""
+    """Every node's output shape on ``example``: each module run on (the shapes of) the
+    caller's tensors, on the meta device, which computes shapes without the arithmetic."""
 
     class Shapes(fx.Interpreter):
         def call_module(self, target, args, kwargs):
@@ -716,8 +709,7 @@ def _shapes(
             for name, tensor in itertools.chain(module.named_parameters(),
                                                 module.named_buffers()):
                 key = keys.get(id(tensor))
-                if key in tensors:
-                    local[name] = tensors[key]
+                local[name] = tensors.get(key, tensor).to("meta")
             return torch.func.functional_call(module, local, args, kwargs)
 
         def run_node(self, node):
@@ -729,7 +721,7 @@ def _shapes(
     shapes: dict[fx.Node, Shape] = {}
     try:
         with torch.no_grad():
-            Shapes(graph_module).run(example)
+            Shapes(graph_module).run(example.to("meta"))
     except Exception as error:  # the model cannot run on the example: use torch.func.jvp
         return f"the traced model failed on the example ({type(error).__name__}: {error})"
     return shapes
