@@ -386,3 +386,31 @@ def test_compile_rejects_an_empty_example():
     model, x, tensors, names = tanh_model()
     with pytest.raises(ValueError, match="example must be a batch"):
         TangentProgram.compile(model, x[:0], tensors, names)
+
+
+class LeakyReLURule(tangent.Rule):
+    """The module docstring's example of a new rule, verbatim."""
+
+    kind = "leaky_relu"
+
+    def configure(self, site):
+        return {"slope": site.module.negative_slope}
+
+    def run(self, step, at, x, dx):
+        slope = step.options["slope"]
+        y = F.leaky_relu(x, slope)
+        if dx is None:
+            return y, None
+        factor = torch.full_like(x, slope).masked_fill_(x > 0, 1.0)
+        return y, tangent.per_direction(dx, x, at.k, factor)
+
+
+def test_a_new_layer_is_one_rule(monkeypatch):
+    model = nn.Sequential(nn.Linear(4, 6), nn.LeakyReLU(0.3), nn.Linear(6, 3))
+    names = [n for n, _ in model.named_parameters()]
+    x = torch.randn(3, 4, dtype=torch.float64)
+    program, reason = TangentProgram.compile(model.double(), x, state(model), names)
+    assert program is None and "1 (LeakyReLU) is not supported" in reason
+    monkeypatch.setitem(tangent.MODULE_RULES, nn.LeakyReLU, LeakyReLURule())
+    program = compare(model, (4,), names, 2, seed=11)
+    assert [step.kind for step in program.steps] == ["affine", "leaky_relu", "affine"]
