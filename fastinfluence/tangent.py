@@ -1,19 +1,19 @@
-"""A fused forward-mode pass: per-sample directional derivatives of a layer chain.
+"""A fused forward-mode pass: per-sample directional derivatives of a layer graph.
 
 For a direction ``d`` over θ_S, scoring needs ``dᵀ∇_θ l(z_i)`` for every sample — the
 tangent of the per-sample losses when θ moves along ``d`` (DESIGN.md §3.1). The general
 engine gets it from ``torch.func.jvp``, which is this module's slow, obviously-right twin.
-For models that are a plain chain of common eval-mode layers, :class:`TangentProgram` runs the
-same derivative by hand, cheaper:
+For models built from common eval-mode layers — chains, and graphs whose branches meet in
+residual adds — :class:`TangentProgram` runs the same derivative by hand, cheaper:
 
-* an eval-mode BatchNorm right after a Conv2d/Linear whose output channels are the
-  BatchNorm's (dim 1) is folded into it: with ``a = γ/√(σ² + ε)``, the pair is one affine
-  layer ``W' = aW``, ``b' = a(b − μ) + β``, and its tangent ``dW' = a·dW + da·W``,
+* an eval-mode BatchNorm that is the only reader of a Conv2d/Linear whose output channels
+  are the BatchNorm's (dim 1) is folded into it: with ``a = γ/√(σ² + ε)``, the pair is one
+  affine layer ``W' = aW``, ``b' = a(b − μ) + β``, and its tangent ``dW' = a·dW + da·W``,
   ``db' = a·db + da·(b − μ) + dβ`` (``da = dγ/√(σ² + ε)``) costs parameter-sized work
   instead of passes over activations;
 * an affine layer's primal and input tangent are one convolution on the batch ``[x; dx]``
   (``W'`` is shared), plus one for the parameter tangent ``conv(x, dW')``;
-* a ReLU followed by max-pooling runs as pool-then-ReLU (they commute; the tangent picks the
+* a ReLU read only by a max-pool runs as pool-then-ReLU (they commute; the tangent picks the
   same window element), on a quarter of the values;
 * on CPU, 4-d activations are kept channels-last: the contiguous-layout max-pool kernel is
   ~10× slower there, and the convolutions avoid layout conversions.
@@ -46,16 +46,20 @@ a new layer is one rule; for example ``nn.LeakyReLU``::
 **Compiling** (:meth:`TangentProgram.compile`) resolves, once, every tensor a rule reads to
 its key in the caller's tensors dictionary — the first name ``named_parameters()`` /
 ``named_buffers()`` give that tensor object, so a weight shared by two layers is read, and
-differentiated, under one name at both uses. It runs the traced model on an example batch to
-know every activation's shape (a BatchNorm is folded only into a layer whose output channel
-axis is dim 1), and finally compares the program, on two samples along random directions,
-with ``torch.func.jvp``: any mismatch or exception means no program, and the reason.
+differentiated, under one name at both uses. It runs the traced model on an example batch
+to know every activation's shape (a BatchNorm is folded only into a layer whose output
+channel axis is dim 1). Steps read and write values by traced node name, and a value is
+dropped after its last reader (a chain holds one activation at a time). Finally it compares
+the program, on two samples along random directions, with ``torch.func.jvp``: any mismatch
+or exception means no program, and the reason.
 """
 
 from __future__ import annotations
 
 import itertools
+import operator
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -83,7 +87,7 @@ def check_tolerance(dtype: torch.dtype) -> float:
     depth: 3e-7 in float32 on the paper CNN at 64², ~1e-15 in float64. A wrong rule is off
     by O(1) of the affected values, and a constant rounded to float32 inside a float64 pass
     by ~1e-7. ``ε^(2/3)`` (2.4e-5 float32, 3.7e-11 float64) passes the first with a margin
-    of ≥ 70× and catches the others by ≥ 1000×.
+    of ≥ 70× and lies ≥ 300× below the others.
     """
     return torch.finfo(dtype).eps ** (2 / 3)
 
@@ -103,21 +107,27 @@ class Site:
     """A traced node as a rule sees it at compile time.
 
     ``module`` is the called submodule (``None`` for a function or method), ``inputs`` the
-    shape of its input and ``shape`` of its output on the example batch.
+    shapes of its inputs (the rule's ``arity`` first arguments) and ``shape`` of its output
+    on the example batch.
     """
 
     node: fx.Node
     module: nn.Module | None
-    inputs: Shape = ()
+    inputs: tuple[Shape, ...] = ()
     shape: Shape = ()
 
     @property
     def name(self) -> str:
         return str(self.node.target) if self.module is not None else self.node.name
 
+    @property
+    def input_shape(self) -> Shape:
+        """The shape of the (first) input."""
+        return self.inputs[0]
+
     def arguments(self, names: Sequence[str]) -> dict[str, Any] | None:
-        """The node's arguments after its input, by name; ``None`` if one is not in ``names``."""
-        extra = self.node.args[1:]
+        """The node's arguments after its inputs, by name; ``None`` if one is not in ``names``."""
+        extra = self.node.args[len(self.inputs):]
         if len(extra) > len(names) or set(self.node.kwargs) - set(names):
             return None
         values = dict(zip(names, extra, strict=False))
@@ -129,6 +139,7 @@ class Site:
 class Step:
     """One stage of a :class:`TangentProgram`: a rule with what it needs, resolved.
 
+    ``inputs`` and ``output`` name the values it reads and writes (traced node names);
     ``keys`` maps the rule's ``reads`` to keys of the tensors dictionary (``None``: the module
     has no such tensor, e.g. ``bias=False``); ``norm`` is a BatchNorm step folded into this
     (affine) one.
@@ -136,6 +147,8 @@ class Step:
 
     rule: Rule
     name: str
+    inputs: tuple[str, ...]
+    output: str
     module: nn.Module | None = None
     keys: Mapping[str, str | None] = field(default_factory=dict)
     options: Options = field(default_factory=dict)
@@ -158,12 +171,14 @@ class Step:
 class Rule(ABC):
     """How one kind of node runs in the fused pass (see the module docstring).
 
-    ``kind`` names the step; ``reads`` are the attribute names of the module's tensors that
-    :meth:`run` reads through :meth:`Step.tensor` / :meth:`Step.tangent`;
+    ``kind`` names the step; ``arity`` is how many computed values it takes (its first
+    arguments; the rest must be constants); ``reads`` are the attribute names of the module's
+    tensors that :meth:`run` reads through :meth:`Step.tensor` / :meth:`Step.tangent`;
     ``commutes_with_max_pool`` lets a following max-pool run first (monotone, elementwise).
     """
 
     kind: str = ""
+    arity: int = 1
     reads: tuple[str, ...] = ()
     commutes_with_max_pool: bool = False
 
@@ -175,7 +190,8 @@ class Rule(ABC):
     def run(
         self, step: Step, at: Point, x: torch.Tensor, dx: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The primal ``[B, ...]`` and the tangent ``[k·B, ...]`` (``None`` = zero)."""
+        """The primal ``[B, ...]`` and the tangent ``[k·B, ...]`` (``None`` = zero) of the
+        input ``x`` with tangent ``dx``; a rule with ``arity`` n takes n such pairs."""
 
 
 def per_direction(dx: torch.Tensor, x: torch.Tensor, k: int, factor: torch.Tensor) -> torch.Tensor:
@@ -236,7 +252,7 @@ class Flatten(Rule):
             if values is None:
                 return f"{site.name}: flatten with extra arguments is not supported"
             start, end = values.get("start_dim", 0), values.get("end_dim", -1)
-        if start % len(site.inputs) == 0:
+        if start % len(site.input_shape) == 0:
             return "a flatten over the batch dimension is not supported"
         return {"dims": (start, end)}
 
@@ -253,8 +269,9 @@ class MaxPool2d(Rule):
     def configure(self, site: Site) -> Options | str:
         if site.module.return_indices:
             return f"{site.name}: MaxPool2d(return_indices=True)"
-        if len(site.inputs) != 4:
-            return f"{site.name}: MaxPool2d on a {len(site.inputs)}-d input (needs [B, C, H, W])"
+        if len(site.input_shape) != 4:
+            return (f"{site.name}: MaxPool2d on a {len(site.input_shape)}-d input (needs "
+                    f"[B, C, H, W])")
         return {}
 
     def run(self, step, at, x, dx):
@@ -398,8 +415,9 @@ class Conv2d(Affine):
     def configure(self, site: Site) -> Options | str:
         if site.module.padding_mode != "zeros":
             return f"{site.name}: Conv2d padding_mode {site.module.padding_mode!r}"
-        if len(site.inputs) != 4:
-            return f"{site.name}: Conv2d on a {len(site.inputs)}-d input (needs [B, C, H, W])"
+        if len(site.input_shape) != 4:
+            return (f"{site.name}: Conv2d on a {len(site.input_shape)}-d input (needs "
+                    f"[B, C, H, W])")
         return {}
 
     def apply(self, step, inputs, weight, bias=None):
@@ -428,11 +446,31 @@ class Linear(Affine):
         return ndim - 1
 
 
+class Add(Rule):
+    """``a + b`` of two computed values of one shape (a residual connection): the tangents
+    add."""
+
+    kind = "add"
+    arity = 2
+
+    def configure(self, site: Site) -> Options | str:
+        if len(site.node.args) != 2 or site.node.kwargs:
+            return f"{site.name}: add with extra arguments is not supported"
+        if site.inputs[0] != site.inputs[1]:
+            return (f"{site.name}: add of shapes {site.inputs[0]} and {site.inputs[1]} "
+                    f"(broadcasting) is not supported")
+        return {}
+
+    def run(self, step, at, a, da, b, db):
+        return a + b, _add(da, db)
+
+
 RELU = Elementwise("relu", torch.relu, lambda x, y: x > 0, commutes_with_max_pool=True)
 TANH = Elementwise("tanh", torch.tanh, lambda x, y: 1 - y * y)
 SIGMOID = Elementwise("sigmoid", torch.sigmoid, lambda x, y: y * (1 - y))
 FLATTEN = Flatten()
 IDENTITY = Identity()
+ADD = Add()
 
 MODULE_RULES: dict[type[nn.Module], Rule] = {
     nn.Conv2d: Conv2d(),
@@ -454,10 +492,12 @@ FUNCTION_RULES: dict[Callable[..., Any], Rule] = {
     torch.tanh: TANH,
     torch.sigmoid: SIGMOID,
     torch.flatten: FLATTEN,
+    operator.add: ADD,
+    torch.add: ADD,
 }
 """The rule for each function a traced model may call."""
 METHOD_RULES: dict[str, Rule] = {"flatten": FLATTEN, "relu": RELU, "tanh": TANH,
-                                 "sigmoid": SIGMOID}
+                                 "sigmoid": SIGMOID, "add": ADD}
 """The rule for each tensor method a traced model may call."""
 
 
@@ -477,9 +517,18 @@ class TangentProgram:
     to.
     """
 
-    def __init__(self, steps: list[Step], channels_last: bool) -> None:
+    def __init__(self, steps: list[Step], channels_last: bool, source: str, result: str) -> None:
         self.steps = steps
         self.channels_last = channels_last
+        self.source = source
+        self.result = result
+        last_use = {name: i for i, step in enumerate(steps) for name in step.inputs}
+        last_use[result] = len(steps)
+        self.releases = [
+            tuple(name for name in {*step.inputs, step.output} if last_use.get(name, i) == i)
+            for i, step in enumerate(steps)
+        ]
+        """The values no later step reads, dropped after each step (memory as in a chain)."""
 
     @classmethod
     def compile(
@@ -491,9 +540,9 @@ class TangentProgram:
     ) -> tuple[TangentProgram | None, str | None]:
         """The checked program for ``model`` (in eval mode), or ``None`` and why not.
 
-        The model must trace with ``torch.fx`` to a chain (each operation takes the previous
-        one's output and nothing else computed) of nodes with a rule (:func:`supported`), each
-        reading only parameters and buffers present in ``tensors``.
+        The model must trace with ``torch.fx`` to a graph of one input and one output whose
+        every operation has a rule (:func:`supported`), reads only parameters and buffers
+        present in ``tensors``, and takes computed values only as the rule's inputs.
 
         Args:
             model: the caller's module (only read).
@@ -510,10 +559,11 @@ class TangentProgram:
         if missing:
             return None, f"selected parameter {missing[0]!r} is not in the tensors"
         with eval_mode(model):
-            steps = _build(model, example, tensors)
-            if isinstance(steps, str):
-                return None, steps
-            program = cls(steps, channels_last=example.device.type == "cpu")
+            built = _build(model, example, tensors)
+            if isinstance(built, str):
+                return None, built
+            steps, source, result = built
+            program = cls(steps, example.device.type == "cpu", source, result)
             failure = program._check(model, example[:CHECK_SAMPLES], tensors, selected)
         return (None, failure) if failure is not None else (program, None)
 
@@ -535,11 +585,16 @@ class TangentProgram:
             k: the number of directions.
         """
         at = Point(tensors, tangents, k)
-        tangent: torch.Tensor | None = None
-        for step in self.steps:
-            x = self.layout(x)  # no-ops when already in the preferred layout
-            tangent = None if tangent is None else self.layout(tangent)
-            x, tangent = step.rule.run(step, at, x, tangent)
+        values: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {self.source: (x, None)}
+        for step, releases in zip(self.steps, self.releases, strict=True):
+            arguments: list[torch.Tensor | None] = []
+            for name in step.inputs:
+                value, tangent = values[name]  # layouts: no-ops when already preferred
+                arguments += [self.layout(value), None if tangent is None else self.layout(tangent)]
+            values[step.output] = step.rule.run(step, at, *arguments)
+            for name in releases:
+                del values[name]
+        x, tangent = values[self.result]
         if tangent is None:
             tangent = torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device)
         return x, tangent.reshape(k, *x.shape)
@@ -601,23 +656,29 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def _build(
     model: nn.Module, example: torch.Tensor, tensors: Mapping[str, torch.Tensor]
-) -> list[Step] | str:
-    """The fused steps of ``model`` (traced, checked against the example's shapes), or why
-    there are none."""
+) -> tuple[list[Step], str, str] | str:
+    """The fused steps of ``model`` (traced, checked against the example's shapes) with the
+    names of its input and output values, or why there are none."""
     try:
         graph_module = fx.symbolic_trace(model)
     except Exception as error:  # any tracing failure means: use torch.func.jvp
         return f"torch.fx could not trace the model ({type(error).__name__}: {error})"
-    chain = _chain(graph_module.graph)
-    if isinstance(chain, str):
-        return chain
+    graph = _graph(graph_module.graph)
+    if isinstance(graph, str):
+        return graph
+    source, operations, result = graph
     keys = _canonical_keys(model)
     found: list[tuple[fx.Node, Rule, nn.Module | None, dict[str, str | None]]] = []
-    for node in chain:
+    for node in operations:
         module = graph_module.get_submodule(node.target) if node.op == "call_module" else None
         rule = _rule(node, module)
         if isinstance(rule, str):
             return rule
+        inputs = node.args[:rule.arity]
+        if (len(inputs) != rule.arity or not all(isinstance(n, fx.Node) for n in inputs)
+                or set(node.all_input_nodes) != set(inputs)):
+            return (f"{node.name}: {rule.kind} must take {rule.arity} computed value(s) as its "
+                    f"first argument(s) and constants otherwise")
         resolved: dict[str, str | None] = {}
         for attribute in rule.reads:
             resolved[attribute], reason = _resolve(module, node.target, attribute, keys, tensors)
@@ -629,31 +690,29 @@ def _build(
         return shapes
     steps: list[Step] = []
     for node, rule, module, resolved in found:
-        site = Site(node, module, shapes[node.all_input_nodes[0]], shapes[node])
+        inputs = node.args[:rule.arity]
+        site = Site(node, module, tuple(shapes[n] for n in inputs), shapes[node])
         options = rule.configure(site)
         if isinstance(options, str):
             return options
-        steps.append(Step(rule, site.name, module, resolved, options, site.shape))
-    return _fused(steps)
+        steps.append(Step(rule, site.name, tuple(n.name for n in inputs), node.name, module,
+                          resolved, options, site.shape))
+    fused, result_name = _fused(steps, result.name)
+    return fused, source.name, result_name
 
 
-def _chain(graph: fx.Graph) -> list[fx.Node] | str:
-    """The operation nodes of a graph that is one input followed by a chain, or why not."""
-    nodes: list[fx.Node] = []
-    previous: fx.Node | None = None
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            if previous is not None:
-                return "the model takes more than one input"
-            previous = node
-            continue
-        if previous is None or node.all_input_nodes != [previous] or len(previous.users) != 1:
-            return f"the model is not a chain of layers (at {node.name!r})"
-        if node.op == "output":
-            return nodes
-        nodes.append(node)
-        previous = node
-    return "the traced model has no output"
+def _graph(graph: fx.Graph) -> tuple[fx.Node, list[fx.Node], fx.Node] | str:
+    """A traced graph's one input, its operations (in order) and the value it returns, or why
+    it is not of that form."""
+    inputs = [node for node in graph.nodes if node.op == "placeholder"]
+    if len(inputs) != 1:
+        return f"the model takes {len(inputs)} inputs (one is supported)"
+    (output,) = [node for node in graph.nodes if node.op == "output"]
+    result = output.args[0]
+    if not isinstance(result, fx.Node) or result is inputs[0]:
+        return "the model does not return one computed tensor"
+    operations = [node for node in graph.nodes if node.op not in ("placeholder", "output")]
+    return inputs[0], operations, result
 
 
 def _rule(node: fx.Node, module: nn.Module | None) -> Rule | str:
@@ -731,20 +790,35 @@ def _shapes(
     return shapes
 
 
-def _fused(steps: list[Step]) -> list[Step]:
-    """Fold each BatchNorm into the affine layer before it when that layer's output channels
-    are on dim 1; run ReLU→max-pool as pool→ReLU; drop identities."""
-    fused: list[Step] = []
+def _fused(steps: list[Step], result: str) -> tuple[list[Step], str]:
+    """Drop identities; fold each BatchNorm into the affine layer that is its input's only
+    reader when that layer's output channels are on dim 1; run ReLU→max-pool as pool→ReLU
+    when the ReLU's only reader is the pool. Returns the steps and the output's name."""
+    alias: dict[str, str] = {}
+    kept: list[Step] = []
     for step in steps:
-        last = fused[-1] if fused else None
+        step = replace(step, inputs=tuple(alias.get(name, name) for name in step.inputs))
         if step.rule is IDENTITY:
-            continue
+            alias[step.output] = step.inputs[0]
+        else:
+            kept.append(step)
+    result = alias.get(result, result)
+    readers = Counter(name for step in kept for name in step.inputs)
+    readers[result] += 1
+    fused: list[Step] = []
+    producer: dict[str, int] = {}
+    for step in kept:
+        source = producer.get(step.inputs[0])
+        last = None if source is None or readers[step.inputs[0]] != 1 else fused[source]
         if (isinstance(step.rule, BatchNorm) and last is not None
                 and isinstance(last.rule, Affine) and last.rule.folds(last)):
-            fused[-1] = replace(last, norm=step, shape=step.shape)
-        elif (isinstance(step.rule, MaxPool2d) and last is not None
+            fused[source] = replace(last, norm=step, output=step.output, shape=step.shape)
+            producer[step.output] = source
+            continue
+        if (isinstance(step.rule, MaxPool2d) and last is not None
                 and last.rule.commutes_with_max_pool):
-            fused[-1:] = [step, replace(last, shape=step.shape)]
-        else:
-            fused.append(step)
-    return fused
+            fused[source] = replace(step, inputs=last.inputs, output=last.output)
+            step = replace(last, inputs=(last.output,), output=step.output, shape=step.shape)
+        producer[step.output] = len(fused)
+        fused.append(step)
+    return fused, result

@@ -196,13 +196,24 @@ def test_relu_pool_swap_keeps_tangents_on_exact_ties():
                                atol=1e-9)
 
 
-class Residual(nn.Module):
+class TwoHeads(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.linear = nn.Linear(4, 4)
+        self.one = nn.Linear(4, 1)
+        self.three = nn.Linear(4, 3)
 
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.one(x), self.three(x)
+
+
+class Broadcast(TwoHeads):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.linear(x)
+        return self.one(x) + self.three(x)
+
+
+class TwoInputs(TwoHeads):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.three(x + y)
 
 
 class DataDependent(nn.Module):
@@ -218,7 +229,9 @@ class DataDependent(nn.Module):
     ("model", "shape", "reason"),
     [
         (nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 3)), (4,), "GELU"),
-        (Residual(), (4,), "not a chain"),
+        (TwoHeads(), (4,), "does not return one computed tensor"),
+        (Broadcast(), (4,), "(broadcasting) is not supported"),
+        (TwoInputs(), (4,), "takes 2 inputs"),
         (DataDependent(), (4,), "torch.fx could not trace"),
         (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)), (4,),
          "running statistics"),
@@ -386,6 +399,73 @@ def test_compile_rejects_an_empty_example():
     model, x, tensors, names = tanh_model()
     with pytest.raises(ValueError, match="example must be a batch"):
         TangentProgram.compile(model, x[:0], tensors, names)
+
+
+class ResidualCNN(nn.Module):
+    """A stem, an identity-shortcut block and a strided block with a 1×1 shortcut (as in a
+    ResNet), then pool, flatten and a head; one ReLU module is reused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.stem_norm = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.norm2 = nn.BatchNorm2d(4)
+        self.conv3 = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False)
+        self.norm3 = nn.BatchNorm2d(6)
+        self.shortcut = nn.Sequential(nn.Conv2d(4, 6, 1, stride=2, bias=False),
+                                      nn.BatchNorm2d(6))
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(6 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.stem_norm(self.stem(x)))
+        out = self.norm2(self.conv2(self.relu(self.norm1(self.conv1(h)))))
+        out += h
+        h = self.relu(out)
+        h = torch.relu(torch.add(self.norm3(self.conv3(h)), self.shortcut(h)))
+        return self.head(torch.flatten(self.pool(h), 1))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("which", ["all", "norms"])
+def test_residual_network_matches_jvp(k, which):
+    """The program as a graph: shortcuts read a value twice, adds sum the tangents; every
+    BatchNorm is still folded (its convolution has no other reader)."""
+    model = ResidualCNN()
+    names = [n for n, _ in model.named_parameters() if which == "all" or "norm" in n
+             or n.startswith("shortcut.1")]
+    program = compare(model, (2, 8, 8), names, k, seed=9)
+    kinds = [step.kind for step in program.steps]
+    assert kinds.count("add") == 2 and "norm" not in kinds
+    assert all(step.norm is not None for step in program.steps[:-1] if step.kind == "affine")
+
+
+class SharedValues(nn.Module):
+    """A convolution read by a BatchNorm and a ReLU, the ReLU by an add and a pool: neither
+    the fold nor the pool-first swap may apply (each would change another reader's input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.norm = nn.BatchNorm2d(2)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(2 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        a = torch.relu(y)
+        return self.head((self.pool(a) + self.pool(self.norm(y) + a)).flatten(1))
+
+
+def test_values_with_several_readers_are_neither_folded_nor_swapped():
+    model = SharedValues()
+    program = compare(model, (1, 6, 6), [n for n, _ in model.named_parameters()], 2, seed=10)
+    assert [step.kind for step in program.steps] == [
+        "affine", "relu", "maxpool", "norm", "add", "maxpool", "add", "flatten", "affine"]
 
 
 class LeakyReLURule(tangent.Rule):
