@@ -262,6 +262,22 @@ class Flatten(Rule):
         return x.flatten(start, end), None if dx is None else dx.flatten(start, end)
 
 
+class AveragePool(Rule):
+    """AvgPool2d / AdaptiveAvgPool2d: linear and parameter-free, so the tangent is the same
+    pooling of the input tangent."""
+
+    kind = "avgpool"
+
+    def configure(self, site: Site) -> Options | str:
+        if len(site.input_shape) != 4:
+            return (f"{site.name}: {type(site.module).__name__} on a "
+                    f"{len(site.input_shape)}-d input (needs [B, C, H, W])")
+        return {}
+
+    def run(self, step, at, x, dx):
+        return step.module(x), None if dx is None else step.module(dx)
+
+
 class MaxPool2d(Rule):
     """Max-pooling; the tangent takes the element the primal's window picked."""
 
@@ -482,6 +498,8 @@ MODULE_RULES: dict[type[nn.Module], Rule] = {
     nn.Tanh: TANH,
     nn.Sigmoid: SIGMOID,
     nn.MaxPool2d: MaxPool2d(),
+    nn.AvgPool2d: AveragePool(),
+    nn.AdaptiveAvgPool2d: AveragePool(),
     nn.Flatten: FLATTEN,
     nn.Dropout: IDENTITY,
     nn.Identity: IDENTITY,

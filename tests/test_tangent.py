@@ -403,7 +403,7 @@ def test_compile_rejects_an_empty_example():
 
 class ResidualCNN(nn.Module):
     """A stem, an identity-shortcut block and a strided block with a 1×1 shortcut (as in a
-    ResNet), then pool, flatten and a head; one ReLU module is reused."""
+    ResNet), then max- plus average-pooling, flatten and a head; one ReLU module is reused."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -419,6 +419,7 @@ class ResidualCNN(nn.Module):
         self.shortcut = nn.Sequential(nn.Conv2d(4, 6, 1, stride=2, bias=False),
                                       nn.BatchNorm2d(6))
         self.pool = nn.MaxPool2d(2)
+        self.average = nn.AdaptiveAvgPool2d(2)
         self.head = nn.Linear(6 * 2 * 2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -427,7 +428,7 @@ class ResidualCNN(nn.Module):
         out += h
         h = self.relu(out)
         h = torch.relu(torch.add(self.norm3(self.conv3(h)), self.shortcut(h)))
-        return self.head(torch.flatten(self.pool(h), 1))
+        return self.head(torch.flatten(self.pool(h) + self.average(h), 1))
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -440,7 +441,7 @@ def test_residual_network_matches_jvp(k, which):
              or n.startswith("shortcut.1")]
     program = compare(model, (2, 8, 8), names, k, seed=9)
     kinds = [step.kind for step in program.steps]
-    assert kinds.count("add") == 2 and "norm" not in kinds
+    assert kinds.count("add") == 3 and "avgpool" in kinds and "norm" not in kinds
     assert all(step.norm is not None for step in program.steps[:-1] if step.kind == "affine")
 
 
@@ -453,19 +454,20 @@ class SharedValues(nn.Module):
         self.conv = nn.Conv2d(1, 2, 3, padding=1)
         self.norm = nn.BatchNorm2d(2)
         self.pool = nn.MaxPool2d(2)
+        self.average = nn.AvgPool2d(2)
         self.head = nn.Linear(2 * 3 * 3, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         a = torch.relu(y)
-        return self.head((self.pool(a) + self.pool(self.norm(y) + a)).flatten(1))
+        return self.head((self.pool(a) + self.average(self.norm(y) + a)).flatten(1))
 
 
 def test_values_with_several_readers_are_neither_folded_nor_swapped():
     model = SharedValues()
     program = compare(model, (1, 6, 6), [n for n, _ in model.named_parameters()], 2, seed=10)
     assert [step.kind for step in program.steps] == [
-        "affine", "relu", "maxpool", "norm", "add", "maxpool", "add", "flatten", "affine"]
+        "affine", "relu", "maxpool", "norm", "add", "avgpool", "add", "flatten", "affine"]
 
 
 class LeakyReLURule(tangent.Rule):
