@@ -496,3 +496,22 @@ def test_a_new_layer_is_one_rule(monkeypatch):
     monkeypatch.setitem(tangent.MODULE_RULES, nn.LeakyReLU, LeakyReLURule())
     program = compare(model, (4,), names, 2, seed=11)
     assert [step.kind for step in program.steps] == ["affine", "leaky_relu", "affine"]
+
+
+def test_check_tolerance_follows_the_precision_products_run_in():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert tangent.check_tolerance(torch.float64, cpu) == pytest.approx((2.0**-52) ** (2 / 3))
+    assert tangent.check_tolerance(torch.float32, cpu) == pytest.approx((2.0**-23) ** (2 / 3))
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
+        tf32 = (2.0**-10) ** (2 / 3)
+        assert tangent.check_tolerance(torch.float32, cuda) == pytest.approx(tf32)
+        assert tangent.check_tolerance(torch.float64, cuda) == pytest.approx((2.0**-52) ** (2 / 3))
+        torch.backends.cudnn.allow_tf32 = False
+        assert tangent.check_tolerance(torch.float32, cuda) == pytest.approx((2.0**-23) ** (2 / 3))
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert tangent.check_tolerance(torch.float32, cuda) == pytest.approx(tf32)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
