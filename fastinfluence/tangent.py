@@ -233,8 +233,15 @@ class Elementwise(Rule):
         self.commutes_with_max_pool = commutes_with_max_pool
 
     def configure(self, site: Site) -> Options | str:
-        if site.module is None and site.arguments(("inplace",)) is None:
-            return f"{site.name}: {self.kind} with extra arguments is not supported"
+        if site.module is not None:
+            inplace = getattr(site.module, "inplace", False)
+        else:
+            values = site.arguments(("inplace",))
+            if values is None:
+                return f"{site.name}: {self.kind} with extra arguments is not supported"
+            inplace = values.get("inplace", False)
+        if inplace and len(site.node.args[0].users) > 1:  # the others would see the result
+            return f"{site.name}: an in-place {self.kind} of a value that others read too"
         return {}
 
     def run(self, step, at, x, dx):

@@ -211,6 +211,16 @@ class Broadcast(TwoHeads):
         return self.one(x) + self.three(x)
 
 
+class InPlace(TwoHeads):
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.three(x)
+        return self.relu(y) + y
+
+
 class TwoInputs(TwoHeads):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.three(x + y)
@@ -232,6 +242,7 @@ class DataDependent(nn.Module):
         (TwoHeads(), (4,), "does not return one computed tensor"),
         (Broadcast(), (4,), "(broadcasting) is not supported"),
         (TwoInputs(), (4,), "takes 2 inputs"),
+        (InPlace(), (4,), "an in-place relu of a value that others read too"),
         (DataDependent(), (4,), "torch.fx could not trace"),
         (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)), (4,),
          "running statistics"),
