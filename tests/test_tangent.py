@@ -9,7 +9,7 @@ from problems import make_problem
 from torch import nn
 
 import fastinfluence as fi
-from fastinfluence import reference
+from fastinfluence import reference, tangent
 from fastinfluence.models import PaperCNN
 from fastinfluence.tangent import TangentProgram
 
@@ -100,12 +100,11 @@ def twin(model: nn.Module, names: list[str], x: torch.Tensor, directions: list[d
     return torch.stack(out)
 
 
-def compare(model: nn.Module, shape: tuple, names: list[str], k: int, seed: int,
-            device: str = "cpu") -> None:
+def compare(model: nn.Module, shape: tuple, names: list[str], k: int, seed: int) -> TangentProgram:
     generator = torch.Generator().manual_seed(seed)
     model = randomise_norms(model.double(), generator)
     x = torch.randn(5, *shape, generator=generator, dtype=torch.float64)
-    program, reason = TangentProgram.compile(model, torch.device(device))
+    program, reason = TangentProgram.compile(model, x, state(model), names)
     assert program is not None, reason
     params = dict(model.named_parameters())
     directions = [
@@ -120,6 +119,7 @@ def compare(model: nn.Module, shape: tuple, names: list[str], k: int, seed: int,
     torch.testing.assert_close(logits, expected_logits.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(dlogits, twin(model, names, x, directions), rtol=1e-9,
                                atol=1e-9)
+    return program
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
@@ -154,13 +154,14 @@ def test_contiguous_layout_matches_channels_last():
     """The CPU program keeps activations channels-last; the other layout gives the same."""
     build, shape = MODELS["paper-cnn"]
     model = randomise_norms(build().double(), torch.Generator().manual_seed(0))
-    cpu, _ = TangentProgram.compile(model, torch.device("cpu"))
-    other, _ = TangentProgram.compile(model, torch.device("meta"))
-    assert cpu.channels_last and not other.channels_last
     x = torch.randn(4, *shape, dtype=torch.float64)
     tensors = state(model)
-    tangents = {n: torch.randn(2, *v.shape, dtype=torch.float64) for n, v in tensors.items()
-                if n in dict(model.named_parameters())}
+    names = [n for n, _ in model.named_parameters()]
+    cpu, _ = TangentProgram.compile(model, x, tensors, names)
+    other, _ = TangentProgram.compile(model, x, tensors, names)
+    assert cpu.channels_last
+    other.channels_last = False  # the layout compile chooses off CPU
+    tangents = {n: torch.randn(2, *tensors[n].shape, dtype=torch.float64) for n in names}
     a = cpu.forward(tensors, tangents, x, 2)
     b = other.forward(tensors, tangents, x, 2)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -181,7 +182,8 @@ def test_relu_pool_swap_keeps_tangents_on_exact_ties():
     x = torch.zeros(3, 1, 8, 8, dtype=torch.float64)
     x[:, :, 2:5, 3:6] = torch.rand(3, 1, 3, 3, generator=generator, dtype=torch.float64)
     names = [n for n, _ in model.named_parameters()]
-    program, _ = TangentProgram.compile(model, torch.device("cpu"))
+    program, reason = TangentProgram.compile(model, x, state(model), names)
+    assert program is not None, reason
     assert [step.kind for step in program.steps][:3] == ["affine", "maxpool", "relu"]
     params = dict(model.named_parameters())
     direction = {n: torch.randn(params[n].shape, generator=generator, dtype=torch.float64)
@@ -193,13 +195,34 @@ def test_relu_pool_swap_keeps_tangents_on_exact_ties():
                                atol=1e-9)
 
 
-class Residual(nn.Module):
+class TwoHeads(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.linear = nn.Linear(4, 4)
+        self.one = nn.Linear(4, 1)
+        self.three = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.one(x), self.three(x)
+
+
+class Broadcast(TwoHeads):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.one(x) + self.three(x)
+
+
+class InPlace(TwoHeads):
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.linear(x)
+        y = self.three(x)
+        return self.relu(y) + y
+
+
+class TwoInputs(TwoHeads):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.three(x + y)
 
 
 class DataDependent(nn.Module):
@@ -212,21 +235,28 @@ class DataDependent(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("model", "reason"),
+    ("model", "shape", "reason"),
     [
-        (nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 3)), "GELU"),
-        (Residual(), "not a chain"),
-        (DataDependent(), "torch.fx could not trace"),
-        (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)),
+        (nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 3)), (4,), "GELU"),
+        (TwoHeads(), (4,), "does not return one computed tensor"),
+        (Broadcast(), (4,), "(broadcasting) is not supported"),
+        (TwoInputs(), (4,), "takes 2 inputs"),
+        (InPlace(), (4,), "an in-place relu of a value that others read too"),
+        (DataDependent(), (4,), "torch.fx could not trace"),
+        (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)), (4,),
          "running statistics"),
         (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten()),
-         "padding_mode"),
-        (nn.Sequential(nn.Flatten(0)), "batch dimension"),
-        (Sliced(), "not supported"),
+         (1, 5, 5), "padding_mode"),
+        (nn.Sequential(nn.Flatten(0)), (4,), "batch dimension"),
+        (nn.Sequential(nn.Linear(4, 4), nn.Flatten(-2)), (4,), "batch dimension"),
+        (Sliced(), (2, 4, 4), "not supported"),
     ],
 )
-def test_unsupported_models_say_why(model, reason):
-    program, why = TangentProgram.compile(model, torch.device("cpu"))
+def test_unsupported_models_say_why(model, shape, reason):
+    model = model.double()
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    tensors = state(model)
+    program, why = TangentProgram.compile(model, x, tensors, list(dict(model.named_parameters())))
     assert program is None
     assert reason in why
 
@@ -255,3 +285,224 @@ def test_influence_reports_the_scoring_pass_and_both_passes_agree():
     matrix += fused.damping * torch.eye(len(matrix), dtype=matrix.dtype)
     solved = torch.linalg.solve(matrix, test_grads.T)
     torch.testing.assert_close(pairwise, -(grads @ solved), rtol=1e-6, atol=1e-9)
+
+
+class Tied(nn.Module):
+    """An encoder and decoder sharing one square weight (``dec.weight is enc.weight``)."""
+
+    def __init__(self, features: int = 5, classes: int = 3) -> None:
+        super().__init__()
+        self.enc = nn.Linear(features, features)
+        self.dec = nn.Linear(features, features)
+        self.dec.weight = self.enc.weight
+        self.head = nn.Linear(features, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.dec(torch.tanh(self.enc(x)))))
+
+
+@pytest.mark.parametrize("names", [["enc.weight", "enc.bias", "dec.bias", "head.weight",
+                                    "head.bias"], ["enc.weight"], ["dec.bias", "head.weight"]])
+def test_tied_weights_are_read_and_differentiated_under_one_name(names):
+    """``dec.weight`` is read as ``enc.weight``; selected, its tangent enters at both uses."""
+    model = Tied()
+    assert "dec.weight" not in state(model)
+    program = compare(model, (5,), names, 2, seed=6)
+    assert [step.keys["weight"] for step in program.steps if step.kind == "affine"] == [
+        "enc.weight", "enc.weight", "head.weight"]
+
+
+def test_influence_scores_a_model_with_tied_weights():
+    _, train, val = make_problem("mlp")
+    torch.manual_seed(0)
+    model = Tied().double().eval()
+    influence = fi.Influence(model, train, val, params="all", hessian="gauss-newton")
+    assert influence.report.scoring == "fused-tangent", influence.report.scoring_reason
+    grads = reference.per_sample_grads(model, list(model.parameters()), *train)
+    torch.testing.assert_close(influence.scores(), -(grads @ influence.ihvp), rtol=1e-9,
+                               atol=1e-11)
+
+
+def test_batchnorm_after_a_linear_on_3d_input_runs_on_its_own_axis():
+    """``Linear`` on ``[B, L, F]`` has its channels last; ``BatchNorm1d(L)`` normalises dim 1,
+    so it must not be folded into the Linear (here ``L`` = out features, so a wrong fold
+    would even fit the shapes)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16, 3))
+    program = compare(model, (4, 3), [n for n, _ in model.named_parameters()], 2, seed=7)
+    assert [step.kind for step in program.steps] == ["affine", "norm", "relu", "flatten",
+                                                     "affine"]
+    assert program.steps[0].norm is None
+    folded = compare(MODELS["mlp"][0](), (7,), ["0.weight", "1.weight"], 1, seed=7)
+    assert folded.steps[0].norm is not None  # on 2-d input the same pair is folded
+
+
+def tanh_model() -> tuple[nn.Module, torch.Tensor, dict, list[str]]:
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    return model, x, state(model), [n for n, _ in model.named_parameters()]
+
+
+def test_a_wrong_rule_is_caught_by_the_numerical_check(monkeypatch):
+    model, x, tensors, names = tanh_model()
+    rule = tangent.MODULE_RULES[nn.Tanh]
+    run = rule.run
+
+    def off_by_a_little(step, at, x, dx):
+        y, dy = run(step, at, x, dx)
+        return y, dy + 1e-3
+
+    monkeypatch.setattr(rule, "run", off_by_a_little)
+    program, reason = TangentProgram.compile(model, x, tensors, names)
+    assert program is None
+    assert reason.startswith("numerical check against torch.func.jvp failed: max relative")
+
+
+def test_an_exception_in_a_rule_falls_back_with_the_reason(monkeypatch):
+    model, x, tensors, names = tanh_model()
+
+    def broken(step, at, x, dx):
+        raise RuntimeError("no kernel for this input")
+
+    monkeypatch.setattr(tangent.MODULE_RULES[nn.Tanh], "run", broken)
+    program, reason = TangentProgram.compile(model, x, tensors, names)
+    assert program is None
+    assert reason == ("numerical check against torch.func.jvp raised RuntimeError: no kernel "
+                      "for this input")
+
+
+def test_tensors_that_cannot_be_resolved_fall_back_at_compile_time():
+    model, x, tensors, names = tanh_model()
+    missing = {n: v for n, v in tensors.items() if n != "2.bias"}
+    program, reason = TangentProgram.compile(model, x, missing, names[:2])
+    assert program is None and reason == "2.bias (named '2.bias') is not in the tensors"
+    program, reason = TangentProgram.compile(model, x, missing, names)
+    assert program is None and reason == "selected parameter '2.bias' is not in the tensors"
+
+    del model[2].weight  # a plain tensor attribute: no parameter or buffer holds it
+    model[2].weight = torch.randn(3, 5, dtype=torch.float64)
+    tensors, names = state(model), [n for n, _ in model.named_parameters()]
+    program, reason = TangentProgram.compile(model, x, tensors, names)
+    assert program is None and reason == "2.weight is not a parameter or buffer of the model"
+
+
+def test_compile_rejects_an_empty_example():
+    model, x, tensors, names = tanh_model()
+    with pytest.raises(ValueError, match="example must be a batch"):
+        TangentProgram.compile(model, x[:0], tensors, names)
+
+
+class ResidualCNN(nn.Module):
+    """A stem, an identity-shortcut block and a strided block with a 1×1 shortcut (as in a
+    ResNet), then max- plus average-pooling, flatten and a head; one ReLU module is reused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.stem_norm = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.norm2 = nn.BatchNorm2d(4)
+        self.conv3 = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False)
+        self.norm3 = nn.BatchNorm2d(6)
+        self.shortcut = nn.Sequential(nn.Conv2d(4, 6, 1, stride=2, bias=False),
+                                      nn.BatchNorm2d(6))
+        self.pool = nn.MaxPool2d(2)
+        self.average = nn.AdaptiveAvgPool2d(2)
+        self.head = nn.Linear(6 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.stem_norm(self.stem(x)))
+        out = self.norm2(self.conv2(self.relu(self.norm1(self.conv1(h)))))
+        out += h
+        h = self.relu(out)
+        h = torch.relu(torch.add(self.norm3(self.conv3(h)), self.shortcut(h)))
+        return self.head(torch.flatten(self.pool(h) + self.average(h), 1))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("which", ["all", "norms"])
+def test_residual_network_matches_jvp(k, which):
+    """The program as a graph: shortcuts read a value twice, adds sum the tangents; every
+    BatchNorm is still folded (its convolution has no other reader)."""
+    model = ResidualCNN()
+    names = [n for n, _ in model.named_parameters() if which == "all" or "norm" in n
+             or n.startswith("shortcut.1")]
+    program = compare(model, (2, 8, 8), names, k, seed=9)
+    kinds = [step.kind for step in program.steps]
+    assert kinds.count("add") == 3 and "avgpool" in kinds and "norm" not in kinds
+    assert all(step.norm is not None for step in program.steps[:-1] if step.kind == "affine")
+
+
+class SharedValues(nn.Module):
+    """A convolution read by a BatchNorm and a ReLU, the ReLU by an add and a pool: neither
+    the fold nor the pool-first swap may apply (each would change another reader's input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.norm = nn.BatchNorm2d(2)
+        self.pool = nn.MaxPool2d(2)
+        self.average = nn.AvgPool2d(2)
+        self.head = nn.Linear(2 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        a = torch.relu(y)
+        return self.head((self.pool(a) + self.average(self.norm(y) + a)).flatten(1))
+
+
+def test_values_with_several_readers_are_neither_folded_nor_swapped():
+    model = SharedValues()
+    program = compare(model, (1, 6, 6), [n for n, _ in model.named_parameters()], 2, seed=10)
+    assert [step.kind for step in program.steps] == [
+        "affine", "relu", "maxpool", "norm", "add", "avgpool", "add", "flatten", "affine"]
+
+
+class LeakyReLURule(tangent.Rule):
+    """The module docstring's example of a new rule, verbatim."""
+
+    kind = "leaky_relu"
+
+    def configure(self, site):
+        return {"slope": site.module.negative_slope}
+
+    def run(self, step, at, x, dx):
+        slope = step.options["slope"]
+        y = F.leaky_relu(x, slope)
+        if dx is None:
+            return y, None
+        factor = torch.full_like(x, slope).masked_fill_(x > 0, 1.0)
+        return y, tangent.per_direction(dx, x, at.k, factor)
+
+
+def test_a_new_layer_is_one_rule(monkeypatch):
+    model = nn.Sequential(nn.Linear(4, 6), nn.LeakyReLU(0.3), nn.Linear(6, 3))
+    names = [n for n, _ in model.named_parameters()]
+    x = torch.randn(3, 4, dtype=torch.float64)
+    program, reason = TangentProgram.compile(model.double(), x, state(model), names)
+    assert program is None and "1 (LeakyReLU) is not supported" in reason
+    monkeypatch.setitem(tangent.MODULE_RULES, nn.LeakyReLU, LeakyReLURule())
+    program = compare(model, (4,), names, 2, seed=11)
+    assert [step.kind for step in program.steps] == ["affine", "leaky_relu", "affine"]
+
+
+def test_check_tolerance_follows_the_precision_products_run_in():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert tangent.check_tolerance(torch.float64, cpu) == pytest.approx((2.0**-52) ** (2 / 3))
+    assert tangent.check_tolerance(torch.float32, cpu) == pytest.approx((2.0**-23) ** (2 / 3))
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
+        tf32 = (2.0**-10) ** (2 / 3)
+        assert tangent.check_tolerance(torch.float32, cuda) == pytest.approx(tf32)
+        assert tangent.check_tolerance(torch.float64, cuda) == pytest.approx((2.0**-52) ** (2 / 3))
+        torch.backends.cudnn.allow_tf32 = False
+        assert tangent.check_tolerance(torch.float32, cuda) == pytest.approx((2.0**-23) ** (2 / 3))
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert tangent.check_tolerance(torch.float32, cuda) == pytest.approx(tf32)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags

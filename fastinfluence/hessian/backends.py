@@ -506,24 +506,29 @@ def _differentiation_modes(
     fmodel: FunctionalModel, example: torch.Tensor
 ) -> tuple[TangentProgram | None, bool, str | None]:
     """The fused tangent program (or ``None``), whether forward mode works at all, and why
-    the faster way was passed over: tried on ``example`` along a seeded direction."""
+    the faster way was passed over. The program checks itself against ``jvp`` when it
+    compiles; otherwise one ``jvp`` on ``example`` along a seeded direction tells whether
+    forward mode works."""
+    x = example[:2]
+    if fmodel.output is None:
+        program, reason = TangentProgram.compile(
+            fmodel.model, x, fmodel.tensors(fmodel.theta), fmodel.selection.names
+        )
+        if program is not None:
+            return program, True, None
+    else:
+        reason = "an output= selector (the fused pass reads the model's own output)"
     generator = torch.Generator(device="cpu").manual_seed(0)
     direction = torch.randn(fmodel.dim, generator=generator, dtype=fmodel.dtype)
-    direction = direction.to(fmodel.device)
-    x = example[:2]
     try:
-        torch.func.jvp(lambda th: fmodel.logits(th, x), (fmodel.theta,), (direction,))
+        torch.func.jvp(lambda th: fmodel.logits(th, x), (fmodel.theta,),
+                       (direction.to(fmodel.device),))
     except (NotImplementedError, RuntimeError) as error:
         return None, False, (
             f"forward-mode differentiation failed ({type(error).__name__}: "
             f"{_first_line(error)}); scores use per-sample reverse-mode gradients"
         )
-    if fmodel.output is not None:
-        return None, True, "an output= selector (the fused pass reads the model's own output)"
-    program, reason = TangentProgram.compile(
-        fmodel.model, x, fmodel.tensors(fmodel.theta), fmodel.selection.names
-    )
-    return program, True, reason
+    return None, True, reason
 
 
 def _first_line(error: BaseException) -> str:
