@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastinfluence import distributed
 from fastinfluence.functional import FunctionalModel, LossFn, OutputFn, eval_mode
 from fastinfluence.hessian.backends import (
     CURVATURES,
@@ -52,7 +53,7 @@ scoring 128 samples of 64² in one batch (32 per batch: 2× faster; 128²: 8 per
 MAX_DEFAULT_BATCH = 256
 """The default batch size off CPU, and the largest default on CPU."""
 KEYWORDS = ("loss_fn", "params", "solver", "damping", "hessian", "batch_size", "device",
-            "progress", "output")
+            "progress", "output", "process_group")
 """The keywords of :class:`Influence` and :func:`score` besides the solver options."""
 
 
@@ -67,6 +68,7 @@ class InfluenceReport:
         hessian: the curvature that ran, ``"exact"`` or ``"gauss-newton"`` (``"auto"``
             resolved; the closed-form head's Hessian is both).
         num_params: size ``p`` of θ_S.
+        world_size: the ranks that took part (1 without ``torch.distributed``).
         dtype: the dtype of the computation (float32 for float16/bfloat16 models).
         scoring: how directional derivatives (scores, pairwise, and ``J V`` in Gauss-Newton
             products) are taken: ``"head-closed-form"``, ``"fused-tangent"``
@@ -85,6 +87,7 @@ class InfluenceReport:
     solver: str
     hessian: str
     num_params: int
+    world_size: int
     dtype: torch.dtype
     scoring: str
     scoring_reason: str | None = None
@@ -124,6 +127,9 @@ class Influence:
         progress: show tqdm progress bars on long work.
         output: picks the tensor that the loss and the curvature read from the model's output,
             for models returning a tuple or dict (e.g. ``lambda out: out["logits"]``).
+        process_group: split the work over the ranks of this ``torch.distributed`` group
+            (default: the default group when ``torch.distributed`` is initialised); every rank
+            passes the same arguments and gets the same results (docs/design.md §7.3).
         **solver_options: fields of the solver's config (:class:`~fastinfluence.CGConfig`,
             :class:`~fastinfluence.LiSSAConfig`, :class:`~fastinfluence.DirectConfig`).
 
@@ -147,10 +153,12 @@ class Influence:
         device: torch.device | str | None = None,
         progress: bool = False,
         output: OutputFn | None = None,
+        process_group: Any | None = None,
         **solver_options: Any,
     ) -> None:
         _check_arguments(model, solver, hessian, damping, batch_size, solver_options)
         self.model = model
+        self.group = distributed.process_group(process_group)
         self.damping = float(damping)
         self.progress = progress
         self.batch_size = batch_size
@@ -175,8 +183,10 @@ class Influence:
                 self.train.check_labels(self.num_classes)
                 self.val.check_labels(self.num_classes)
             start = time.perf_counter()
-            self.backend: CurvatureBackend = select_backend(
-                self.fmodel, probe, self.train, example, hessian, progress
+            self.backend: CurvatureBackend = distributed.wrap(
+                lambda data: select_backend(self.fmodel, probe, data, example, hessian,
+                                            progress),
+                self.train, self.group,
             )
             self.report = self._new_report(probe.head_reason, solver)
             self.report.seconds["curvature"] = time.perf_counter() - start
@@ -246,17 +256,24 @@ class Influence:
                 "respect to integer inputs (such as token ids) is not defined"
             )
         data = self._wrap((x, y), "x")
+        shards = None if self.group is None else distributed.Shards.of(self.group)
+        local = data if shards is None else shards.local(data)
         fmodel = self.fmodel
         maps = []
         with eval_mode(self.model):
-            for inputs, targets in data.batches(fmodel.device, fmodel.dtype):
+            for inputs, targets in ([] if local is None else
+                                    local.batches(fmodel.device, fmodel.dtype)):
                 inputs = inputs.detach().requires_grad_(True)
                 theta = fmodel.theta.detach().requires_grad_(True)
                 total = fmodel.losses(theta, inputs, targets).sum()
                 (gradient,) = torch.autograd.grad(total, theta, create_graph=True)
                 (input_gradient,) = torch.autograd.grad(gradient @ self._ihvp, inputs)
                 maps.append(-input_gradient)
-        return torch.cat(maps).to(device=x.device, dtype=x.dtype)
+        result = torch.cat(maps) if maps else None
+        if shards is not None:
+            like = torch.empty(1, *x.shape[1:], dtype=fmodel.dtype, device=fmodel.device)
+            result = shards.gather(result, len(data), like)
+        return result.to(device=x.device, dtype=x.dtype)
 
     # -- construction ---------------------------------------------------------------------
 
@@ -273,6 +290,7 @@ class Influence:
             solver=solver,
             hessian="exact" if on_head else backend.name,
             num_params=backend.dim,
+            world_size=1 if self.group is None else distributed.Shards.of(self.group).world,
             dtype=self.fmodel.dtype,
             scoring=backend.scoring,
             scoring_reason=backend.scoring_reason,

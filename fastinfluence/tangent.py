@@ -130,6 +130,7 @@ class Site:
 
     @property
     def name(self) -> str:
+        """The module's name, or the node's for a function or method."""
         return str(self.node.target) if self.module is not None else self.node.name
 
     @property
@@ -169,13 +170,16 @@ class Step:
 
     @property
     def kind(self) -> str:
+        """The rule's kind (``"affine"``, ``"norm"``, ``"relu"``, ...)."""
         return self.rule.kind
 
     def tensor(self, at: Point, role: str) -> torch.Tensor | None:
+        """The tensor the rule reads as ``role`` (``"weight"``, ...), under its resolved key."""
         key = self.keys.get(role)
         return None if key is None else at.tensors[key]
 
     def tangent(self, at: Point, role: str) -> torch.Tensor | None:
+        """The directions of ``role``'s tensor, ``None`` when it is not selected."""
         key = self.keys.get(role)
         return None if key is None else at.tangents.get(key)
 
@@ -380,6 +384,7 @@ class Affine(Rule):
         """The output's channel axis, for an output with ``ndim`` dimensions."""
 
     def groups(self, step: Step) -> int:
+        """Groups of the layer's weight (1 but for grouped convolutions)."""
         return 1
 
     def prepare_weight(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ loss over θ_S (no damping) and ``l(z)`` the per-sample loss:
 * ``directional(data, D)``: ``dᵀ∇l(z)`` for each sample and each row ``d`` of ``D``, ``[n, k]``;
 * ``per_sample_gradients(data)``: ``∇l(z)`` of each sample, ``[n, p]`` (materialised);
 * ``subsample(size, generator)``: the same curvature on ``size`` training samples drawn with
-  replacement (LiSSA's minibatches);
+  replacement (LiSSA's minibatches), by ``restrict(indices)``: the curvature over given samples;
 * optional solver hooks, ``None`` where a backend does not offer them:
   ``closed_form_inverse(rhs, damping)`` returns ``(C + λI)^{-1} rhs`` without iterating (for
   factored curvatures such as K-FAC), and ``lissa_recursion(rhs, damping, scale, depth,
@@ -112,6 +112,10 @@ class CurvatureBackend:
 
     def subsample(self, size: int, generator: torch.Generator) -> CurvatureBackend:
         """The same curvature on ``size`` training samples drawn with replacement."""
+        return self.restrict(torch.randint(self.num_samples, (size,), generator=generator))
+
+    def restrict(self, indices: torch.Tensor) -> CurvatureBackend:
+        """The same curvature over the training samples at ``indices`` (repeats allowed)."""
         raise NotImplementedError
 
 
@@ -274,8 +278,7 @@ class HeadBackend(CurvatureBackend):
     def per_sample_gradients(self, data: LabelledData) -> torch.Tensor:
         return softmax_head.per_sample_gradients(self.features(data), self.layout)
 
-    def subsample(self, size: int, generator: torch.Generator) -> HeadBackend:
-        indices = torch.randint(self.num_samples, (size,), generator=generator)
+    def restrict(self, indices: torch.Tensor) -> HeadBackend:
         features = self.train_features.subset(indices.to(self.device))
         return HeadBackend(self.fmodel, self.train, features=features)
 
@@ -329,8 +332,7 @@ class NetworkBackend(CurvatureBackend):
         else:
             self.scoring = TORCH_JVP if self.forward_mode else REVERSE_MODE
 
-    def subsample(self, size: int, generator: torch.Generator) -> NetworkBackend:
-        indices = torch.randint(self.num_samples, (size,), generator=generator)
+    def restrict(self, indices: torch.Tensor) -> NetworkBackend:
         modes = (self.tangent_program, self.forward_mode, self.scoring_reason)
         return type(self)(self.fmodel, self.train.subset(indices), None, modes=modes)
 
@@ -487,7 +489,7 @@ class KroneckerBackend(NetworkBackend):
         """``(C + λI)^{-1} rhs`` through the factors' eigenbases."""
         return self.factors.inverse(rhs, damping)
 
-    def subsample(self, size: int, generator: torch.Generator) -> NetworkBackend:
+    def restrict(self, indices: torch.Tensor) -> NetworkBackend:
         raise ValueError(
             f"minibatch LiSSA is not offered for hessian={self.name!r}: its inverse is in "
             "closed form (solver='direct')"

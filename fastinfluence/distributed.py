@@ -1,0 +1,190 @@
+"""Influence over the ranks of a ``torch.distributed`` process group (docs/design.md §7.3).
+
+Started by ``torchrun`` (gloo on CPU, NCCL on GPU), every rank builds the same
+:class:`~fastinfluence.Influence` on the same data; the work is split, the results are those
+of one process:
+
+* the training set is cut into contiguous shards, one per rank (sizes differ by at most one
+  sample; a rank may hold none). Each rank builds its curvature backend on its shard only;
+* every sum over samples — the validation gradient, each curvature product, the explicit
+  matrix — is taken over the local shard and all-reduced, so every rank holds the same
+  numbers, and the solvers run the same iterations everywhere (LiSSA draws its minibatches
+  from one seed: the same global indices on every rank, each rank evaluating its own);
+* per-sample results (scores, per-sample gradients, perturbation maps) are computed on each
+  rank's shard of the data asked for and gathered in the data's order, on every rank.
+
+Replicated on every rank: the model snapshot, ``s`` and the solver's state. Not distributed
+yet: K-FAC/EK-FAC factors (refused) and the closed-form head's native minibatch LiSSA (the
+generic recursion runs instead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fastinfluence.hessian.backends import CurvatureBackend
+from fastinfluence.labelled_data import LabelledData
+
+
+def process_group(group: Any | None) -> Any | None:
+    """The group to split over: ``group`` if given, else the default group when
+    ``torch.distributed`` is initialised; ``None`` (one process) otherwise or for one rank."""
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+@dataclass(frozen=True)
+class Shards:
+    """Contiguous shards of ``n`` samples over the ranks of ``group``."""
+
+    group: Any
+    rank: int
+    world: int
+
+    @classmethod
+    def of(cls, group: Any) -> Shards:
+        """The shards of the calling process in ``group``."""
+        return cls(group, dist.get_rank(group), dist.get_world_size(group))
+
+    def bounds(self, n: int, rank: int | None = None) -> tuple[int, int]:
+        """``[start, stop)`` of ``rank``'s shard (default: this process's)."""
+        rank = self.rank if rank is None else rank
+        return n * rank // self.world, n * (rank + 1) // self.world
+
+    def local(self, data: LabelledData) -> LabelledData | None:
+        """This rank's shard of ``data`` (``None`` when it is empty)."""
+        start, stop = self.bounds(len(data))
+        if start == stop:
+            return None
+        return data.subset(torch.arange(start, stop))
+
+    def gather(self, local: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
+        """The rows of every rank's shard of ``n`` samples, concatenated in rank order."""
+        sizes = [stop - start for start, stop in (self.bounds(n, r) for r in range(self.world))]
+        width = max(sizes)
+        padded = like.new_zeros(width, *like.shape[1:])
+        if local is not None:
+            padded[: len(local)] = local
+        pieces = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(pieces, padded, group=self.group)
+        return torch.cat([piece[:size] for piece, size in zip(pieces, sizes, strict=True)])
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks (every rank gets the sum)."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+
+class DistributedBackend(CurvatureBackend):
+    """A backend whose sums run over every rank's shard of the training set.
+
+    Args:
+        build: builds the backend of one process on a training set (a shard of it here).
+        train: the whole training set (the same on every rank).
+        shards: how the samples are split.
+    """
+
+    lissa_recursion = None
+
+    def __init__(
+        self,
+        build: Callable[[LabelledData], CurvatureBackend],
+        train: LabelledData,
+        shards: Shards,
+        *,
+        inner: CurvatureBackend | None = None,
+        local_count: int | None = None,
+        total: int | None = None,
+    ) -> None:
+        self.shards = shards
+        self.train = train
+        self.local_train: LabelledData | None = None  # restricted views only take products
+        if inner is None:
+            self.local_train = shards.local(train)
+            # A rank without samples still needs the model's layout and scoring pass: it
+            # builds its backend on one sample and contributes nothing to the sums.
+            inner = build(self.local_train or train.subset(torch.arange(1)))
+            local_count = 0 if self.local_train is None else len(self.local_train)
+            total = len(train)
+        if inner.closed_form_inverse is not None:
+            raise ValueError(
+                f"hessian={inner.name!r} is not distributed yet (its factors are per process): "
+                "use 'gauss-newton' or 'exact' with several ranks"
+            )
+        self.inner = inner
+        self.local_count = local_count
+        self.num_samples = total
+        self.name = inner.name
+        self.scoring = inner.scoring
+        self.scoring_reason = inner.scoring_reason
+        self.positive_semidefinite = inner.positive_semidefinite
+        self.dim = inner.dim
+        self.dtype = inner.dtype
+        self.device = inner.device
+        self.passes = 0
+
+    def _summed(self, local_mean: Callable[[], torch.Tensor], like: torch.Tensor,
+                count: int, total: int) -> torch.Tensor:
+        """``(Σ_ranks count_r · mean_r) / total``: the mean over every rank's samples."""
+        local = local_mean() * count if count else torch.zeros_like(like)
+        return self.shards.sum(local) / total
+
+    def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
+        self.passes += 1
+        return self._summed(lambda: self.inner.matvec(vectors), vectors, self.local_count,
+                            self.num_samples)
+
+    def dense(self, chunk: int = 32) -> torch.Tensor:
+        like = torch.empty(self.dim, self.dim, dtype=self.dtype, device=self.device)
+        return self._summed(lambda: self.inner.dense(chunk), like, self.local_count,
+                            self.num_samples)
+
+    def mean_gradient(self, data: LabelledData) -> torch.Tensor:
+        local = self.shards.local(data)
+        like = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+        return self._summed(lambda: self.inner.mean_gradient(local), like,
+                            0 if local is None else len(local), len(data))
+
+    def directional(self, data: LabelledData, directions: torch.Tensor) -> torch.Tensor:
+        local = self._local(data)
+        rows = None if local is None else self.inner.directional(local, directions)
+        like = directions.new_empty(1, len(directions))
+        return self.shards.gather(rows, len(data), like)
+
+    def per_sample_gradients(self, data: LabelledData) -> torch.Tensor:
+        local = self._local(data)
+        rows = None if local is None else self.inner.per_sample_gradients(local)
+        like = torch.empty(1, self.dim, dtype=self.dtype, device=self.device)
+        return self.shards.gather(rows, len(data), like)
+
+    def restrict(self, indices: torch.Tensor) -> DistributedBackend:
+        """The curvature over the training samples at global ``indices`` (the same on every
+        rank): each rank keeps the ones inside its shard."""
+        start, stop = self.shards.bounds(self.num_samples)
+        mine = indices[(indices >= start) & (indices < stop)] - start
+        inner = self.inner.restrict(mine) if len(mine) else self.inner
+        return DistributedBackend(lambda _: inner, self.train, self.shards, inner=inner,
+                                  local_count=len(mine), total=len(indices))
+
+    def _local(self, data: LabelledData) -> LabelledData | None:
+        """This rank's shard of ``data``; the cached shard for the training set, whose
+        features the closed-form head keeps."""
+        if data is self.train:
+            return self.local_train
+        return self.shards.local(data)
+
+
+def wrap(build: Callable[[LabelledData], CurvatureBackend], train: LabelledData,
+         group: Any | None) -> CurvatureBackend:
+    """``build(train)`` for one process; a :class:`DistributedBackend` over ``group``."""
+    if group is None:
+        return build(train)
+    return DistributedBackend(build, train, Shards.of(group))
