@@ -1,0 +1,118 @@
+"""The embedded dermoscopy generator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastinfluence.datasets import (
+    DermoscopyData,
+    SkinLesionData,
+    make_dermoscopy,
+    save_dermoscopy_grid,
+    split_by_patient,
+)
+from fastinfluence.datasets.dermoscopy import DIAGNOSES, ISIC2017_MIX, SKIN4_MIX
+
+
+@pytest.fixture(scope="module")
+def skin():
+    return make_dermoscopy(80, image_size=32, seed=0)
+
+
+def test_types_shapes_ranges_and_isic2017_structure(skin):
+    assert isinstance(skin, DermoscopyData) and isinstance(skin, SkinLesionData)
+    assert skin.images.dtype == torch.float32 and skin.images.shape == (80, 3, 32, 32)
+    assert skin.images.min() >= 0 and skin.images.max() <= 1
+    assert skin.class_names == ("benign", "melanoma")
+    assert skin.masks.dtype == torch.bool and skin.masks.shape == (80, 1, 32, 32)
+    assert skin.masks.flatten(1).any(1).all()  # every image shows a lesion
+    counts = {code: int((skin.diagnoses == code).sum()) for code in ISIC2017_MIX}
+    expected = {c: 80 * w / sum(ISIC2017_MIX.values()) for c, w in ISIC2017_MIX.items()}
+    assert all(abs(counts[c] - expected[c]) < 1 for c in counts)
+    assert torch.equal(skin.labels, torch.from_numpy(skin.diagnoses == "MEL").long())
+    patients = set(skin.patient_ids.tolist())
+    assert 1 < len(patients) < 80 and len(set(skin.image_ids.tolist())) == 80
+
+
+def test_seeded_and_sized():
+    a = make_dermoscopy(6, image_size=16, seed=1)
+    b = make_dermoscopy(6, image_size=16, seed=1)
+    c = make_dermoscopy(6, image_size=16, seed=2)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert (a.diagnoses == b.diagnoses).all() and (a.patient_ids == b.patient_ids).all()
+    assert not torch.equal(a.images, c.images)
+
+
+def test_patient_shares_skin_tone():
+    data = make_dermoscopy(120, n_patients=20, image_size=32, seed=3, artefacts=0.0)
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[4:-4, 4:-4] = False
+    skin = torch.stack([data.images[i][:, border & ~data.masks[i, 0]].median(1).values
+                        for i in range(len(data))])
+    within, between = [], skin.std(0).mean()
+    for patient in set(data.patient_ids.tolist()):
+        rows = skin[torch.from_numpy(data.patient_ids == patient)]
+        if len(rows) > 1:
+            within.append(rows.std(0).mean())
+    assert torch.stack(within).mean() < 0.3 * between
+
+
+def test_melanomas_differ_from_nevi_by_the_abcd_cues():
+    data = make_dermoscopy(300, image_size=32, mix={"MEL": 1.0, "NV": 1.0}, seed=4,
+                           artefacts=0.0)
+    area = data.masks.flatten(1).float().mean(1)
+    x = data.images
+    inside = data.masks.expand_as(x)
+    colour_spread = torch.stack([x[i][inside[i]].view(3, -1).std(1).mean()
+                                 for i in range(len(x))])
+    mel, nv = data.labels == 1, data.labels == 0
+    assert area[mel].mean() > 1.3 * area[nv].mean()  # D: larger
+    assert colour_spread[mel].mean() > 1.2 * colour_spread[nv].mean()  # C: variegated
+    # overlapping, not separable: some nevi are larger than the median melanoma
+    assert (area[nv] > area[mel].median()).float().mean() > 0.05
+    easy = make_dermoscopy(300, image_size=32, mix={"MEL": 1.0, "NV": 1.0}, seed=4,
+                           artefacts=0.0, cue_separation=0.0)
+    easy_area = easy.masks.flatten(1).float().mean(1)
+    gap = area[mel].mean() / area[nv].mean()
+    assert easy_area[easy.labels == 1].mean() / easy_area[easy.labels == 0].mean() < gap
+
+
+def test_skin4_classes_and_labels():
+    data = make_dermoscopy(40, image_size=16, mix=SKIN4_MIX, binary=False, seed=0)
+    assert data.class_names == tuple(SKIN4_MIX) == ("MEL", "NV", "BCC", "BKL")
+    names = np.array(data.class_names)[data.labels.numpy()]
+    assert (names == data.diagnoses).all()
+    assert set(SKIN4_MIX) <= set(DIAGNOSES)
+
+
+def test_subset_and_patient_split(skin):
+    split = split_by_patient(skin.patient_ids, skin.labels, (0.7, 0.1, 0.2), seed=0)
+    test = skin.subset(split.test)
+    assert isinstance(test, DermoscopyData) and len(test) == len(split.test)
+    assert torch.equal(test.images, skin.images[torch.from_numpy(split.test)])
+    assert (test.diagnoses == skin.diagnoses[split.test]).all()
+    assert not set(test.patient_ids.tolist()) & set(skin.subset(split.train).patient_ids.tolist())
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"n_images": 0}, "n_images"), ({"image_size": 8}, "image_size"),
+    ({"n_images": 5, "n_patients": 6}, "n_patients"), ({"mix": {"XYZ": 1.0}}, "unknown"),
+    ({"mix": {"NV": 1.0, "BKL": 1.0}}, "binary"), ({"cue_separation": 1.5}, "cue_separation"),
+    ({"artefacts": -1.0}, "artefacts"), ({"mix": {"MEL": -1.0, "NV": 1.0}}, "frequencies"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_dermoscopy(**{"n_images": 10, "image_size": 16, **kwargs})
+
+
+def test_saves_a_grid_per_diagnosis(skin, tmp_path):
+    import matplotlib.image
+
+    path = save_dermoscopy_grid(skin, tmp_path / "g.png", per_class=3, dpi=40)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert width > height  # three diagnosis rows, four columns
+    with pytest.raises(ValueError, match="per_class"):
+        save_dermoscopy_grid(skin, tmp_path / "x.png", per_class=0)
