@@ -29,7 +29,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--cue-separation", type=float, default=None)
     parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args()
@@ -50,7 +50,8 @@ def main() -> None:
           f"{data.labels.float().mean():.3f}; test majority rate {majority:.3f}")
     torch.manual_seed(args.seed)
     model = resnet18(len(data.class_names), width=args.width)
-    config = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, recalibrate_bn=True)
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, recalibrate_bn=True,
+                         progress=True)
     result = NaiveTrainer(model, config).fit(
         (train.images, train.labels), (val.images, val.labels), (test.images, test.labels)
     )

@@ -54,7 +54,7 @@ SKIN4_MIX: dict[str, float] = {"MEL": 1113.0, "NV": 6705.0, "BCC": 514.0, "BKL":
 MALIGNANT: frozenset[str] = frozenset({"MEL"})
 """Diagnoses labelled 1 by ``binary=True`` (melanoma against the rest, ISIC 2017 part 3)."""
 
-DEFAULT_CUE_SEPARATION = 0.5
+DEFAULT_CUE_SEPARATION = 0.57
 _PALETTE = {  # dermoscopic colours, linear RGB in [0, 1]
     "light_brown": (0.66, 0.45, 0.30),
     "dark_brown": (0.36, 0.21, 0.13),
