@@ -395,11 +395,15 @@ class _Renderer:
         cos, sin = np.cos(lesion.angle), np.sin(lesion.angle)
         ua, va = cos * u + sin * v, -sin * u + cos * v
         va = va * (1 + lesion.elongation)
-        rho, theta = np.hypot(ua, va), np.arctan2(va, ua)
-        outline = 1 + lesion.bulge * np.cos(theta)
-        for k, (amplitude, phase) in enumerate(zip(lesion.harmonics, lesion.phases,
-                                                   strict=True)):
-            outline = outline + amplitude * np.cos((k + 3) * theta + phase)
+        rho = np.hypot(ua, va)
+        # e^{iθ} and its powers by multiplication: cos(kθ + φ) = Re(e^{ikθ} e^{iφ}) without
+        # a transcendental per pixel and harmonic
+        unit = (ua + 1j * va) / np.maximum(rho, 1e-9)
+        outline = 1 + lesion.bulge * unit.real
+        power = unit**3
+        for amplitude, phase in zip(lesion.harmonics, lesion.phases, strict=True):
+            outline = outline + amplitude * (power * np.exp(1j * phase)).real
+            power = power * unit
         boundary = lesion.radius * outline
         depth = (boundary - rho) / lesion.radius  # > 0 inside, 1 at the centre
         alpha = _sigmoid(depth / max(lesion.edge, 1e-3) * 4)
