@@ -130,3 +130,38 @@ def test_saves_a_grid_per_diagnosis(skin, tmp_path):
     assert width > height  # three diagnosis rows, four columns
     with pytest.raises(ValueError, match="per_class"):
         save_dermoscopy_grid(skin, tmp_path / "x.png", per_class=0)
+
+
+def test_separable_field_equals_the_plane_waves():
+    from fastinfluence.datasets.dermoscopy import _field
+
+    axis = np.linspace(-1, 1, 23)
+    got = _field(np.random.default_rng(5), axis, 7, 9.0)
+    rng = np.random.default_rng(5)  # the same draws, evaluated wave by wave
+    k, direction, phase = rng.uniform(0.3, 1.0, 7) * 9.0, rng.uniform(0, 2 * np.pi, 7), \
+        rng.uniform(0, 2 * np.pi, 7)
+    y, x = np.meshgrid(axis, axis, indexing="ij")
+    expected = sum(np.cos(kk * (np.cos(d) * x + np.sin(d) * y) + p)
+                   for kk, d, p in zip(k, direction, phase, strict=True)) * np.sqrt(2 / 7)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_windowed_segment_distance_equals_brute_force_within_reach():
+    from fastinfluence.datasets.dermoscopy import _segment_distance
+
+    axis = np.linspace(-1, 1, 41)
+    segments = np.random.default_rng(6).uniform(-1.1, 1.1, (5, 4))
+    got = _segment_distance(axis, segments, 0.2)
+    y, x = np.meshgrid(axis, axis, indexing="ij")
+    brute = np.full(x.shape, np.inf)
+    for x0, y0, x1, y1 in segments:
+        for r in range(len(axis)):
+            for c in range(len(axis)):
+                px, py = x[r, c], y[r, c]
+                length2 = (x1 - x0) ** 2 + (y1 - y0) ** 2
+                t = min(1.0, max(0.0, ((px - x0) * (x1 - x0) + (py - y0) * (y1 - y0)) / length2))
+                d = np.hypot(px - x0 - t * (x1 - x0), py - y0 - t * (y1 - y0))
+                brute[r, c] = min(brute[r, c], d)
+    near = brute <= 0.2
+    np.testing.assert_allclose(got[near], brute[near], rtol=1e-12)
+    assert (got[~near] > 0.2).all()  # farther points are farther (inf or a larger distance)
