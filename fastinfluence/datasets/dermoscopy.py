@@ -12,8 +12,8 @@ What is drawn (everything a seeded function of ``seed`` and the sizes):
 
 * **Skin**: a per-patient tone (pale pink to brown), fine texture, a per-image colour cast,
   uneven illumination and the dermoscope's round vignette; per-patient hair density (dark
-  curved hairs over everything), a millimetre ruler along an edge on some images, gel
-  bubbles on a few.
+  curved hairs over everything), a millimetre ruler along an edge on ~15 % of images, gel
+  bubbles on about a quarter.
 * **Lesions** by the dermoscopic ABCD rule (Stolz): **A**\\symmetry (elongation, an
   off-centre bulge, colour mass off the centre), **B**\\order irregularity (boundary
   harmonics, notches), **C**\\olour variegation (how many of light brown, dark brown, black,
@@ -357,6 +357,7 @@ class _Skin:
     tone: np.ndarray  # RGB
     hairs: float  # expected hairs per image
     ruler: float  # probability of a ruler on an image
+    bubbles: float  # expected gel bubbles per image
     unevenness: float  # illumination gradient strength
     vignette: float  # radius of the dermoscope's round field (1: touches the edges)
 
@@ -370,6 +371,7 @@ class _Skin:
             tone=np.clip(tone, 0.2, 1.0),
             hairs=artefacts * (rng.uniform(2, 10) if hairy else rng.uniform(0, 0.5)),
             ruler=min(1.0, artefacts * 0.15),
+            bubbles=artefacts * 0.3,
             unevenness=artefacts * rng.uniform(0.0, 0.25),
             vignette=rng.uniform(1.05, 1.5) if artefacts > 0 else 10.0,
         )
@@ -522,7 +524,7 @@ class _Renderer:
             long_ticks = np.abs(np.sin(np.pi * x / 0.4)) < 0.05
             mark = band * (ticks * (y < edge + 0.07) + long_ticks * (y < edge + 0.13))
             self._blend(image, np.clip(mark, 0, 1), (0.1, 0.1, 0.1), 0.9)
-        for _ in range(rng.poisson(0.3 * (skin.hairs > 0 or skin.ruler > 0))):
+        for _ in range(rng.poisson(skin.bubbles)):
             cx, cy, radius = *rng.uniform(-0.8, 0.8, 2), rng.uniform(0.05, 0.15)
             distance = np.hypot(x - cx, y - cy)
             rim = np.exp(-((distance - radius) / 0.012) ** 2)
