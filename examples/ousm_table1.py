@@ -421,7 +421,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     start = time.perf_counter()
     data = load_data(settings, device, args.progress)
-    meta["reference_accuracy"] = data.reference_accuracy
+    meta["reference_accuracy"] = (None if data.reference_accuracy is None
+                                  else round(data.reference_accuracy, 4))
     melanoma = float(data.test[1].double().mean())
     meta["majority_rate"] = round(max(melanoma, 1 - melanoma), 4)
     meta["images"] = {name: len(split[1]) for name, split in
