@@ -1,4 +1,5 @@
-"""A look at brain-tumour data: clean / noisy / mask images per class, saved as PNG."""
+"""A look at the embedded data sets, saved as PNG: brain-tumour clean / noisy / mask images
+per class, and dermoscopy samples per diagnosis."""
 
 from __future__ import annotations
 
@@ -9,7 +10,33 @@ import torch
 
 from fastinfluence._optional import require
 from fastinfluence.datasets.brain_tumour import BrainTumourData
+from fastinfluence.datasets.dermoscopy import DIAGNOSES, DermoscopyData
 from fastinfluence.datasets.noise import NoiseKind, add_noise
+
+
+def _check_per_class(per_class: object) -> None:
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"per_class must be a positive integer, got {per_class!r}")
+
+
+def _sample_groups(groups: np.ndarray, order: list, per_group: int,
+                   rng: np.random.Generator) -> list[list[int]]:
+    """For each value of ``order``, up to ``per_group`` random indices where ``groups`` has it
+    (without replacement; empty groups give an empty list)."""
+    picked = []
+    for value in order:
+        members = np.nonzero(groups == value)[0]
+        picked.append([int(i) for i in rng.choice(members, min(per_group, len(members)),
+                                                  replace=False)])
+    return picked
+
+
+def _save(figure: object, path: str | Path, dpi: int) -> Path:
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    return path
 
 
 def save_brain_tumour_grid(
@@ -31,14 +58,11 @@ def save_brain_tumour_grid(
         "matplotlib.figure", "matplotlib", "examples", "save_brain_tumour_grid"
     ).Figure
 
-    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
-        raise ValueError(f"per_class must be a positive integer, got {per_class!r}")
+    _check_per_class(per_class)
     rng = np.random.default_rng(seed)
     labels = data.labels.numpy()
-    rows: list[int] = []
-    for label in range(len(data.class_names)):
-        members = np.nonzero(labels == label)[0]
-        rows += [int(i) for i in rng.choice(members, min(per_class, len(members)), replace=False)]
+    groups = _sample_groups(labels, list(range(len(data.class_names))), per_class, rng)
+    rows = [index for group in groups for index in group]
     if not rows:
         raise ValueError("data has no slices")
     clean = data.images[rows]
@@ -57,8 +81,45 @@ def save_brain_tumour_grid(
         axes[r, 0].set_ylabel(data.class_names[labels[index]], fontsize=8)
     for axis, title in zip(axes[0], ("clean", f"{noise} noise", "tumour mask"), strict=True):
         axis.set_title(title, fontsize=9)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi)
-    return path
+    return _save(figure, path, dpi)
+
+
+def save_dermoscopy_grid(
+    data: DermoscopyData,
+    path: str | Path,
+    *,
+    per_class: int = 6,
+    seed: int = 0,
+    dpi: int = 80,
+) -> Path:
+    """Save a grid of generated dermoscopy images: one row per diagnosis present in ``data``
+    (in :data:`~fastinfluence.datasets.dermoscopy.DIAGNOSES` order), ``per_class`` random
+    images each, the lesion outlined in the last column's copy of the row's first image.
+
+    Uses matplotlib's object API (no pyplot, no global backend change). Returns the path.
+    """
+    from matplotlib.figure import Figure
+
+    _check_per_class(per_class)
+    present = [code for code in DIAGNOSES if code in set(data.diagnoses.tolist())]
+    if not present:
+        raise ValueError("data has no images")
+    groups = _sample_groups(data.diagnoses, present, per_class, np.random.default_rng(seed))
+    columns = max(len(g) for g in groups) + 1
+    figure = Figure(figsize=(columns * 1.3, len(present) * 1.4))
+    axes = figure.subplots(len(present), columns, squeeze=False)
+    for row, (code, group) in enumerate(zip(present, groups, strict=True)):
+        for column, axis in enumerate(axes[row]):
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if column < len(group):
+                axis.imshow(data.images[group[column]].permute(1, 2, 0).numpy())
+            elif column == columns - 1:
+                axis.imshow(data.images[group[0]].permute(1, 2, 0).numpy())
+                axis.contour(data.masks[group[0], 0].numpy().astype(float), levels=[0.5],
+                             colors="lime", linewidths=0.8)
+            else:
+                axis.set_axis_off()
+        axes[row, 0].set_ylabel(DIAGNOSES[code].name.replace("_", " "), fontsize=7)
+    axes[0, -1].set_title("lesion mask", fontsize=8)
+    return _save(figure, path, dpi)

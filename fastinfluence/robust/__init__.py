@@ -1,4 +1,5 @@
-"""Robust training for noisy images (the ISR/ISP paper, docs/design.md §5).
+"""Robust training for noisy images (the ISR/ISP paper) and noisy labels (the skin paper:
+OUSM, OUSM + LoOP re-weighting, forward correction), docs/design.md §5.
 
 >>> from fastinfluence.robust import ISPTrainer, ISPConfig
 >>> result = ISPTrainer(model, ISPConfig(lr=1e-3)).fit(train, val, test)
@@ -8,7 +9,15 @@ Every trainer shares one loop (:class:`Trainer`: Adam, random horizontal flips, 
 validation and test accuracy, optional checkpoint, tqdm bar) and overrides its hooks.
 """
 
-from fastinfluence.robust.config import ATConfig, ISPConfig, ISRConfig, TrainConfig
+from fastinfluence.robust.config import (
+    ATConfig,
+    ForwardConfig,
+    ISPConfig,
+    ISRConfig,
+    OUSMConfig,
+    OUSMLoOPConfig,
+    TrainConfig,
+)
 from fastinfluence.robust.loop import EpochRecord, Trainer, TrainResult
 from fastinfluence.robust.methods import (
     ATTrainer,
@@ -20,11 +29,27 @@ from fastinfluence.robust.methods import (
     select_influential,
 )
 from fastinfluence.robust.n2v import N2VConfig, N2VTrainer, blind_spot_mask
+from fastinfluence.robust.noisy_labels import (
+    ForwardTrainer,
+    OUSMLoOPTrainer,
+    OUSMTrainer,
+    ReferenceScores,
+    estimate_transition,
+    forward_corrected_loss,
+    local_outlier_probability,
+    loop_weights,
+    ousm_keep,
+    ousm_loss,
+    penultimate_features,
+    reference_losses,
+)
 
 __all__ = [
     "ATConfig",
     "ATTrainer",
     "EpochRecord",
+    "ForwardConfig",
+    "ForwardTrainer",
     "ISPConfig",
     "ISPTrainer",
     "ISRConfig",
@@ -32,11 +57,24 @@ __all__ = [
     "N2VConfig",
     "N2VTrainer",
     "NaiveTrainer",
+    "OUSMConfig",
+    "OUSMLoOPConfig",
+    "OUSMLoOPTrainer",
+    "OUSMTrainer",
+    "ReferenceScores",
     "TrainConfig",
     "TrainResult",
     "Trainer",
     "blind_spot_mask",
+    "estimate_transition",
     "fgsm_uniform",
+    "forward_corrected_loss",
     "influence_weights",
+    "local_outlier_probability",
+    "loop_weights",
+    "ousm_keep",
+    "ousm_loss",
+    "penultimate_features",
+    "reference_losses",
     "select_influential",
 ]

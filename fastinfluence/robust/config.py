@@ -195,3 +195,102 @@ class ISPConfig(InfluenceConfig):
         low, high = self.clip
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise ValueError(f"clip must be a finite (low, high) with low < high, got {self.clip}")
+
+
+@dataclass
+class OUSMConfig(TrainConfig):
+    """Online uncertainty sample mining (the skin paper's §2.1; values not in the paper are
+    docs/design.md §5's reference defaults).
+
+    Attributes:
+        drop: ``K``, the highest-loss samples left out of every mini-batch (>= 0; default 2
+            of a batch of 32).
+        warmup_epochs: epochs of plain cross-entropy before mining starts (>= 0; default 5).
+    """
+
+    drop: int = 2
+    warmup_epochs: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("drop", self.drop, 0)
+        _check_int("warmup_epochs", self.warmup_epochs, 0)
+        if self.drop >= self.batch_size:
+            raise ValueError(f"drop must be < batch_size ({self.batch_size}), got {self.drop}")
+
+
+@dataclass
+class OUSMLoOPConfig(OUSMConfig):
+    """OUSM with re-weighting by the local outlier probability (the skin paper's Eq. 1).
+
+    Attributes:
+        alpha: ``α``, weight of the OUSM loss (>= 0; paper 0.5).
+        beta: ``β``, weight of the LoOP-weighted cross-entropy (>= 0; paper 0.5).
+        reweight_start: epochs with all weights 1 (>= 0; paper 5).
+        reweight_every: recompute the weights every this many epochs (>= 1; paper 5).
+        extent: LoOP's ``λ`` (> 0; default 3).
+        n_neighbors: LoOP's neighbourhood size ``k`` within each class (>= 1; default 10).
+    """
+
+    alpha: float = 0.5
+    beta: float = 0.5
+    reweight_start: int = 5
+    reweight_every: int = 5
+    extent: float = 3.0
+    n_neighbors: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value >= 0
+            ):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.alpha + self.beta == 0:
+            raise ValueError("alpha and beta must not both be 0")
+        _check_int("reweight_start", self.reweight_start, 0)
+        _check_int("reweight_every", self.reweight_every, 1)
+        _check_positive("extent", self.extent)
+        _check_int("n_neighbors", self.n_neighbors, 1)
+
+
+@dataclass
+class ForwardConfig(TrainConfig):
+    """Patrini et al.'s forward loss correction.
+
+    Attributes:
+        estimation_epochs: plain cross-entropy epochs before ``T`` is estimated
+            (``1 <= estimation_epochs < epochs``; default 5); ignored when ``transition`` is
+            given.
+        percentile: the per-class percentile of Patrini's estimator (``(0, 100]``; 97).
+        transition: a known ``T`` (row-stochastic, ``T[i][j] = P(noisy j | true i)``), used
+            from the first epoch instead of an estimate.
+    """
+
+    estimation_epochs: int = 5
+    percentile: float = 97.0
+    transition: tuple[tuple[float, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("percentile", self.percentile)
+        if self.percentile > 100:
+            raise ValueError(f"percentile must lie in (0, 100], got {self.percentile!r}")
+        if self.transition is None:
+            _check_int("estimation_epochs", self.estimation_epochs, 1)
+            if self.estimation_epochs >= self.epochs:
+                raise ValueError(
+                    f"estimation_epochs must be < epochs (the corrected loss trains the rest), "
+                    f"got estimation_epochs={self.estimation_epochs}, epochs={self.epochs}"
+                )
+            return
+        matrix = torch.as_tensor(self.transition, dtype=torch.float64)
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] < 2:
+            raise ValueError(f"transition must be a square [c, c] matrix, c >= 2, got "
+                             f"{tuple(matrix.shape)}")
+        if not bool(torch.isfinite(matrix).all()) or bool((matrix < 0).any()) or not bool(
+            torch.allclose(matrix.sum(1), torch.ones(len(matrix), dtype=torch.float64))
+        ):
+            raise ValueError("transition must be non-negative with rows summing to 1")
+        self.transition = tuple(tuple(float(v) for v in row) for row in matrix.tolist())

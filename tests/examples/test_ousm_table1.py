@@ -1,0 +1,65 @@
+"""Smoke test of examples/ousm_table1.py: every method, two noise rates, tiny settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "ousm_table1.py"
+TINY = ["--n-images", "60", "--image-size", "32", "--width", "8", "--epochs", "2",
+        "--warmup-epochs", "1", "--reweight-start", "1", "--estimation-epochs", "1",
+        "--n-neighbors", "3", "--reference-epochs", "1", "--gammas", "0", "0.2",
+        "--trials", "1", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def table1():
+    spec = importlib.util.spec_from_file_location("ousm_table1", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def finished(table1, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ousm_table1")
+    return out, table1.main([*TINY, "--out", str(out)])
+
+
+def test_every_method_and_rate_reported(finished):
+    out, _ = finished
+    saved = json.loads((out / "runs.json").read_text())
+    runs, meta = saved["runs"], saved["meta"]
+    assert {(r["method"], r["gamma"]) for r in runs} == {
+        ("resnet", 0.0), *((m, 0.2) for m in ("resnet", "forward", "ousm", "ousm_loop"))
+    }
+    # the paper's noise: 20 % of each class of the scored part flipped, none at γ = 0
+    assert meta["flipped"]["0.0"] == 0 and meta["flipped"]["0.2"] > 0
+    assert 0 <= meta["reference_accuracy"] <= 1
+    for run in runs:
+        assert len(run["history"]) == 2
+        best = run["history"][run["best_epoch"] - 1]
+        assert run["at_best_val"] == best["test_accuracies"]["test"]
+        assert run["best_val_accuracy"] == max(h["val_accuracy"] for h in run["history"])
+    ousm = next(r for r in runs if r["method"] == "ousm")
+    assert ousm["method_summary"]["drops_per_clean"] >= 0
+    forward = next(r for r in runs if r["method"] == "forward")
+    assert len(forward["method_summary"]["transition"]) == 2
+    table = (out / "table.md").read_text()
+    for name in ("ResNet", "Patrini", "OUSM + LoOP", "80.7", "75.2", "–"):
+        assert name in table
+    assert (out / "figure3_learning_curves.png").stat().st_size > 0
+
+
+def test_resume_skips_finished_runs_and_refuses_other_settings(table1, finished):
+    out, first = finished
+    again = table1.main([*TINY, "--out", str(out)])
+    assert again["runs"] == json.loads((out / "runs.json").read_text())["runs"]
+    assert len(again["runs"]) == len(first["runs"])
+    with pytest.raises(SystemExit, match="--fresh"):
+        table1.main([*TINY, "--out", str(out), "--epochs", "3"])
