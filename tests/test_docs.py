@@ -50,7 +50,7 @@ def test_every_public_name_has_a_docstring():
 
 def test_the_cited_design_sections_exist():
     design = (ROOT / "docs" / "design.md").read_text()
-    sections = set(re.findall(r"^#+ (\d+(?:\.\d+)?)\. ", design, flags=re.MULTILINE))
+    sections = set(re.findall(r"^#+ (\d+(?:\.\d+)?)\.? ", design, flags=re.MULTILINE))
     cited = set()
     for path in [*ROOT.glob("fastinfluence/**/*.py"), *ROOT.glob("fastinfluence/**/*.md"),
                  ROOT / "README.md", ROOT / "setup.py"]:
