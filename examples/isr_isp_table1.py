@@ -57,6 +57,7 @@ from fastinfluence.datasets import (
     split_by_patient,
 )
 from fastinfluence.datasets.brain_tumour import CLASS_NAMES
+from fastinfluence.experiments import load_runs, percent_cell, save_json
 from fastinfluence.models import PaperCNN
 from fastinfluence.robust import (
     ATConfig,
@@ -314,31 +315,13 @@ def run_record(row: Row, noise: str, trial: int, result: Any, summary: dict) -> 
     }
 
 
-def load_runs(path: Path, settings: Settings, fresh: bool) -> list[dict[str, Any]]:
-    if fresh or not path.exists():
-        return []
-    saved = json.loads(path.read_text())
-    if saved.get("settings") != json.loads(json.dumps(asdict(settings))):
-        raise SystemExit(
-            f"{path} holds runs made with other settings; pass --fresh to discard them or "
-            f"choose another --out"
-        )
-    return saved["runs"]
 
 
-def save_json(path: Path, payload: dict[str, Any]) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload, indent=1))
-    temporary.replace(path)
 
 
 # -- the table -------------------------------------------------------------------------------
 
 
-def cell(values: list[float]) -> str:
-    if not values:
-        return "–"
-    return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}"
 
 
 def table_head(noises: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -362,7 +345,7 @@ def markdown_table(runs: list[dict], rows: list[Row], noises: list[str], which: 
         cells = []
         for column in columns:
             found = values[row.key, column]
-            text = cell(found)
+            text = percent_cell(found)
             cells.append(f"**{text}**" if found and np.mean(found) == best[column] else text)
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -50,6 +50,7 @@ from fastinfluence.datasets import (
     make_dermoscopy,
     split_by_patient,
 )
+from fastinfluence.experiments import load_runs, percent_cell, save_json
 from fastinfluence.models import resnet18
 from fastinfluence.robust import (
     ForwardConfig,
@@ -274,29 +275,18 @@ def run_record(method: str, gamma: float, trial: int, result: Any,
     }
 
 
-def load_runs(path: Path, settings: Settings, fresh: bool) -> list[dict[str, Any]]:
-    if fresh or not path.exists():
-        return []
-    saved = json.loads(path.read_text())
-    if saved.get("settings") != json.loads(json.dumps(asdict(settings))):
-        raise SystemExit(f"{path} holds runs made with other settings; pass --fresh to "
-                         f"discard them or choose another --out")
-    return saved["runs"]
 
 
-def save_json(path: Path, payload: dict[str, Any]) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload, indent=1))
-    temporary.replace(path)
 
 
 # -- the table -------------------------------------------------------------------------------
 
 
-def cell(values: list[float]) -> str:
-    if not values:
-        return "–"
-    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
+
+
+def table_cell(values: list[float]) -> str:
+    """One decimal, as the paper's table."""
+    return percent_cell(values, digits=1)
 
 
 def markdown_table(runs: list[dict], settings: Settings, which: str) -> str:
@@ -310,7 +300,7 @@ def markdown_table(runs: list[dict], settings: Settings, which: str) -> str:
         cells = []
         for gamma in settings.gammas:
             found = values[method, gamma]
-            text = cell(found)
+            text = table_cell(found)
             bold = found and np.mean(found) == best[gamma] and gamma > 0
             cells.append(f"**{text}**" if bold else text)
         lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")

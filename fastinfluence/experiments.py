@@ -1,0 +1,44 @@
+"""Resumable experiment records, shared by the ``examples/`` scripts.
+
+An example writes every finished run into one JSON file together with the settings it ran
+with; a rerun with the same settings loads the finished runs and does only the rest, and a
+rerun with other settings is refused (or starts afresh with ``--fresh``). Files are written
+to a temporary name and renamed, so an interrupted write never leaves a broken file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def load_runs(path: Path, settings: Any, fresh: bool) -> list[dict[str, Any]]:
+    """The runs saved in ``path`` for ``settings`` (a dataclass); ``[]`` when there is no file
+    or ``fresh``; ``SystemExit`` when the file holds runs of other settings."""
+    if fresh or not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    if saved.get("settings") != json.loads(json.dumps(asdict(settings))):
+        raise SystemExit(
+            f"{path} holds runs made with other settings; pass --fresh to discard them or "
+            f"choose another --out"
+        )
+    return saved["runs"]
+
+
+def save_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically (a temporary file, then a rename)."""
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(payload, indent=1))
+    temporary.replace(path)
+
+
+def percent_cell(values: list[float], digits: int = 2) -> str:
+    """``mean ± std`` of fractions, in percent, for a table cell (``–`` when empty)."""
+    if not values:
+        return "–"
+    return f"{100 * np.mean(values):.{digits}f} ± {100 * np.std(values):.{digits}f}"
