@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from example_loader import load_example
 
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "isr_isp_table1.py"
 TINY = ["--n-slices", "36", "--n-patients", "12", "--image-size", "32", "--epochs", "2",
         "--pretrain-epochs", "1", "--trials", "1", "--denoiser-epochs", "1",
         "--patch-size", "32", "--threads", "1", "--no-progress"]
@@ -21,11 +18,7 @@ TINY = ["--n-slices", "36", "--n-patients", "12", "--image-size", "32", "--epoch
 
 @pytest.fixture(scope="module")
 def table1():
-    spec = importlib.util.spec_from_file_location("isr_isp_table1", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_example("isr_isp_table1")
 
 
 @pytest.fixture(scope="module")

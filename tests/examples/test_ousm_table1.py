@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from example_loader import load_example
 
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "ousm_table1.py"
 TINY = ["--n-images", "60", "--image-size", "32", "--width", "8", "--epochs", "2",
         "--warmup-epochs", "1", "--reweight-start", "1", "--estimation-epochs", "1",
         "--n-neighbors", "3", "--reference-epochs", "1", "--gammas", "0", "0.2",
@@ -18,11 +15,7 @@ TINY = ["--n-images", "60", "--image-size", "32", "--width", "8", "--epochs", "2
 
 @pytest.fixture(scope="module")
 def table1():
-    spec = importlib.util.spec_from_file_location("ousm_table1", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_example("ousm_table1")
 
 
 @pytest.fixture(scope="module")
