@@ -285,15 +285,18 @@ class Flatten(Rule):
 
 
 class AveragePool(Rule):
-    """AvgPool2d / AdaptiveAvgPool2d: linear and parameter-free, so the tangent is the same
-    pooling of the input tangent."""
+    """Average pooling (AvgPool1d/2d, AdaptiveAvgPool1d/2d): linear and parameter-free, so the
+    tangent is the same pooling of the input tangent."""
 
     kind = "avgpool"
 
+    def __init__(self, dims: int) -> None:
+        self.dims = dims
+
     def configure(self, site: Site) -> Options | str:
-        if len(site.input_shape) != 4:
+        if len(site.input_shape) != self.dims + 2:
             return (f"{site.name}: {type(site.module).__name__} on a "
-                    f"{len(site.input_shape)}-d input (needs [B, C, H, W])")
+                    f"{len(site.input_shape)}-d input (needs {self.dims + 2}-d [B, C, ...])")
         return {}
 
     def run(self, step, at, x, dx):
@@ -449,20 +452,27 @@ class Affine(Rule):
         return out.reshape(k * len(x), *out.shape[2:])
 
 
-class Conv2d(Affine):
-    """A zero-padded 2-d convolution on ``[B, C, H, W]``."""
+class Convolution(Affine):
+    """A zero-padded 1-d or 2-d convolution on ``[B, C, L]`` or ``[B, C, H, W]``."""
+
+    def __init__(self, dims: int) -> None:
+        self.dims = dims
+        self.function = F.conv1d if dims == 1 else F.conv2d
 
     def configure(self, site: Site) -> Options | str:
+        name = type(site.module).__name__
         if site.module.padding_mode != "zeros":
-            return f"{site.name}: Conv2d padding_mode {site.module.padding_mode!r}"
-        if len(site.input_shape) != 4:
-            return (f"{site.name}: Conv2d on a {len(site.input_shape)}-d input (needs "
-                    f"[B, C, H, W])")
+            return f"{site.name}: {name} padding_mode {site.module.padding_mode!r}"
+        if isinstance(site.module.padding, str):
+            return f"{site.name}: {name} padding={site.module.padding!r} (give it as numbers)"
+        if len(site.input_shape) != self.dims + 2:
+            return (f"{site.name}: {name} on a {len(site.input_shape)}-d input (needs "
+                    f"{self.dims + 2}-d [B, C, ...])")
         return {}
 
     def apply(self, step, inputs, weight, bias=None):
         m = step.module
-        return F.conv2d(inputs, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+        return self.function(inputs, weight, bias, m.stride, m.padding, m.dilation, m.groups)
 
     def channel_dim(self, ndim: int) -> int:
         return 1
@@ -513,7 +523,8 @@ IDENTITY = Identity()
 ADD = Add()
 
 MODULE_RULES: dict[type[nn.Module], Rule] = {
-    nn.Conv2d: Conv2d(),
+    nn.Conv1d: Convolution(dims=1),
+    nn.Conv2d: Convolution(dims=2),
     nn.Linear: Linear(),
     nn.BatchNorm1d: BatchNorm(),
     nn.BatchNorm2d: BatchNorm(),
@@ -521,8 +532,10 @@ MODULE_RULES: dict[type[nn.Module], Rule] = {
     nn.Tanh: TANH,
     nn.Sigmoid: SIGMOID,
     nn.MaxPool2d: MaxPool2d(),
-    nn.AvgPool2d: AveragePool(),
-    nn.AdaptiveAvgPool2d: AveragePool(),
+    nn.AvgPool1d: AveragePool(dims=1),
+    nn.AvgPool2d: AveragePool(dims=2),
+    nn.AdaptiveAvgPool1d: AveragePool(dims=1),
+    nn.AdaptiveAvgPool2d: AveragePool(dims=2),
     nn.Flatten: FLATTEN,
     nn.Dropout: IDENTITY,
     nn.Identity: IDENTITY,

@@ -436,6 +436,37 @@ def test_residual_network_matches_jvp(k, which):
     assert all(step.norm is not None for step in program.steps[:-1] if step.kind == "affine")
 
 
+class ResidualCNN1d(nn.Module):
+    """The MRS paper's shape of model: 1-d convolutions with BatchNorm and Dropout in residual
+    blocks (identity and strided 1×1 shortcuts), global average pooling and a dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(1, 4, 5, padding=2)
+        self.block = nn.Sequential(nn.BatchNorm1d(4), nn.ReLU(), nn.Dropout(0.5),
+                                   nn.Conv1d(4, 4, 5, padding=2, bias=False), nn.BatchNorm1d(4),
+                                   nn.ReLU(), nn.Conv1d(4, 4, 5, padding=2))
+        self.down = nn.Sequential(nn.Conv1d(4, 6, 5, stride=2, padding=2, bias=False),
+                                  nn.BatchNorm1d(6), nn.ReLU())
+        self.shortcut = nn.Conv1d(4, 6, 1, stride=2)
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + self.block(h)
+        h = self.down(h) + self.shortcut(h)
+        return self.head(self.pool(h).flatten(1))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_one_dimensional_residual_network_matches_jvp(k):
+    model = ResidualCNN1d()
+    program = compare(model, (1, 24), [n for n, _ in model.named_parameters()], k, seed=11)
+    kinds = [step.kind for step in program.steps]
+    assert kinds.count("add") == 2 and "avgpool" in kinds
+
+
 class SharedValues(nn.Module):
     """A convolution read by a BatchNorm and a ReLU, the ReLU by an add and a pool: neither
     the fold nor the pool-first swap may apply (each would change another reader's input)."""
