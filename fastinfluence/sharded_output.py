@@ -47,8 +47,6 @@ DEFAULT_CHUNK_SIZE = 4096
 FINGERPRINT_SAMPLES = 16
 """Samples hashed at each end of a data set: a cheap check that the data is the same, fixed so
 that a change of batch size does not change the fingerprint."""
-STORED_AS = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
-"""Dtypes numpy cannot hold (bfloat16) or holds badly, stored widened (losslessly)."""
 
 
 def is_writer() -> bool:
@@ -117,9 +115,9 @@ def atomic_save(path: Path, array: np.ndarray | bytes) -> None:
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """``tensor`` on the CPU as a numpy array (see :data:`STORED_AS`)."""
-    tensor = tensor.detach().to("cpu")
-    return tensor.to(STORED_AS.get(tensor.dtype, tensor.dtype)).numpy()
+    """``tensor`` on the CPU as a numpy array (outputs and ``s`` are in the computation's
+    dtype, float32 or float64, never a half type numpy lacks)."""
+    return tensor.detach().to("cpu").numpy()
 
 
 def _as_json(value: Any) -> Any:
@@ -280,11 +278,10 @@ class ChunkedOutput:
     def read(self) -> torch.Tensor:
         """Every chunk, concatenated into one ``[num_rows, *row_shape]`` tensor of ``dtype``
         (chunk files are memory-mapped while copied)."""
-        stored = STORED_AS.get(self.dtype, self.dtype)
-        result = torch.empty((self.num_rows, *self.row_shape), dtype=stored)
+        result = torch.empty((self.num_rows, *self.row_shape), dtype=self.dtype)
         for index in range(self.num_chunks):
             rows = self.rows(index)
-            start, stop = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+            start, stop = index * self.chunk_size, index * self.chunk_size + len(rows)
             if index in self._in_memory:
                 result[start:stop] = self._in_memory[index]
                 continue
@@ -294,7 +291,7 @@ class ChunkedOutput:
                 raise ValueError(f"{self.file(index)} has shape {array.shape}, expected "
                                  f"{expected}: the file was changed; delete it to recompute")
             result.numpy()[start:stop] = array
-        return result.to(self.dtype)
+        return result
 
 
 def read_output(path: str | os.PathLike, kind: str) -> torch.Tensor:
