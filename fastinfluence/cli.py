@@ -72,7 +72,9 @@ def _score(args: argparse.Namespace) -> int:
         reused = "reused from out" if summary["reused_ihvp"] else "solved and saved"
         print(f"{summary['what']} of {summary['samples']} samples written to {summary['out']} "
               f"(s {reused}; path {summary['path']}, solver {summary['solver']}, hessian "
-              f"{summary['hessian']}); read them with "
+              f"{summary['hessian']}"
+              + (f"; torch.distributed {summary['distributed']}" if summary["distributed"]
+                 else "") + "); read them with "
               f"fastinfluence.sharded_output.read_output(out, {summary['what']!r})")
     return 0
 

@@ -301,9 +301,10 @@ def _distributed_device(requested: str | None) -> tuple[bool, str | None]:
 
 def run_score(config: ScoreConfig) -> dict[str, Any]:
     """Check every input, then score and write to ``config.out``; returns a summary (what,
-    samples, chunk files, whether ``s`` was reused, the report's path/solver/hessian)."""
+    samples, whether ``s`` was reused, the report's path/solver/hessian, the process group
+    when distributed)."""
     from fastinfluence.scoring import Influence, _check_arguments, _check_chunking
-    from fastinfluence.sharded_output import is_writer
+    from fastinfluence.sharded_output import SettingsMismatchError, is_writer
 
     if config.what not in WHAT:
         raise CommandError(f"--what must be one of {WHAT}, got {config.what!r}")
@@ -325,16 +326,22 @@ def run_score(config: ScoreConfig) -> dict[str, Any]:
         model.to(compute_device)
         check_model_takes(model, train, "--train", compute_device)
         check_model_takes(model, val, "--val", compute_device)
-        influence = Influence(
-            model, train, val, params=_params(config.params), solver=config.solver,
-            damping=config.damping, hessian=config.hessian, batch_size=config.batch_size,
-            device=compute_device, progress=config.progress and is_writer(), out=config.out,
-            **config.options,
-        )
-        query = influence.scores if config.what == "scores" else influence.self_influence
-        result = query(out=config.out, chunk_size=config.chunk_size)
+        try:
+            influence = Influence(
+                model, train, val, params=_params(config.params), solver=config.solver,
+                damping=config.damping, hessian=config.hessian, batch_size=config.batch_size,
+                device=compute_device, progress=config.progress and is_writer(),
+                out=config.out, **config.options,
+            )
+            query = influence.scores if config.what == "scores" else influence.self_influence
+            result = query(out=config.out, chunk_size=config.chunk_size)
+        except SettingsMismatchError as error:
+            raise CommandError(f"--out: {error}") from error
         report = influence.report
+        distributed = torch.distributed
         return {
+            "distributed": (f"{distributed.get_backend()}, {distributed.get_world_size()} "
+                            "rank(s)") if distributed.is_initialized() else None,
             "what": config.what, "samples": len(result), "out": str(config.out),
             "reused_ihvp": report.reused_ihvp, "path": report.path, "solver": report.solver,
             "hessian": report.hessian, "writer": is_writer(),

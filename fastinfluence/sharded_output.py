@@ -14,7 +14,8 @@ A directory ``DIR`` holds, for one model, training set, validation set and set o
 Every file is written under a temporary name in the same directory, flushed to disk, then
 renamed over its final name (``os.replace`` is atomic on POSIX), so a killed run leaves whole
 chunks or none; a rerun skips the chunks that exist. A directory holding output of other
-settings is refused with a ``ValueError`` naming what differs.
+settings is refused with a :class:`SettingsMismatchError` (a ``ValueError``) naming what
+differs.
 
 Under ``torch.distributed`` every rank runs the same chunk loop (the backend splits each
 call's samples over ranks and gathers the result), and only rank 0 writes. Which chunks to
@@ -47,6 +48,11 @@ DEFAULT_CHUNK_SIZE = 4096
 FINGERPRINT_SAMPLES = 16
 """Samples hashed at each end of a data set: a cheap check that the data is the same, fixed so
 that a change of batch size does not change the fingerprint."""
+
+
+class SettingsMismatchError(ValueError):
+    """An output directory holds output of other settings; the message names each
+    difference."""
 
 
 def is_writer() -> bool:
@@ -160,7 +166,7 @@ class OutputDirectory:
                 differences.insert(0, f"format: {self.manifest.get('format')!r} in the "
                                       f"directory vs {FORMAT_VERSION} now")
             if differences:
-                raise ValueError(
+                raise SettingsMismatchError(
                     f"out={str(path)!r} holds influence output of other settings; use another "
                     "directory or the same settings. Differences: " + "; ".join(differences)
                 )
@@ -218,7 +224,7 @@ class OutputDirectory:
         if existing is not None:
             differences = _differences(entry, existing)
             if differences:
-                raise ValueError(
+                raise SettingsMismatchError(
                     f"out={str(self.path)!r} holds {kind} of other settings; use another "
                     "directory or the same settings. Differences: " + "; ".join(differences)
                 )
