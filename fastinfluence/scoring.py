@@ -92,7 +92,8 @@ class InfluenceReport:
         query_solve: the report of the latest solve of :meth:`Influence.pairwise` or
             :meth:`Influence.self_influence` (``None`` before any).
         seconds: wall time per stage (``curvature``: building the backend, which caches the
-            head's features; ``gradient``, ``solve``, ``scores``).
+            head's features; ``fingerprint`` (with ``out``), ``gradient``, ``solve``,
+            ``scores``).
     """
 
     path: str
@@ -214,10 +215,13 @@ class Influence:
             }
             """What changes ``s`` besides model and data: the fingerprint's options."""
             self._settings_cache: dict[str, Any] | None = None
-            saved = None
+            directory = saved = None
             if out is not None:
+                # Every rank decides here, before its first collective, whether to solve: no
+                # rank can have saved this run's s yet, so all ranks see the same files.
                 start = time.perf_counter()
-                saved = OutputDirectory(out, self._settings()).load_ihvp()
+                directory = OutputDirectory(out, self._settings())
+                saved = directory.load_ihvp()
                 self.report.seconds["fingerprint"] = time.perf_counter() - start
             if saved is not None:
                 self._ihvp = self._load_ihvp(*saved)
@@ -229,9 +233,8 @@ class Influence:
                 solution, self.report.solve = self.solver.solve(val_gradient[None])
                 self.report.seconds["solve"] = time.perf_counter() - start
                 self._ihvp = solution[0]
-                if out is not None:
-                    OutputDirectory(out, self._settings()).save_ihvp(
-                        self._ihvp, self.report.solve.as_dict())
+                if directory is not None:
+                    directory.save_ihvp(self._ihvp, self.report.solve.as_dict())
 
     @property
     def ihvp(self) -> torch.Tensor:
