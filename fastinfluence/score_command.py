@@ -382,7 +382,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-mode", default="RGB",
                         help="Pillow mode image folders are read in (RGB, L, ...)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="resize images of a folder to this square side")
+                        help="resize the images of a folder to this square side (needed "
+                        "when their sizes differ)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show progress bars")
 

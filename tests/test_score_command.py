@@ -190,3 +190,21 @@ def test_runs_under_a_torchrun_environment(saved, tmp_path):
     influence = fi.Influence(model, train, val, params="all", damping=0.5, solver="cg",
                              tol=1e-12, max_iter=500)
     assert relative_error(read_output(out, "scores"), influence.scores()) <= 1e-12
+
+
+def test_torchrun_with_two_ranks_writes_once(saved, tmp_path):
+    model, train, val, paths = saved
+    out = tmp_path / "out"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "fastinfluence", *arguments(paths, out)],
+        env=environment, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("scores of 30 samples written") == 1  # rank 0 alone reports
+    assert "torch.distributed gloo, 2 rank(s)" in run.stdout
+    assert not list(out.glob("*.tmp"))
+    influence = fi.Influence(model, train, val, params="all", damping=0.5, solver="cg",
+                             tol=1e-12, max_iter=500)
+    assert relative_error(read_output(out, "scores"), influence.scores()) <= 1e-12
