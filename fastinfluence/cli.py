@@ -75,7 +75,7 @@ def _score(args: argparse.Namespace) -> int:
               f"{summary['hessian']}"
               + (f"; torch.distributed {summary['distributed']}" if summary["distributed"]
                  else "") + "); read them with "
-              f"fastinfluence.sharded_output.read_output(out, {summary['what']!r})")
+              f"fastinfluence.read_output(out, {summary['what']!r})")
     return 0
 
 
