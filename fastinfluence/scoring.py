@@ -48,6 +48,7 @@ from fastinfluence.progress import progress_bar
 from fastinfluence.sharded_output import (
     DEFAULT_CHUNK_SIZE,
     OutputDirectory,
+    SettingsMismatchError,
     data_fingerprint,
     model_fingerprint,
     qualified_name,
@@ -206,6 +207,7 @@ class Influence:
             self.report.seconds["curvature"] = time.perf_counter() - start
             self._solver_config = make_config(self.report.solver, solver_options)
             self._solver: Solver | None = None
+            # What changes s besides model and data: the options of the fingerprint.
             self._options = {
                 "params": list(self.selection.names), "damping": self.damping,
                 "hessian": hessian, "hessian_used": self.report.hessian,
@@ -213,7 +215,6 @@ class Influence:
                 "loss_fn": qualified_name(loss_fn), "output": qualified_name(output),
                 "dtype": str(self.fmodel.dtype),
             }
-            """What changes ``s`` besides model and data: the fingerprint's options."""
             self._settings_cache: dict[str, Any] | None = None
             directory = saved = None
             if out is not None:
@@ -376,12 +377,12 @@ class Influence:
         kind: str,
         out: str | os.PathLike,
         chunk_size: int | None,
-        rows: LabelledData,
+        samples: LabelledData,
         description: dict[str, Any],
         row_shape: tuple[int, ...],
         compute: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """Output ``kind`` over the samples of ``rows``, chunk by chunk through ``out``:
+        """Output ``kind``, one row per sample of ``samples``, chunk by chunk through ``out``:
         finished chunks are read back, the others computed by ``compute(row_indices)`` and
         written as they finish (on rank 0 only; every rank runs the same loop)."""
         if chunk_size is None:
@@ -392,13 +393,13 @@ class Influence:
         if saved is None:
             directory.save_ihvp(self._ihvp, self.report.solve.as_dict())
         elif saved["sha256"] != ihvp_sha256:
-            raise ValueError(
+            raise SettingsMismatchError(
                 f"out={str(out)!r} holds another s = (H + λI)^(-1)∇L(val) for the same settings "
                 "(solved elsewhere, e.g. on another device); build the Influence with "
                 "out=<that directory> to reuse the saved s, or use another directory"
             )
         chunks = directory.output(kind, {**description, "ihvp_sha256": ihvp_sha256},
-                                  len(rows), row_shape, self._ihvp.dtype, chunk_size)
+                                  len(samples), row_shape, self._ihvp.dtype, chunk_size)
         for index in progress_bar(range(chunks.num_chunks), self.progress, f"{kind} chunks"):
             if index not in chunks.finished:
                 chunks.write(index, compute(chunks.rows(index)))

@@ -186,9 +186,10 @@ class OutputDirectory:
             atomic_save(self.path / MANIFEST, text.encode())
 
     def load_ihvp(self) -> tuple[np.ndarray, dict[str, Any]] | None:
-        """The saved ``s`` and its solve report (as a dict), or ``None`` when none is saved."""
+        """The saved ``s`` and its solve report (as a dict), or ``None`` when none is saved (or
+        its file was deleted: then ``s`` is solved and saved again)."""
         entry = self.manifest.get("ihvp")
-        if entry is None:
+        if entry is None or not (self.path / entry["file"]).exists():
             return None
         array = np.load(self.path / entry["file"], allow_pickle=False)
         if hashlib.sha256(array.tobytes()).hexdigest() != entry["sha256"]:

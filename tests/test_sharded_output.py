@@ -138,7 +138,7 @@ def test_an_s_solved_elsewhere_is_refused(tmp_path):
     first.scores(out=tmp_path)
     second = fi.Influence(model, train, val, params="all", solver="cg", damping=0.5, tol=1e-3)
     second._ihvp = second._ihvp * (1 + 1e-12)  # as if solved on another device
-    with pytest.raises(ValueError, match="holds another s"):
+    with pytest.raises(fi.SettingsMismatchError, match="holds another s"):
         second.scores(out=tmp_path)
 
 
