@@ -207,10 +207,11 @@ class Influence:
             self.report.seconds["curvature"] = time.perf_counter() - start
             self._solver_config = make_config(self.report.solver, solver_options)
             self._solver: Solver | None = None
-            # What changes s besides model and data: the options of the fingerprint.
+            # What changes s besides model and data: the options of the fingerprint ("auto"
+            # resolved, so that naming the curvature or solver it chose changes nothing).
             self._options = {
                 "params": list(self.selection.names), "damping": self.damping,
-                "hessian": hessian, "hessian_used": self.report.hessian,
+                "hessian": self.report.hessian,
                 "solver": self.report.solver, "solver_config": asdict(self._solver_config),
                 "loss_fn": qualified_name(loss_fn), "output": qualified_name(output),
                 "dtype": str(self.fmodel.dtype),

@@ -171,6 +171,18 @@ def test_s_is_reused_without_solving(tmp_path, monkeypatch):
     assert torch.equal(second.scores(), first.scores())
 
 
+def test_auto_and_the_choice_it_resolves_to_share_a_directory(tmp_path):
+    model, train, val = make_problem("mlp")
+    first = fi.Influence(model, train, val, params="all", out=tmp_path, **OPTIONS)
+    assert first.report.hessian == "gauss-newton"  # what "auto" resolves to for networks
+    named = fi.Influence(model, train, val, params="all", hessian="gauss-newton", out=tmp_path,
+                         **OPTIONS)
+    assert named.report.reused_ihvp
+    with pytest.raises(fi.SettingsMismatchError, match="options.hessian: 'gauss-newton' in "
+                                                       "the directory vs 'exact' now"):
+        fi.Influence(model, train, val, params="all", hessian="exact", out=tmp_path, **OPTIONS)
+
+
 def test_a_non_writing_rank_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(sharded_output, "is_writer", lambda: False)
     model, train, val = make_problem("mlp")
