@@ -167,21 +167,30 @@ class ImageFolder(Dataset):
         root: the folder.
         mode: Pillow mode the images are converted to (``"RGB"``, ``"L"``, ...).
         size: resize every image to ``size × size`` (``None``: keep sizes; then all must agree).
+        classes: the class names in label order (default: ``root``'s subfolders, sorted); the
+            validation folder takes the training folder's, so that a class missing from it
+            does not shift the labels of the others.
+        option: the command-line option the folder came from, for error messages.
     """
 
-    def __init__(self, root: Path, mode: str = "RGB", size: int | None = None) -> None:
+    def __init__(self, root: Path, mode: str = "RGB", size: int | None = None,
+                 classes: list[str] | None = None, option: str = "--train") -> None:
         self.image = require("PIL.Image", "Pillow", "datasets", "reading an image folder")
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        self.classes = classes
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        self.classes = found if classes is None else classes
+        unknown = sorted(set(found) - set(self.classes))
+        if unknown:
+            raise CommandError(f"{option}: image folder {root} has classes {unknown} that the "
+                               f"training folder lacks (its classes: {self.classes})")
         self.samples = [
             (path, label)
-            for label, name in enumerate(classes)
+            for label, name in enumerate(self.classes)
             for path in sorted((root / name).rglob("*"))
             if path.suffix.lower() in IMAGE_SUFFIXES
         ]
         if not self.samples:
-            raise CommandError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)}) "
-                               "in class subfolders")
+            raise CommandError(f"{option}: image folder {root} holds no images "
+                               f"({', '.join(IMAGE_SUFFIXES)}) in class subfolders")
         self.mode = mode
         self.size = size
 
@@ -233,14 +242,14 @@ def _pair(value: Any, path: Path, option: str) -> tuple[torch.Tensor, torch.Tens
 
 
 def load_data(path: Path, labels: Path | None, option: str, mode: str,
-              size: int | None) -> Any:
+              size: int | None, classes: list[str] | None = None) -> Any:
     """Data for :class:`~fastinfluence.Influence` from a file or image folder (see the
-    module docstring)."""
+    module docstring; ``classes`` as for :class:`ImageFolder`)."""
     _existing(path, option)
     if path.is_dir():
         if labels is not None:
             raise CommandError(f"{option}-labels: an image folder's labels are its subfolders")
-        return ImageFolder(path, mode, size)
+        return ImageFolder(path, mode, size, classes, option)
     inputs = _load_tensor(path, option)
     pair = _pair(inputs, path, option)
     if pair is not None:
@@ -319,7 +328,7 @@ def run_score(config: ScoreConfig) -> dict[str, Any]:
     train = load_data(config.train, config.train_labels, "--train", config.image_mode,
                       config.image_size)
     val = load_data(config.val, config.val_labels, "--val", config.image_mode,
-                    config.image_size)
+                    config.image_size, getattr(train, "classes", None))
     started, device = _distributed_device(config.device)
     try:
         compute_device = torch.device(device) if device else next(model.parameters()).device

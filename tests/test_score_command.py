@@ -81,11 +81,11 @@ def test_a_rerun_with_other_settings_is_refused(saved, tmp_path, capsys):
     assert "options.damping: 0.5 in the directory vs 0.25 now" in capsys.readouterr().err
 
 
-def test_image_folder(tmp_path):
+def test_image_folder(tmp_path, capsys):
     image = pytest.importorskip("PIL.Image")
     generator = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for label in ("benign", "malignant"):
+    for split, classes in (("train", ("benign", "malignant")), ("val", ("malignant",))):
+        for label in classes:
             folder = tmp_path / split / label
             folder.mkdir(parents=True)
             for index in range(3):
@@ -95,22 +95,28 @@ def test_image_folder(tmp_path):
     model = tiny_image_model()
     torch.save(model.state_dict(), tmp_path / "model.pt")
     out = tmp_path / "out"
-    assert main(["score", "--model", "cli_models:tiny_image_model", "--checkpoint",
-                 str(tmp_path / "model.pt"), "--train", str(tmp_path / "train"), "--val",
-                 str(tmp_path / "val"), "--image-mode", "L", "--out", str(out),
-                 "--no-progress"]) == 0
+    argv = ["score", "--model", "cli_models:tiny_image_model", "--checkpoint",
+            str(tmp_path / "model.pt"), "--train", str(tmp_path / "train"), "--val",
+            str(tmp_path / "val"), "--image-mode", "L", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
 
     def load(split):
         xs, ys = [], []
         for label, name in enumerate(("benign", "malignant")):
-            for index in range(3):
+            for index in range(3 if (tmp_path / split / name).exists() else 0):
                 with image.open(tmp_path / split / name / f"{index}.png") as file:
                     xs.append(torch.tensor(np.asarray(file), dtype=torch.float64)[None] / 255)
                 ys.append(label)
         return torch.stack(xs), torch.tensor(ys)
 
-    expected = fi.Influence(model, load("train"), load("val")).scores()
+    train, val = load("train"), load("val")
+    assert val[1].tolist() == [1, 1, 1]  # the training folder's labels, not shifted
+    expected = fi.Influence(model, train, val).scores()
     assert relative_error(read_output(out, "scores"), expected) <= 1e-6  # float32 pixels
+
+    (tmp_path / "val" / "other").mkdir()
+    message = error_of(capsys, [*argv[:-3], "--out", str(tmp_path / "out2"), "--no-progress"])
+    assert "--val: image folder" in message and "classes ['other']" in message
 
 
 def error_of(capsys, argv) -> str:
