@@ -86,6 +86,9 @@ def _add_score(commands: argparse._SubParsersAction) -> None:
         "score",
         help="influence of a saved model (module:callable + checkpoint) over saved data, "
         "written to a resumable output directory; runs under torchrun unchanged",
+        description="Example: python -m fastinfluence score --model mypkg.models:make_net "
+        "--checkpoint model.pt --train train.pt --val val.pt --out runs/influence "
+        "(a rerun of the same command finishes a killed run; other settings are refused)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_arguments(score)

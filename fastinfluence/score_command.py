@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fastinfluence._optional import require
+from fastinfluence.sharded_output import DEFAULT_CHUNK_SIZE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 WHAT = ("scores", "self-influence")
@@ -382,10 +383,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hessian", default="auto", help="auto, exact, gauss-newton, ...")
     parser.add_argument("--solver", default="auto", help="auto, direct, cg, lissa")
     parser.add_argument("--batch-size", type=int, default=None, help="samples per batch")
-    parser.add_argument("--chunk-size", type=int, default=None,
-                        help="samples per output chunk file (default 4096)")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                        help="samples per output chunk file")
     parser.add_argument("--device", default=None,
-                        help="cpu, cuda, ...; default: where the model is (cpu)")
+                        help="cpu, cuda, ...; None: where the model is built (cuda:LOCAL_RANK "
+                        "under torchrun when CUDA is available)")
     parser.add_argument("--option", type=parse_option, action="append", default=[],
                         metavar="KEY=VALUE", help="solver option, e.g. tol=1e-8 (repeatable)")
     parser.add_argument("--image-mode", default="RGB",
