@@ -68,6 +68,19 @@ def test_scores_chunks_match_in_memory_and_rerun_computes_nothing(tmp_path, para
     assert calls == [7]
 
 
+def test_score_with_out_and_a_data_loader(tmp_path):
+    model, train, val = make_problem("mlp")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train), batch_size=6,
+                                         shuffle=True)
+    written = fi.score(model, loader, val, params="all", out=tmp_path, chunk_size=16, **OPTIONS)
+    expected = fi.Influence(model, train, val, params="all", **OPTIONS).scores()
+    assert relative_error(written, expected) <= 1e-12
+    assert chunk_files(tmp_path) == ["scores-00000.npy", "scores-00001.npy", "scores-00002.npy"]
+    assert torch.equal(fi.read_output(tmp_path, "scores"), written)
+    again = fi.Influence(model, loader, val, params="all", out=tmp_path, **OPTIONS)
+    assert again.report.reused_ihvp  # the loader form fingerprints like itself
+
+
 def test_other_queries_match_in_memory(tmp_path):
     model, train, val = make_problem("cnn")
     influence = fi.Influence(model, train, val, params="all", hessian="gauss-newton", **OPTIONS)
