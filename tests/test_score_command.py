@@ -24,8 +24,8 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture
 def saved(tmp_path):
-    """A trained-looking tiny MLP's checkpoint, train as a ``.pt`` (X, y) pair and val as
-    ``.npy`` inputs with ``.pt`` labels."""
+    """A tiny MLP's checkpoint (inside a dict, as training scripts save it), train as a
+    ``.pt`` (X, y) pair and val as ``.npy`` inputs with ``.pt`` labels."""
     torch.manual_seed(0)
     model = tiny_mlp()
     generator = torch.Generator().manual_seed(1)
