@@ -16,6 +16,7 @@ from fastinfluence.hessian.solvers import (
     SolveReport,
 )
 from fastinfluence.scoring import Influence, InfluenceReport, score
+from fastinfluence.sharded_output import SettingsMismatchError, read_output
 
 __version__ = "0.1.0"
 
@@ -27,7 +28,9 @@ __all__ = [
     "InfluenceReport",
     "LiSSAConfig",
     "NotPositiveDefiniteError",
+    "SettingsMismatchError",
     "SolveReport",
     "info",
+    "read_output",
     "score",
 ]

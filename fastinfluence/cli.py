@@ -60,6 +60,41 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo.set_defaults(run=_demo, parser=demo)
 
 
+def _score(args: argparse.Namespace) -> int:
+    from fastinfluence.score_command import CommandError, config_from, run_score
+
+    try:
+        summary = run_score(config_from(args))
+    except CommandError as error:
+        # An input error (usage, exit status 2), found before the influence work.
+        args.parser.error(str(error))
+    if summary["writer"]:
+        reused = "reused from out" if summary["reused_ihvp"] else "solved and saved"
+        print(f"{summary['what']} of {summary['samples']} samples written to {summary['out']} "
+              f"(s {reused}; path {summary['path']}, solver {summary['solver']}, hessian "
+              f"{summary['hessian']}"
+              + (f"; torch.distributed {summary['distributed']}" if summary["distributed"]
+                 else "") + "); read them with "
+              f"fastinfluence.read_output(out, {summary['what']!r})")
+    return 0
+
+
+def _add_score(commands: argparse._SubParsersAction) -> None:
+    from fastinfluence.score_command import add_arguments
+
+    score = commands.add_parser(
+        "score",
+        help="influence of a saved model (module:callable + checkpoint) over saved data, "
+        "written to a resumable output directory; runs under torchrun unchanged",
+        description="Example: python -m fastinfluence score --model mypkg.models:make_net "
+        "--checkpoint model.pt --train train.pt --val val.pt --out runs/influence "
+        "(a rerun of the same command finishes a killed run; other settings are refused)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_arguments(score)
+    score.set_defaults(run=_score, parser=score)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the chosen subcommand, return its status."""
     parser = argparse.ArgumentParser(prog="fastinfluence", description=__doc__)
@@ -70,5 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     info_parser.add_argument("--json", action="store_true", help="print the report as JSON")
     info_parser.set_defaults(run=_info)
     _add_demo(commands)
+    _add_score(commands)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -14,9 +14,12 @@ Conventions (Koh & Liang 2017; shared/papers/isr-isp-noisy-brain-mri.md Eq. 3, 7
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -35,12 +38,23 @@ from fastinfluence.hessian.solvers import (
     CONFIGS,
     SOLVERS,
     DirectSolver,
+    Solver,
     SolveReport,
     make_config,
     make_solver,
 )
 from fastinfluence.labelled_data import DataLike, LabelledData, cast_inputs
 from fastinfluence.params import ParamsSpec, select_parameters
+from fastinfluence.progress import progress_bar
+from fastinfluence.sharded_output import (
+    DEFAULT_CHUNK_SIZE,
+    OutputDirectory,
+    SettingsMismatchError,
+    data_fingerprint,
+    model_fingerprint,
+    qualified_name,
+    to_numpy,
+)
 
 DIRECT_MAX_DIM = {HEAD_CLOSED_FORM: 1024, "network": 512}
 """``solver="auto"`` picks the direct solver up to these sizes of θ_S, CG above. Measured on the
@@ -53,7 +67,7 @@ scoring 128 samples of 64² in one batch (32 per batch: 2× faster; 128²: 8 per
 MAX_DEFAULT_BATCH = 256
 """The default batch size off CPU, and the largest default on CPU."""
 KEYWORDS = ("loss_fn", "params", "solver", "damping", "hessian", "batch_size", "device",
-            "progress", "output", "process_group")
+            "progress", "output", "process_group", "out")
 """The keywords of :class:`Influence` and :func:`score` besides the solver options."""
 
 
@@ -75,11 +89,14 @@ class InfluenceReport:
             (:mod:`fastinfluence.tangent`), ``"torch.func.jvp"``, or ``"reverse-mode"``
             (per-sample gradients, for models without forward-mode derivatives).
         scoring_reason: why a faster way of scoring was passed over (``None`` when none was).
-        solve: the report of the construction's solve ``s = (H + λI)^{-1}∇L(D_val)``.
+        solve: the report of the construction's solve ``s = (H + λI)^{-1}∇L(D_val)`` (read
+            from ``out`` when ``s`` was reused from there).
+        reused_ihvp: whether ``s`` was loaded from ``out`` instead of solved.
         query_solve: the report of the latest solve of :meth:`Influence.pairwise` or
             :meth:`Influence.self_influence` (``None`` before any).
         seconds: wall time per stage (``curvature``: building the backend, which caches the
-            head's features; ``gradient``, ``solve``, ``scores``).
+            head's features; ``fingerprint`` (with ``out``), ``gradient``, ``solve``,
+            ``scores``).
     """
 
     path: str
@@ -92,6 +109,7 @@ class InfluenceReport:
     scoring: str
     scoring_reason: str | None = None
     solve: SolveReport | None = None
+    reused_ihvp: bool = False
     query_solve: SolveReport | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -130,6 +148,10 @@ class Influence:
         process_group: split the work over the ranks of this ``torch.distributed`` group
             (default: the default group when ``torch.distributed`` is initialised); every rank
             passes the same arguments and gets the same results (docs/design.md §7.3).
+        out: a directory for resumable output (docs/design.md §2, "Resumable output"):
+            ``s`` and its solve report are saved there, and an ``Influence`` built later with
+            the same model, data and options loads ``s`` instead of solving
+            (``report.reused_ihvp``); a directory of other settings is refused.
         **solver_options: fields of the solver's config (:class:`~fastinfluence.CGConfig`,
             :class:`~fastinfluence.LiSSAConfig`, :class:`~fastinfluence.DirectConfig`).
 
@@ -154,14 +176,17 @@ class Influence:
         progress: bool = False,
         output: OutputFn | None = None,
         process_group: Any | None = None,
+        out: str | os.PathLike | None = None,
         **solver_options: Any,
     ) -> None:
         _check_arguments(model, solver, hessian, damping, batch_size, solver_options)
+        _check_chunking(out, None)
         self.model = model
         self.group = distributed.process_group(process_group)
         self.damping = float(damping)
         self.progress = progress
         self.batch_size = batch_size
+        self.out = out
         self.train = LabelledData(train, "train", batch_size)
         self.val = LabelledData(val, "val", batch_size)
         first = next(model.parameters())
@@ -190,64 +215,132 @@ class Influence:
             )
             self.report = self._new_report(probe.head_reason, solver)
             self.report.seconds["curvature"] = time.perf_counter() - start
-            start = time.perf_counter()
-            self._val_gradient = self.backend.mean_gradient(self.val)
-            self.report.seconds["gradient"] = time.perf_counter() - start
-            start = time.perf_counter()
-            config = make_config(self.report.solver, solver_options)
-            self.solver = make_solver(self.report.solver, self.backend, self.damping, config,
-                                      progress)
-            solution, self.report.solve = self.solver.solve(self._val_gradient[None])
-            self.report.seconds["solve"] = time.perf_counter() - start
-        self._ihvp = solution[0]
+            self._solver_config = make_config(self.report.solver, solver_options)
+            self._solver: Solver | None = None
+            # What changes s besides model and data: the options of the fingerprint ("auto"
+            # resolved, so that naming the curvature or solver it chose changes nothing).
+            self._options = {
+                "params": list(self.selection.names), "damping": self.damping,
+                "hessian": self.report.hessian,
+                "solver": self.report.solver, "solver_config": asdict(self._solver_config),
+                "loss_fn": qualified_name(loss_fn), "output": qualified_name(output),
+                "dtype": str(self.fmodel.dtype),
+            }
+            self._settings_cache: dict[str, Any] | None = None
+            directory = saved = None
+            if out is not None:
+                # Every rank decides here, before its first collective, whether to solve: no
+                # rank can have saved this run's s yet, so all ranks see the same files.
+                start = time.perf_counter()
+                directory = OutputDirectory(out, self._settings(), self.group)
+                saved = directory.load_ihvp()
+                self.report.seconds["fingerprint"] = time.perf_counter() - start
+            if saved is not None:
+                self._ihvp = self._load_ihvp(*saved)
+            else:
+                start = time.perf_counter()
+                val_gradient = self.backend.mean_gradient(self.val)
+                self.report.seconds["gradient"] = time.perf_counter() - start
+                start = time.perf_counter()
+                solution, self.report.solve = self.solver.solve(val_gradient[None])
+                self.report.seconds["solve"] = time.perf_counter() - start
+                self._ihvp = solution[0]
+                if directory is not None:
+                    directory.save_ihvp(self._ihvp, self.report.solve.as_dict())
 
     @property
     def ihvp(self) -> torch.Tensor:
         """``s = (H + λI)^{-1} ∇L(D_val)``, flat over θ_S in ``named_parameters`` order."""
         return self._ihvp
 
+    @property
+    def solver(self) -> Solver:
+        """The inverse-HVP solver (built on first use when ``s`` was reused from ``out``: the
+        direct solver's explicit matrix costs ``p`` products)."""
+        if self._solver is None:
+            with eval_mode(self.model):
+                self._solver = make_solver(self.report.solver, self.backend, self.damping,
+                                           self._solver_config, self.progress)
+        return self._solver
+
     # -- public queries -------------------------------------------------------------------
 
-    def scores(self, data: DataLike | None = None) -> torch.Tensor:
+    def scores(self, data: DataLike | None = None, out: str | os.PathLike | None = None,
+               chunk_size: int | None = None) -> torch.Tensor:
         """Group influence ``I(z) = −sᵀ∇l(z)`` of each sample (Eq. 7); ``[n]``, > 0 harmful.
 
         Args:
             data: labelled data to score (default: the training set).
+            out: a directory to write the result to in chunks of ``chunk_size`` samples as
+                they finish, skipping the chunks already there (docs/design.md §2,
+                "Resumable output"); the whole result is returned either way.
+            chunk_size: samples per chunk file (default 4096; only with ``out``).
         """
+        _check_chunking(out, chunk_size)
         start = time.perf_counter()
         target = self.train if data is None else self._wrap(data, "data")
         with eval_mode(self.model):
-            result = -self.backend.directional(target, self._ihvp[None])[:, 0]
+            if out is None:
+                result = self._scores_of(target)
+            else:
+                result = self._chunked("scores", out, chunk_size, target,
+                                       {"data": data_fingerprint(target)}, (),
+                                       lambda rows: self._scores_of(target.subset(rows)))
         self.report.seconds["scores"] = time.perf_counter() - start
         return result
 
-    def pairwise(self, test: DataLike) -> torch.Tensor:
+    def pairwise(self, test: DataLike, out: str | os.PathLike | None = None,
+                 chunk_size: int | None = None) -> torch.Tensor:
         """``I(z_i, z_j) = −∇l(z_j)ᵀ(H + λI)^{-1}∇l(z_i)`` for training ``z_i`` and test ``z_j``
-        (Eq. 3); ``[n_train, n_test]``. Solves one inverse-HVP per test sample."""
-        test_data = self._wrap(test, "test")
-        with eval_mode(self.model):
-            gradients = self.backend.per_sample_gradients(test_data)
-            directions, self.report.query_solve = self.solver.solve(gradients)
-            return -self.backend.directional(self.train, directions)
+        (Eq. 3); ``[n_train, n_test]``. Solves one inverse-HVP per test sample.
 
-    def self_influence(self, data: DataLike | None = None) -> torch.Tensor:
-        """``∇l(z)ᵀ(H + λI)^{-1}∇l(z)`` of each sample; ``[n]``, ≥ 0 when ``H + λI`` is PD."""
+        ``out`` and ``chunk_size`` as for :meth:`scores`, chunks over training samples (the
+        test solve is repeated on a resumed run unless every chunk is finished)."""
+        _check_chunking(out, chunk_size)
+        test_data = self._wrap(test, "test")
+        solved: list[torch.Tensor] = []
+
+        def directions() -> torch.Tensor:
+            if not solved:
+                gradients = self.backend.per_sample_gradients(test_data)
+                solution, self.report.query_solve = self.solver.solve(gradients)
+                solved.append(solution)
+            return solved[0]
+
+        with eval_mode(self.model):
+            if out is None:
+                return -self.backend.directional(self.train, directions())
+            return self._chunked(
+                "pairwise", out, chunk_size, self.train, {"test": data_fingerprint(test_data)},
+                (len(test_data),),
+                lambda rows: -self.backend.directional(self.train.subset(rows), directions()))
+
+    def self_influence(self, data: DataLike | None = None, out: str | os.PathLike | None = None,
+                       chunk_size: int | None = None) -> torch.Tensor:
+        """``∇l(z)ᵀ(H + λI)^{-1}∇l(z)`` of each sample; ``[n]``, ≥ 0 when ``H + λI`` is PD.
+
+        ``out`` and ``chunk_size`` as for :meth:`scores` (an iterative solver solves each
+        chunk's samples together, so chunked and whole results agree within its tolerance;
+        the direct solver's agree to rounding)."""
+        _check_chunking(out, chunk_size)
         target = self.train if data is None else self._wrap(data, "data")
         with eval_mode(self.model):
-            gradients = self.backend.per_sample_gradients(target)
-            if isinstance(self.solver, DirectSolver):
-                return self.solver.quadratic_form(gradients)
-            solutions, self.report.query_solve = self.solver.solve(gradients)
-            return (gradients * solutions).sum(dim=1)
+            if out is None:
+                return self._self_influence_of(target)
+            return self._chunked("self-influence", out, chunk_size, target,
+                                 {"data": data_fingerprint(target)}, (),
+                                 lambda rows: self._self_influence_of(target.subset(rows)))
 
-    def perturbation(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def perturbation(self, x: torch.Tensor, y: torch.Tensor, out: str | os.PathLike | None = None,
+                     chunk_size: int | None = None) -> torch.Tensor:
         """Perturbation influence ``I_pert(z) = −∇_x(sᵀ∇_θ l(z))`` (Eq. 8), shaped like ``x``
         and of its dtype.
 
         A step ``x ← x − γ·I_pert`` moves ``z`` so as to lower the validation loss the most
         (to first order). Samples are independent in eval mode, so one batched
         double-backward gives every sample's map. ``x`` must be floating point (the gradient
-        with respect to integer inputs such as token ids is not defined).
+        with respect to integer inputs such as token ids is not defined). ``out`` and
+        ``chunk_size`` as for :meth:`scores`, chunks over samples of ``x``.
         """
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             kind = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
@@ -255,25 +348,108 @@ class Influence:
                 f"perturbation needs floating-point inputs x, got {kind}: the gradient with "
                 "respect to integer inputs (such as token ids) is not defined"
             )
+        _check_chunking(out, chunk_size)
         data = self._wrap((x, y), "x")
+        with eval_mode(self.model):
+            if out is None:
+                maps = self._perturbation_of(data)
+            else:
+                maps = self._chunked("perturbation", out, chunk_size, data,
+                                     {"data": data_fingerprint(data)}, tuple(x.shape[1:]),
+                                     lambda rows: self._perturbation_of(data.subset(rows)))
+        return maps.to(device=x.device, dtype=x.dtype)
+
+    # -- the queries' work, on whole data sets or chunks ----------------------------------
+
+    def _scores_of(self, data: LabelledData) -> torch.Tensor:
+        return -self.backend.directional(data, self._ihvp[None])[:, 0]
+
+    def _self_influence_of(self, data: LabelledData) -> torch.Tensor:
+        gradients = self.backend.per_sample_gradients(data)
+        if isinstance(self.solver, DirectSolver):
+            return self.solver.quadratic_form(gradients)
+        solutions, self.report.query_solve = self.solver.solve(gradients)
+        return (gradients * solutions).sum(dim=1)
+
+    def _perturbation_of(self, data: LabelledData) -> torch.Tensor:
+        """The maps of ``data``'s samples; with several ranks each rank takes its shard and
+        the maps are gathered in order."""
+        fmodel = self.fmodel
         shards = None if self.group is None else distributed.Shards.of(self.group)
         local = data if shards is None else shards.local(data)
-        fmodel = self.fmodel
         maps = []
-        with eval_mode(self.model):
-            for inputs, targets in ([] if local is None else
-                                    local.batches(fmodel.device, fmodel.dtype)):
-                inputs = inputs.detach().requires_grad_(True)
-                theta = fmodel.theta.detach().requires_grad_(True)
-                total = fmodel.losses(theta, inputs, targets).sum()
-                (gradient,) = torch.autograd.grad(total, theta, create_graph=True)
-                (input_gradient,) = torch.autograd.grad(gradient @ self._ihvp, inputs)
-                maps.append(-input_gradient)
+        for inputs, targets in ([] if local is None else
+                                local.batches(fmodel.device, fmodel.dtype)):
+            inputs = inputs.detach().requires_grad_(True)
+            theta = fmodel.theta.detach().requires_grad_(True)
+            total = fmodel.losses(theta, inputs, targets).sum()
+            (gradient,) = torch.autograd.grad(total, theta, create_graph=True)
+            (input_gradient,) = torch.autograd.grad(gradient @ self._ihvp, inputs)
+            maps.append(-input_gradient)
         result = torch.cat(maps) if maps else None
-        if shards is not None:
-            like = torch.empty(1, *x.shape[1:], dtype=fmodel.dtype, device=fmodel.device)
-            result = shards.gather(result, len(data), like)
-        return result.to(device=x.device, dtype=x.dtype)
+        if shards is None:
+            return result
+        row_shape = data.tensors[0].shape[1:]
+        like = torch.empty(1, *row_shape, dtype=fmodel.dtype, device=fmodel.device)
+        return shards.gather(result, len(data), like)
+
+    def _chunked(
+        self,
+        kind: str,
+        out: str | os.PathLike,
+        chunk_size: int | None,
+        samples: LabelledData,
+        description: dict[str, Any],
+        row_shape: tuple[int, ...],
+        compute: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Output ``kind``, one row per sample of ``samples``, chunk by chunk through ``out``:
+        finished chunks are read back, the others computed by ``compute(row_indices)`` and
+        written as they finish (on rank 0 only; every rank runs the same loop)."""
+        if chunk_size is None:
+            chunk_size = DEFAULT_CHUNK_SIZE
+        directory = OutputDirectory(out, self._settings(), self.group)
+        ihvp_sha256 = hashlib.sha256(to_numpy(self._ihvp).tobytes()).hexdigest()
+        saved = directory.manifest["ihvp"]
+        if saved is None:
+            directory.save_ihvp(self._ihvp, self.report.solve.as_dict())
+        elif saved["sha256"] != ihvp_sha256:
+            raise SettingsMismatchError(
+                f"out={str(out)!r} holds another s = (H + λI)^(-1)∇L(val) for the same settings "
+                "(solved elsewhere, e.g. on another device); build the Influence with "
+                "out=<that directory> to reuse the saved s, or use another directory"
+            )
+        chunks = directory.output(kind, {**description, "ihvp_sha256": ihvp_sha256},
+                                  len(samples), row_shape, self._ihvp.dtype, chunk_size)
+        for index in progress_bar(range(chunks.num_chunks), self.progress, f"{kind} chunks"):
+            if index not in chunks.finished:
+                chunks.write(index, compute(chunks.rows(index)))
+        return chunks.read().to(self.fmodel.device)
+
+    def _settings(self) -> dict[str, Any]:
+        """The fingerprint of model, training and validation data and options that ``s`` and
+        every output depend on (computed once, from the snapshot, before any solve)."""
+        if self._settings_cache is None:
+            fmodel = self.fmodel
+            self._settings_cache = {
+                "model": model_fingerprint(self.model, fmodel.tensors(fmodel.theta),
+                                           fmodel.model_dtype),
+                "train": data_fingerprint(self.train),
+                "val": data_fingerprint(self.val),
+                "options": self._options,
+            }
+        return self._settings_cache
+
+    def _load_ihvp(self, array: Any, report: dict[str, Any]) -> torch.Tensor:
+        """``s`` read from ``out``, checked to fit θ_S; the report says it was reused."""
+        if array.shape != (self.backend.dim,):
+            raise ValueError(
+                f"the s saved in out={str(self.out)!r} has shape {array.shape}, expected "
+                f"({self.backend.dim},): the file was changed; delete it to solve again"
+            )
+        self.report.solve = SolveReport(**report)
+        self.report.reused_ihvp = True
+        return torch.from_numpy(array).to(device=self.fmodel.device, dtype=self.fmodel.dtype)
 
     # -- construction ---------------------------------------------------------------------
 
@@ -341,6 +517,19 @@ def _check_arguments(
         raise ValueError("the model has no parameters: there is nothing to take influence over")
 
 
+def _check_chunking(out: Any, chunk_size: Any) -> None:
+    """The checks of a query's ``out`` and ``chunk_size``, before any work."""
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out must be a directory path (str or os.PathLike), got "
+                        f"{type(out).__name__}")
+    if chunk_size is None:
+        return
+    if out is None:
+        raise ValueError("chunk_size needs out=<directory>: only written output is chunked")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+
 def score(
     model: nn.Module,
     train: DataLike,
@@ -352,7 +541,11 @@ def score(
     ``I(z) = −∇L(D_val)ᵀ(H + λI)^{-1}∇l(z)``: **positive = harmful** (up-weighting ``z``
     raises the validation loss); removing ``z`` changes it by about ``−I(z)/n``. Keywords
     as for :class:`Influence` (``loss_fn``, ``params``, ``solver``, ``damping``, ``hessian``,
-    ``batch_size``, ``device``, ``progress``, ``output``, solver options).
+    ``batch_size``, ``device``, ``progress``, ``output``, ``out``, solver options); with
+    ``out`` the scores are written there too, in chunks of ``chunk_size`` samples
+    (:meth:`Influence.scores`), and ``s`` is saved and reused.
     """
-    return Influence(model, train, val, **kwargs).scores()
+    chunk_size = kwargs.pop("chunk_size", None)
+    influence = Influence(model, train, val, **kwargs)
+    return influence.scores(out=influence.out, chunk_size=chunk_size)
 

@@ -53,12 +53,20 @@ def queries(inf: fi.Influence, val) -> dict:
     }
 
 
+def written_scores(directory: Path) -> torch.Tensor:
+    """Scores through the resumable output (rank 0 writes, every rank reads them back)."""
+    model, train, val = make_problem("mlp", seed=5, n_train=23, n_val=7)
+    inf = fi.Influence(model, train, val, params="all", solver="direct", out=directory)
+    return inf.scores(out=directory, chunk_size=5)
+
+
 def worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
         results = {name: run_case(*case) for name, case in CASES.items()}
+        results["written"] = written_scores(Path(out) / "resumable")
     finally:
         dist.destroy_process_group()
     torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -90,7 +98,12 @@ def single_process() -> dict:
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_give_the_single_process_results(world, tmp_path, single_process):
     ranks = spawn(world, tmp_path)
+    expected_written = written_scores(tmp_path / "one-process")
+    assert sorted(p.name for p in (tmp_path / "resumable").glob("scores-*.npy")) == [
+        f"scores-{index:05d}.npy" for index in range(5)]
     for rank, results in enumerate(ranks):
+        gap = float((results["written"] - expected_written).norm())
+        assert gap <= 1e-8 * float(expected_written.norm()), (rank, "written", gap)
         for name, expected in single_process.items():
             got = results[name]
             assert got["world_size"] == world and expected["world_size"] == 1

@@ -1,0 +1,274 @@
+"""Resumable output (``out=``): chunks equal the in-memory results, finished chunks are never
+recomputed, other settings are refused, ``s`` is reused, and a killed run resumes to the same
+files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from problems import make_problem
+
+import fastinfluence as fi
+from fastinfluence import sharded_output
+from fastinfluence.hessian.solvers import Solver
+
+TESTS = Path(__file__).parent
+OPTIONS = {"solver": "direct", "damping": 0.5}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+def count_rows(influence: fi.Influence) -> list[int]:
+    """Replace the backend's ``directional`` by a wrapper recording each call's sample count."""
+    calls: list[int] = []
+    original = influence.backend.directional
+
+    def counted(data, directions):
+        calls.append(len(data))
+        return original(data, directions)
+
+    influence.backend.directional = counted
+    return calls
+
+
+def chunk_files(directory: Path, kind: str = "scores") -> list[str]:
+    return sorted(p.name for p in directory.glob(f"{kind}-*.npy"))
+
+
+@pytest.mark.parametrize("params", ["last", "all"])
+def test_scores_chunks_match_in_memory_and_rerun_computes_nothing(tmp_path, params):
+    model, train, val = make_problem("mlp")
+    influence = fi.Influence(model, train, val, params=params, out=tmp_path, **OPTIONS)
+    expected = influence.scores()
+    calls = count_rows(influence)
+    written = influence.scores(out=tmp_path, chunk_size=7)
+    assert calls == [7, 7, 7, 7, 7, 5]
+    assert relative_error(written, expected) <= 1e-12
+    assert chunk_files(tmp_path) == [f"scores-{i:05d}.npy" for i in range(6)]
+    assert not list(tmp_path.glob("*.tmp"))
+    on_disk = np.concatenate([np.load(tmp_path / name) for name in chunk_files(tmp_path)])
+    assert np.array_equal(on_disk, written.numpy())
+
+    again = fi.Influence(model, train, val, params=params, out=tmp_path, **OPTIONS)
+    calls = count_rows(again)
+    assert torch.equal(again.scores(out=tmp_path, chunk_size=7), written)
+    assert calls == []
+
+    (tmp_path / "scores-00003.npy").unlink()
+    assert torch.equal(again.scores(out=tmp_path, chunk_size=7), written)
+    assert calls == [7]
+
+
+def test_score_with_out_and_a_data_loader(tmp_path):
+    model, train, val = make_problem("mlp")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train), batch_size=6,
+                                         shuffle=True)
+    written = fi.score(model, loader, val, params="all", out=tmp_path, chunk_size=16, **OPTIONS)
+    expected = fi.Influence(model, train, val, params="all", **OPTIONS).scores()
+    assert relative_error(written, expected) <= 1e-12
+    assert chunk_files(tmp_path) == ["scores-00000.npy", "scores-00001.npy", "scores-00002.npy"]
+    assert torch.equal(fi.read_output(tmp_path, "scores"), written)
+    again = fi.Influence(model, loader, val, params="all", out=tmp_path, **OPTIONS)
+    assert again.report.reused_ihvp  # the loader form fingerprints like itself
+
+
+def test_other_queries_match_in_memory(tmp_path):
+    model, train, val = make_problem("cnn")
+    influence = fi.Influence(model, train, val, params="all", hessian="gauss-newton", **OPTIONS)
+    x, y = val
+    pairs = [
+        (influence.self_influence(out=tmp_path, chunk_size=9), influence.self_influence()),
+        (influence.pairwise(val, out=tmp_path, chunk_size=9), influence.pairwise(val)),
+        (influence.perturbation(x, y, out=tmp_path, chunk_size=3), influence.perturbation(x, y)),
+    ]
+    for written, expected in pairs:
+        assert written.shape == expected.shape
+        assert relative_error(written, expected) <= 1e-12
+    assert len(chunk_files(tmp_path, "self-influence")) == 5
+    assert len(chunk_files(tmp_path, "pairwise")) == 5
+    assert len(chunk_files(tmp_path, "perturbation")) == 4
+    assert torch.equal(sharded_output.read_output(tmp_path, "pairwise"), pairs[1][0])
+
+
+def test_pairwise_with_every_chunk_finished_solves_nothing(tmp_path):
+    model, train, val = make_problem("mlp")
+    influence = fi.Influence(model, train, val, params="all", solver="cg", damping=0.5,
+                             tol=1e-12)
+    written = influence.pairwise(val, out=tmp_path, chunk_size=16)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished pairwise output was solved again")
+
+    influence.solver.solve = fail
+    assert torch.equal(influence.pairwise(val, out=tmp_path, chunk_size=16), written)
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"damping": 0.4}, "options.damping"),
+    ({"params": "last"}, "options.params"),
+    ({"solver": "cg"}, "options.solver"),
+    ({"weights": True}, "model.sha256"),
+    ({"train": True}, "train.sha256"),
+])
+def test_other_settings_are_refused(tmp_path, change, named):
+    model, train, val = make_problem("mlp")
+    options = {"params": "all", **OPTIONS}
+    fi.Influence(model, train, val, out=tmp_path, **options).scores(out=tmp_path)
+    if change.pop("weights", False):
+        with torch.no_grad():
+            model[0].bias[0] += 1e-9
+    if change.pop("train", False):
+        x, y = train
+        train = (x.clone(), y)
+        train[0][0, 0] += 1e-9
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")) as refused:
+        fi.Influence(model, train, val, out=tmp_path, **{**options, **change})
+    assert "other settings" in str(refused.value)
+
+
+def test_other_data_or_chunk_size_of_an_output_is_refused(tmp_path):
+    model, train, val = make_problem("mlp")
+    influence = fi.Influence(model, train, val, params="all", **OPTIONS)
+    influence.scores(out=tmp_path, chunk_size=8)
+    with pytest.raises(ValueError, match="chunk_size: 8 in the directory vs 5 now"):
+        influence.scores(out=tmp_path, chunk_size=5)
+    with pytest.raises(ValueError, match=r"data\.num_samples: 40 in the directory vs 10 now"):
+        influence.scores(val, out=tmp_path, chunk_size=8)
+
+
+def test_an_s_solved_elsewhere_is_refused(tmp_path):
+    model, train, val = make_problem("mlp")
+    first = fi.Influence(model, train, val, params="all", solver="cg", damping=0.5, tol=1e-3)
+    first.scores(out=tmp_path)
+    second = fi.Influence(model, train, val, params="all", solver="cg", damping=0.5, tol=1e-3)
+    second._ihvp = second._ihvp * (1 + 1e-12)  # as if solved on another device
+    with pytest.raises(fi.SettingsMismatchError, match="holds another s"):
+        second.scores(out=tmp_path)
+
+
+def test_chunk_size_needs_out_and_a_positive_integer(tmp_path):
+    model, train, val = make_problem("mlp")
+    influence = fi.Influence(model, train, val, params="all", **OPTIONS)
+    with pytest.raises(ValueError, match="chunk_size needs out"):
+        influence.scores(chunk_size=4)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        influence.self_influence(out=tmp_path, chunk_size=0)
+    with pytest.raises(TypeError, match="out must be a directory path"):
+        influence.scores(out=3)
+
+
+def test_s_is_reused_without_solving(tmp_path, monkeypatch):
+    model, train, val = make_problem("mlp")
+    first = fi.Influence(model, train, val, params="all", **OPTIONS, out=tmp_path)
+    assert not first.report.reused_ihvp
+
+    def fail(*args, **kwargs):
+        raise AssertionError("solved again")
+
+    monkeypatch.setattr(Solver, "solve", fail)
+    with pytest.raises(AssertionError, match="solved again"):
+        fi.Influence(model, train, val, params="all", **OPTIONS)  # the patch bites
+    second = fi.Influence(model, train, val, params="all", **OPTIONS, out=tmp_path)
+    assert second.report.reused_ihvp
+    assert second.report.solve == first.report.solve
+    assert torch.equal(second.ihvp, first.ihvp)
+    assert torch.equal(second.scores(), first.scores())
+
+
+def test_auto_and_the_choice_it_resolves_to_share_a_directory(tmp_path):
+    model, train, val = make_problem("mlp")
+    first = fi.Influence(model, train, val, params="all", out=tmp_path, **OPTIONS)
+    assert first.report.hessian == "gauss-newton"  # what "auto" resolves to for networks
+    named = fi.Influence(model, train, val, params="all", hessian="gauss-newton", out=tmp_path,
+                         **OPTIONS)
+    assert named.report.reused_ihvp
+    with pytest.raises(fi.SettingsMismatchError, match="options.hessian: 'gauss-newton' in "
+                                                       "the directory vs 'exact' now"):
+        fi.Influence(model, train, val, params="all", hessian="exact", out=tmp_path, **OPTIONS)
+
+
+def test_a_non_writing_rank_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(sharded_output, "is_writer", lambda group=None: False)
+    model, train, val = make_problem("mlp")
+    influence = fi.Influence(model, train, val, params="all", **OPTIONS, out=tmp_path)
+    written = influence.scores(out=tmp_path, chunk_size=7)
+    assert relative_error(written, influence.scores()) <= 1e-12
+    assert not list(tmp_path.iterdir())
+
+
+KILLED_RUN = """
+import os, signal, sys
+import numpy as np
+import torch
+from problems import make_problem
+import fastinfluence as fi
+
+torch.set_num_threads(1)
+out, kill_at = sys.argv[1], int(sys.argv[2])
+saved = []
+original = np.save
+
+def save_then_die(handle, array, **kwargs):
+    # Dies after `kill_at` chunks, half-way through writing the next one.
+    if "scores-" in handle.name:
+        if len(saved) == kill_at:
+            handle.write(b"\\x93NUMPY half a chunk")
+            handle.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        saved.append(handle.name)
+    original(handle, array, **kwargs)
+
+np.save = save_then_die
+model, train, val = make_problem("mlp")
+influence = fi.Influence(model, train, val, params="all", solver="direct", damping=0.5, out=out)
+influence.scores(out=out, chunk_size=6)
+"""
+
+
+def test_a_killed_run_resumes_to_the_same_files(tmp_path):
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_RUN), str(killed), "2"],
+                         env=environment, capture_output=True, text=True, timeout=120)
+    assert run.returncode == -9, run.stderr
+    assert chunk_files(killed) == ["scores-00000.npy", "scores-00001.npy"]
+    assert (killed / "scores-00002.npy.tmp").exists()  # killed mid-write: never renamed
+
+    model, train, val = make_problem("mlp")
+    resumed = fi.Influence(model, train, val, params="all", out=killed, **OPTIONS)
+    assert resumed.report.reused_ihvp
+    calls = count_rows(resumed)
+    result = resumed.scores(out=killed, chunk_size=6)
+    assert calls == [6, 6, 6, 6, 4]  # chunks 2–6; 0 and 1 were finished
+    assert not list(killed.glob("*.tmp"))
+
+    uninterrupted = fi.Influence(model, train, val, params="all", out=whole, **OPTIONS)
+    assert torch.equal(uninterrupted.scores(out=whole, chunk_size=6), result)
+    assert chunk_files(killed) == chunk_files(whole)
+    for name in [*chunk_files(whole), sharded_output.IHVP_FILE]:
+        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_a_bfloat16_model_writes_its_float32_computation(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).to(torch.bfloat16)
+    x = torch.randn(12, 4, dtype=torch.bfloat16)
+    y = torch.randint(0, 3, (12,))
+    influence = fi.Influence(model, (x, y), (x, y), **OPTIONS)
+    maps = influence.perturbation(x, y, out=tmp_path, chunk_size=5)
+    assert maps.dtype == torch.bfloat16
+    assert torch.equal(maps, influence.perturbation(x, y))
+    stored = np.load(tmp_path / "perturbation-00000.npy")
+    assert stored.dtype == np.float32
+    assert torch.equal(torch.from_numpy(stored).to(torch.bfloat16), maps[:5])
