@@ -131,27 +131,32 @@ class KroneckerCurvature:
         self.fit(train, progress)
 
     def fit(self, train: LabelledData, progress: bool = False) -> None:
-        """Factors from one pass over ``train``; eigenbases; EK-FAC eigenvalues from a second."""
+        """Factors from one pass over ``train``; eigenbases; EK-FAC eigenvalues from a second.
+
+        The factors are accumulated and decomposed in float64 whatever the model's dtype: they
+        are rank-deficient for small data sets, where float32 ``eigh`` fails to converge. The
+        bases are then used in the model's dtype."""
         dtype, device = self.fmodel.dtype, self.fmodel.device
+        wide = torch.float64
         for layer in self.layers:
-            layer.activations = torch.zeros(layer.in_features, layer.in_features, dtype=dtype,
+            layer.activations = torch.zeros(layer.in_features, layer.in_features, dtype=wide,
                                             device=device)
-            layer.gradients = torch.zeros(layer.out_features, layer.out_features, dtype=dtype,
+            layer.gradients = torch.zeros(layer.out_features, layer.out_features, dtype=wide,
                                           device=device)
         count = 0
         for patches, grads in self._passes(train, progress, "K-FAC factors"):
             count += len(next(iter(patches.values())))
             for layer in self.layers:
                 a, g = patches[layer.name], grads[layer.name]  # [B, T, in], [C, B, T, out]
-                layer.activations += torch.einsum("bti,btj->ij", a, a)
-                layer.gradients += torch.einsum("cbti,cbtj->ij", g, g) / a.shape[1]
+                layer.activations += torch.einsum("bti,btj->ij", a, a).to(wide)
+                layer.gradients += torch.einsum("cbti,cbtj->ij", g, g).to(wide) / a.shape[1]
         for layer in self.layers:
             layer.activations /= count
             layer.gradients /= count
             values_a, basis_a = torch.linalg.eigh(layer.activations)
             values_s, basis_s = torch.linalg.eigh(layer.gradients)
             product = values_s.clamp_min(0)[:, None] * values_a.clamp_min(0)[None, :]
-            layer.eigen = (basis_a, basis_s, product)
+            layer.eigen = (basis_a.to(dtype), basis_s.to(dtype), product.to(dtype))
         if not self.eigen_corrected:
             return
         corrected = {layer.name: torch.zeros_like(layer.eigen[2]) for layer in self.layers}

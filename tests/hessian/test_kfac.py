@@ -166,3 +166,17 @@ def test_selections_kfac_cannot_factor_are_refused_clearly():
     with pytest.raises(ValueError, match="minibatch LiSSA"):
         fi.Influence(model, train, val, params=["5"], loss_fn=lambda z, t: F.cross_entropy(
             z, t, reduction="none"), hessian="kfac", solver="lissa", minibatch_size=4)
+
+
+@pytest.mark.parametrize("hessian", ["kfac", "ekfac"])
+def test_float32_factors_of_few_samples_decompose(hessian):
+    """Fewer samples than a factor's size make it rank-deficient: float32 eigh of the paper
+    CNN's factors failed to converge; the factors are decomposed in float64."""
+    from fastinfluence.models import PaperCNN
+
+    torch.manual_seed(0)
+    model = PaperCNN(image_size=32).eval()
+    X, y = torch.rand(24, 1, 32, 32), torch.randint(0, 3, (24,))
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    inf = fi.Influence(model, (X, y), (X[:4], y[:4]), params=names, hessian=hessian)
+    assert inf.ihvp.dtype == torch.float32 and bool(torch.isfinite(inf.scores()).all())
