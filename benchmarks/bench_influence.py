@@ -227,12 +227,13 @@ def interleaved_medians(
 
 
 def make_problem(
-    size: int, args: argparse.Namespace
+    size: int, args: argparse.Namespace, build: Callable[[], nn.Module] | None = None
 ) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """The paper CNN (briefly trained on random images if ``--train-steps``), in eval mode."""
+    """The paper CNN, or the model ``build()`` makes (built after seeding), briefly trained on
+    random images if ``--train-steps``, in eval mode; its training and validation tensors."""
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    model = PaperCNN(image_size=size, num_classes=args.num_classes)
+    model = PaperCNN(image_size=size, num_classes=args.num_classes) if build is None else build()
     n = args.n_train + args.n_val
     X = torch.rand(n, 1, size, size, generator=gen)
     y = torch.randint(0, args.num_classes, (n,), generator=gen)

@@ -88,12 +88,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_influence import make_problem
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastinfluence
-from fastinfluence.models import PaperCNN
 
 HERE = Path(__file__).resolve().parent
 PROTOCOL = "@@bench_peers "
@@ -180,27 +180,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_task(task: dict[str, Any], args: argparse.Namespace):
-    """Model (briefly trained, eval mode), train and val tensors of ``task``; seeded."""
-    gen = torch.Generator().manual_seed(args.seed)
-    torch.manual_seed(args.seed)
-    size = task["size"]
-    if task["model"] == "cnn":
-        model: nn.Module = PaperCNN(image_size=size, num_classes=args.num_classes)
-    else:
-        model = ResidualCNN(num_classes=args.num_classes)
-    n = args.n_train + args.n_val
-    X = torch.rand(n, 1, size, size, generator=gen)
-    y = torch.randint(0, args.num_classes, (n,), generator=gen)
-    if args.train_steps:
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        model.train()
-        for _ in range(args.train_steps):
-            batch = torch.randint(0, args.n_train, (32,), generator=gen)
-            optimizer.zero_grad()
-            F.cross_entropy(model(X[batch]), y[batch]).backward()
-            optimizer.step()
-    model.eval()
-    return model, (X[: args.n_train], y[: args.n_train]), (X[args.n_train :], y[args.n_train :])
+    """Model (briefly trained, eval mode), train and val tensors of ``task``; seeded (the
+    problem of ``bench_influence.py``)."""
+    build = None if task["model"] == "cnn" else lambda: ResidualCNN(num_classes=args.num_classes)
+    return make_problem(task["size"], args, build)
 
 
 def selected_names(model: nn.Module, which: str) -> list[str]:
