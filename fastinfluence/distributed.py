@@ -14,8 +14,9 @@ of one process:
   rank's shard of the data asked for and gathered in the data's order, on every rank.
 
 Replicated on every rank: the model snapshot, ``s`` and the solver's state. Not distributed
-yet: K-FAC/EK-FAC factors (refused) and the closed-form head's native minibatch LiSSA (the
-generic recursion runs instead).
+yet: K-FAC/EK-FAC factors (refused) and the closed-form head's native minibatch LiSSA: the
+generic recursion runs instead, so that one case draws other minibatches than one process
+does (the ranks agree with each other; both are estimates of the same solve).
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ import fastinfluence as fi
 # shards; 2 training samples over 3 ranks leave rank 0 without any.
 CASES = {
     "head-direct": ("mlp", 23, {"params": "last", "solver": "direct"}),
+    "head-cg": ("cnn", 23, {"params": "last", "solver": "cg", "tol": 1e-12}),
+    "head-lissa": ("mlp", 23, {"params": "last", "solver": "lissa", "damping": 0.5,
+                               "tol": 1e-12}),
     "gauss-newton-cg": ("cnn", 23, {"params": "all", "solver": "cg", "tol": 1e-12}),
     "exact-direct": ("mlp", 23, {"params": "all", "hessian": "exact", "solver": "direct",
                                  "damping": 1.0}),
