@@ -147,11 +147,19 @@ def check_test_sets(test: TestSets) -> dict[str, Split]:
     return {str(name): check_split(split, f"test[{name!r}]") for name, split in test.items()}
 
 
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser ``config`` names (Adam or SGD) over all of ``model``'s parameters."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
 class Trainer:
-    """Base trainer: Adam, random flips, per-epoch evaluation, history and checkpoints.
+    """Base trainer: Adam or SGD, random flips, per-epoch evaluation, history and checkpoints.
 
     One epoch is ``before_epoch(e)``, then for every mini-batch ``B`` (indices into the
-    training set, shuffled by ``config.seed``) an Adam step on ``batch_loss(x_B, y_B, B)``
+    training set, shuffled by ``config.seed``) an optimiser step on ``batch_loss(x_B, y_B, B)``
     where ``x_B`` is flipped at random, then evaluation. Subclasses override the hooks;
     the base class minimises plain cross-entropy ``(1/|B|) Σ_{i∈B} l(z_i, θ)``.
 
@@ -179,7 +187,7 @@ class Trainer:
             else next(model.parameters()).device
         )
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        self.optimizer = make_optimizer(model, config)
         self.train_data: Split | None = None
         self.val_data: Split | None = None
         self._fitted = False

@@ -28,6 +28,9 @@ def test_paper_defaults():
     (TrainConfig, "recalibrate_bn", "yes"),
     (TrainConfig, "checkpoint", 3),
     (TrainConfig, "device", "gpu0"),
+    (TrainConfig, "optimizer", "rmsprop"),
+    (TrainConfig, "weight_decay", -1e-4),
+    (TrainConfig, "momentum", 1.0),
     (ATConfig, "epsilon", -0.1),
     (ATConfig, "alpha", 0),
     (ISRConfig, "pretrain_epochs", -1),
@@ -52,3 +55,9 @@ def test_pretrain_must_leave_epochs():
     ISRConfig(epochs=2, pretrain_epochs=0)
     with pytest.raises(ValueError, match="pretrain_epochs must be < epochs"):
         ISPConfig(epochs=2, pretrain_epochs=2)
+
+
+def test_momentum_only_with_sgd():
+    TrainConfig(optimizer="sgd", momentum=0.9)
+    with pytest.raises(ValueError, match="momentum is an SGD setting"):
+        TrainConfig(momentum=0.9)

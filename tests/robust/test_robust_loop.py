@@ -8,7 +8,7 @@ from torch import nn
 
 from fastinfluence.models import PaperCNN
 from fastinfluence.robust import ATConfig, ISRTrainer, NaiveTrainer, TrainConfig, Trainer
-from fastinfluence.robust.loop import random_flip, recalibrate_batchnorm
+from fastinfluence.robust.loop import make_optimizer, random_flip, recalibrate_batchnorm
 
 
 def test_naive_two_epochs(model, splits):
@@ -184,3 +184,16 @@ def test_single_test_split_is_named_test(model, splits):
 def test_bad_test_mapping_rejected_before_training(model, splits, bad):
     with pytest.raises(ValueError, match="test"):
         NaiveTrainer(model, TrainConfig(epochs=1)).fit(splits[0], splits[1], bad)
+
+
+def test_optimizer_named_by_the_config():
+    """SGD with weight decay takes exactly the step ``θ ← θ − η(∇ + λθ)``; Adam is the default."""
+    layer = nn.Linear(3, 1, bias=False)
+    start = layer.weight.detach().clone()
+    sgd = make_optimizer(layer, TrainConfig(optimizer="sgd", lr=0.1, weight_decay=0.5))
+    assert isinstance(sgd, torch.optim.SGD)
+    layer(torch.ones(1, 3)).sum().backward()
+    sgd.step()
+    expected = start - 0.1 * (torch.ones(1, 3) + 0.5 * start)
+    torch.testing.assert_close(layer.weight.detach(), expected)
+    assert isinstance(make_optimizer(layer, TrainConfig()), torch.optim.Adam)
