@@ -81,27 +81,21 @@ CHECK_DIRECTIONS = 1
 (~3 forward passes); the stacked layout of k > 1 is covered by the float64 tests."""
 
 
-TF32_EPS = 2.0**-10
-"""Machine epsilon of TF32 (10 mantissa bits), which CUDA may use for float32 products."""
+CHECK_DTYPE = torch.float64
+"""The precision the check compares in, whatever the model's dtype (see :data:`CHECK_TOLERANCE`)."""
+CHECK_TOLERANCE = torch.finfo(CHECK_DTYPE).eps ** (2 / 3)
+"""The largest relative error the check accepts, ``ε^(2/3)`` = 3.7e-11 in float64.
 
-
-def check_tolerance(dtype: torch.dtype, device: torch.device) -> float:
-    """The largest relative error the numerical check accepts in ``dtype`` on ``device``:
-    ``ε^(2/3)``, with ε the precision the products actually run in.
-
-    Reordered sums (folding, shared convolutions) leave errors of a few ``ε`` times the
-    depth: 3e-7 in float32 on the paper CNN at 64², ~1e-15 in float64. A wrong rule is off
-    by O(1) of the affected values, and a constant rounded to float32 inside a float64 pass
-    by ~1e-7. ``ε^(2/3)`` (2.4e-5 float32, 3.7e-11 float64) passes the first with a margin
-    of ≥ 70× and lies ≥ 300× below the others. On CUDA, float32 convolutions (by default)
-    and matrix products (if enabled) may run in TF32, whose rounding differs between the two
-    passes by ~1e-3: there ε is TF32's (tolerance 1e-2).
-    """
-    eps = torch.finfo(dtype).eps
-    tf32 = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
-    if dtype == torch.float32 and device.type == "cuda" and tf32:
-        eps = TF32_EPS
-    return eps ** (2 / 3)
+The check verifies the rules, which do not depend on the dtype, so it runs in float64: in
+float32 the comparison measures rounding more than rules. A max-pool window whose two
+largest values differ by less than float32 rounding picks either element depending on the
+order of the sums, and their tangents differ by O(1) — one such window of 2,048 on two
+samples of the paper CNN at 128² gave 2.6e-3, so the pass fell back to ``jvp`` there, as
+would ``jvp`` against itself with its sums reordered; TF32 on CUDA differs by ~1e-3. In float64
+reordered sums leave a few ε times the depth (~1e-15 on the paper CNN), near-ties are
+10⁹ times rarer, and a wrong rule is off by O(1) of the affected values (a constant rounded
+to float32 by ~1e-7): ``ε^(2/3)`` lies ≥ 10⁴ above the first and ≥ 10³ below the others.
+"""
 
 
 @dataclass(frozen=True)
@@ -662,24 +656,28 @@ class TangentProgram:
         selected: Sequence[str],
     ) -> str | None:
         """Why this program disagrees with ``torch.func.jvp`` on ``x`` along seeded random
-        directions over ``selected``, primal and tangents (``None``: it agrees within
-        :func:`check_tolerance`)."""
+        directions over ``selected``, primal and tangents, compared in :data:`CHECK_DTYPE`
+        (``None``: it agrees within :data:`CHECK_TOLERANCE`). The program also runs once in
+        the caller's precision, where a rule may fail that runs in float64."""
         generator = torch.Generator().manual_seed(0)
         k = CHECK_DIRECTIONS
+        precise = {name: _in_check_precision(tensor) for name, tensor in tensors.items()}
         directions = {
             name: torch.randn((k, *tensors[name].shape), generator=generator,
-                              dtype=torch.float64).to(tensors[name])
+                              dtype=CHECK_DTYPE).to(precise[name])
             for name in selected
         }
-        primals = {name: tensors[name] for name in selected}
-        fixed = dict(tensors)
-        x = self.layout(x)  # the same function; the twin runs faster in this layout too
+        primals = {name: precise[name] for name in selected}
+        x_precise = self.layout(_in_check_precision(x))  # the twin runs faster in it too
 
         def logits(chosen: Tensors) -> torch.Tensor:
-            return torch.func.functional_call(model, {**fixed, **chosen}, (x,))
+            return torch.func.functional_call(model, {**precise, **chosen}, (x_precise,))
 
         try:
-            outputs, tangents = self.forward(fixed, directions, x, k)
+            working = self.forward(dict(tensors), {name: d.to(tensors[name])
+                                                   for name, d in directions.items()},
+                                   self.layout(x), k)
+            outputs, tangents = self.forward(precise, directions, x_precise, k)
             expected = [
                 torch.func.jvp(logits, (primals,), ({n: d[j] for n, d in directions.items()},))
                 for j in range(k)
@@ -688,17 +686,24 @@ class TangentProgram:
             return (f"numerical check against torch.func.jvp raised {type(error).__name__}: "
                     f"{error}")
         expected_tangents = torch.stack([tangent for _, tangent in expected])
-        if outputs.shape != expected[0][0].shape or tangents.shape != expected_tangents.shape:
+        shapes = [tuple(value.shape) for value in (*working, outputs, tangents)]
+        wanted = [tuple(expected[0][0].shape), tuple(expected_tangents.shape)] * 2
+        if shapes != wanted:
             return (f"numerical check against torch.func.jvp failed: output shapes "
-                    f"{tuple(outputs.shape)}, {tuple(tangents.shape)} instead of "
-                    f"{tuple(expected[0][0].shape)}, {tuple(expected_tangents.shape)}")
+                    f"{shapes[0]}, {shapes[1]} ({x.dtype}) and {shapes[2]}, {shapes[3]} "
+                    f"({CHECK_DTYPE}) instead of {wanted[0]}, {wanted[1]}")
         error = max(_relative_error(outputs, expected[0][0]),
                     _relative_error(tangents, expected_tangents))
-        tolerance = check_tolerance(expected_tangents.dtype, expected_tangents.device)
-        if not error <= tolerance:  # also catches NaN
+        if not error <= CHECK_TOLERANCE:  # also catches NaN
             return (f"numerical check against torch.func.jvp failed: max relative error "
-                    f"{error:.1e} (tolerance {tolerance:.1e})")
+                    f"{error:.1e} in {CHECK_DTYPE} (tolerance {CHECK_TOLERANCE:.1e})")
         return None
+
+
+def _in_check_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """A floating-point tensor in :data:`CHECK_DTYPE` (others, e.g. integer counters, as they
+    are)."""
+    return tensor.to(CHECK_DTYPE) if tensor.is_floating_point() else tensor
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
