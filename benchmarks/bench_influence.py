@@ -304,6 +304,7 @@ def bench_params(
     solve = inf.report.solve
     out["engine_path"] = inf.report.path
     out["engine_scoring"] = inf.report.scoring
+    out["engine_scoring_reason"] = inf.report.scoring_reason
     if solve is not None:
         out["solve_iterations"] = solve.iterations
         out["solve_hessian_products"] = solve.hessian_products
@@ -476,7 +477,12 @@ def markdown(
                     + ("" if r["solve_converged"] else " (not converged)")
                 )
             row(size, which, f"IHVP stage (Influence(...); {solve})", r["ihvp"], n_tv)
-            row(size, which, "scoring stage (inf.scores())", r["scoring"], args.n_train)
+            # which pass scored, and why not a faster one: a fallback changes every ratio
+            scoring = r["engine_scoring"]
+            if r.get("engine_scoring_reason"):
+                scoring += f"; {r['engine_scoring_reason']}"
+            row(size, which, f"scoring stage (inf.scores(); {scoring})", r["scoring"],
+                args.n_train)
             for method in ("loop", "vmap"):
                 if f"reference_{method}_scoring" in r:
                     row(

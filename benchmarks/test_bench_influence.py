@@ -84,6 +84,7 @@ def test_report_script_runs(tmp_path):
     assert result["last"]["reference_lissa_extrapolated"]
     assert {row["key"] for row in report["ratios"]} == {key for key, *_ in TARGETS}
     assert result["all"]["engine_scoring"] == "fused-tangent"
+    assert result["all"]["engine_scoring_reason"] is None
 
 
 def test_float32_accuracy_script_runs():
