@@ -93,7 +93,7 @@ order of the sums, and their tangents differ by O(1) — one such window of 2,04
 samples of the paper CNN at 128² gave 2.6e-3, so the pass fell back to ``jvp`` there, as
 would ``jvp`` against itself with its sums reordered; TF32 on CUDA differs by ~1e-3. In float64
 reordered sums leave a few ε times the depth (~1e-15 on the paper CNN), near-ties are
-10⁹ times rarer, and a wrong rule is off by O(1) of the affected values (a constant rounded
+~5·10⁸ times rarer, and a wrong rule is off by O(1) of the affected values (a constant rounded
 to float32 by ~1e-7): ``ε^(2/3)`` lies ≥ 10⁴ above the first and ≥ 10³ below the others.
 """
 
