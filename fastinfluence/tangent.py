@@ -49,9 +49,10 @@ its key in the caller's tensors dictionary — the first name ``named_parameters
 differentiated, under one name at both uses. It runs the traced model on an example batch
 to know every activation's shape (a BatchNorm is folded only into a layer whose output
 channel axis is dim 1). Steps read and write values by traced node name, and a value is
-dropped after its last reader (a chain holds one activation at a time). Finally it compares
-the program, on two samples along a random direction, with ``torch.func.jvp``: any mismatch
-or exception means no program, and the reason.
+dropped after its last reader (a chain holds one activation at a time). Finally it runs the
+program on two samples along a random direction and compares it, in float64
+(:data:`CHECK_DTYPE`), with ``torch.func.jvp``: any mismatch or exception means no program,
+and the reason.
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ The check verifies the rules, which do not depend on the dtype, so it runs in fl
 float32 the comparison measures rounding more than rules. A max-pool window whose two
 largest values differ by less than float32 rounding picks either element depending on the
 order of the sums, and their tangents differ by O(1) — one such window of 2,048 on two
-samples of the paper CNN at 128² gave 2.6e-3, so the pass fell back to ``jvp`` there, as
-would ``jvp`` against itself with its sums reordered; TF32 on CUDA differs by ~1e-3. In float64
+samples of the paper CNN at 128² gave 2.6e-3, so the correct pass fell back to ``jvp``
+there; TF32 products on CUDA differ by ~1e-3 besides. In float64
 reordered sums leave a few ε times the depth (~1e-15 on the paper CNN), near-ties are
 ~5·10⁸ times rarer, and a wrong rule is off by O(1) of the affected values (a constant rounded
 to float32 by ~1e-7): ``ε^(2/3)`` lies ≥ 10⁴ above the first and ≥ 10³ below the others.
