@@ -1,7 +1,9 @@
-"""Influence throughput on the paper CNN: fastinfluence against pure autograd.
+"""Influence throughput on the paper CNN and a ResNet-18: fastinfluence against pure autograd.
 
-Times, for each image size and parameter selection (``params="last"``: the Linear head;
-``"all"``: every parameter):
+Times, for each model (``--models``: ``cnn``, the paper CNN; ``resnet18``, the compact
+ResNet-18 of :mod:`fastinfluence.models` with residual adds, ``--resnet-width`` channels in
+its first stage and the small-image stem), image size and parameter selection
+(``params="last"``: the final Linear layer; ``"all"``: every parameter):
 
 * the floor: one plain no-grad forward pass over train+val;
 * ``fastinfluence.score`` end to end, and its two stages: ``fastinfluence.Influence(...)``
@@ -44,9 +46,10 @@ from torch import nn
 
 import fastinfluence
 from fastinfluence import reference
-from fastinfluence.models import PaperCNN
+from fastinfluence.models import PaperCNN, resnet18
 
 PEERS = ("captum", "pydvl", "kronfluence")
+MODELS = ("cnn", "resnet18")
 FLOOR_BATCH_SIZES = (8, 32, 128)
 
 # (key, description, numerator, denominator, comparison, target)
@@ -105,6 +108,10 @@ TARGETS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["cnn"])
+    parser.add_argument(
+        "--resnet-width", type=int, default=16, help="channels of the ResNet-18's first stage"
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="image sides")
     parser.add_argument("--params", nargs="+", choices=["last", "all"], default=["last", "all"])
     parser.add_argument("--n-train", type=int, default=512)
@@ -177,6 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "lissa_batch",
         "lissa_repeats",
         "cg_max_iter",
+        "resnet_width",
     ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -186,6 +194,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(size < 32 or size % 32 for size in args.sizes):
         parser.error("--sizes must be positive multiples of 32 (five 2x2 pools)")
     return args
+
+
+def build_model(name: str, size: int, args: argparse.Namespace) -> nn.Module:
+    """The untrained model ``name`` (see ``--models``) for ``size``² grey images."""
+    if name == "cnn":
+        return PaperCNN(image_size=size, num_classes=args.num_classes)
+    return resnet18(args.num_classes, width=args.resnet_width, in_channels=1, stem="small")
+
+
+def task_key(name: str, size: int) -> str:
+    """The key of a model and size in the JSON: the size alone for the paper CNN (as in the
+    runs before ``--models``), ``"<model>-<size>"`` otherwise."""
+    return str(size) if name == "cnn" else f"{name}-{size}"
 
 
 def median_seconds(
@@ -251,9 +272,12 @@ def make_problem(
     return model, train, val
 
 
-def selected_parameters(model: PaperCNN, which: str) -> list[nn.Parameter]:
-    """The parameters fastinfluence selects for ``params=which``, in its flattening order."""
-    return list(model.classifier.parameters()) if which == "last" else list(model.parameters())
+def selected_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
+    """The parameters fastinfluence selects for ``params=which``, in its flattening order
+    (``"last"``: the final Linear layer, which both models run last)."""
+    if which == "all":
+        return list(model.parameters())
+    return list([m for m in model.modules() if isinstance(m, nn.Linear)][-1].parameters())
 
 
 def forward(model: nn.Module, X: torch.Tensor, batch_size: int) -> None:
@@ -396,17 +420,17 @@ def bench_reference_lissa(
     return out
 
 
-def bench_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
-    model, train, val = make_problem(size, args)
+def bench_size(size: int, args: argparse.Namespace, name: str = "cnn") -> dict[str, Any]:
+    model, train, val = make_problem(size, args, lambda: build_model(name, size, args))
     X_all = torch.cat([train[0], val[0]])
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"model": name, "size": size}
     for key, inputs in (("forward_train_val", X_all), ("forward_train", train[0])):
         result[key] = min(
             median_seconds(lambda b=batch, x=inputs: forward(model, x, b), args.repeats)[0]
             for batch in FLOOR_BATCH_SIZES
         )
     for which in args.params:
-        print(f"  size {size}, params={which} ...", flush=True)
+        print(f"  {name} {size}², params={which} ...", flush=True)
         result[which] = bench_params(model, train, val, which, args)
     return result
 
@@ -421,9 +445,10 @@ def peers() -> dict[str, str]:
     }
 
 
-def ratios(results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+def ratios(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
-    for size, result in results.items():
+    for result in results.values():
+        size, model = result["size"], result["model"]
         for key, description, (num_p, num_k), (den_p, den_k), op, target in TARGETS:
             num = (result.get(num_p) or {}).get(num_k) if num_p else result.get(num_k)
             den = (result.get(den_p) or {}).get(den_k) if den_p else result.get(den_k)
@@ -436,6 +461,7 @@ def ratios(results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
                 met = value <= target if op == "<=" else value >= target
             rows.append(
                 dict(
+                    model=model,
                     size=size,
                     key=key,
                     description=description,
@@ -448,7 +474,7 @@ def ratios(results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(
-    results: dict[int, dict[str, Any]], ratio_rows: list[dict[str, Any]], args: argparse.Namespace
+    results: dict[str, dict[str, Any]], ratio_rows: list[dict[str, Any]], args: argparse.Namespace
 ) -> str:
     n_tv = args.n_train + args.n_val
     lines = [
@@ -456,14 +482,15 @@ def markdown(
         f"n_val={args.n_val}, solver={args.solver}, hessian={args.hessian}, "
         f"damping={args.damping}",
         "",
-        "| size | params | stage | seconds | samples/s |",
-        "| ---: | --- | --- | ---: | ---: |",
+        "| model | size | params | stage | seconds | samples/s |",
+        "| --- | ---: | --- | --- | ---: | ---: |",
     ]
 
-    def row(size: int, which: str, stage: str, seconds: float, n: int) -> None:
-        lines.append(f"| {size}² | {which} | {stage} | {seconds:.4f} | {n / seconds:,.0f} |")
+    def row(size: str, which: str, stage: str, seconds: float, n: int) -> None:
+        lines.append(f"| {size} | {which} | {stage} | {seconds:.4f} | {n / seconds:,.0f} |")
 
-    for size, result in results.items():
+    for result in results.values():
+        size = f"{result['model']} | {result['size']}²"
         row(size, "-", "forward, no grad (train+val)", result["forward_train_val"], n_tv)
         row(size, "-", "forward, no grad (train)", result["forward_train"], args.n_train)
         for which in args.params:
@@ -503,15 +530,17 @@ def markdown(
                 note = f", rel. error vs fastinfluence s {error:.2f}" if error is not None else ""
                 note += f", {r['reference_lissa_note']}" if "reference_lissa_note" in r else ""
                 lines.append(
-                    f"| {size}² | {which} | reference LiSSA IHVP (depth {args.lissa_depth}, "
+                    f"| {size} | {which} | reference LiSSA IHVP (depth {args.lissa_depth}, "
                     f"batch {args.lissa_batch}, repeats {args.lissa_repeats}; {how}{note}) | "
                     f"{r['reference_lissa_ihvp']:.4f} | - |"
                 )
-    lines += ["", "| size | ratio | value | target | |", "| ---: | --- | ---: | --- | --- |"]
+    lines += ["", "| model | size | ratio | value | target | |",
+              "| --- | ---: | --- | ---: | --- | --- |"]
     for r in ratio_rows:
         mark = {True: "✓", False: "✗", None: ""}[r["met"]]
         lines.append(
-            f"| {r['size']}² | {r['description']} | {r['value']:.2f} | {r['target']} | {mark} |"
+            f"| {r['model']} | {r['size']}² | {r['description']} | {r['value']:.2f} | "
+            f"{r['target']} | {mark} |"
         )
     return "\n".join(lines)
 
@@ -519,10 +548,11 @@ def markdown(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    results: dict[int, dict[str, Any]] = {}
-    for size in args.sizes:
-        print(f"benchmarking {size}x{size} ...", flush=True)
-        results[size] = bench_size(size, args)
+    results: dict[str, dict[str, Any]] = {}
+    for name in args.models:
+        for size in args.sizes:
+            print(f"benchmarking {name} at {size}x{size} ...", flush=True)
+            results[task_key(name, size)] = bench_size(size, args, name)
     ratio_rows = ratios(results)
     peer_notes = peers()
     print()
@@ -538,7 +568,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "machine": platform.machine(),
             "processor": platform.processor(),
         },
-        "results": {str(size): r for size, r in results.items()},
+        "results": results,
         "ratios": ratio_rows,
         "peers": peer_notes,
     }

@@ -83,8 +83,21 @@ def test_report_script_runs(tmp_path):
         assert result[which]["reference_vmap_rel_error"] < 1e-3
     assert result["last"]["reference_lissa_extrapolated"]
     assert {row["key"] for row in report["ratios"]} == {key for key, *_ in TARGETS}
+    assert {row["model"] for row in report["ratios"]} == {"cnn"}
     assert result["all"]["engine_scoring"] == "fused-tangent"
     assert result["all"]["engine_scoring_reason"] is None
+
+
+def test_report_script_runs_the_resnet(tmp_path):
+    small = ["--n-train", "8", "--n-val", "4", "--repeats", "1", "--params", "all"]
+    resnet = ["--models", "resnet18", "--resnet-width", "4"]
+    report = main([*ARGS, *small, *resnet, "--out", str(tmp_path / "report.json")])
+    assert set(report["results"]) == {f"resnet18-{SIZE}"}
+    result = report["results"][f"resnet18-{SIZE}"]
+    assert result["model"] == "resnet18" and result["all"]["engine_scoring"] == "fused-tangent"
+    assert result["all"]["reference_loop_rel_error"] < 1e-3
+    keys = {(row["model"], row["key"]) for row in report["ratios"]}
+    assert ("resnet18", "loop_over_scoring_all") in keys
 
 
 def test_float32_accuracy_script_runs():
