@@ -4,6 +4,7 @@ real-format loaders (figshare brain tumour, ISIC 2017/2018), image and label noi
 patient-level splits. See ``fastinfluence/datasets/README.md``."""
 
 from fastinfluence.datasets.brain_tumour import BrainTumourData, make_brain_tumour
+from fastinfluence.datasets.chest_xray import ChestXrayData, make_chest_xray
 from fastinfluence.datasets.dermoscopy import DermoscopyData, make_dermoscopy
 from fastinfluence.datasets.figshare import load_figshare_brain_tumour
 from fastinfluence.datasets.isic import SkinLesionData, load_isic2017, load_isic2018
@@ -14,6 +15,7 @@ from fastinfluence.datasets.splits import PatientSplit, split_by_patient
 
 __all__ = [
     "BrainTumourData",
+    "ChestXrayData",
     "DermoscopyData",
     "PatientSplit",
     "SkinLesionData",
@@ -25,6 +27,7 @@ __all__ = [
     "load_isic2017",
     "load_isic2018",
     "make_brain_tumour",
+    "make_chest_xray",
     "make_dermoscopy",
     "rice_moments",
     "save_brain_tumour_grid",
