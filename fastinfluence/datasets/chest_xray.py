@@ -141,8 +141,9 @@ def make_chest_xray(
         n_images: films (one per patient); default 1,500, or RSNA's 26,684 with
             ``paper_size``.
         image_size: output side; default 64, or 224 with ``paper_size``.
-        seed: everything drawn is a function of ``seed`` and the sizes; the films of a
-            seed are the same whatever else is generated.
+        seed: everything drawn is a function of ``seed`` and the sizes (film ``i``'s pose,
+            findings and noise are drawn from ``(seed, i)``; the labels from ``seed`` and
+            ``n_images``).
         finding_strength: scales every finding's severity (1 is the calibrated default; 0
             paints nothing, leaving only the labels).
         anatomy_variation: scales the per-patient pose, habitus and deformation (0: the same
@@ -257,7 +258,9 @@ def _draw_findings(label: int, rng: np.random.Generator, strength: float) -> lis
             second = _other_finding(rng, strength)
             if second[0] != drawn[0][0]:
                 drawn.append(second)
-    return drawn
+    # the draws above happen whatever the strength, so a film's pose and noise do not
+    # depend on it; at strength 0 nothing is painted
+    return drawn if strength > 0 else []
 
 
 def _other_finding(rng: np.random.Generator, strength: float) -> tuple[str, dict]:
@@ -272,7 +275,7 @@ def _other_finding(rng: np.random.Generator, strength: float) -> tuple[str, dict
     sides = [int(s) for s in rng.choice(_LOWER_LOBES, size=int(rng.choice([1, 2], p=[0.6, 0.4])),
                                         replace=False)]
     return kind, {"sides": sides, "height": [_severity(rng, strength, 0.12, 0.45) for _ in sides],
-                  "meniscus": float(rng.uniform(0.05, 0.2))}
+                  "meniscus": float(rng.uniform(0.3, 1.0))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,12 +343,13 @@ class _Renderer:
         return scale * ndimage.map_coordinates(heart, coords, order=1, cval=0.0)
 
     def _heart_change(self, heart: np.ndarray, lung: np.ndarray, scale: float) -> np.ndarray:
-        """Attenuation added where a heart of ``scale`` displaces lung (negative: the lung
-        takes a smaller heart's place)."""
+        """Attenuation added where a heart of ``scale`` displaces lung (a larger heart only
+        adds, at most the lung along the ray; a smaller one only gives its place to lung)."""
         if scale == 1.0:
             return np.zeros_like(heart)
         change = self._scaled_heart(heart, scale) - heart
-        return _HEART_OVER_LUNG * np.clip(change, -heart, lung)
+        bounds = (0.0, lung) if scale > 1.0 else (-heart, 0.0)
+        return _HEART_OVER_LUNG * np.clip(change, *bounds)
 
     def _opacity(self, lobes: np.ndarray, spec: dict) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(spec["seed"])
@@ -396,10 +400,10 @@ class _Renderer:
                 continue
             top, bottom = rows[0], rows[-1]
             # the fluid level, as a fraction of the lobe's height from its base, rises towards
-            # the chest wall (the meniscus)
+            # the chest wall by up to ``meniscus`` times itself (the meniscus sign)
             lateral = (np.abs(self.cols - (cols[0] + cols[-1]) / 2)
                        / max((cols[-1] - cols[0]) / 2, 1.0))
-            level = bottom - (height + meniscus * lateral**2) * (bottom - top)
+            level = bottom - height * (1.0 + meniscus * lateral**2) * (bottom - top)
             fill = 1.0 / (1.0 + np.exp(-(self.rows - level) / 2.0))
             added += _CONSOLIDATION * fill * thickness
             where |= (fill > 0.5) & (thickness > 1.0)
