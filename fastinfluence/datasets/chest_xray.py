@@ -248,7 +248,7 @@ def _draw_findings(label: int, rng: np.random.Generator, strength: float) -> lis
         n_lobes = int(rng.choice([1, 2, 3], p=[0.45, 0.4, 0.15]))
         lobes = rng.choice(len(LOBES), size=n_lobes, replace=False, p=_LOBE_WEIGHTS)
         drawn.append(("opacity", {"lobes": [int(k) for k in lobes],
-                                  "fill": [_severity(rng, strength, 0.15, 0.75) for _ in lobes],
+                                  "fill": [_severity(rng, strength, 0.3, 1.0) for _ in lobes],
                                   "seed": int(rng.integers(2**31))}))
         if rng.random() < 0.2:
             drawn.append(_other_finding(rng, strength))
@@ -267,14 +267,14 @@ def _other_finding(rng: np.random.Generator, strength: float) -> tuple[str, dict
     kind = str(rng.choice(["nodule", "cardiomegaly", "effusion"], p=[0.35, 0.35, 0.3]))
     if kind == "nodule":
         n = int(rng.choice([1, 2, 3], p=[0.6, 0.28, 0.12]))
-        radii = [float(rng.uniform(6.0, 16.0)) * max(strength, 1e-6) ** 0.5 for _ in range(n)]
-        return kind, {"radii_mm": radii, "density": _severity(rng, strength, 0.5, 1.0),
+        radii = [float(rng.uniform(8.0, 20.0)) * max(strength, 1e-6) ** 0.5 for _ in range(n)]
+        return kind, {"radii_mm": radii, "density": _severity(rng, strength, 0.7, 1.0),
                       "seed": int(rng.integers(2**31))}
     if kind == "cardiomegaly":
-        return kind, {"scale": 1.0 + _severity(rng, strength, 0.15, 0.4)}
+        return kind, {"scale": 1.0 + _severity(rng, strength, 0.2, 0.5)}
     sides = [int(s) for s in rng.choice(_LOWER_LOBES, size=int(rng.choice([1, 2], p=[0.6, 0.4])),
                                         replace=False)]
-    return kind, {"sides": sides, "height": [_severity(rng, strength, 0.12, 0.45) for _ in sides],
+    return kind, {"sides": sides, "height": [_severity(rng, strength, 0.18, 0.55) for _ in sides],
                   "meniscus": float(rng.uniform(0.3, 1.0))}
 
 
