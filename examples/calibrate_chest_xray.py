@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
 from fastinfluence.datasets import make_chest_xray, split_by_patient
+from fastinfluence.datasets.chest_xray import FINDINGS
 from fastinfluence.models import resnet18
 from fastinfluence.robust import NaiveTrainer, TrainConfig
 
@@ -41,13 +43,11 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def recall_per_class(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                     num_classes: int) -> list[float]:
-    """Eval-mode recall of every class on ``images``."""
+def predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Eval-mode predicted classes of ``images``."""
     model.eval()
     with torch.no_grad():
-        predicted = torch.cat([model(batch).argmax(1) for batch in images.split(256)])
-    return [float((predicted[labels == k] == k).float().mean()) for k in range(num_classes)]
+        return torch.cat([model(batch).argmax(1) for batch in images.split(256)])
 
 
 def main() -> None:
@@ -76,9 +76,14 @@ def main() -> None:
         print(f"epoch {record.epoch:2d}  loss {record.train_loss:.3f}  val "
               f"{record.val_accuracy:.3f}  test {record.test_accuracy:.3f}  "
               f"({record.seconds:.1f} s)")
-    recalls = recall_per_class(model, test.images, test.labels, len(data.class_names))
+    correct = (predict(model, test.images) == test.labels).numpy()
     print("final-epoch test recall: " + ", ".join(
-        f"{name} {r:.3f}" for name, r in zip(data.class_names, recalls, strict=True)))
+        f"{name} {correct[test.labels.numpy() == k].mean():.3f}"
+        for k, name in enumerate(data.class_names)))
+    first = np.array([f.split("+")[0] or "none" for f in test.findings])
+    print("by (first) finding: " + ", ".join(
+        f"{kind} {correct[first == kind].mean():.3f} (n={int((first == kind).sum())})"
+        for kind in ("none", *FINDINGS) if (first == kind).any()))
     print(f"final test accuracy {result.final_test_accuracy:.3f}; at best val (epoch "
           f"{result.best_epoch}) {result.test_accuracy_at_best_val:.3f}; majority "
           f"{majority:.3f}; {time.perf_counter() - start:.0f} s")

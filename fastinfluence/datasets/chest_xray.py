@@ -20,9 +20,9 @@ lobe and the heart. Every generated film is then drawn from those maps:
   tissue adds ``0.85·μ_water·f·t`` to its line integral (air at about −850 HU replaced by
   water). *Lung Opacity*: patchy consolidation (a smooth random fill field) in one to three
   lobes, lower lobes more often, bilateral in about half. *No Lung Opacity / Not Normal*:
-  one finding, sometimes two, of a lung nodule (a sphere of 6–16 mm radius: its chord
+  one finding, sometimes two, of a lung nodule (a sphere of 8–20 mm radius: its chord
   length, limited by the lung along the ray), cardiomegaly (the heart's footprint and depth
-  scaled by 1.15–1.4 about its centre, displacing lung) or a pleural effusion (fluid filling
+  scaled by 1.2–1.5 about its centre, displacing lung) or a pleural effusion (fluid filling
   a lower lobe's footprint below a meniscus that rises laterally, one or both sides). A
   fifth of the opacity films also carry one of those findings (in RSNA a film with an
   opacity may be abnormal otherwise too). Each finding's severity is drawn from a range that
@@ -224,7 +224,7 @@ class _Patient:
             rotation_deg=spread(6.0),
             soft_scale=float(np.exp(spread(0.17) + 0.02 * variation)),
             bone_scale=1.0 + spread(0.2),
-            heart_scale=1.0 + float(rng.normal(0, 0.04)) * variation,
+            heart_scale=1.0 + float(rng.normal(0, 0.05)) * variation,
             tilt_deg=spread(4.0),
             scale=1.0 + spread(0.07),
             inspiration=1.0 + spread(0.05),
@@ -238,8 +238,8 @@ class _Patient:
 
 
 def _severity(rng: np.random.Generator, strength: float, low: float, high: float) -> float:
-    """A severity in ``[low, high]·strength``, skewed towards faint (Beta(1.3, 1.6))."""
-    return strength * (low + (high - low) * float(rng.beta(1.3, 1.6)))
+    """A severity in ``[low, high]·strength`` (Beta(1.3, 1.3) within the range)."""
+    return strength * (low + (high - low) * float(rng.beta(1.3, 1.3)))
 
 
 def _draw_findings(label: int, rng: np.random.Generator, strength: float) -> list[tuple[str, dict]]:
@@ -248,7 +248,7 @@ def _draw_findings(label: int, rng: np.random.Generator, strength: float) -> lis
         n_lobes = int(rng.choice([1, 2, 3], p=[0.45, 0.4, 0.15]))
         lobes = rng.choice(len(LOBES), size=n_lobes, replace=False, p=_LOBE_WEIGHTS)
         drawn.append(("opacity", {"lobes": [int(k) for k in lobes],
-                                  "fill": [_severity(rng, strength, 0.3, 1.0) for _ in lobes],
+                                  "fill": [_severity(rng, strength, 0.4, 1.0) for _ in lobes],
                                   "seed": int(rng.integers(2**31))}))
         if rng.random() < 0.2:
             drawn.append(_other_finding(rng, strength))
@@ -267,14 +267,14 @@ def _other_finding(rng: np.random.Generator, strength: float) -> tuple[str, dict
     kind = str(rng.choice(["nodule", "cardiomegaly", "effusion"], p=[0.35, 0.35, 0.3]))
     if kind == "nodule":
         n = int(rng.choice([1, 2, 3], p=[0.6, 0.28, 0.12]))
-        radii = [float(rng.uniform(8.0, 20.0)) * max(strength, 1e-6) ** 0.5 for _ in range(n)]
-        return kind, {"radii_mm": radii, "density": _severity(rng, strength, 0.7, 1.0),
+        radii = [float(rng.uniform(12.0, 25.0)) * max(strength, 1e-6) ** 0.5 for _ in range(n)]
+        return kind, {"radii_mm": radii, "density": _severity(rng, strength, 0.85, 1.0),
                       "seed": int(rng.integers(2**31))}
     if kind == "cardiomegaly":
-        return kind, {"scale": 1.0 + _severity(rng, strength, 0.2, 0.5)}
+        return kind, {"scale": 1.0 + _severity(rng, strength, 0.12, 0.45)}
     sides = [int(s) for s in rng.choice(_LOWER_LOBES, size=int(rng.choice([1, 2], p=[0.6, 0.4])),
                                         replace=False)]
-    return kind, {"sides": sides, "height": [_severity(rng, strength, 0.18, 0.55) for _ in sides],
+    return kind, {"sides": sides, "height": [_severity(rng, strength, 0.22, 0.6) for _ in sides],
                   "meniscus": float(rng.uniform(0.3, 1.0))}
 
 
@@ -286,7 +286,8 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], coarse: int)
     """Smooth random values in about [-1, 1]: Gaussian noise on a ``coarse``² grid, cubic
     upsampling."""
     noise = rng.standard_normal((coarse, coarse))
-    return ndimage.zoom(noise, (shape[0] / coarse, shape[1] / coarse), order=3)[: shape[0], : shape[1]]
+    field = ndimage.zoom(noise, (shape[0] / coarse, shape[1] / coarse), order=3)
+    return field[: shape[0], : shape[1]]
 
 
 class _Renderer:

