@@ -18,15 +18,17 @@ lobe and the heart. Every generated film is then drawn from those maps:
 * **Findings**, painted into the **projected lobe footprints** (not the 3-D volume): where a
   ray crosses ``t`` mm of a lobe, filling a fraction ``f`` of that lung with fluid-dense
   tissue adds ``0.85·μ_water·f·t`` to its line integral (air at about −850 HU replaced by
-  water). *Lung Opacity*: patchy consolidation (a smooth random fill field) in one to three
-  lobes, lower lobes more often, bilateral in about half. *No Lung Opacity / Not Normal*:
-  one finding, sometimes two, of a lung nodule (a sphere of 8–20 mm radius: its chord
-  length, limited by the lung along the ray), cardiomegaly (the heart's footprint and depth
-  scaled by 1.2–1.5 about its centre, displacing lung) or a pleural effusion (fluid filling
-  a lower lobe's footprint below a meniscus that rises laterally, one or both sides). A
+  water). *Lung Opacity*: patchy consolidation (a smooth random fill field, 50–100 % at its
+  densest, fading over 35–75 mm) in one to three lobes, lower lobes twice as often, often
+  bilateral. *No Lung Opacity / Not Normal*: one finding, sometimes two, of a lung nodule or
+  mass (one to three spheres of 15–30 mm radius in the lung fields: their chord length,
+  limited by the lung along the ray), cardiomegaly (the heart's ray-length map scaled by
+  1.12–1.45 in width, height and depth about its centre, displacing lung only; normal
+  hearts vary by 5 %) or a pleural effusion (fluid filling a lower lobe's footprint below
+  a level 22–60 % of its height that rises towards the chest wall, one or both sides). A
   fifth of the opacity films also carry one of those findings (in RSNA a film with an
-  opacity may be abnormal otherwise too). Each finding's severity is drawn from a range that
-  reaches faint, so the classes overlap.
+  opacity may be abnormal otherwise too). Severities are drawn within those ranges
+  (Beta(1.3, 1.3)); nodules over the heart, hila or diaphragm stay hard to see.
 * **Film**: exposure and contrast through a sigmoid characteristic (H&D) curve of the line
   integral, quantum noise that grows where fewer photons arrive (behind dense tissue),
   and a 2 × 2 average from twice the output size.
@@ -248,7 +250,7 @@ def _draw_findings(label: int, rng: np.random.Generator, strength: float) -> lis
         n_lobes = int(rng.choice([1, 2, 3], p=[0.45, 0.4, 0.15]))
         lobes = rng.choice(len(LOBES), size=n_lobes, replace=False, p=_LOBE_WEIGHTS)
         drawn.append(("opacity", {"lobes": [int(k) for k in lobes],
-                                  "fill": [_severity(rng, strength, 0.4, 1.0) for _ in lobes],
+                                  "fill": [_severity(rng, strength, 0.5, 1.0) for _ in lobes],
                                   "seed": int(rng.integers(2**31))}))
         if rng.random() < 0.2:
             drawn.append(_other_finding(rng, strength))
@@ -266,9 +268,9 @@ def _draw_findings(label: int, rng: np.random.Generator, strength: float) -> lis
 def _other_finding(rng: np.random.Generator, strength: float) -> tuple[str, dict]:
     kind = str(rng.choice(["nodule", "cardiomegaly", "effusion"], p=[0.35, 0.35, 0.3]))
     if kind == "nodule":
-        n = int(rng.choice([1, 2, 3], p=[0.6, 0.28, 0.12]))
-        radii = [float(rng.uniform(12.0, 25.0)) * max(strength, 1e-6) ** 0.5 for _ in range(n)]
-        return kind, {"radii_mm": radii, "density": _severity(rng, strength, 0.85, 1.0),
+        n = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
+        radii = [float(rng.uniform(15.0, 30.0)) * max(strength, 1e-6) ** 0.5 for _ in range(n)]
+        return kind, {"radii_mm": radii, "density": _severity(rng, strength, 0.9, 1.0),
                       "seed": int(rng.integers(2**31))}
     if kind == "cardiomegaly":
         return kind, {"scale": 1.0 + _severity(rng, strength, 0.12, 0.45)}
@@ -361,15 +363,15 @@ class _Renderer:
             inside = thickness > 3.0
             if not inside.any():
                 continue
-            # a patch centred in the lobe, fading out over 30-70 mm, broken up by a smooth
+            # a patch centred in the lobe, fading out over 35-75 mm, broken up by a smooth
             # random field (consolidation is patchy, not a uniform fill)
             candidates = np.argwhere(thickness > 0.5 * thickness.max())
             centre = candidates[int(rng.integers(len(candidates)))]
-            radius = rng.uniform(30.0, 70.0) / self.maps.pixel_mm
+            radius = rng.uniform(35.0, 75.0) / self.maps.pixel_mm
             distance = np.hypot(self.rows - centre[0], self.cols - centre[1]) / radius
             patch = np.exp(-(distance**2)) * np.clip(
                 0.6 + 0.6 * _smooth_field(rng, thickness.shape, 10), 0.0, 1.0)
-            fraction = np.clip(fill * 1.4 * patch, 0.0, 1.0)
+            fraction = np.clip(fill * 1.8 * patch, 0.0, 1.0)
             added += _CONSOLIDATION * fraction * thickness
             where |= inside & (fraction > 0.25 * fill)
         return added, where
@@ -379,7 +381,9 @@ class _Renderer:
         added = np.zeros_like(lung, dtype=np.float64)
         where = np.zeros(lung.shape, dtype=bool)
         for radius_mm in spec["radii_mm"]:
-            candidates = np.argwhere(lung > 2 * radius_mm)
+            # in the lung fields proper (not the thin posterior recesses behind the
+            # diaphragm), where the sphere fits
+            candidates = np.argwhere(lung > max(2 * radius_mm, 0.5 * lung.max()))
             if len(candidates) == 0:
                 continue
             centre = candidates[int(rng.integers(len(candidates)))]

@@ -8,7 +8,13 @@ import pytest
 import torch
 from scipy import ndimage
 
-from fastinfluence.datasets import ChestXrayData, chest_ct, make_chest_xray, split_by_patient
+from fastinfluence.datasets import (
+    ChestXrayData,
+    chest_ct,
+    make_chest_xray,
+    save_chest_xray_grid,
+    split_by_patient,
+)
 from fastinfluence.datasets.chest_ct import (
     DETECTOR_PIXELS,
     LOBES,
@@ -243,3 +249,15 @@ def test_data_checks_lengths():
         ChestXrayData(images=torch.zeros(2, 1, 4, 4), labels=torch.zeros(2, dtype=torch.int64),
                       image_ids=np.array(["a", "b"]), patient_ids=np.array(["a", "b"]),
                       masks=torch.zeros(2, 1, 2, 2, dtype=torch.bool))
+
+
+@needs_ct
+def test_saves_a_grid_per_class(films, tmp_path):
+    import matplotlib.image
+
+    path = save_chest_xray_grid(films, tmp_path / "g.png", per_class=4, dpi=40)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert width > height  # three class rows, four columns
+    with pytest.raises(ValueError, match="per_class"):
+        save_chest_xray_grid(films, tmp_path / "x.png", per_class=0)
