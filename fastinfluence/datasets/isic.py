@@ -11,6 +11,7 @@ per image. Columns are selected by name, so extra columns and any column order a
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from fastinfluence._optional import require
 
 ISIC2017_CLASSES: tuple[str, ...] = ("melanoma", "seborrheic_keratosis", "nevus")
 ISIC2018_CLASSES: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+SKIN4_CLASSES: tuple[str, ...] = ("MEL", "NV", "BCC", "BKL")
+"""The denoising paper's SKIN4 task: the ISIC 2018 diagnoses with more than 500 images."""
+SKIN4_MAX_PER_CLASS: dict[str, int] = {"NV": 1500}
+"""The paper kept a random 1,500 of ISIC 2018's 6,705 nevi (and every MEL, BCC, BKL image)."""
 BINARY_CLASSES: tuple[str, ...] = ("benign", "melanoma")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -76,27 +81,52 @@ def load_isic2018(
     *,
     image_size: int | None = 224,
     binary: bool = False,
+    classes: Sequence[str] | None = None,
+    max_per_class: Mapping[str, int] | None = None,
+    seed: int = 0,
     progress: bool | None = None,
 ) -> SkinLesionData:
     """Read ISIC 2018 task 3 (seven diagnoses, one-hot ground truth).
+
+    The denoising paper's SKIN4 set is ``classes=SKIN4_CLASSES,
+    max_per_class=SKIN4_MAX_PER_CLASS`` (MEL, NV, BCC, BKL; a random 1,500 of the nevi).
 
     Args:
         image_dir: folder of ``<image>.jpg`` files.
         ground_truth_csv: the task-3 ground-truth CSV.
         image_size: resize to ``image_size``² (bilinear); None keeps the stored size.
-        binary: melanoma (``MEL``, 1) vs the rest (0); otherwise the seven
-            ``ISIC2018_CLASSES`` in the CSV's column order.
+        binary: melanoma (``MEL``, 1) vs the rest (0); otherwise the diagnoses as classes.
+        classes: keep only images of these diagnoses, labelled in this order (default: the
+            seven ``ISIC2018_CLASSES`` in the CSV's column order).
+        max_per_class: keep at most this many images of a diagnosis, chosen at random
+            (seeded by ``seed``) before any image is read; the kept images stay in CSV order.
+        seed: seeds ``max_per_class``'s choice.
         progress: show a progress bar (default: for 1,000 images or more).
     """
     ids, table = _read_csv(ground_truth_csv, "image", list(ISIC2018_CLASSES))
     bad = np.nonzero(table.sum(axis=1) != 1)[0]
     if bad.size:
         raise ValueError(f"{ids[bad[0]]}: the diagnosis columns must be one-hot")
-    labels = table.argmax(axis=1).astype(np.int64)
+    diagnoses = np.asarray(ISIC2018_CLASSES)[table.argmax(axis=1)]
+    names = ISIC2018_CLASSES if classes is None else tuple(classes)
+    unknown = sorted(set(names) - set(ISIC2018_CLASSES)
+                     | set(max_per_class or {}) - set(ISIC2018_CLASSES))
+    if unknown:
+        raise ValueError(f"unknown ISIC 2018 diagnoses {unknown}; known: {ISIC2018_CLASSES}")
+    keep = np.isin(diagnoses, names)
+    rng = np.random.default_rng(seed)
+    for diagnosis, limit in (max_per_class or {}).items():
+        rows = np.nonzero(keep & (diagnoses == diagnosis))[0]
+        if len(rows) > limit:
+            keep[rng.choice(rows, size=len(rows) - limit, replace=False)] = False
+    if not keep.any():
+        raise ValueError(f"no image of the diagnoses {names} in {Path(ground_truth_csv).name}")
+    ids = [image_id for image_id, kept in zip(ids, keep, strict=True) if kept]
+    diagnoses = diagnoses[keep]
     if binary:
-        labels, names = (labels == 0).astype(np.int64), BINARY_CLASSES
+        labels, names = (diagnoses == "MEL").astype(np.int64), BINARY_CLASSES
     else:
-        names = ISIC2018_CLASSES
+        labels = np.array([names.index(d) for d in diagnoses], dtype=np.int64)
     return _assemble(image_dir, ids, labels, names, image_size, progress)
 
 

@@ -1,5 +1,5 @@
 """A look at the embedded data sets, saved as PNG: brain-tumour clean / noisy / mask images
-per class, and dermoscopy samples per diagnosis."""
+per class, dermoscopy samples per diagnosis and chest films per class."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from fastinfluence._optional import require
 from fastinfluence.datasets.brain_tumour import BrainTumourData
+from fastinfluence.datasets.chest_xray import ChestXrayData
 from fastinfluence.datasets.dermoscopy import DIAGNOSES, DermoscopyData
 from fastinfluence.datasets.noise import NoiseKind, add_noise
 
@@ -122,4 +123,44 @@ def save_dermoscopy_grid(
                 axis.set_axis_off()
         axes[row, 0].set_ylabel(DIAGNOSES[code].name.replace("_", " "), fontsize=7)
     axes[0, -1].set_title("lesion mask", fontsize=8)
+    return _save(figure, path, dpi)
+
+
+def save_chest_xray_grid(
+    data: ChestXrayData,
+    path: str | Path,
+    *,
+    per_class: int = 6,
+    seed: int = 0,
+    dpi: int = 80,
+) -> Path:
+    """Save a grid of chest films: one row per class, ``per_class`` random films each, titled
+    by their painted findings, each finding's mask outlined in red.
+
+    Uses matplotlib's object API (no pyplot, no global backend change). Returns the path.
+    """
+    Figure = require("matplotlib.figure", "matplotlib", "examples", "save_chest_xray_grid").Figure
+
+    _check_per_class(per_class)
+    if len(data) == 0:
+        raise ValueError("data has no films")
+    classes = list(range(len(data.class_names)))
+    groups = _sample_groups(data.labels.numpy(), classes, per_class, np.random.default_rng(seed))
+    columns = max(len(g) for g in groups)
+    figure = Figure(figsize=(columns * 1.4, len(classes) * 1.55))
+    axes = figure.subplots(len(classes), columns, squeeze=False)
+    for row, group in enumerate(groups):
+        for column, axis in enumerate(axes[row]):
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if column >= len(group):
+                axis.set_axis_off()
+                continue
+            index = group[column]
+            axis.imshow(data.images[index, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            mask = data.masks[index, 0].numpy()
+            if mask.any():
+                axis.contour(mask.astype(float), levels=[0.5], colors="red", linewidths=0.6)
+            axis.set_title(data.findings[index].replace("+", " + ") or " ", fontsize=6)
+        axes[row, 0].set_ylabel(data.class_names[row].replace(" / ", "/\n"), fontsize=7)
     return _save(figure, path, dpi)

@@ -99,6 +99,11 @@ def test_skin4_classes_and_labels():
     names = np.array(data.class_names)[data.labels.numpy()]
     assert (names == data.diagnoses).all()
     assert set(SKIN4_MIX) <= set(DIAGNOSES)
+    # the paper's proportions: 1,113 MEL, 1,500 NV (of ISIC 2018's 6,705), 514 BCC, 1,099 BKL
+    assert SKIN4_MIX == {"MEL": 1113.0, "NV": 1500.0, "BCC": 514.0, "BKL": 1099.0}
+    counts = np.bincount(data.labels.numpy(), minlength=4)
+    expected = np.array(list(SKIN4_MIX.values())) / sum(SKIN4_MIX.values()) * 40
+    assert np.abs(counts - expected).max() < 1.0
 
 
 def test_subset_and_patient_split(skin):

@@ -10,6 +10,7 @@ from datasets_formats import MATLAB_HEADER, write_csv, write_figshare_slice, wri
 from PIL import Image
 
 from fastinfluence.datasets import load_figshare_brain_tumour, load_isic2017, load_isic2018
+from fastinfluence.datasets.isic import SKIN4_CLASSES, SKIN4_MAX_PER_CLASS
 
 SLICES = [  # (file number, label 1..3, patient id, side)
     (1, 1, "100360", 16),
@@ -142,6 +143,36 @@ def test_isic2018(tmp_path):
     assert data.class_names == ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
     binary = load_isic2018(tmp_path / "images", tmp_path / "gt.csv", image_size=8, binary=True)
     assert binary.labels.tolist() == [1, 0, 0, 0]
+
+
+def test_isic2018_skin4_selection(tmp_path):
+    """The denoising paper's SKIN4: MEL, NV, BCC, BKL only, nevi capped at random."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    header = ["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+    diagnoses = ["NV", "MEL", "NV", "DF", "BKL", "NV", "BCC", "NV", "VASC", "NV"]
+    rows = []
+    for k, diagnosis in enumerate(diagnoses):
+        image_id = f"ISIC_{k:07d}"
+        Image.new("RGB", (6, 6), (10 * k, 0, 0)).save(folder / f"{image_id}.jpg")
+        rows.append([image_id] + [float(c == diagnosis) for c in header[1:]])
+    write_csv(tmp_path / "gt.csv", header, rows)
+    data = load_isic2018(folder, tmp_path / "gt.csv", image_size=None, classes=SKIN4_CLASSES,
+                         max_per_class={"NV": 2}, seed=0)
+    assert data.class_names == ("MEL", "NV", "BCC", "BKL") == SKIN4_CLASSES
+    kept = [diagnoses[int(i[5:])] for i in data.image_ids]
+    assert sorted(kept) == ["BCC", "BKL", "MEL", "NV", "NV"]  # no DF, VASC; two of five NV
+    assert [SKIN4_CLASSES[label] for label in data.labels.tolist()] == kept
+    assert list(data.image_ids) == sorted(data.image_ids)  # CSV order kept
+    choices = {
+        tuple(load_isic2018(folder, tmp_path / "gt.csv", image_size=None, classes=SKIN4_CLASSES,
+                            max_per_class={"NV": 2}, seed=seed).image_ids)
+        for seed in range(6)
+    }
+    assert len(choices) > 1  # the seed picks which nevi
+    assert SKIN4_MAX_PER_CLASS == {"NV": 1500}
+    with pytest.raises(ValueError, match="unknown ISIC 2018 diagnoses"):
+        load_isic2018(folder, tmp_path / "gt.csv", classes=("MEL", "SCC"))
 
 
 def test_isic_bad_input(tmp_path):

