@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from example_loader import load_example
 
 TINY = ["--n-images", "60", "--image-size", "32", "--width", "8", "--epochs", "2",
@@ -76,3 +77,20 @@ def test_resume_skips_finished_runs_and_refuses_other_settings(table1, finished)
     assert len(again["runs"]) == len(first["runs"])
     with pytest.raises(SystemExit, match="--fresh"):
         table1.main([*TINY, "--out", str(out), "--epochs", "3"])
+
+
+def test_influence_rows_act_on_the_plain_resnets_warmup_ranking(table1):
+    # The detection table says so: the same initial weights and batches give the influence
+    # rows the model the plain ResNet has before its first mining epoch.
+    settings = table1.settings_from(table1.parse_args(TINY))
+    data = table1.load_data(settings, "cpu", progress=False)
+    train = (data.train[0], data.noisy[0.2][0])
+    trainers = {}
+    for method in ("resnet", "influence_removal"):
+        torch.manual_seed(0)
+        model = table1.resnet18(2, width=settings.width)
+        trainers[method] = table1.make_trainer(method, settings, model, 0, "cpu")
+        trainers[method].fit(train, data.val, data.test)
+    warmup = trainers["resnet"].scores_at_warmup.scores["val_influence"]
+    torch.testing.assert_close(trainers["influence_removal"].scores.double(), warmup,
+                               rtol=1e-4, atol=1e-7)
