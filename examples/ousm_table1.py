@@ -28,11 +28,12 @@ cross-entropy, as the paper's Fig. 3).
 
 The CPU default is trimmed from the paper where 2 cores demand it (all flags): 1,500
 generated images of 48² split 70/10/20 by patient instead of 4,332 photographs at 224²
-(3,582 / 150 / 600, the split ``--full`` uses), a ResNet-18 of width 32 from scratch instead
-of an ImageNet-initialised ResNet-101, 10 epochs (so LoOP's weights, drawn before epoch 6
-and every 5 after, are drawn once), BatchNorm statistics re-estimated on the training images
-after every epoch. The optimiser is the paper's SGD (lr 1e-3, weight decay 1e-4; momentum
-0.9, which the paper does not name); ``--optimizer adam`` is the ISR/ISP recipe.
+(3,582 / 150 / 600, the split ``--full`` uses), a ResNet-18 of width 16 (channels 16–128)
+from scratch instead of an ImageNet-initialised ResNet-101, 10 epochs (so LoOP's weights,
+drawn before epoch 6 and every 5 after, are drawn once), BatchNorm statistics re-estimated
+on the training images after every epoch. The optimiser is the paper's SGD (lr 1e-3,
+weight decay 1e-4; momentum 0.9, which the paper does not name); ``--optimizer adam`` is
+the ISR/ISP recipe.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--n-images", type=int, default=None)
     add("--image-size", type=int, default=None, help="default 48 (--full: 224)")
     add("--data-seed", type=int, default=0, help="seeds the data set, split and reference")
-    add("--width", type=int, default=None, help="ResNet-18 first-stage width (32; --full 64)")
+    add("--width", type=int, default=None, help="ResNet-18 first-stage width (16; --full 64)")
     add("--epochs", type=int, default=None, help="default 10 (--full 30)")
     add("--optimizer", choices=["adam", "sgd"], default="sgd",
         help="the paper's SGD (default) or the ISR/ISP loop's Adam")
@@ -208,7 +209,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         noise=args.noise, trials=args.trials, n_images=args.n_images,
         image_size=pick(args.image_size, 48, 224), paper_size=full,
         split=list(PAPER_SPLIT_FRACTIONS if full else SPLIT_FRACTIONS),
-        data_seed=args.data_seed, width=pick(args.width, 32, 64), epochs=epochs,
+        data_seed=args.data_seed, width=pick(args.width, 16, 64), epochs=epochs,
         optimizer=args.optimizer, lr=args.lr, momentum=momentum, weight_decay=args.weight_decay,
         batch_size=args.batch_size, recalibrate_bn=not args.no_recalibrate_bn,
         drop=args.drop, warmup_epochs=args.warmup_epochs, reweight_start=args.reweight_start,
