@@ -401,6 +401,12 @@ def run_record(method: str, gamma: float, trial: int, result: Any,
 
 
 
+def chance_precision(meta: dict[str, Any], settings: Settings) -> str:
+    """The flipped fraction of the training set per noisy γ, in percent."""
+    return " / ".join(f"{100 * meta['flipped_fraction'][str(g)]:.1f} %"
+                      for g in settings.gammas if g > 0)
+
+
 def scorings(runs: list[dict]) -> set[str]:
     """Which influence scoring passes ran (``report.scoring``), over all runs."""
     return {r["method_summary"]["scoring"] for r in runs if r["method_summary"].get("scoring")}
@@ -435,6 +441,28 @@ def paper_table(settings: Settings) -> str:
     for method in PAPER_METHODS:
         cells = [f"{PAPER_TABLE[method][g]:.1f}" if g in PAPER_TABLE[method] else "–"
                  for g in settings.gammas]
+        lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(runs: list[dict], settings: Settings, which: str) -> str:
+    """Each method minus the plain ResNet of the same trial and γ (points), and in how many
+    trials it is better."""
+    gammas = [g for g in settings.gammas if g > 0]
+    header = "| Method − ResNet | " + " | ".join(f"{100 * g:g} %" for g in gammas) + " |"
+    lines = [header, "|---" * (len(gammas) + 1) + "|"]
+    plain = {(r["trial"], r["gamma"]): r[which] for r in runs if r["method"] == "resnet"}
+    for method in settings.methods:
+        if method == "resnet":
+            continue
+        cells = []
+        for gamma in gammas:
+            differences = [r[which] - plain[r["trial"], gamma] for r in runs
+                           if r["method"] == method and r["gamma"] == gamma
+                           and (r["trial"], gamma) in plain]
+            better = sum(d > 0 for d in differences)
+            cells.append("–" if not differences else
+                         f"{100 * np.mean(differences):+.1f} ({better}/{len(differences)})")
         lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -490,6 +518,16 @@ noisy column in bold.
 
 {markdown_table(runs, settings, "at_best_val")}
 
+## Against the plain ResNet of the same trial (points; trials better in brackets)
+
+Final epoch:
+
+{paired_table(runs, settings, "final")}
+
+At the best-validation epoch:
+
+{paired_table(runs, settings, "at_best_val")}
+
 ## The paper's Table 1 (ISIC 2017 + archive, 224², ImageNet ResNet-101; for comparison)
 
 {paper_table(settings)}
@@ -497,13 +535,14 @@ noisy column in bold.
 ## Finding the flipped labels: precision at the noise count / ROC-AUC (%)
 
 Every training image is ranked by how likely its label is flipped; precision counts the
-flipped images among the top ``k`` (``k`` = the number flipped, so it equals recall there;
-ties at the cut shared), ROC-AUC is the chance that a flipped image outranks a clean one.
-Chance: precision = flipped fraction ({meta.get('flipped_fraction')}), AUC = 50. The
-plain ResNet's rankings are taken before epoch {settings.warmup_epochs + 1} (when OUSM starts
-and LoOP's first weights are drawn; the influence rows remove or re-weight by exactly that
-"influence on clean val" ranking: same initial weights, same batches) and after the last
-epoch. Influence over the last layer ({"; ".join(sorted(scorings(runs))) or "–"}).
+flipped images among the top k (k = the number flipped, so it equals recall there; ties at
+the cut shared), ROC-AUC is the chance that a flipped image outranks a clean one; mean over
+trials. Chance: AUC 50, precision = the flipped fraction of the training set
+({chance_precision(meta, settings)}). The plain ResNet's rankings are taken before epoch
+{settings.warmup_epochs + 1} (when OUSM starts and LoOP's first weights are drawn; the
+influence rows remove or re-weight by exactly that "influence on clean val" ranking: same
+initial weights, same batches) and after the last epoch. Influence over the last layer
+(scoring pass: {"; ".join(sorted(scorings(runs))) or "–"}).
 
 {detection_table(runs, settings)}
 
