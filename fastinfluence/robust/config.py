@@ -189,6 +189,25 @@ class ISRConfig(InfluenceConfig):
 
 
 @dataclass
+class InfluenceRemovalConfig(InfluenceConfig):
+    """Influence-based removal of the most harmful training samples (for noisy labels).
+
+    Attributes:
+        ratio: ``r``, the fraction of training samples removed after ``pretrain_epochs``
+            (``0 < r < 1``; default 0.1).
+    """
+
+    ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("ratio", self.ratio)
+        if self.ratio >= 1:
+            raise ValueError(f"ratio must lie in (0, 1) (something must stay), got "
+                             f"{self.ratio!r}")
+
+
+@dataclass
 class ISPConfig(InfluenceConfig):
     """Influence-based Sample Perturbation (Algorithm 2).
 

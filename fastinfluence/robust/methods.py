@@ -20,6 +20,7 @@ from fastinfluence.robust.config import (
     SELECTIONS,
     ATConfig,
     InfluenceConfig,
+    InfluenceRemovalConfig,
     ISPConfig,
     ISRConfig,
     TrainConfig,
@@ -146,11 +147,13 @@ class _InfluenceTrainer(Trainer):
     def __init__(self, model: nn.Module, config: InfluenceConfig | None = None) -> None:
         super().__init__(model, config)
         self.scores: torch.Tensor | None = None
+        self.scoring: str | None = None
 
     def before_epoch(self, epoch: int) -> None:
         if epoch == self.config.pretrain_epochs:
             influence = self.influence()
             self.scores = influence.scores().cpu()
+            self.scoring = influence.report.scoring
             self.apply(influence)
 
     def influence(self) -> Influence:
@@ -199,7 +202,37 @@ class ISRTrainer(_InfluenceTrainer):
         return (self.weights[index].to(losses) * losses).mean()
 
     def extras(self) -> dict[str, Any]:
-        return {"scores": self.scores, "weights": self.weights}
+        return {"scores": self.scores, "weights": self.weights, "scoring": self.scoring}
+
+
+class InfluenceRemovalTrainer(_InfluenceTrainer):
+    """Influence-based removal: ``T_pre`` epochs of plain cross-entropy, then the
+    ``⌈r·n⌉`` most harmful training samples (largest ``I(z_i)``, :func:`select_influential`
+    with ``"harmful"``: those whose up-weighting raises the clean validation loss the most,
+    e.g. flipped labels) are removed and the remaining epochs train on the rest with the
+    same model and optimiser. After :meth:`fit`, ``scores`` and ``removed`` (indices into
+    the original training set) are available, also in ``extras``.
+    """
+
+    method = "influence_removal"
+    config_type = InfluenceRemovalConfig
+    config: InfluenceRemovalConfig
+
+    def __init__(self, model: nn.Module, config: InfluenceRemovalConfig | None = None) -> None:
+        super().__init__(model, config)
+        self.removed: torch.Tensor | None = None
+
+    def apply(self, influence: Influence) -> None:
+        assert self.scores is not None and self.train_data is not None
+        x, y = self.train_data
+        removed = select_influential(self.scores, self.config.ratio, "harmful")
+        keep = torch.ones(len(y), dtype=torch.bool)
+        keep[removed] = False
+        self.removed = removed
+        self.train_data = (x[keep], y[keep])
+
+    def extras(self) -> dict[str, Any]:
+        return {"scores": self.scores, "removed": self.removed, "scoring": self.scoring}
 
 
 class ISPTrainer(_InfluenceTrainer):
@@ -237,4 +270,5 @@ class ISPTrainer(_InfluenceTrainer):
         self.train_data = (x, y)
 
     def extras(self) -> dict[str, Any]:
-        return {"scores": self.scores, "selected": self.selected, "delta": self.delta}
+        return {"scores": self.scores, "selected": self.selected, "delta": self.delta,
+                "scoring": self.scoring}

@@ -24,6 +24,7 @@ from fastinfluence.robust.config import (
     TrainConfig,
 )
 from fastinfluence.robust.loop import Split, Trainer, check_split
+from fastinfluence.scoring import Influence
 
 # -- OUSM -----------------------------------------------------------------------------------
 
@@ -394,3 +395,123 @@ def reference_losses(
     candidates = torch.zeros(len(y), dtype=torch.bool)
     candidates[scored] = True
     return ReferenceScores(losses, candidates, result.final_test_accuracy)
+
+
+# -- finding the flipped labels -------------------------------------------------------------
+
+DETECTORS = ("loss", "loop", "self_influence", "val_influence")
+"""The mislabel rankings of :func:`mislabel_scores`, each "higher = more suspect"."""
+
+
+def _check_ranking(scores: torch.Tensor, flipped: torch.Tensor) -> tuple[torch.Tensor,
+                                                                         torch.Tensor]:
+    if scores.ndim != 1 or flipped.shape != scores.shape or flipped.dtype != torch.bool:
+        raise ValueError(f"scores [n] and a bool mask flipped [n] are needed, got "
+                         f"{tuple(scores.shape)} and {flipped.dtype} {tuple(flipped.shape)}")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("scores contain NaN or Inf")
+    count = int(flipped.sum())
+    if not 0 < count < len(flipped):
+        raise ValueError(f"flipped must mark some but not all samples, got {count} of "
+                         f"{len(flipped)}")
+    return scores.detach().cpu().double(), flipped.cpu()
+
+
+def precision_at_noise_count(scores: torch.Tensor, flipped: torch.Tensor) -> float:
+    """Fraction of flipped samples among the ``k`` highest ``scores``, ``k`` = the number of
+    flipped samples (so it equals recall at ``k``). Ties at the ``k``-th place count by
+    their share of flipped samples (the expectation over random tie-breaking), so integer
+    scores such as OUSM's drop counts are not favoured by the data order."""
+    scores, flipped = _check_ranking(scores, flipped)
+    k = int(flipped.sum())
+    threshold = torch.topk(scores, k).values[-1]
+    above, tied = scores > threshold, scores == threshold
+    slots = k - int(above.sum())
+    hits = float(flipped[above].sum()) + slots * float(flipped[tied].double().mean())
+    return hits / k
+
+
+def roc_auc(scores: torch.Tensor, flipped: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for finding the ``flipped`` samples: the
+    probability that a random flipped sample scores above a random clean one, ties counted
+    1/2 (the Mann–Whitney statistic over mid-ranks)."""
+    scores, flipped = _check_ranking(scores, flipped)
+    order = torch.argsort(scores, stable=True)
+    ordered = scores[order]
+    _, counts = torch.unique_consecutive(ordered, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    midranks = torch.repeat_interleave(ends - (counts.double() - 1) / 2, counts)
+    ranks = torch.empty_like(midranks)
+    ranks[order] = midranks
+    positives = int(flipped.sum())
+    negatives = len(flipped) - positives
+    return float((ranks[flipped].sum() - positives * (positives + 1) / 2)
+                 / (positives * negatives))
+
+
+def detection_metrics(scores: torch.Tensor, flipped: torch.Tensor) -> dict[str, float]:
+    """``{"precision": precision_at_noise_count, "auc": roc_auc}`` of one ranking."""
+    return {"precision": precision_at_noise_count(scores, flipped),
+            "auc": roc_auc(scores, flipped)}
+
+
+@dataclass
+class MislabelScores:
+    """Four rankings of the training samples by how likely their label is wrong.
+
+    Attributes:
+        scores: by name (:data:`DETECTORS`), ``[n]`` float64, higher = more suspect:
+            ``loss`` (cross-entropy of the given label, OUSM's uncertainty), ``loop`` (the
+            LoOP outlier probability within the sample's label class, ``1 − λ``),
+            ``self_influence`` (``∇l(z)ᵀ(H + λI)^{-1}∇l(z)``) and ``val_influence``
+            (``I(z)`` on the clean validation loss, > 0 harmful).
+        scoring: the influence computation's ``report.scoring`` (and ``report.path``), e.g.
+            ``"head-closed-form"``.
+    """
+
+    scores: dict[str, torch.Tensor]
+    scoring: str
+
+
+def mislabel_scores(
+    model: nn.Module,
+    train: Split,
+    val: Split,
+    *,
+    extent: float = 3.0,
+    n_neighbors: int = 10,
+    damping: float = 0.01,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> MislabelScores:
+    """Score every sample of ``train`` (its labels possibly wrong) with the current
+    ``model`` in eval mode: by its loss, its LoOP within its label class on the penultimate
+    features (:func:`local_outlier_probability`), its self-influence and its influence on
+    the mean loss of the clean ``val`` set, both over the last layer
+    (:class:`fastinfluence.Influence` with ``params="last"``: a ResNet's residual adds and
+    BatchNorm stay out of θ_S). The model's weights and ``training`` flag are unchanged."""
+    x, y = check_split(train, "train")
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = torch.cat([model(part.to(device)).cpu() for part in x.split(batch_size)])
+        losses = F.cross_entropy(logits.double(), y, reduction="none")
+        features = penultimate_features(model, x, batch_size, device)
+        outliers = local_outlier_probability(features, y, extent=extent,
+                                             n_neighbors=n_neighbors)
+        influence = Influence(model, (x, y), check_split(val, "val"), params="last",
+                              damping=damping, batch_size=batch_size, device=device)
+        harmful = influence.scores().cpu().double()
+        self_influence = influence.self_influence().cpu().double()
+    finally:
+        model.train(was_training)
+    scoring = influence.report.scoring
+    if influence.report.path != scoring:
+        scoring = f"{influence.report.path} path, {scoring} scoring"
+    return MislabelScores(
+        scores={"loss": losses, "loop": outliers, "self_influence": self_influence,
+                "val_influence": harmful},
+        scoring=scoring,
+    )

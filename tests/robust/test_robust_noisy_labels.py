@@ -9,21 +9,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastinfluence import reference
 from fastinfluence.robust import (
+    DETECTORS,
     ForwardConfig,
     ForwardTrainer,
     OUSMConfig,
     OUSMLoOPConfig,
     OUSMLoOPTrainer,
     OUSMTrainer,
+    detection_metrics,
     estimate_transition,
     forward_corrected_loss,
     local_outlier_probability,
     loop_weights,
+    mislabel_scores,
     ousm_keep,
     ousm_loss,
     penultimate_features,
+    precision_at_noise_count,
     reference_losses,
+    roc_auc,
 )
 
 # -- OUSM -----------------------------------------------------------------------------------
@@ -310,3 +316,70 @@ def test_reference_losses_score_only_the_held_out_part(model, splits):
     assert (noisy[flipped] != y[flipped]).all()
     with pytest.raises(ValueError, match="reference_size"):
         reference_losses(model, (x, y), 16)
+
+
+# -- finding the flipped labels -------------------------------------------------------------
+
+
+def test_detection_metrics_on_a_planted_ranking():
+    # 3 flipped of 8; the top three scores hold two of them, a flipped one is ranked last.
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.1])
+    flipped = torch.tensor([1, 0, 1, 0, 0, 0, 0, 1], dtype=torch.bool)
+    assert precision_at_noise_count(scores, flipped) == pytest.approx(2 / 3)
+    # pairs (flipped, clean) ordered right: 5 + 4 + 0 of 3·5
+    assert roc_auc(scores, flipped) == pytest.approx(9 / 15)
+    assert detection_metrics(-scores, flipped) == pytest.approx(
+        {"precision": 1 / 3, "auc": 6 / 15})
+
+
+def test_ties_at_the_cut_count_by_their_share_of_flipped():
+    # k = 2: one sure hit above, one slot for the three tied 1's of which one is flipped.
+    counts = torch.tensor([3.0, 1.0, 1.0, 1.0, 0.0])
+    flipped = torch.tensor([1, 0, 1, 0, 0], dtype=torch.bool)
+    assert precision_at_noise_count(counts, flipped) == pytest.approx((1 + 1 / 3) / 2)
+    assert precision_at_noise_count(counts.flip(0), flipped.flip(0)) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_roc_auc_matches_sklearn_with_ties(seed):
+    from sklearn.metrics import roc_auc_score
+
+    generator = torch.Generator().manual_seed(seed)
+    flipped = torch.rand(300, generator=generator) < 0.2
+    scores = torch.randint(0, 12, (300,), generator=generator).double() + 2.0 * flipped
+    assert roc_auc(scores, flipped) == pytest.approx(roc_auc_score(flipped, scores), abs=1e-12)
+
+
+def test_detection_metrics_bad_input():
+    with pytest.raises(ValueError, match="some but not all"):
+        roc_auc(torch.rand(4), torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool mask"):
+        precision_at_noise_count(torch.rand(4), torch.tensor([1, 0, 0, 1]))
+    with pytest.raises(ValueError, match="NaN"):
+        roc_auc(torch.tensor([0.0, math.nan]), torch.tensor([True, False]))
+
+
+def test_mislabel_scores_by_their_definitions(model, splits, head_influence):
+    (x, y), val, _ = splits
+    noisy = y.clone()
+    noisy[:3] = (noisy[:3] + 1) % 3
+    model.train()
+    found = mislabel_scores(model, (x, noisy), val, n_neighbors=3, damping=0.01)
+    assert model.training
+    assert set(found.scores) == set(DETECTORS)
+    assert found.scoring == "head-closed-form"
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(found.scores["loss"],
+                                   F.cross_entropy(model(x).double(), noisy, reduction="none"))
+    features = penultimate_features(model, x)
+    torch.testing.assert_close(found.scores["loop"], local_outlier_probability(
+        features, noisy, n_neighbors=3))
+    # both influences against the float64 textbook over the last layer
+    textbook = head_influence(model, (x, noisy), val, 0.01)
+    torch.testing.assert_close(found.scores["val_influence"], textbook.scores,
+                               rtol=1e-4, atol=1e-6)
+    self_textbook = reference.self_influence(textbook.model, textbook.head,
+                                             (x.double(), noisy), 0.01)
+    torch.testing.assert_close(found.scores["self_influence"], self_textbook,
+                               rtol=1e-4, atol=1e-6)
