@@ -297,7 +297,10 @@ def make_mrs(
     N(0, 10°), receiver gain, and the SNR of the NAA singlet log-uniform in 5–40; per voxel
     smaller jitter of each. Under every spectrum: the macromolecule humps
     (:data:`MACROMOLECULES`), the tail of a residual water peak at 4.7 ppm, and a smooth
-    random baseline (a cubic in ppm); white Gaussian noise on top. The spectrum is the real
+    baseline (a cubic in ppm); their levels, the water's phase and the baseline's shape are
+    the patient's scan's (shared by its voxels, with a little voxel jitter), so a patient's
+    spectra look alike. Healthy voxels of the tumour hemisphere are diluted by peritumoural
+    oedema (all metabolites ×U(0.75, 1)). White Gaussian noise on top. The spectrum is the real
     part after the phase error.
 
     Where it differs from in-vivo data: first-order multiplets instead of a simulated basis
@@ -428,28 +431,39 @@ def _tumour_profile(rng: np.random.Generator, contrast: float) -> np.ndarray:
 def _patient_spectra(rng: np.random.Generator, basis: _Basis, group: int, count: int,
                      healthy_fraction: float, contrast: float) -> tuple[np.ndarray, np.ndarray]:
     names = basis.names
+    hz = basis.ppm * FIELD_MHZ
     lorentz, gauss = rng.uniform(1.5, 3.5), rng.uniform(2.0, 5.0)
     shift, phase = rng.normal(0, 0.02), np.deg2rad(rng.normal(0, 10))
     snr = np.exp(rng.uniform(np.log(5), np.log(40)))
     gain = rng.lognormal(0, 0.3)
     variation = rng.lognormal(0, 0.1, len(names))
+    # Acquisition effects shared by a patient's voxels (one multivoxel scan): water
+    # suppression, baseline and macromolecule level, each with a little voxel jitter.
+    water_level, water_phase = rng.lognormal(np.log(0.3), 0.8), rng.uniform(-np.pi, np.pi)
+    baseline_shape = rng.normal(0, 0.05, 4)
+    macromolecules = rng.uniform(0.7, 1.3)
     if group == 1:
         tumour = _tumour_profile(rng, contrast)
         mean = healthy_fraction
-        p_healthy = rng.beta(2 * mean / (1 - mean + 1e-9) + 1e-3, 2) if mean > 0 else 0.0
+        p_healthy = rng.beta(2 * mean / (1 - mean), 2) if mean > 0 else 0.0
         fraction = np.where(rng.random(count) < p_healthy, 0.0, rng.uniform(0.35, 1.0, count))
         lesion = np.zeros(count, dtype=bool)
     else:
         fraction = np.zeros(count)
         lesion = rng.random(count) < rng.uniform(0.0, 0.5)
     lesion_factor = np.array([LESION.get(m, 1.0) for m in names])
-    naa_height = None
+    # the noise level: this patient's typical healthy NAA singlet
+    naa_height = float(np.abs(9.5 * metabolite_spectrum(
+        "NAA", np.array([2.008]), lorentz_hz=lorentz, gauss_hz=gauss)[0]))
     out = np.empty((count, len(basis.ppm)), dtype=np.float32)
     for v in range(count):
         f = fraction[v]
         healthy = _concentrations(rng.uniform(0.2, 0.8)) * variation
         if lesion[v]:
             healthy = healthy * lesion_factor
+        elif group == 1 and f == 0:
+            # healthy tissue of the tumour hemisphere: peritumoural oedema dilutes it
+            healthy = healthy * rng.uniform(0.75, 1.0)
         conc = (1 - f) * healthy + (f * tumour if f > 0 else 0.0)
         conc = conc * rng.lognormal(0, 0.07, len(names))
         broadening = 1 + 0.3 * f
@@ -457,17 +471,14 @@ def _patient_spectra(rng: np.random.Generator, basis: _Basis, group: int, count:
         gw = gauss * broadening * rng.uniform(0.9, 1.1)
         dv = shift + rng.normal(0, 0.004)
         spectrum = conc @ basis.spectra(lw, gw, dv)
-        spectrum = spectrum + rng.uniform(0.7, 1.3) * basis.background(lw, gw, dv)
-        if naa_height is None:  # the noise level: this patient's typical healthy NAA singlet
-            naa_height = float(np.abs(9.5 * metabolite_spectrum(
-                "NAA", np.array([2.008]), lorentz_hz=lorentz, gauss_hz=gauss)[0]))
-        water = rng.lognormal(np.log(0.3), 0.8) * naa_height
-        hz = basis.ppm * FIELD_MHZ
+        spectrum = spectrum + macromolecules * rng.uniform(0.9, 1.1) * basis.background(lw, gw, dv)
+        water = water_level * rng.lognormal(0, 0.3) * naa_height
         spectrum = spectrum + water * 4.0 * voigt(hz - WATER_PPM * FIELD_MHZ, 8.0, 3.0) * np.exp(
-            1j * rng.uniform(-np.pi, np.pi))
+            1j * (water_phase + rng.normal(0, 0.3)))
         phased = np.real(spectrum * np.exp(1j * (phase + np.deg2rad(rng.normal(0, 3)))))
         centred = (basis.ppm - 2.35) / 1.85
-        baseline = np.polyval(rng.normal(0, 0.05, 4), centred) * naa_height
+        coefficients = baseline_shape + rng.normal(0, 0.02, 4)
+        baseline = np.polyval(coefficients, centred) * naa_height
         noise = rng.normal(0, naa_height / (snr * rng.uniform(0.8, 1.25)), len(basis.ppm))
         out[v] = gain * (phased + baseline + noise)
     return out, fraction.astype(np.float32)
