@@ -157,6 +157,11 @@ LESION = {"NAA": 0.8, "Cr": 0.95, "Cho": 1.25, "mI": 1.3, "Lac": 1.5}
 MACROMOLECULES = ((0.93, 1.0, 12.0), (1.21, 0.8, 14.0), (1.43, 0.5, 12.0), (1.67, 0.4, 12.0),
                   (2.00, 0.9, 14.0), (2.26, 0.4, 12.0), (3.00, 0.5, 14.0), (3.96, 0.4, 14.0))
 WATER_PPM = 4.70
+OEDEMA_DILUTION = (0.55, 0.9)
+"""Metabolite dilution of healthy tissue in the tumour hemisphere (vasogenic oedema around
+gliomas lowers every metabolite's concentration per voxel)."""
+OEDEMA_WATER = 2.0
+"""More water in oedematous voxels: a larger residual water peak."""
 
 
 def voigt(offset_hz: np.ndarray, lorentz_hz: float, gauss_hz: float) -> np.ndarray:
@@ -300,7 +305,8 @@ def make_mrs(
     baseline (a cubic in ppm); their levels, the water's phase and the baseline's shape are
     the patient's scan's (shared by its voxels, with a little voxel jitter), so a patient's
     spectra look alike. Healthy voxels of the tumour hemisphere are diluted by peritumoural
-    oedema (all metabolites ×U(0.75, 1)). White Gaussian noise on top. The spectrum is the real
+    oedema (all metabolites ×U(0.55, 0.9), twice the residual water). White Gaussian noise on
+    top. The spectrum is the real
     part after the phase error.
 
     Where it differs from in-vivo data: first-order multiplets instead of a simulated basis
@@ -461,9 +467,9 @@ def _patient_spectra(rng: np.random.Generator, basis: _Basis, group: int, count:
         healthy = _concentrations(rng.uniform(0.2, 0.8)) * variation
         if lesion[v]:
             healthy = healthy * lesion_factor
-        elif group == 1 and f == 0:
-            # healthy tissue of the tumour hemisphere: peritumoural oedema dilutes it
-            healthy = healthy * rng.uniform(0.75, 1.0)
+        oedema = group == 1 and f == 0
+        if oedema:  # healthy tissue of the tumour hemisphere: peritumoural oedema dilutes it
+            healthy = healthy * rng.uniform(*OEDEMA_DILUTION)
         conc = (1 - f) * healthy + (f * tumour if f > 0 else 0.0)
         conc = conc * rng.lognormal(0, 0.07, len(names))
         broadening = 1 + 0.3 * f
@@ -472,7 +478,7 @@ def _patient_spectra(rng: np.random.Generator, basis: _Basis, group: int, count:
         dv = shift + rng.normal(0, 0.004)
         spectrum = conc @ basis.spectra(lw, gw, dv)
         spectrum = spectrum + macromolecules * rng.uniform(0.9, 1.1) * basis.background(lw, gw, dv)
-        water = water_level * rng.lognormal(0, 0.3) * naa_height
+        water = water_level * rng.lognormal(0, 0.3) * naa_height * (OEDEMA_WATER if oedema else 1)
         spectrum = spectrum + water * 4.0 * voigt(hz - WATER_PPM * FIELD_MHZ, 8.0, 3.0) * np.exp(
             1j * (water_phase + rng.normal(0, 0.3)))
         phased = np.real(spectrum * np.exp(1j * (phase + np.deg2rad(rng.normal(0, 3)))))

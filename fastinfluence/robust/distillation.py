@@ -283,7 +283,7 @@ class InfluenceSelection:
 def influence_certain(model: nn.Module, train: Split, clean: Split, count: int, *,
                       selection: str = "helpful",
                       params: tuple[str, ...] | str = INFLUENCE_PARAMS,
-                      damping: float = 0.01, batch_size: int = 256,
+                      damping: float = 0.01, solver: str = "cg", batch_size: int = 256,
                       device: str | torch.device | None = None) -> InfluenceSelection:
     """Influence-based distillation: the ``count`` training samples chosen by influence.
 
@@ -293,7 +293,9 @@ def influence_certain(model: nn.Module, train: Split, clean: Split, count: int, 
     ``"self"``: the smallest self-influence ``∇l(z)ᵀ H_λ⁻¹ ∇l(z)`` (mislabelled samples are
     hard to fit and have large self-influence); ``clean`` then serves only as the solver's
     required target. The Hessian is the Gauss-Newton matrix of the training loss over
-    ``params`` (positive semi-definite, so CG converges), model in eval mode.
+    ``params`` (positive semi-definite, so CG converges), model in eval mode. ``solver`` is
+    CG by default: the direct solver's explicit matrix costs one Hessian product per
+    parameter, CG a few dozen in all.
 
     Returns the sorted indices, every sample's score, and which scoring pass ran
     (``report.scoring``) and which solver.
@@ -303,7 +305,8 @@ def influence_certain(model: nn.Module, train: Split, clean: Split, count: int, 
         raise ValueError(f"count must lie in [1, {len(train[1])}], got {count}")
     params_arg: Any = list(params) if isinstance(params, tuple) else params
     influence = Influence(model, train, clean, params=params_arg, damping=damping,
-                          hessian="gauss-newton", batch_size=batch_size, device=device)
+                          solver=solver, hessian="gauss-newton", batch_size=batch_size,
+                          device=device)
     scores = (influence.scores() if selection == "helpful"
               else influence.self_influence()).detach().cpu()
     chosen = torch.sort(torch.argsort(scores, stable=True)[:count]).values
