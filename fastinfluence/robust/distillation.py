@@ -144,7 +144,9 @@ class DistillationTrainer(BalancedTrainer):
     the original, un-oversampled training set and :func:`certain_samples` gives ``C_E``;
     :meth:`certain` is the union ``C = C_1 ∪ … ∪ C_E``. The run goes on to ``epochs`` as the
     plain baseline. ``extras["certain_by_epoch"]`` holds every ``C_E`` (index tensors into
-    the training set given to :meth:`fit`).
+    the training set given to :meth:`fit`) and ``extras["probabilities_by_epoch"]`` the
+    softmax outputs they were chosen from (``[n, classes]`` per epoch), from which
+    :func:`certain_samples` gives ``C_E`` for any other threshold.
     """
 
     method = "distillation"
@@ -155,6 +157,7 @@ class DistillationTrainer(BalancedTrainer):
         super().__init__(model, config)
         self.pool: Split | None = None
         self.certain_by_epoch: list[torch.Tensor] = []
+        self.probabilities_by_epoch: list[torch.Tensor] = []
 
     def fit(self, train: Split, val: Split, test: TestSets) -> TrainResult:
         """Train on ``train`` (oversampled), collecting certain samples of ``train`` itself."""
@@ -165,8 +168,10 @@ class DistillationTrainer(BalancedTrainer):
         if epoch < self.config.distill_epochs:
             assert self.pool is not None
             x, y = self.pool
+            probabilities = self.probabilities(x)
+            self.probabilities_by_epoch.append(probabilities)
             self.certain_by_epoch.append(certain_samples(
-                self.probabilities(x), y, self.config.threshold, self.config.require_agreement))
+                probabilities, y, self.config.threshold, self.config.require_agreement))
 
     def certain(self, epochs: int | None = None) -> torch.Tensor:
         """``C`` over the first ``epochs`` collection epochs (default all): sorted indices."""
@@ -176,7 +181,8 @@ class DistillationTrainer(BalancedTrainer):
         return torch.unique(torch.cat(self.certain_by_epoch[:epochs]))
 
     def extras(self) -> dict[str, Any]:
-        return {"certain_by_epoch": self.certain_by_epoch}
+        return {"certain_by_epoch": self.certain_by_epoch,
+                "probabilities_by_epoch": self.probabilities_by_epoch}
 
 
 # -- augmentation ------------------------------------------------------------------------------

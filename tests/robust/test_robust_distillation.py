@@ -66,6 +66,7 @@ def test_distillation_collects_the_certain_samples_of_the_first_epochs():
         assert len(probabilities) == 60
         expected = torch.nonzero(probabilities.max(1).values >= 0.6)[:, 0]
         assert torch.equal(trainer.certain_by_epoch[epoch], expected)
+        assert torch.equal(trainer.probabilities_by_epoch[epoch], probabilities)
     union = torch.unique(torch.cat(trainer.certain_by_epoch[:2]))
     assert torch.equal(trainer.certain(2), union)
     assert len(trainer.certain()) > 0
