@@ -176,6 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="augmentation factors (default 1 3 8; --full 1 2 3 5 7 10)")
     add("--out", type=Path, default=Path("examples/results/mrs_table2"))
     add("--fresh", action="store_true", help="discard the runs already in --out")
+    add("--no-train", action="store_true",
+        help="train nothing: write the table and figures from the runs saved in --out")
     add("--threads", type=int, default=None)
     add("--device", default=None, help="default: cuda when available, else cpu")
     add("--progress", action=argparse.BooleanOptionalAction, default=True)
@@ -308,9 +310,11 @@ def certain_from(probabilities_by_epoch: list[torch.Tensor], threshold: float,
     return torch.unique(torch.cat(sets))
 
 
-def mixing_jobs(settings: Settings, fold: int) -> list[dict[str, Any]]:
+def mixing_jobs(settings: Settings, fold: int, sweeps: bool) -> list[dict[str, Any]]:
     """The final-network runs of one fold: Table 2's default per strategy, the influence
-    selections, and (on sweep folds) the sweeps; each as its options."""
+    selections, and with ``sweeps`` (on sweep folds) the sweeps, value by value with every
+    strategy, so that an interrupted sweep covers each value it reached; each as its
+    options."""
     default = {"alpha": settings.alpha, "factor": settings.factor,
                "source_epoch": settings.source_epoch, "selection": "softmax",
                "threshold": settings.thresholds[0]}
@@ -318,13 +322,12 @@ def mixing_jobs(settings: Settings, fold: int) -> list[dict[str, Any]]:
     jobs += [{**default, "strategy": "both", "threshold": t} for t in settings.thresholds[1:]]
     jobs += [{**default, "strategy": "both", "selection": f"influence-{k}"}
              for k in settings.influence]
-    if fold in settings.sweep_folds:
-        for strategy in settings.strategies:
-            jobs += [{**default, "strategy": strategy, "alpha": a} for a in settings.sweep_alphas]
-            jobs += [{**default, "strategy": strategy, "source_epoch": e}
-                     for e in settings.sweep_epochs]
-            jobs += [{**default, "strategy": strategy, "factor": f}
-                     for f in settings.sweep_factors]
+    if sweeps and fold in settings.sweep_folds:
+        for option, values in (("alpha", settings.sweep_alphas),
+                               ("source_epoch", settings.sweep_epochs),
+                               ("factor", settings.sweep_factors)):
+            jobs += [{**default, "strategy": strategy, option: value}
+                     for value in values for strategy in settings.strategies]
     unique = {json.dumps(job, sort_keys=True): job for job in jobs}
     return list(unique.values())
 
@@ -334,8 +337,9 @@ def run_key(kind: str, seed: int, fold: int, options: dict[str, Any] | None = No
 
 
 def fold_runs(settings: Settings, data: Any, folds: list[np.ndarray], seed: int, fold: int,
-              done: dict[str, dict], device: str, out: Path, save: Any) -> None:
-    """Every missing run of (seed, fold), each saved (``save(record)``) as it finishes."""
+              done: dict[str, dict], device: str, out: Path, save: Any, sweeps: bool) -> None:
+    """Every missing run of (seed, fold) (Table 2's, and with ``sweeps`` the sweeps'), each
+    saved (``save(record)``) as it finishes."""
     f = make_fold(data, folds, fold, settings, seed)
     flat_train, flat_test = f.train[0][:, 0].numpy(), f.test[0][:, 0].numpy()
     for kind in ("svm", "rf"):
@@ -346,7 +350,7 @@ def fold_runs(settings: Settings, data: Any, folds: list[np.ndarray], seed: int,
             save({"key": run_key(kind, seed, fold), "kind": kind, "seed": seed, "fold": fold,
                   "metrics": evaluate(f, scores, threshold),
                   "seconds": time.perf_counter() - start})
-    jobs = mixing_jobs(settings, fold)
+    jobs = mixing_jobs(settings, fold, sweeps)
     needs_distillation = run_key("plain", seed, fold) not in done or any(
         run_key("mixing", seed, fold, job) not in done for job in jobs)
     if needs_distillation and run_key("plain", seed, fold) not in done:
@@ -710,11 +714,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         save_json(runs_path, {"settings": asdict(settings), "meta": meta, "runs": runs})
         write_table(out / "table.md", runs, settings, meta)
 
-    # the first fold's table runs and sweeps first, then the other folds
-    order = [fold for fold in settings.run_folds if fold in settings.sweep_folds]
-    order += [fold for fold in settings.run_folds if fold not in order]
-    order += [fold for fold in settings.sweep_folds if fold not in order]
-    jobs = [(seed, fold) for seed in range(settings.seeds) for fold in order]
+    # Table 2 on every fold first, then the sweeps
+    jobs = [(seed, fold, False) for seed in range(settings.seeds) for fold in settings.run_folds]
+    jobs += [(seed, fold, True) for seed in range(settings.seeds) for fold in settings.sweep_folds]
+    if args.no_train:
+        jobs = []
     paths: list[Path] = []
     try:
         data = make_mrs(settings.n_spectra, settings.n_patients, seed=settings.data_seed,
@@ -725,10 +729,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               seed=settings.data_seed)
         print(f"data: {len(data)} spectra of {len(np.unique(data.patient_ids))} patients, "
               f"{int(data.mislabelled.sum())} mislabelled")
-        with tqdm(jobs, desc="Table 2", unit="fold", disable=not args.progress) as bar:
-            for seed, fold in bar:
-                bar.set_postfix_str(f"seed {seed}, fold {fold}")
-                fold_runs(settings, data, folds, seed, fold, done, device, out, save)
+        with tqdm(jobs, desc="Table 2", unit="pass", disable=not args.progress) as bar:
+            for seed, fold, sweeps in bar:
+                bar.set_postfix_str(f"seed {seed}, fold {fold}{', sweeps' if sweeps else ''}")
+                fold_runs(settings, data, folds, seed, fold, done, device, out, save, sweeps)
         write_table(out / "table.md", runs, settings, meta)
         paths = save_figures(out, runs, settings, data)
         print((out / "table.md").read_text())
