@@ -298,6 +298,21 @@ class AveragePool(Rule):
         return step.module(x), None if dx is None else step.module(dx)
 
 
+class ConstantPad(Rule):
+    """Constant padding (ConstantPad1d/2d, ZeroPad1d/2d): the primal is padded with the
+    module's value, the tangent with 0 (the padding does not move with θ)."""
+
+    kind = "pad"
+
+    def configure(self, site: Site) -> Options | str:
+        return {"padding": tuple(site.module.padding), "value": float(site.module.value)}
+
+    def run(self, step, at, x, dx):
+        padding, value = step.options["padding"], step.options["value"]
+        y = F.pad(x, padding, value=value)
+        return y, None if dx is None else F.pad(dx, padding)
+
+
 class MaxPool2d(Rule):
     """Max-pooling; the tangent takes the element the primal's window picked."""
 
@@ -516,6 +531,7 @@ SIGMOID = Elementwise("sigmoid", torch.sigmoid, lambda x, y: y * (1 - y))
 FLATTEN = Flatten()
 IDENTITY = Identity()
 ADD = Add()
+CONSTANT_PAD = ConstantPad()
 
 MODULE_RULES: dict[type[nn.Module], Rule] = {
     nn.Conv1d: Convolution(dims=1),
@@ -532,6 +548,10 @@ MODULE_RULES: dict[type[nn.Module], Rule] = {
     nn.AdaptiveAvgPool1d: AveragePool(dims=1),
     nn.AdaptiveAvgPool2d: AveragePool(dims=2),
     nn.Flatten: FLATTEN,
+    nn.ConstantPad1d: CONSTANT_PAD,
+    nn.ConstantPad2d: CONSTANT_PAD,
+    nn.ZeroPad1d: CONSTANT_PAD,
+    nn.ZeroPad2d: CONSTANT_PAD,
     nn.Dropout: IDENTITY,
     nn.Identity: IDENTITY,
 }

@@ -598,3 +598,46 @@ def test_a_rule_that_fails_only_in_the_callers_precision_falls_back(monkeypatch)
     assert program is None
     assert reason == ("numerical check against torch.func.jvp raised TypeError: no "
                       "torch.float32 kernel")
+def test_check_tolerance_follows_the_precision_products_run_in():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert tangent.check_tolerance(torch.float64, cpu) == pytest.approx((2.0**-52) ** (2 / 3))
+    assert tangent.check_tolerance(torch.float32, cpu) == pytest.approx((2.0**-23) ** (2 / 3))
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
+        tf32 = (2.0**-10) ** (2 / 3)
+        assert tangent.check_tolerance(torch.float32, cuda) == pytest.approx(tf32)
+        assert tangent.check_tolerance(torch.float64, cuda) == pytest.approx((2.0**-52) ** (2 / 3))
+        torch.backends.cudnn.allow_tf32 = False
+        assert tangent.check_tolerance(torch.float32, cuda) == pytest.approx((2.0**-23) ** (2 / 3))
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert tangent.check_tolerance(torch.float32, cuda) == pytest.approx(tf32)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+def test_constant_pads_match_jvp_in_one_and_two_dimensions():
+    """The pad rule: primal padded with the module's value, tangent with zeros."""
+    model = nn.Sequential(nn.ConstantPad1d((1, 2), 0.5), nn.Conv1d(2, 3, 4, bias=False),
+                          nn.BatchNorm1d(3), nn.ReLU(), nn.ZeroPad1d(1), nn.Conv1d(3, 2, 3),
+                          nn.Flatten(), nn.Linear(2 * 8, 3))
+    program = compare(model, (2, 8), [n for n, _ in model.named_parameters()], 2, seed=12)
+    assert [step.kind for step in program.steps].count("pad") == 2
+    image = nn.Sequential(nn.ZeroPad2d((1, 0, 2, 1)), nn.Conv2d(1, 2, 3), nn.ConstantPad2d(1, -1.0),
+                          nn.Flatten(), nn.Linear(2 * 9 * 7, 2))
+    compare(image, (1, 6, 6), [n for n, _ in image.named_parameters()], 1, seed=13)
+
+
+@pytest.mark.parametrize("which", ["all", "last-block"])
+def test_mrs_rescnn_matches_jvp(which):
+    """The MRS paper's ResCNN (narrow and short here): width-32 kernels behind explicit pads,
+    residual adds with identity and strided 1×1 shortcuts, dropout, GAP."""
+    from fastinfluence.models import ResCNN1d
+
+    model = ResCNN1d(width=2, blocks=3)
+    names = [n for n, _ in model.named_parameters()
+             if which == "all" or n.startswith(("blocks.2.bn2", "fc"))]
+    program = compare(model, (1, 40), names, 2, seed=14)
+    kinds = [step.kind for step in program.steps]
+    assert kinds.count("add") == 3 and kinds.count("pad") == 7 and "avgpool" in kinds

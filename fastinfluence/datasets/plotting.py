@@ -1,5 +1,5 @@
 """A look at the embedded data sets, saved as PNG: brain-tumour clean / noisy / mask images
-per class, dermoscopy samples per diagnosis and chest films per class."""
+per class, dermoscopy samples per diagnosis, chest films per class and MR spectra per class."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from fastinfluence._optional import require
 from fastinfluence.datasets.brain_tumour import BrainTumourData
 from fastinfluence.datasets.chest_xray import ChestXrayData
 from fastinfluence.datasets.dermoscopy import DIAGNOSES, DermoscopyData
+from fastinfluence.datasets.mrs import MRSData, standardise
 from fastinfluence.datasets.noise import NoiseKind, add_noise
 
 
@@ -163,4 +164,54 @@ def save_chest_xray_grid(
                 axis.contour(mask.astype(float), levels=[0.5], colors="red", linewidths=0.6)
             axis.set_title(data.findings[index].replace("+", " + ") or " ", fontsize=6)
         axes[row, 0].set_ylabel(data.class_names[row].replace(" / ", "/\n"), fontsize=7)
+METABOLITE_MARKS: tuple[tuple[str, float], ...] = (
+    ("Lip1", 0.9), ("Lip2", 1.3), ("NAA", 2.01), ("Glx", 2.25), ("Cr1", 3.03), ("Cho", 3.21),
+    ("Ins", 3.56), ("Glx", 3.75), ("Cr2", 3.92),
+)
+"""Where the paper's Fig. 9 marks the metabolites (ppm)."""
+
+
+def save_mrs_class_means(data: MRSData, path: str | Path, *, dpi: int = 80) -> Path:
+    """Save the mean ± one standard deviation of the standardised spectra
+    (:func:`~fastinfluence.datasets.mrs.standardise`) of each label, ppm decreasing to the
+    right, with the metabolites of the paper's Fig. 9 marked. With tissue truth (simulated
+    data) a second panel shows the same by tissue (healthy tissue labelled tumour apart).
+
+    Uses matplotlib's object API. Returns the path.
+    """
+    Figure = require("matplotlib.figure", "matplotlib", "examples", "save_mrs_class_means").Figure
+    if len(data) == 0:
+        raise ValueError("data has no spectra")
+    x = standardise(data.spectra)[:, 0].numpy()
+    labels = data.labels.numpy()
+    colours = ("tab:green", "tab:purple")
+    groups = [(f"labelled {name}", labels == k, colour)
+              for k, (name, colour) in enumerate(zip(data.class_names, colours, strict=False))]
+    panels = [("by label", groups)]
+    if data.tissue_labels is not None:
+        tissue = data.tissue_labels.numpy()
+        panels.append(("by tissue", [
+            ("healthy tissue, labelled healthy", (tissue == 0) & (labels == 0), "tab:green"),
+            ("healthy tissue, labelled tumour", (tissue == 0) & (labels == 1), "tab:orange"),
+            ("tumour tissue", tissue == 1, "tab:purple"),
+        ]))
+    figure = Figure(figsize=(8, 3.2 * len(panels)))
+    axes = figure.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for axis, (title, members) in zip(axes, panels, strict=True):
+        for name, member, colour in members:
+            if not member.any():
+                continue
+            mean, std = x[member].mean(0), x[member].std(0)
+            axis.plot(data.ppm, mean, color=colour, lw=1.2, label=f"{name} (n={member.sum()})")
+            axis.fill_between(data.ppm, mean - std, mean + std, color=colour, alpha=0.15)
+        top = axis.get_ylim()[1]
+        for name, position in METABOLITE_MARKS:
+            if data.ppm.min() <= position <= data.ppm.max():
+                axis.axvline(position, color="grey", lw=0.5, ls=":")
+                axis.text(position, top, name, fontsize=7, ha="center", va="bottom")
+        axis.set_xlim(data.ppm.max(), data.ppm.min())
+        axis.set_xlabel("chemical shift (ppm)")
+        axis.set_ylabel("standardised intensity")
+        axis.set_title(f"mean ± std {title}", fontsize=9, pad=14)
+        axis.legend(fontsize=7, loc="upper right")
     return _save(figure, path, dpi)

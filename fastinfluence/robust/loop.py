@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from fastinfluence.robust.config import TrainConfig
 
 Split = tuple[torch.Tensor, torch.Tensor]
-"""A labelled split: images ``[n, C, H, W]`` and integer labels ``[n]``."""
+"""A labelled split: images ``[n, C, H, W]`` (or 1-D signals ``[n, C, L]``, such as spectra)
+and integer labels ``[n]``."""
 
 TestSets = Split | Mapping[str, Split]
 """One test split, or several by name (e.g. ``{"rho=0": ..., "rho=0.5": ...}``): every one is
@@ -88,9 +89,11 @@ class TrainResult:
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each image of ``x`` (``[n, C, H, W]``) mirrored left-right with probability 1/2."""
+    """Each image of ``x`` (``[n, C, H, W]``) mirrored left-right with probability 1/2 (the
+    last axis is reversed, so a 1-D ``[n, C, L]`` signal would be reversed in time: turn
+    ``flip`` off for signals, such as spectra, that have no mirror symmetry)."""
     mask = torch.rand(len(x), generator=generator) < 0.5
-    return torch.where(mask.to(x.device)[:, None, None, None], x.flip(-1), x)
+    return torch.where(mask.to(x.device).view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
 
 
 @torch.no_grad()
@@ -120,14 +123,17 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
 
 
 def check_split(split: Split, name: str) -> Split:
-    """``split`` as ``(float images [n, C, H, W], int64 labels [n])``, or a ``ValueError``."""
+    """``split`` as ``(float images [n, C, H, W] or signals [n, C, L], int64 labels [n])``, or
+    a ``ValueError``."""
     if not (isinstance(split, (tuple, list)) and len(split) == 2):
         raise ValueError(f"{name} must be an (images, labels) pair of tensors")
     x, y = split
     if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
         raise ValueError(f"{name} must be an (images, labels) pair of tensors")
-    if x.ndim != 4 or not x.is_floating_point():
-        raise ValueError(f"{name} images must be a float tensor [n, C, H, W], got {x.shape}")
+    if x.ndim not in (3, 4) or not x.is_floating_point():
+        raise ValueError(
+            f"{name} images must be a float tensor [n, C, H, W] (or [n, C, L]), got {x.shape}"
+        )
     if y.ndim != 1 or y.is_floating_point() or len(y) != len(x) or len(x) == 0:
         raise ValueError(
             f"{name} labels must be integer [n] matching {len(x)} non-zero images, "
@@ -160,7 +166,8 @@ class Trainer:
 
     One epoch is ``before_epoch(e)``, then for every mini-batch ``B`` (indices into the
     training set, shuffled by ``config.seed``) an optimiser step on ``batch_loss(x_B, y_B, B)``
-    where ``x_B`` is flipped at random, then evaluation. Subclasses override the hooks;
+    where ``x_B`` is flipped at random (when ``config.flip``), then ``after_epoch(e)``, then
+    evaluation. Subclasses override the hooks;
     the base class minimises plain cross-entropy ``(1/|B|) Σ_{i∈B} l(z_i, θ)``.
 
     Args:
@@ -201,6 +208,10 @@ class Trainer:
         """The scalar loss minimised on one batch (model in train mode, ``x`` on device)."""
         return F.cross_entropy(self.model(x), y)
 
+    def after_epoch(self, epoch: int) -> None:
+        """Called after epoch ``epoch`` (0-based) has trained (and BatchNorm was recalibrated),
+        before its evaluation."""
+
     # -- the loop -------------------------------------------------------------------------
 
     def fit(self, train: Split, val: Split, test: TestSets) -> TrainResult:
@@ -234,6 +245,7 @@ class Trainer:
                 assert self.train_data is not None
                 recalibrate_batchnorm(self.model, self.train_data[0], config.eval_batch_size,
                                       self.device)
+            self.after_epoch(epoch)
             record = EpochRecord(
                 epoch=epoch + 1,
                 train_loss=loss,

@@ -72,7 +72,7 @@ def test_random_flip_mirrors_about_half():
 
 @pytest.mark.parametrize("bad", [
     "not a pair",
-    (torch.zeros(4, 32, 32), torch.zeros(4, dtype=torch.long)),
+    (torch.zeros(4, 32), torch.zeros(4, dtype=torch.long)),  # [n, C, L] signals are fine
     (torch.zeros(4, 1, 32, 32), torch.zeros(3, dtype=torch.long)),
     (torch.zeros(4, 1, 32, 32), torch.zeros(4)),
     (torch.full((4, 1, 32, 32), float("nan")), torch.zeros(4, dtype=torch.long)),
@@ -197,3 +197,15 @@ def test_optimizer_named_by_the_config():
     expected = start - 0.1 * (torch.ones(1, 3) + 0.5 * start)
     torch.testing.assert_close(layer.weight.detach(), expected)
     assert isinstance(make_optimizer(layer, TrainConfig()), torch.optim.Adam)
+
+
+def test_one_dimensional_signals_train_and_flip_along_their_axis():
+    x = torch.arange(2 * 5, dtype=torch.float32).view(2, 1, 5).repeat(50, 1, 1)
+    flipped = random_flip(x, torch.Generator().manual_seed(0))
+    mirrored = (flipped == x.flip(-1)).flatten(1).all(1)
+    kept = (flipped == x).flatten(1).all(1)
+    assert bool((mirrored ^ kept).all()) and 30 < int(mirrored.sum()) < 70
+    model = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(6, 2))
+    y = torch.arange(100) % 2
+    result = NaiveTrainer(model, TrainConfig(epochs=1, flip=False)).fit((x, y), (x, y), (x, y))
+    assert len(result.history) == 1

@@ -1,0 +1,73 @@
+"""Smoke test of examples/mrs_table2.py: every method and sweep on a tiny data set, resumed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from example_loader import load_example
+
+# theta 0.5 makes every training spectrum "certain", so every mixing run has partners
+TINY = ["--n-spectra", "100", "--n-patients", "16", "--width", "2", "--folds", "4",
+        "--run-folds", "0", "--epochs", "2", "--final-epochs", "1", "--source-epoch", "2",
+        "--sweep-alphas", "0.25", "--sweep-epochs", "1", "--sweep-factors", "2",
+        "--thresholds", "0.5", "0.55", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def table2():
+    return load_example("mrs_table2")
+
+
+@pytest.fixture(scope="module")
+def finished(table2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mrs")
+    return out, table2.main([*TINY, "--out", str(out)])
+
+
+def test_every_method_and_sweep_ran_and_is_reported(finished):
+    out, result = finished
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    kinds = {(r["kind"], r["fold"]) for r in runs}
+    assert {(k, 0) for k in ("svm", "rf", "plain", "noise", "mixing")} == kinds
+    # theta 0.55 may leave a class out of C: that row may fail, and says so
+    assert not [r for r in runs if "error" in r and r["options"]["threshold"] == 0.5]
+    mixing = [r for r in runs if r["kind"] == "mixing"]
+    # 3 strategies × (default + alpha 0.25 + E 1 + factor 2) + theta 0.55 + 2 influence
+    assert len(mixing) == 3 * 4 + 1 + 2
+    for r in runs:
+        if "metrics" in r:
+            assert 0 <= r["metrics"]["auc"] <= 1 and 0 <= r["metrics"]["patient_accuracy"] <= 1
+    plain = [r for r in runs if r["kind"] == "plain"]
+    for r in plain:
+        assert len(r["max_probability_by_epoch"]) == 2
+        # theta 0.5: every training spectrum is certain at every epoch
+        assert r["certain_summary"]["0.5"]["2"]["size"] == r["train_summary"]["size"]
+        assert r["influence-helpful"]["scoring"] == "fused-tangent"
+        assert r["influence-self"]["scoring"] == "head-closed-form"
+    table = (out / "table.md").read_text()
+    for name in ("SVM", "RF", "Plain ResCNN", "Noise augmentation", "aug-with-same",
+                 "Proposed model (aug-with-both)", "Proposed model, θ = 0.55",
+                 "Influence distillation (helpful)",
+                 "0.73 ± 0.07", "neuroradiologist"):
+        assert name in table
+    names = {p.name for p in result["paths"]}
+    assert names == {"class_means.png", "figure4_distillation.png", "figure5_alpha.png",
+                     "figure6_source_epoch.png", "figure7_factor.png", "figure9_cams.png"}
+    assert all(p.stat().st_size > 0 for p in result["paths"])
+
+
+def test_resume_skips_finished_runs_and_refuses_other_settings(table2, finished):
+    out, first = finished
+    again = table2.main([*TINY, "--out", str(out)])
+    assert again["runs"] == json.loads((out / "runs.json").read_text())["runs"]
+    assert len(again["runs"]) == len(first["runs"])
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    # an interrupted run resumes: drop the last runs and rerun
+    saved = json.loads((out / "runs.json").read_text())
+    saved["runs"] = saved["runs"][:-3]
+    (out / "runs.json").write_text(json.dumps(saved))
+    resumed = table2.main([*TINY, "--out", str(out)])
+    assert [r["key"] for r in resumed["runs"]] == [r["key"] for r in runs]
+    with pytest.raises(SystemExit, match="other settings"):
+        table2.main([*TINY, "--alpha", "0.3", "--out", str(out)])

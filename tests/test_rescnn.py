@@ -1,0 +1,63 @@
+"""The MRS paper's 1-D ResCNN (Table 1) and its class activation maps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastinfluence.models import ResCNN1d, class_activation_maps
+from fastinfluence.robust.loop import recalibrate_batchnorm
+
+
+def test_table1_output_sizes():
+    model = ResCNN1d().eval()
+    x = torch.randn(2, 1, 288)
+    h = model.relu(model.bn(model.conv(x)))
+    assert h.shape == (2, 16, 288)
+    expected = [(16, 144), (16, 144), (32, 72), (32, 72), (64, 36), (64, 36), (128, 18),
+                (128, 18)]
+    for block, shape in zip(model.blocks, expected, strict=True):
+        h = block(h)
+        assert h.shape == (2, *shape)
+        assert block.conv1[1].kernel_size == (32,) and block.conv2[1].kernel_size == (32,)
+        assert block.dropout.p == 0.55
+    assert model.features(x).shape == (2, 128) and model(x).shape == (2, 2)
+    # 17 convolutions of width 32 (the input one and two per block), as the paper counts
+    widths = [m.kernel_size[0] for m in model.modules() if isinstance(m, torch.nn.Conv1d)]
+    assert widths.count(32) == 17
+    with pytest.raises(ValueError, match="dropout"):
+        ResCNN1d(dropout=1.0)
+
+
+def planted(n: int, position: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise spectra; class 1 carries a narrow peak at ``position``."""
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = torch.randn(n, 1, 288, generator=generator)
+    peak = torch.exp(-0.5 * ((torch.arange(288) - position) / 3.0) ** 2)
+    return x + 4 * y[:, None, None] * peak, y
+
+
+@pytest.mark.parametrize("position", [60, 200])
+def test_cam_of_a_planted_feature_peaks_there(position):
+    x, y = planted(128, position, seed=position)
+    torch.manual_seed(0)
+    model = ResCNN1d(width=4, dropout=0.0)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(4):
+        for index in torch.randperm(128).split(32):
+            optimiser.zero_grad()
+            F.cross_entropy(model(x[index]), y[index]).backward()
+            optimiser.step()
+    recalibrate_batchnorm(model, x, 128, torch.device("cpu"))  # 16 steps leave them stale
+    test_x, test_y = planted(32, position, seed=position + 1)
+    assert (model.eval()(test_x).argmax(1) == test_y).float().mean() > 0.9
+    cams = class_activation_maps(model, test_x[test_y == 1], 1)
+    assert cams.shape == (16, 288) and model.training is False
+    # within two of the last block's 18 cells (16 points each) of the peak
+    assert abs(int(cams.mean(0).argmax()) - position) <= 32
+    # the predicted class by default
+    predicted = model(test_x[:4]).argmax(1)
+    torch.testing.assert_close(class_activation_maps(model, test_x[:4]),
+                               class_activation_maps(model, test_x[:4], predicted))
