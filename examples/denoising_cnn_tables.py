@@ -79,6 +79,8 @@ ATTACKS = ("fgsm4", "fgsm8", "ifgsm4", "ifgsm8", "cw")
 COLUMNS = ("clean", *ATTACKS)
 COLUMN_NAMES = {"clean": "Clean", "fgsm4": "FGSM ε=4", "fgsm8": "FGSM ε=8",
                 "ifgsm4": "IFGSM10 ε=4", "ifgsm8": "IFGSM10 ε=8", "cw": "C&W"}
+REFORMER_WIDTH = 8  # MagNet's reformers are small (3 filters per layer on CIFAR-10)
+HGD_WIDTH = 16  # Liao et al.'s is a large U-Net; at 64² on a CPU a small one
 EPSILON = {"fgsm4": 4 / 255, "fgsm8": 8 / 255, "ifgsm4": 4 / 255, "ifgsm8": 8 / 255}
 TABLES = {"skin4": (1, 3, 4, 5), "chest": (2, 5)}
 # The paper's numbers (%): (λ_n, λ_a) or defence -> clean, FGSM 4, 8, IFGSM 4, 8, C&W.
@@ -529,13 +531,18 @@ class Runner:
         info.update(removed=int(count), removed_per_class=counts.tolist())
         return (x[keep], y[keep]), info
 
+    def new_denoiser(self, kind: str) -> ConvDenoiser:
+        channels = self.data.train[0].shape[1]
+        if kind == "reformer":
+            return ConvDenoiser(channels, REFORMER_WIDTH)
+        return ConvDenoiser(channels, HGD_WIDTH, residual=True)
+
     def denoiser(self, row: Row, classifier: DenoisingNet, trial: int) -> ConvDenoiser:
         """The Reformer (one per trial) or the row's classifier's HGD (trained if not cached)."""
-        channels = self.data.train[0].shape[1]
         name = "reformer" if row.denoiser == "reformer" else f"{row.classifier_key}:hgd"
         if not self.cache.has(name, trial):
             torch.manual_seed(trial)
-            denoiser = ConvDenoiser(channels, residual=row.denoiser == "hgd").to(self.device)
+            denoiser = self.new_denoiser(row.denoiser).to(self.device)
             epochs = self.settings.denoiser_epochs
             if row.denoiser == "reformer":
                 losses = train_reformer(denoiser, self.data.train[0], epochs=epochs, seed=trial)
@@ -545,7 +552,7 @@ class Runner:
                                                epochs=epochs, seed=trial)
             self.cache.save(name, trial, {"state": denoiser.state_dict(), "losses": losses})
         saved = self.cache.load(name, trial)
-        denoiser = ConvDenoiser(channels, residual=row.denoiser == "hgd")
+        denoiser = self.new_denoiser(row.denoiser)
         denoiser.load_state_dict(saved["state"])
         denoiser.losses = saved["losses"]
         return denoiser.eval()

@@ -185,8 +185,9 @@ class DenoisingConfig(TrainConfig):
 class DenoisingTrainer(Trainer):
     """Minimises ``L_c + λ_n·L_n + λ_a·L_a`` (module docstring) on a :class:`DenoisingNet`.
 
-    Each step forwards the clean batch and its ``copies`` noisy versions in one pass (train
-    mode, so BatchNorm sees them together). ``self.loss_terms`` holds the per-epoch means of
+    Each step forwards the clean batch, then its ``copies`` noisy versions together (train
+    mode; two passes, so that no gradient reaches the clean branch through BatchNorm's batch
+    statistics). ``self.loss_terms`` holds the per-epoch means of
     the three terms (``{"L_c": [...], "L_n": [...], "L_a": [...]}``), also in
     ``result.extras["loss_terms"]``.
     """
@@ -215,15 +216,19 @@ class DenoisingTrainer(Trainer):
 
     def batch_loss(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         config = self.config
-        n = len(x)
         noisy = noisy_copies(x, config.copies, config.noise, self.generator)
-        logits, features, reconstructions = self.model.parts(torch.cat([x, noisy]))
-        classification = F.cross_entropy(logits, y.repeat(1 + config.copies))
-        neighbour = neighbour_loss(features[n:], features[:n])
+        # two passes, not one: in train mode BatchNorm's batch statistics would otherwise
+        # carry the neighbour loss's gradient into the clean images' branch
+        clean_logits, clean_features, clean_reconstruction = self.model.parts(x)
+        noisy_logits, noisy_features, noisy_reconstruction = self.model.parts(noisy)
+        classification = F.cross_entropy(torch.cat([clean_logits, noisy_logits]),
+                                         y.repeat(1 + config.copies))
+        neighbour = neighbour_loss(noisy_features, clean_features)
         loss = classification + config.lambda_n * neighbour
         reconstruction = torch.zeros(())
-        if reconstructions is not None and config.lambda_a > 0:
-            reconstruction = reconstruction_loss(reconstructions, x)
+        if clean_reconstruction is not None and config.lambda_a > 0:
+            reconstruction = reconstruction_loss(
+                torch.cat([clean_reconstruction, noisy_reconstruction]), x)
             loss = loss + config.lambda_a * reconstruction
         for name, value in (("L_c", classification), ("L_n", neighbour),
                             ("L_a", reconstruction)):
