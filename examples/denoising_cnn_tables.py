@@ -114,11 +114,12 @@ PAPER = {
 
 @dataclass
 class Settings:
-    """Everything that determines the runs (saved in ``runs.json``; resuming needs equality)."""
+    """Everything that determines the runs (saved in ``runs.json``; resuming needs equality).
+    The number of trials is not part of it: a larger ``--trials`` adds trials to a finished
+    run, each with its own seeds."""
 
     dataset: str
     tables: list[int]
-    trials: int
     n_images: int
     image_size: int
     data_seed: int
@@ -201,7 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skin4 (embedded dermoscopy) or chest (embedded chest X-ray, Table 2)")
     add("--tables", nargs="+", type=int, default=None,
         help="which tables (default: skin4 1 3 4 5, chest 2 5; 5 = the influence row)")
-    add("--trials", type=int, default=1)
+    add("--trials", type=int, default=1,
+        help="trials 0..n-1 (seeds of the initial weights, batches, noise and the source); "
+             "a larger value on a finished --out adds trials")
     add("--n-images", type=int, default=None, help="default 1000 (--full 4226)")
     add("--image-size", type=int, default=None, help="default 64 (--full 224)")
     add("--data-seed", type=int, default=0)
@@ -254,7 +257,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
     n_images = pick(args.n_images, 1000, 4226)
     return Settings(
-        dataset=args.dataset, tables=args.tables, trials=args.trials, n_images=n_images,
+        dataset=args.dataset, tables=args.tables, n_images=n_images,
         image_size=pick(args.image_size, 64, 224), data_seed=args.data_seed,
         epochs=pick(args.epochs, 8, 80), lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, batch_size=pick(args.batch_size, 32, 64),
@@ -318,7 +321,9 @@ class Data:
 
 def load_data(settings: Settings, progress: bool) -> Data:
     if settings.dataset == "chest":
-        # built by the chest helper; imported only here so skin4 runs never need it
+        # the chest X-ray generator (another branch): make_chest_xray(n, image_size, seed)
+        # returning what make_dermoscopy does (images [N, C, H, W] in [0, 1], labels,
+        # patient_ids, class_names, subset); imported only here so skin4 never needs it
         from fastinfluence.datasets.chest_xray import make_chest_xray
         data = make_chest_xray(settings.n_images, settings.image_size, seed=settings.data_seed)
     else:
@@ -738,7 +743,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} "
                    f"threads, {device}, torch {torch.__version__}",
     }
-    jobs = [(trial, row) for trial in range(settings.trials) for row in run_order(rows)]
+    jobs = [(trial, row) for trial in range(args.trials) for row in run_order(rows)]
     figure: dict[str, Any] | None = None
     paths: list[Path] = []
     try:
