@@ -3,6 +3,7 @@
 from fastinfluence.models.cnn import PaperCNN
 from fastinfluence.models.rescnn import ResBlock1d, ResCNN1d, class_activation_maps
 from fastinfluence.models.resnet import BasicBlock, ResNet, load_weights, resnet18
+from fastinfluence.models.vgg import VGG, vgg16
 
-__all__ = ["BasicBlock", "PaperCNN", "ResBlock1d", "ResCNN1d", "ResNet", "class_activation_maps",
-           "load_weights", "resnet18"]
+__all__ = ["VGG", "BasicBlock", "PaperCNN", "ResBlock1d", "ResCNN1d", "ResNet",
+           "class_activation_maps", "load_weights", "resnet18", "vgg16"]
