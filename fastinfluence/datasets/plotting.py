@@ -164,6 +164,9 @@ def save_chest_xray_grid(
                 axis.contour(mask.astype(float), levels=[0.5], colors="red", linewidths=0.6)
             axis.set_title(data.findings[index].replace("+", " + ") or " ", fontsize=6)
         axes[row, 0].set_ylabel(data.class_names[row].replace(" / ", "/\n"), fontsize=7)
+    return _save(figure, path, dpi)
+
+
 METABOLITE_MARKS: tuple[tuple[str, float], ...] = (
     ("Lip1", 0.9), ("Lip2", 1.3), ("NAA", 2.01), ("Glx", 2.25), ("Cr1", 3.03), ("Cho", 3.21),
     ("Ins", 3.56), ("Glx", 3.75), ("Cr2", 3.92),
