@@ -69,5 +69,7 @@ def test_resume_skips_finished_runs_and_refuses_other_settings(table2, finished)
     (out / "runs.json").write_text(json.dumps(saved))
     resumed = table2.main([*TINY, "--out", str(out)])
     assert [r["key"] for r in resumed["runs"]] == [r["key"] for r in runs]
+    redrawn = table2.main([*TINY, "--out", str(out), "--no-train"])
+    assert redrawn["runs"] == resumed["runs"] and len(redrawn["paths"]) == 6
     with pytest.raises(SystemExit, match="other settings"):
         table2.main([*TINY, "--alpha", "0.3", "--out", str(out)])
