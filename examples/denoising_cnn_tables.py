@@ -234,6 +234,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--fresh", action="store_true", help="discard the runs already in --out")
     add("--threads", type=int, default=None)
     add("--device", default=None, help="default: cuda when available, else cpu")
+    add("--white-box", action="store_true",
+        help="also attack every cached ResNet-18/VGG-16 classifier of Tables 1-3 directly "
+             "(FGSM, I-FGSM) and write white_box.md (not part of the paper's tables)")
     add("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
     if args.trials < 1:
@@ -657,6 +660,35 @@ def write_table(path: Path, runs: list[dict], rows: list[Row], settings: Setting
     path.write_text("\n".join(parts) + "\n")
 
 
+def white_box_accuracy(model: torch.nn.Module, data: Data, iterations: int) -> dict[str, float]:
+    """Test accuracy under FGSM / I-FGSM crafted on ``model`` itself (white-box)."""
+    x, y = data.test
+    result = {}
+    for name, eps in EPSILON.items():
+        adversarial = (fgsm(model, x, y, eps) if name.startswith("fgsm")
+                       else ifgsm(model, x, y, eps, iterations))
+        with torch.no_grad():
+            result[name] = float((model(adversarial).argmax(1) == y).double().mean())
+    return result
+
+
+def write_white_box(path: Path, runner: Runner, rows: list[Row], trials: int) -> Path:
+    """``white_box.md``: every cached Table 1-3 classifier attacked directly, per trial."""
+    lines = ["# White-box accuracy (%): FGSM / I-FGSM crafted on each classifier itself\n",
+             "| Table | Classifier | " + " | ".join(COLUMN_NAMES[c] for c in EPSILON) + " |",
+             "|---" * (len(EPSILON) + 2) + "|"]
+    for row in rows:
+        if row.table not in (1, 2, 3):
+            continue
+        values = [white_box_accuracy(runner.classifier(row, trial)[0], runner.data,
+                                     runner.settings.ifgsm_iterations)
+                  for trial in range(trials) if runner.cache.has(row.classifier_key, trial)]
+        cells = [percent_cell([v[name] for v in values], 1) for name in EPSILON]
+        lines.append(f"| {row.table} | {row.label} | " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 # -- the figure ------------------------------------------------------------------------------
 
 
@@ -762,6 +794,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 save_json(runs_path, {"settings": asdict(settings), "meta": meta, "runs": runs})
                 write_table(out / "table.md", runs, rows, settings, meta)
         write_table(out / "table.md", runs, rows, settings, meta)
+        if args.white_box:
+            paths.append(write_white_box(out / "white_box.md", runner, rows, args.trials))
         figure = figure_arrays(runner, rows)
         if figure is not None:
             paths.append(save_figure(out / "figure_images.png", figure, data.class_names))

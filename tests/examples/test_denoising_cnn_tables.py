@@ -68,8 +68,11 @@ def test_resume_recomputes_nothing_and_refuses_other_settings(tables, finished, 
 
     monkeypatch.setattr(tables, "train_classifier", fail)
     monkeypatch.setattr(tables, "craft_attacks", fail)
-    again = tables.main([*TINY, "--out", str(out)])
+    again = tables.main([*TINY, "--out", str(out), "--white-box"])
     assert again["runs"] == first["runs"]
+    white_box = (out / "white_box.md").read_text()
+    assert white_box.count("\n| ") == 1 + 4 + 4  # the header, Tables 1 and 3
+    assert "λ_n = 1, λ_a = 10 | " in white_box and "–" not in white_box
     with pytest.raises(SystemExit, match="--fresh"):
         tables.main([*TINY, "--out", str(out), "--epochs", "3"])
 
