@@ -598,25 +598,6 @@ def test_a_rule_that_fails_only_in_the_callers_precision_falls_back(monkeypatch)
     assert program is None
     assert reason == ("numerical check against torch.func.jvp raised TypeError: no "
                       "torch.float32 kernel")
-def test_check_tolerance_follows_the_precision_products_run_in():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert tangent.check_tolerance(torch.float64, cpu) == pytest.approx((2.0**-52) ** (2 / 3))
-    assert tangent.check_tolerance(torch.float32, cpu) == pytest.approx((2.0**-23) ** (2 / 3))
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = True
-        tf32 = (2.0**-10) ** (2 / 3)
-        assert tangent.check_tolerance(torch.float32, cuda) == pytest.approx(tf32)
-        assert tangent.check_tolerance(torch.float64, cuda) == pytest.approx((2.0**-52) ** (2 / 3))
-        torch.backends.cudnn.allow_tf32 = False
-        assert tangent.check_tolerance(torch.float32, cuda) == pytest.approx((2.0**-23) ** (2 / 3))
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert tangent.check_tolerance(torch.float32, cuda) == pytest.approx(tf32)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
-
-
 def test_constant_pads_match_jvp_in_one_and_two_dimensions():
     """The pad rule: primal padded with the module's value, tangent with zeros."""
     model = nn.Sequential(nn.ConstantPad1d((1, 2), 0.5), nn.Conv1d(2, 3, 4, bias=False),
