@@ -22,10 +22,15 @@ the same calls on a few samples; each timing is the median of ``--repeats`` runs
 (``--baseline-repeats`` for the slow baselines). The scoring stage and the baselines' scoring
 are timed in turns (one call of each per round), so their ratio compares the same minutes.
 
+``--device cuda`` runs every stage on the GPU (the problem is built on the CPU with the same
+seed, then moved): each timed call is bracketed by ``torch.cuda.synchronize()``, and the peak
+GPU memory of ``fastinfluence.score`` is recorded.
+
 Prints Markdown tables (seconds, samples/s, ratios checked against the targets) and writes
-JSON to ``--out``. Example::
+JSON to ``--out`` (default ``results/influence_<device>.json``). Example::
 
     python benchmarks/bench_influence.py --sizes 64 128 --threads 2
+    python benchmarks/bench_influence.py --sizes 64 128 --device cuda
 """
 
 from __future__ import annotations
@@ -170,10 +175,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "influence_cpu.json"
+        "--out", type=Path, default=None, help="default: results/influence_<device>.json"
     )
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    if args.out is None:
+        args.out = Path(__file__).parent / "results" / f"influence_{args.device}.json"
     for name in (
         "n_train",
         "n_val",
@@ -209,6 +219,21 @@ def task_key(name: str, size: int) -> str:
     return str(size) if name == "cnn" else f"{name}-{size}"
 
 
+def synchronize() -> None:
+    """Waits for queued GPU work, so that a wall time covers it (a no-op without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def seconds_of(fn: Callable[[], Any]) -> float:
+    """Wall time of one call of ``fn``, GPU work included."""
+    synchronize()
+    start = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - start
+
+
 def median_seconds(
     fn: Callable[[], Any], repeats: int, warmup: Callable[[], Any] | None = None
 ) -> tuple[float, list[float]]:
@@ -217,11 +242,7 @@ def median_seconds(
     ``warmup`` replaces ``fn`` for the warm-up (a cheaper call of the same code path).
     """
     (warmup or fn)()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    times = [seconds_of(fn) for _ in range(repeats)]
     return statistics.median(times), times
 
 
@@ -241,9 +262,7 @@ def interleaved_medians(
     for round_ in range(max(repeats for _fn, _warmup, repeats in timed.values())):
         for name, (fn, _warmup, repeats) in timed.items():
             if round_ < repeats:
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds_of(fn))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -251,7 +270,8 @@ def make_problem(
     size: int, args: argparse.Namespace, build: Callable[[], nn.Module] | None = None
 ) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """The paper CNN, or the model ``build()`` makes (built after seeding), briefly trained on
-    random images if ``--train-steps``, in eval mode; its training and validation tensors."""
+    random images if ``--train-steps``, in eval mode; its training and validation tensors
+    (on the CPU: :func:`bench_size` moves them to ``--device``)."""
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     model = PaperCNN(image_size=size, num_classes=args.num_classes) if build is None else build()
@@ -309,11 +329,15 @@ def bench_params(
     out: dict[str, Any] = {"solver": solver}
     with warnings.catch_warnings():  # a capped CG warns; the report below says how it went
         warnings.filterwarnings("ignore", "(cg|lissa|direct) solve did not reach", RuntimeWarning)
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         out["score_total"], _ = median_seconds(
             lambda: fastinfluence.score(model, train, val, **options),
             args.repeats,
             warmup=lambda: fastinfluence.score(model, few, val, **options),
         )
+        if args.device == "cuda":
+            out["score_peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         built: list[fastinfluence.Influence] = []
         out["ihvp"], _ = median_seconds(
             lambda: built.append(fastinfluence.Influence(model, train, val, **options)),
@@ -422,6 +446,9 @@ def bench_reference_lissa(
 
 def bench_size(size: int, args: argparse.Namespace, name: str = "cnn") -> dict[str, Any]:
     model, train, val = make_problem(size, args, lambda: build_model(name, size, args))
+    # built on the CPU with the same seed, so every device times the same problem
+    model.to(args.device)
+    train, val = ((X.to(args.device), y.to(args.device)) for X, y in (train, val))
     X_all = torch.cat([train[0], val[0]])
     result: dict[str, Any] = {"model": name, "size": size}
     for key, inputs in (("forward_train_val", X_all), ("forward_train", train[0])):
@@ -473,12 +500,18 @@ def ratios(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def device_name(device: str) -> str:
+    """What ran the benchmark: ``cpu`` or the GPU's name."""
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
 def markdown(
     results: dict[str, dict[str, Any]], ratio_rows: list[dict[str, Any]], args: argparse.Namespace
 ) -> str:
     n_tv = args.n_train + args.n_val
     lines = [
-        f"torch {torch.__version__}, {args.threads} threads, n_train={args.n_train}, "
+        f"torch {torch.__version__}, {device_name(args.device)}, {args.threads} threads, "
+        f"n_train={args.n_train}, "
         f"n_val={args.n_val}, solver={args.solver}, hessian={args.hessian}, "
         f"damping={args.damping}",
         "",
@@ -564,6 +597,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {
             **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "torch": torch.__version__,
+            "device_name": device_name(args.device),
             "python": platform.python_version(),
             "machine": platform.machine(),
             "processor": platform.processor(),

@@ -100,6 +100,28 @@ def test_report_script_runs_the_resnet(tmp_path):
     assert ("resnet18", "loop_over_scoring_all") in keys
 
 
+def test_default_out_names_the_device():
+    assert parse_args(ARGS).out.name == "influence_cpu.json"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        parse_args([*ARGS, "--device", "cuda"])
+    assert "--device cuda: torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_report_script_runs_on_cuda(tmp_path):
+    small = ["--n-train", "16", "--n-val", "4", "--repeats", "1", "--lissa-depth", "4"]
+    report = main([*ARGS, *small, "--device", "cuda", "--out", str(tmp_path / "r.json")])
+    result = report["results"][str(SIZE)]
+    assert report["config"]["device"] == "cuda"
+    for which in ("last", "all"):
+        assert result[which]["reference_loop_rel_error"] < 1e-3
+        assert result[which]["score_peak_gpu_mib"] > 0
+
+
 def test_float32_accuracy_script_runs():
     results = float32_accuracy.main([*ARGS, "--n-train", "16", "--n-val", "4"])
     errors = results[SIZE]
