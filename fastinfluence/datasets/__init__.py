@@ -17,6 +17,7 @@ from fastinfluence.datasets.plotting import (
     save_brain_tumour_grid,
     save_chest_xray_grid,
     save_dermoscopy_grid,
+    save_mrs_bases,
     save_mrs_class_means,
 )
 from fastinfluence.datasets.rsna import load_rsna_pneumonia
@@ -47,6 +48,7 @@ __all__ = [
     "save_brain_tumour_grid",
     "save_chest_xray_grid",
     "save_dermoscopy_grid",
+    "save_mrs_bases",
     "save_mrs_class_means",
     "split_by_patient",
     "standardise",
