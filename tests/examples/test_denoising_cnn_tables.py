@@ -110,3 +110,13 @@ def test_chest_arguments_select_table_2(tables):
         "NA", "λ_n = 1", "λ_a = 10", "λ_n = 1, λ_a = 10"]
     with pytest.raises(SystemExit):
         tables.parse_args(["--dataset", "chest", "--tables", "1"])
+
+
+def test_full_sets_the_papers_sizes_for_each_dataset(tables):
+    chest = tables.settings_from(tables.parse_args(["--dataset", "chest", "--full"]))
+    assert (chest.image_size, chest.width, chest.epochs, chest.batch_size) == (224, 64, 80, 64)
+    # the paper: 21,000 training and 6,000 test films (our split adds a validation set)
+    assert [round(share * chest.n_images) for share in tables.SPLIT] == [21000, 3000, 6000]
+    assert chest.cw_images == chest.n_images and chest.cw_iterations == 1000
+    skin = tables.settings_from(tables.parse_args(["--full"]))
+    assert skin.n_images == 4226
