@@ -96,11 +96,29 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(mask.to(x.device).view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
 
 
+def split_batches(items: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """``items`` (indices or images) split along the first axis into batches of
+    ``batch_size``, except that a last batch of a single item is joined to the one before it
+    (which then holds ``batch_size + 1``).
+
+    A batch of one cannot pass train-mode BatchNorm where a layer's map is 1×1 (one value per
+    channel: PyTorch raises, e.g. ResNet-18's last stage at 32²), and elsewhere its batch
+    statistics are one image's. The item is joined rather than dropped so that every
+    training image still takes part in every epoch; the batch order and all other batches
+    are unchanged.
+    """
+    batches = list(items.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int,
                           device: torch.device) -> None:
     """Set every BatchNorm layer's running mean and variance to the average of its batch
-    statistics over ``images`` (in batches of ``batch_size``, forward passes in train mode),
+    statistics over ``images`` (in batches of ``batch_size`` as :func:`split_batches` makes
+    them, forward passes in train mode),
     as if the momentum were ``1/k`` at the ``k``-th batch. The model's weights, momenta and
     ``training`` flag are unchanged."""
     kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -114,7 +132,7 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
         norm.momentum = None
     model.train()
     try:
-        for part in images.split(batch_size):
+        for part in split_batches(images, batch_size):
             model(part.to(device))
     finally:
         for norm, momentum in zip(norms, momenta, strict=True):
@@ -165,7 +183,8 @@ class Trainer:
     """Base trainer: Adam or SGD, random flips, per-epoch evaluation, history and checkpoints.
 
     One epoch is ``before_epoch(e)``, then for every mini-batch ``B`` (indices into the
-    training set, shuffled by ``config.seed``) an optimiser step on ``batch_loss(x_B, y_B, B)``
+    training set, shuffled by ``config.seed``; a last batch of one joins the one before, see
+    :func:`split_batches`) an optimiser step on ``batch_loss(x_B, y_B, B)``
     where ``x_B`` is flipped at random (when ``config.flip``), then ``after_epoch(e)``, then
     evaluation. Subclasses override the hooks;
     the base class minimises plain cross-entropy ``(1/|B|) Σ_{i∈B} l(z_i, θ)``.
@@ -277,7 +296,7 @@ class Trainer:
         self.model.train()
         order = torch.randperm(len(x_all), generator=self.generator)
         total, batches = 0.0, 0
-        for index in order.split(self.config.batch_size):
+        for index in split_batches(order, self.config.batch_size):
             x = x_all[index].to(self.device)
             if self.config.flip:
                 x = random_flip(x, self.generator)

