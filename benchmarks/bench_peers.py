@@ -57,11 +57,13 @@ closed-form head solve) and otherwise exactly by the Woodbury identity
 problem (same seed), warms up on 8 training samples and then, on request, runs the whole method
 (fit + scoring) once per round: the coordinator asks each worker in turn, ``--rounds`` rounds
 (this VM drifts by tens of percent: turns keep methods comparable), median seconds per stage.
-``--method-cap S`` bounds each method's time on a task (warm-up and timed runs; the reference is
+``--method-cap S`` bounds each method's timed runs on a task to S seconds in all (the reference is
 exempt, it is the yardstick): a round is not started when the time used plus the previous
-round's would pass S (fewer rounds, reported as ``rounds``), a step still running at S is
+round's would pass S (fewer rounds, reported as ``rounds``), a round still running at S is
 killed, and a method with no finished round is reported ``not run: over cap`` (then not started
-on the larger sizes of the same model and selection either).
+on the larger sizes of the same model and selection either). The setup and warm-up, which run
+in all workers at once, do not count; they are killed after S seconds of waiting for them
+(``warmup_seconds`` reports the warm-up).
 Peak memory is the worker's peak resident set (``getrusage`` max RSS, MiB), reported with the
 RSS after building the problem (its baseline: interpreter, torch, the peer's imports, data). A
 method that fails or is not installed is reported as such, never dropped.
@@ -159,7 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="brief Adam training on the random data (0: random init)")
     parser.add_argument("--rounds", type=int, default=2, help="timed runs per method, in turns")
     parser.add_argument("--method-cap", type=float, default=None,
-                        help="seconds per method and task (warm-up and runs; not the reference)")
+                        help="seconds per method and task for the timed runs (not the reference)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=None,
@@ -656,7 +658,6 @@ def bench_task(task: dict[str, Any], args: argparse.Namespace, argv: list[str], 
             results[method] = over_cap(args.method_cap, "the setup and warm-up")
             killed.add(method)
             continue
-        budgets[method].used = results[method].pop("warmup_seconds", 0.0)
     report()
     for number in range(1, args.rounds + 1):
         for method, handle in workers.items():
@@ -689,8 +690,6 @@ def bench_task(task: dict[str, Any], args: argparse.Namespace, argv: list[str], 
         closing = handle.close()
         if closing.pop("status", None) == "done" and method not in killed:
             results[method].update(closing)
-        if results[method]["status"] == "ready" and not runs[method]:  # the warm-up used it
-            results[method] = over_cap(args.method_cap, "the warm-up")
     entry = summarize(task, results, runs, args)
     if progress is not None:
         progress(entry)

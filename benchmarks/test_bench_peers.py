@@ -147,9 +147,8 @@ def test_method_cap_reports_over_cap_and_skips_larger_sizes(tmp_path):
 def test_budget_stops_rounds_that_would_pass_the_cap():
     budget = Budget(10.0)
     assert budget.allows_round() and budget.left() == 10.0
-    budget.used = 2.0  # the warm-up
-    budget.spend(5.0)
-    assert budget.left() == 3.0 and not budget.allows_round()  # 7 + 5 > 10
+    budget.spend(6.0)
+    assert budget.left() == 4.0 and not budget.allows_round()  # 6 + 6 > 10
     budget = Budget(10.0)
     budget.spend(4.0)
     assert budget.allows_round()  # 4 + 4 <= 10
