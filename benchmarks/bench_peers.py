@@ -57,11 +57,22 @@ closed-form head solve) and otherwise exactly by the Woodbury identity
 problem (same seed), warms up on 8 training samples and then, on request, runs the whole method
 (fit + scoring) once per round: the coordinator asks each worker in turn, ``--rounds`` rounds
 (this VM drifts by tens of percent: turns keep methods comparable), median seconds per stage.
+``--method-cap S`` bounds each method's timed runs on a task to S seconds in all (the reference is
+exempt, it is the yardstick): a round is not started when the time used plus the previous
+round's would pass S (fewer rounds, reported as ``rounds``), a round still running at S is
+killed, and a method with no finished round is reported ``not run: over cap`` (then not started
+on the larger sizes of the same model and selection either). The setup and warm-up, which run
+in all workers at once, do not count; they are killed after S seconds of waiting for them
+(``warmup_seconds`` reports the warm-up).
 Peak memory is the worker's peak resident set (``getrusage`` max RSS, MiB), reported with the
 RSS after building the problem (its baseline: interpreter, torch, the peer's imports, data). A
 method that fails or is not installed is reported as such, never dropped.
 
-Writes JSON to ``--out`` and a plot (seconds vs Pearson, log-x) to ``--plot``::
+Where fastinfluence's K-FAC/EK-FAC and Kronfluence's ran on a task, the Pearson between their
+scores is reported too (``agreement``). ``--tasks`` picks tasks by name, run in that order.
+
+Writes JSON to ``--out`` and a plot (seconds vs Pearson, log-x) to ``--plot``, both rewritten
+after every round (``config.complete`` is false until the run ends)::
 
     python benchmarks/bench_peers.py                       # CPU default (32², small sets)
     python benchmarks/bench_peers.py --sizes 64 128 --n-train 512 --n-val 64
@@ -75,11 +86,13 @@ import importlib.util
 import json
 import os
 import platform
+import queue
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -138,6 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=[32], help="PaperCNN sides")
     parser.add_argument("--params", nargs="+", choices=["last", "all"], default=["last", "all"])
     parser.add_argument("--no-resnet", action="store_true", help="skip the residual CNN tasks")
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help="run only these tasks (e.g. cnn64-last), in this order")
     parser.add_argument("--n-train", type=int, default=64)
     parser.add_argument("--n-val", type=int, default=8)
     parser.add_argument("--num-classes", type=int, default=3)
@@ -145,6 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, default=10,
                         help="brief Adam training on the random data (0: random init)")
     parser.add_argument("--rounds", type=int, default=2, help="timed runs per method, in turns")
+    parser.add_argument("--method-cap", type=float, default=None,
+                        help="seconds per method and task for the timed runs (not the reference)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=None,
@@ -168,6 +185,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if any(size < 32 or size % 32 for size in args.sizes):
         parser.error("--sizes must be positive multiples of 32 (five 2x2 pools)")
+    if args.method_cap is not None and args.method_cap <= 0:
+        parser.error("--method-cap must be > 0")
+    if args.tasks is not None:
+        known = [task["name"] for task in tasks_of(argparse.Namespace(**{**vars(args),
+                                                                           "tasks": None}))]
+        unknown = [name for name in args.tasks if name not in known]
+        if unknown:
+            parser.error(f"--tasks: unknown {unknown}; these settings give {known}")
     if args.damping <= 0:
         parser.error("--damping must be > 0 (the Woodbury reference divides by it)")
     for variant in args.fi_all:
@@ -194,11 +219,16 @@ def selected_names(model: nn.Module, which: str) -> list[str]:
 
 
 def tasks_of(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The tasks of the settings (``--tasks``: those, in its order)."""
     models = [("cnn", size) for size in args.sizes]
     if not args.no_resnet:
         models.append(("resnet", args.sizes[0]))
-    return [dict(name=f"{kind}{size}-{which}", model=kind, size=size, params=which)
-            for kind, size in models for which in args.params]
+    tasks = [dict(name=f"{kind}{size}-{which}", model=kind, size=size, params=which)
+             for kind, size in models for which in args.params]
+    if args.tasks is None:
+        return tasks
+    by_name = {task["name"]: task for task in tasks}
+    return [by_name[name] for name in args.tasks]
 
 
 def methods_of(task: dict[str, Any], args: argparse.Namespace) -> list[str]:
@@ -469,6 +499,7 @@ def worker(spec: dict[str, Any]) -> None:
         torch.manual_seed(args.seed)  # LiSSA / Kronfluence sampling: the same draws each run
         return run(copy.deepcopy(model), names, train_part, val, args, tmp)
 
+    start = time.perf_counter()
     try:
         if method != "reference":
             once((train[0][:8], train[1][:8]))
@@ -478,7 +509,8 @@ def worker(spec: dict[str, Any]) -> None:
     except Exception as error:  # any failure is a result to report, not a crash
         _say({"status": "failed", "reason": f"{type(error).__name__}: {error}"})
         return
-    _say({"status": "ready", "baseline_rss_mib": baseline})
+    _say({"status": "ready", "baseline_rss_mib": baseline,
+          "warmup_seconds": time.perf_counter() - start})
     for line in sys.stdin:
         if line.strip() != "run":
             break
@@ -492,8 +524,13 @@ def worker(spec: dict[str, Any]) -> None:
     _say({"status": "done", "peak_rss_mib": _max_rss_mib()})
 
 
+class OverCap(Exception):
+    """A worker's step ran past the time it had left under ``--method-cap`` (it was killed)."""
+
+
 class Worker:
-    """The coordinator's handle on one worker process."""
+    """The coordinator's handle on one worker process; a thread reads its protocol lines, so
+    that the coordinator can wait for one with a timeout."""
 
     def __init__(self, task: dict[str, Any], method: str, argv: list[str], log: Path) -> None:
         spec = json.dumps({"task": task, "method": method, "argv": argv})
@@ -504,13 +541,29 @@ class Worker:
         self.process = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--worker", spec],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+        self.messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
 
-    def receive(self) -> dict[str, Any]:
+    def _read(self) -> None:
         for line in self.process.stdout:
             if line.startswith(PROTOCOL):
-                return json.loads(line[len(PROTOCOL):])
-        return {"status": "failed", "reason": f"worker exited ({self.process.wait()}); "
-                                              f"see {self.log.name}"}
+                self.messages.put(json.loads(line[len(PROTOCOL):]))
+        self.messages.put(None)  # end of output
+
+    def receive(self, timeout: float | None = None) -> dict[str, Any]:
+        """The worker's next message; after ``timeout`` seconds the worker is killed and
+        :class:`OverCap` raised."""
+        try:
+            message = self.messages.get(timeout=timeout)
+        except queue.Empty:
+            self.process.kill()
+            self.process.wait()
+            raise OverCap from None
+        if message is None:
+            self.messages.put(None)  # every later receive sees the end too
+            return {"status": "failed", "reason": f"worker exited ({self.process.wait()}); "
+                                                  f"see {self.log.name}"}
+        return message
 
     def send(self, line: str) -> None:
         self.process.stdin.write(line + "\n")
@@ -549,46 +602,129 @@ def compare(scores: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
     }
 
 
-def bench_task(task: dict[str, Any], args: argparse.Namespace, argv: list[str],
-               logs: Path) -> dict[str, Any]:
-    """All methods of one task: workers alive together, runs taken in turns."""
+class Budget:
+    """One method's time on one task under ``--method-cap`` (``cap=None``: unbounded)."""
+
+    def __init__(self, cap: float | None) -> None:
+        self.cap = cap
+        self.used = 0.0
+        self.last = 0.0
+
+    def spend(self, seconds: float) -> None:
+        """Count a finished round of ``seconds``."""
+        self.used += seconds
+        self.last = seconds
+
+    def left(self) -> float | None:
+        """Seconds left for the next step, the timeout of waiting for it."""
+        return None if self.cap is None else max(self.cap - self.used, 0.0)
+
+    def allows_round(self) -> bool:
+        """Whether a round may start: time is left, and the time used plus the previous
+        round's (before the first: none) stays within the cap."""
+        return self.cap is None or (self.used < self.cap and self.used + self.last <= self.cap)
+
+
+def over_cap(cap: float, what: str) -> dict[str, Any]:
+    """The result of a method stopped by ``--method-cap`` before any finished round."""
+    return {"status": "not run", "reason": f"over cap: {what} passed --method-cap {cap:g} s"}
+
+
+def bench_task(task: dict[str, Any], args: argparse.Namespace, argv: list[str], logs: Path,
+               skip: dict[str, str] | None = None,
+               progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """All methods of one task: workers alive together, runs taken in turns. ``skip`` maps
+    methods not to start to the reason; ``progress`` gets the entry so far after the warm-up
+    and after every round."""
+    skip = skip or {}
     methods = methods_of(task, args)
-    workers = {m: Worker(task, m, argv, logs / f"{task['name']}_{m}.log") for m in methods}
-    results: dict[str, dict[str, Any]] = {}
-    for method, handle in workers.items():  # setup and warm-up, each in turn
-        results[method] = handle.receive()
+    results: dict[str, dict[str, Any]] = {m: {"status": "not run", "reason": skip[m]}
+                                          for m in methods if m in skip}
+    workers = {m: Worker(task, m, argv, logs / f"{task['name']}_{m}.log")
+               for m in methods if m not in skip}
+    budgets = {m: Budget(None if m == "reference" else args.method_cap) for m in workers}
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    for _ in range(args.rounds):
+
+    def report() -> None:
+        if progress is not None:
+            progress(summarize(task, {m: results.get(m, {"status": "pending"}) for m in methods},
+                               runs, args))
+
+    killed: set[str] = set()
+    for method, handle in workers.items():  # setup and warm-up, each in turn
+        try:
+            results[method] = handle.receive(budgets[method].left())
+        except OverCap:
+            results[method] = over_cap(args.method_cap, "the setup and warm-up")
+            killed.add(method)
+            continue
+    report()
+    for number in range(1, args.rounds + 1):
         for method, handle in workers.items():
-            if results[method]["status"] != "ready":
+            if results[method]["status"] != "ready" or method in killed:
+                continue
+            if not budgets[method].allows_round():
+                results[method].setdefault(
+                    "cap_note", f"round {number} not started: it would pass --method-cap")
                 continue
             handle.send("run")
-            message = handle.receive()
+            start = time.perf_counter()
+            try:
+                message = handle.receive(budgets[method].left())
+            except OverCap:
+                killed.add(method)
+                if runs[method]:
+                    results[method]["cap_note"] = f"round {number} killed at --method-cap"
+                else:
+                    results[method] = over_cap(args.method_cap, f"round {number}")
+                continue
+            budgets[method].spend(time.perf_counter() - start)
             if message["status"] == "ok":
                 runs[method].append(message)
+                print(f"  {task['name']} {method}: round {number} "
+                      f"{sum(message['stages'].values()):.2f} s", flush=True)
             else:  # a failed run is the method's result, whatever ran before
                 results[method] = message
+        report()
     for method, handle in workers.items():
         closing = handle.close()
-        if closing.pop("status", None) == "done":
+        if closing.pop("status", None) == "done" and method not in killed:
             results[method].update(closing)
+    entry = summarize(task, results, runs, args)
+    if progress is not None:
+        progress(entry)
+    return entry
+
+
+def summarize(task: dict[str, Any], results: dict[str, dict[str, Any]],
+              runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> dict[str, Any]:
+    """The task's entry from the workers' messages and finished runs so far (median seconds
+    per stage, comparison with the reference, agreement of the K-FAC variants)."""
     exact = torch.tensor(runs["reference"][0]["scores"] if runs["reference"] else [],
                          dtype=torch.float64)
     n = args.n_train
-    for method, result in results.items():
-        if not runs[method] or result["status"] != "ready":
+    methods: dict[str, dict[str, Any]] = {}
+    scores: dict[str, torch.Tensor] = {}
+    for method, message in results.items():
+        result = dict(message)
+        methods[method] = result
+        if not runs[method] or result["status"] not in ("ready", "ok"):
             continue
         stages = {stage: statistics.median(r["stages"][stage] for r in runs[method])
                   for stage in runs[method][0]["stages"]}
         stages["total"] = statistics.median(sum(r["stages"].values()) for r in runs[method])
-        scores = torch.tensor(runs[method][0]["scores"], dtype=torch.float64)
+        scores[method] = torch.tensor(runs[method][0]["scores"], dtype=torch.float64)
         result.update(status="ok", seconds=stages, samples_per_second=n / stages["total"],
-                      runs=[r["stages"] for r in runs[method]])
+                      rounds=len(runs[method]), runs=[r["stages"] for r in runs[method]])
         if "peak_rss_mib" in result and "baseline_rss_mib" in result:
             result["peak_over_baseline_mib"] = result["peak_rss_mib"] - result["baseline_rss_mib"]
         if len(exact):
-            result.update(compare(scores, exact))
-    return {"task": task, "methods": results}
+            result.update(compare(scores[method], exact))
+    agreement = {f"{ours} vs {peer}": pearson(scores[ours], scores[peer])
+                 for strategy in ("kfac", "ekfac")
+                 for ours, peer in [(f"fastinfluence-{strategy}", f"kronfluence-{strategy}")]
+                 if ours in scores and peer in scores}
+    return {"task": task, "methods": methods, "agreement": agreement}
 
 
 def targets(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -641,6 +777,8 @@ def markdown(report: dict[str, Any]) -> str:
                 continue
             s = r["seconds"]
             stages = (f" ({s['fit']:.2f} + {s['scoring']:.2f})" if "fit" in s else "")
+            if r["rounds"] < report["config"]["rounds"]:
+                stages += f", {r['rounds']} round{'s' if r['rounds'] > 1 else ''}"
             peak = (f"{r['peak_rss_mib']:.0f} (+{r['peak_over_baseline_mib']:.0f})"
                     if "peak_over_baseline_mib" in r else "-")
             lines.append(f"| {entry['task']['name']} | {method} | {s['total']:.2f}{stages} | "
@@ -658,10 +796,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     methods = sorted({m for e in report["tasks"] for m in e["methods"] if m != "reference"})
     colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
     figure, axes = plt.subplots(figsize=(9, 6))
+    points = 0
     for t, entry in enumerate(report["tasks"]):
         for method, r in entry["methods"].items():
             if method == "reference" or "pearson" not in r:
                 continue
+            points += 1
             axes.scatter(r["seconds"]["total"], r["pearson"], color=colors[method],
                          marker=markers[t % len(markers)], s=60,
                          edgecolors="black" if method.startswith("fastinfluence") else "none")
@@ -670,7 +810,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for t, entry in enumerate(report["tasks"]):
         axes.scatter([], [], color="gray", marker=markers[t % len(markers)],
                      label=entry["task"]["name"])
-    axes.set_xscale("log")
+    if points:  # a partial report may have none yet, and an empty axis cannot be log-scaled
+        axes.set_xscale("log")
     axes.set_xlabel("seconds, end to end (log)")
     axes.set_ylabel("Pearson with the exact float64 scores")
     axes.set_title(f"influence scores: time vs accuracy (n_train={report['config']['n_train']}, "
@@ -692,35 +833,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_start = load_average()
     logs = Path(tempfile.mkdtemp(prefix="bench_peers_logs_"))
     started = time.perf_counter()
-    entries = []
+    entries: list[dict[str, Any]] = []
+    over_cap_at: dict[tuple[str, str, str], dict[str, Any]] = {}  # (model, params, method)
+
+    def write(current: dict[str, Any] | None = None, complete: bool = False) -> dict[str, Any]:
+        tasks = entries if current is None else [*entries, current]
+        report = {
+            "config": {
+                **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                   if k != "worker"},
+                "argv": argv,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "machine": platform.machine(),
+                "peers": {lib: importlib.util.find_spec(lib) is not None
+                          for lib in PEER_MODULES},
+                "reference": "float64 Gauss-Newton, exact: Cholesky (p ≤ n·C) or Woodbury",
+                "memory": "worker max RSS (getrusage), MiB; baseline = after building the "
+                          "problem",
+                "load_average_start": load_start,
+                "load_average_end": load_average(),
+                "wall_seconds": time.perf_counter() - started,
+                "worker_logs": str(logs),
+                "complete": complete,
+            },
+            "tasks": tasks,
+            "targets": targets(tasks),
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        plot(report, args.plot)
+        return report
+
     for task in tasks_of(args):
         print(f"{task['name']} ...", flush=True)
-        entries.append(bench_task(task, args, argv, logs))
-    report = {
-        "config": {
-            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-               if k != "worker"},
-            "argv": argv,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "peers": {lib: importlib.util.find_spec(lib) is not None for lib in PEER_MODULES},
-            "reference": "float64 Gauss-Newton, exact: Cholesky (p ≤ n·C) or Woodbury",
-            "memory": "worker max RSS (getrusage), MiB; baseline = after building the problem",
-            "load_average_start": load_start,
-            "load_average_end": load_average(),
-            "wall_seconds": time.perf_counter() - started,
-            "worker_logs": str(logs),
-        },
-        "tasks": entries,
-        "targets": targets(entries),
-    }
+        skip = {}
+        for method in methods_of(task, args):
+            earlier = over_cap_at.get((task["model"], task["params"], method))
+            if earlier is not None and earlier["size"] < task["size"]:
+                skip[method] = f"over cap: not started, as it was over cap on {earlier['name']}"
+        entry = bench_task(task, args, argv, logs, skip, progress=write)
+        for method, result in entry["methods"].items():
+            if result.get("reason", "").startswith("over cap"):
+                over_cap_at.setdefault((task["model"], task["params"], method), task)
+        entries.append(entry)
+    report = write(complete=True)
     print(markdown(report))
+    for entry in entries:
+        for pair, value in entry["agreement"].items():
+            print(f"{entry['task']['name']}: Pearson {pair} = {value:.4f}")
     for row in report["targets"]:
         print(row)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    plot(report, args.plot)
     print(f"wrote {args.out} and {args.plot}")
     return report
 

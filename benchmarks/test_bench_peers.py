@@ -15,7 +15,16 @@ import math
 
 import pytest
 import torch
-from bench_peers import PEER_MODULES, ResidualCNN, exact_gauss_newton_scores, main
+from bench_peers import (
+    PEER_MODULES,
+    Budget,
+    ResidualCNN,
+    exact_gauss_newton_scores,
+    main,
+    parse_args,
+    summarize,
+    tasks_of,
+)
 
 from fastinfluence import reference
 
@@ -109,3 +118,74 @@ def test_exact_reference_matches_explicit_gauss_newton():
     expected = reference.scores_from_ihvp(model, head_params, *train, s)
     got = exact_gauss_newton_scores(model, head, train, val, damping)
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_method_cap_reports_over_cap_and_skips_larger_sizes(tmp_path):
+    """A cap no worker can meet (its interpreter alone takes longer): fastinfluence is
+    reported over cap on 32², not started on 64²; the reference is exempt and runs."""
+    argv = ["--sizes", "32", "64", "--n-train", "8", "--n-val", "2", "--rounds", "1",
+            "--threads", "1", "--train-steps", "0", "--params", "last", "--no-resnet",
+            "--methods", "fastinfluence", "--method-cap", "0.01",
+            "--tasks", "cnn64-last", "cnn32-last",
+            "--out", str(tmp_path / "peers.json"), "--plot", str(tmp_path / "peers.png")]
+    report = main(argv)
+    assert [entry["task"]["name"] for entry in report["tasks"]] == ["cnn64-last", "cnn32-last"]
+    for entry in report["tasks"]:
+        assert entry["methods"]["reference"]["status"] == "ok"
+        result = entry["methods"]["fastinfluence"]
+        assert result["status"] == "not run" and result["reason"].startswith("over cap")
+    # --tasks ran 64² first, so 32² was not skipped; the other order skips 64²:
+    report = main(argv[:argv.index("--tasks")] + ["--out", str(tmp_path / "again.json"),
+                                                   "--plot", str(tmp_path / "again.png")])
+    small, large = (entry["methods"]["fastinfluence"] for entry in report["tasks"])
+    assert "not started" not in small["reason"]
+    assert large["reason"].startswith("over cap: not started") and "cnn32-last" in large["reason"]
+    saved = json.loads((tmp_path / "again.json").read_text())
+    assert saved["config"]["complete"] is True and len(saved["tasks"]) == 2
+
+
+def test_budget_stops_rounds_that_would_pass_the_cap():
+    budget = Budget(10.0)
+    assert budget.allows_round() and budget.left() == 10.0
+    budget.spend(6.0)
+    assert budget.left() == 4.0 and not budget.allows_round()  # 6 + 6 > 10
+    budget = Budget(10.0)
+    budget.spend(4.0)
+    assert budget.allows_round()  # 4 + 4 <= 10
+    budget.spend(4.0)
+    assert not budget.allows_round()
+    unbounded = Budget(None)
+    unbounded.spend(1e9)
+    assert unbounded.allows_round() and unbounded.left() is None
+
+
+def test_tasks_are_picked_in_order_and_unknown_ones_refused():
+    args = parse_args(["--sizes", "32", "64", "--tasks", "cnn64-last", "resnet32-all"])
+    assert [task["name"] for task in tasks_of(args)] == ["cnn64-last", "resnet32-all"]
+    with pytest.raises(SystemExit):
+        parse_args(["--tasks", "cnn64-last"])  # default sizes: 32 only
+
+
+def test_summary_compares_with_the_reference_and_kronfluence():
+    args = parse_args(["--n-train", "4", "--rounds", "2"])
+    exact = [1.0, -2.0, 3.0, 0.5]
+
+    def run(scores, seconds):
+        return {"stages": {"fit": seconds, "scoring": 1.0}, "scores": scores}
+
+    runs = {"reference": [run(exact, 0.0)],
+            "fastinfluence-kfac": [run([2.0, -4.0, 6.0, 1.0], 1.0), run(exact, 3.0)],
+            "kronfluence-kfac": [run([1.0, 2.0, 3.0, 4.0], 1.0)],
+            "kronfluence-ekfac": []}
+    results = {"reference": {"status": "ready"}, "fastinfluence-kfac": {"status": "ready"},
+               "kronfluence-kfac": {"status": "ready"},
+               "kronfluence-ekfac": {"status": "not run", "reason": "over cap: round 1"}}
+    entry = summarize({"name": "t"}, results, runs, args)
+    ours = entry["methods"]["fastinfluence-kfac"]
+    assert ours["status"] == "ok" and ours["rounds"] == 2
+    assert ours["seconds"] == {"fit": 2.0, "scoring": 1.0, "total": 3.0}  # medians
+    assert ours["pearson"] == pytest.approx(1.0) and ours["relative_error"] == pytest.approx(1.0)
+    expected = torch.corrcoef(torch.tensor([[2.0, -4.0, 6.0, 1.0], [1.0, 2.0, 3.0, 4.0]]))[0, 1]
+    assert entry["agreement"] == {
+        "fastinfluence-kfac vs kronfluence-kfac": pytest.approx(float(expected))}
+    assert entry["methods"]["kronfluence-ekfac"] == results["kronfluence-ekfac"]
