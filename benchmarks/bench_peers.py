@@ -101,7 +101,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench_influence import make_problem
+from bench_influence import make_problem, synchronize
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 from torch.utils.data import DataLoader, TensorDataset
@@ -176,15 +176,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cg-maxiter", type=int, default=50, help="pyDVL CG")
     parser.add_argument("--lissa-maxiter", type=int, default=50, help="pyDVL LiSSA")
     parser.add_argument("--lissa-scale", type=float, default=10.0, help="pyDVL LiSSA")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where every method runs (the problem is built on the CPU)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "peers_cpu.json")
-    parser.add_argument("--plot", type=Path, default=HERE / "results" / "peers_cpu.png")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: results/peers_<device>.json")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="default: results/peers_<device>.png")
     args = parser.parse_args(argv)
     for name in ("n_train", "n_val", "rounds", "threads", "peer_batch", "num_classes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if any(size < 32 or size % 32 for size in args.sizes):
         parser.error("--sizes must be positive multiples of 32 (five 2x2 pools)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    args.out = args.out or HERE / "results" / f"peers_{args.device}.json"
+    args.plot = args.plot or HERE / "results" / f"peers_{args.device}.png"
     if args.method_cap is not None and args.method_cap <= 0:
         parser.error("--method-cap must be > 0")
     if args.tasks is not None:
@@ -205,10 +213,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_task(task: dict[str, Any], args: argparse.Namespace):
-    """Model (briefly trained, eval mode), train and val tensors of ``task``; seeded (the
-    problem of ``bench_influence.py``)."""
+    """Model (briefly trained, eval mode), train and val tensors of ``task`` on ``--device``;
+    seeded and built on the CPU (the problem of ``bench_influence.py``)."""
     build = None if task["model"] == "cnn" else lambda: ResidualCNN(num_classes=args.num_classes)
-    return make_problem(task["size"], args, build)
+    model, train, val = make_problem(task["size"], args, build)
+    return (model.to(args.device),
+            *((X.to(args.device), y.to(args.device)) for X, y in (train, val)))
 
 
 def selected_names(model: nn.Module, which: str) -> list[str]:
@@ -295,8 +305,10 @@ Stages = dict[str, float]
 
 
 def run_reference(model, names, train, val, args, tmp) -> tuple[torch.Tensor, Stages]:
+    synchronize()
     start = time.perf_counter()
     scores = exact_gauss_newton_scores(model, names, train, val, args.damping)
+    synchronize()
     return scores, {"total": time.perf_counter() - start}
 
 
@@ -311,21 +323,24 @@ def run_fastinfluence(variant: str | None):
             options["hessian"] = variant
         elif variant is not None:
             options.update(hessian="gauss-newton", solver="cg", max_iter=int(variant[2:]))
-        start = time.perf_counter()
-        with warnings.catch_warnings():  # a capped CG warns: its cap is the variant's point
-            warnings.filterwarnings("ignore", "cg solve did not reach", RuntimeWarning)
-            inf = fastinfluence.Influence(model, train, val, **options)
-        fit = time.perf_counter() - start
-        scores = inf.scores()
-        return scores, {"fit": fit, "scoring": time.perf_counter() - start - fit}
+        def fit():
+            with warnings.catch_warnings():  # a capped CG warns: its cap is the variant's point
+                warnings.filterwarnings("ignore", "cg solve did not reach", RuntimeWarning)
+                return fastinfluence.Influence(model, train, val, **options)
+
+        return _timed(fit, lambda inf: inf.scores())
     return run
 
 
 def _timed(fit: Callable[[], Any], score: Callable[[Any], torch.Tensor]):
+    """Scores and seconds of the two stages, queued GPU work included."""
+    synchronize()
     start = time.perf_counter()
     fitted = fit()
+    synchronize()
     middle = time.perf_counter()
     scores = score(fitted)
+    synchronize()
     return scores, {"fit": middle - start, "scoring": time.perf_counter() - middle}
 
 
@@ -428,7 +443,8 @@ def run_kronfluence(strategy: str):
 
         task = Classification()
         prepared = prepare_model(model, task)
-        analyzer = Analyzer(analysis_name="bench", model=prepared, task=task, cpu=True,
+        analyzer = Analyzer(analysis_name="bench", model=prepared, task=task,
+                            cpu=args.device == "cpu",
                             disable_tqdm=True, disable_model_save=True, output_dir=tmp)
         train_set, val_set = TensorDataset(*train), TensorDataset(*val)
 
@@ -521,7 +537,9 @@ def worker(spec: dict[str, Any]) -> None:
             return
         _say({"status": "ok", "stages": stages,
               "scores": scores.detach().double().flatten().tolist()})
-    _say({"status": "done", "peak_rss_mib": _max_rss_mib()})
+    peak_gpu = ({"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20}
+                if args.device == "cuda" else {})
+    _say({"status": "done", "peak_rss_mib": _max_rss_mib(), **peak_gpu})
 
 
 class OverCap(Exception):

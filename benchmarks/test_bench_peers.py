@@ -189,3 +189,26 @@ def test_summary_compares_with_the_reference_and_kronfluence():
     assert entry["agreement"] == {
         "fastinfluence-kfac vs kronfluence-kfac": pytest.approx(float(expected))}
     assert entry["methods"]["kronfluence-ekfac"] == results["kronfluence-ekfac"]
+
+
+def test_default_outputs_name_the_device():
+    args = parse_args(["--no-resnet"])
+    assert (args.out.name, args.plot.name) == ("peers_cpu.json", "peers_cpu.png")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cuda"])
+    assert "--device cuda: torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_on_cuda(tmp_path):
+    argv = ["--sizes", "32", "--n-train", "16", "--n-val", "4", "--rounds", "1",
+            "--threads", "1", "--train-steps", "2", "--params", "last", "--no-resnet",
+            "--methods", "fastinfluence", "--device", "cuda",
+            "--out", str(tmp_path / "peers.json"), "--plot", str(tmp_path / "peers.png")]
+    result = main(argv)
+    fast = result["tasks"][0]["methods"]["fastinfluence"]
+    assert fast["status"] == "ok" and fast["pearson"] > 0.999 and fast["peak_gpu_mib"] > 0
