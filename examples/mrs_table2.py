@@ -134,9 +134,10 @@ class Settings:
 
 
 def load_extending(path: Path, settings: Settings,
-                   fresh: bool) -> tuple[list[dict[str, Any]], Settings, list[str]]:
+                   fresh: bool) -> tuple[list[dict[str, Any]], Settings, dict[str, Any]]:
     """The runs saved in ``path``, the settings they and this command's runs belong to, and
-    the commands that made the saved runs.
+    the saved ``meta`` (the commands and the machine that made the saved runs; ``{}`` when
+    none).
 
     Saved settings that differ from ``settings`` only in ``EXTENDABLE`` are extended: the folds
     become the saved ones followed by the new ones (the first fold, which drew the figure
@@ -144,7 +145,7 @@ def load_extending(path: Path, settings: Settings,
     ``SystemExit`` that names it. No file or ``fresh``: no runs and ``settings`` unchanged.
     """
     if fresh or not path.exists():
-        return [], settings, []
+        return [], settings, {}
     saved = json.loads(path.read_text())
     theirs = saved.get("settings", {})
     mine = json.loads(json.dumps(asdict(settings)))
@@ -159,9 +160,7 @@ def load_extending(path: Path, settings: Settings,
     extended = replace(settings,
                        run_folds=list(dict.fromkeys([*theirs["run_folds"], *settings.run_folds])),
                        seeds=max(theirs["seeds"], settings.seeds))
-    meta = saved.get("meta", {})
-    earlier = [*meta.get("earlier_commands", []), *([meta["command"]] if "command" in meta else [])]
-    return saved["runs"], extended, list(dict.fromkeys(earlier))
+    return saved["runs"], extended, saved.get("meta", {})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -754,18 +753,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     runs_path = out / "runs.json"
-    runs, settings, earlier = load_extending(runs_path, settings, args.fresh)
+    runs, settings, saved_meta = load_extending(runs_path, settings, args.fresh)
     if args.fresh:
         for stale in (out / FIGURE_INPUTS).glob("*.pt"):
             stale.unlink()
     command = (shlex.join(["python", *sys.argv]) if argv is None
                else shlex.join(["python", "examples/mrs_table2.py", *argv]))
+    earlier = [*saved_meta.get("earlier_commands", []), saved_meta.get("command", command)]
     meta = {
         "command": command,
-        "earlier_commands": [c for c in earlier if c != command],
+        "earlier_commands": [c for c in dict.fromkeys(earlier) if c != command],
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} "
                    f"threads, {device}, torch {torch.__version__}",
     }
+    if args.no_train and saved_meta:  # a redraw: the table names the commands that trained
+        meta = saved_meta
     done = {r["key"]: r for r in runs}
 
     def save(record: dict[str, Any]) -> None:

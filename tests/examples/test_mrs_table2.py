@@ -73,6 +73,8 @@ def test_resume_skips_finished_runs_and_refuses_other_settings(table2, finished)
     assert [r["key"] for r in resumed["runs"]] == [r["key"] for r in runs]
     redrawn = table2.main([*TINY, "--out", str(out), "--no-train"])
     assert redrawn["runs"] == resumed["runs"] and len(redrawn["paths"]) == 6
+    # the redrawn table names the command that trained, not the redraw
+    assert "--no-train" not in (out / "table.md").read_text()
     with pytest.raises(SystemExit, match="other settings"):
         table2.main([*TINY, "--alpha", "0.3", "--out", str(out)])
 
