@@ -29,12 +29,15 @@ sensitivity, specificity and accuracy against the data set's (noisy) labels, pat
 accuracy, and the AUC against the tissue truth the simulator knows.
 
 Outputs in ``--out``: ``runs.json`` (settings and every run, rewritten after each: after
-Ctrl-C the same command resumes), ``table.md``, ``class_means.png``, ``figure4_distillation.png``
-(t-SNE with the distilled samples, distance histograms), ``figure5_alpha.png``,
-``figure6_source_epoch.png``, ``figure7_factor.png`` and ``figure9_cams.png``; the figures are
-drawn from ``runs.json`` and ``figure_inputs/`` (saved by the first seed's first fold).
+Ctrl-C the same command resumes; more ``--run-folds`` or a larger ``--seeds`` extend a
+finished ``--out``, reusing its runs, when every other setting is the same), ``table.md``,
+``class_means.png``, ``figure4_distillation.png`` (t-SNE with the distilled samples, distance
+histograms), ``figure5_alpha.png``, ``figure6_source_epoch.png``, ``figure7_factor.png`` and
+``figure9_cams.png``; the figures are drawn from ``runs.json`` and ``figure_inputs/`` (saved
+by the first seed's first fold).
 
     python examples/mrs_table2.py              # CPU default (about an hour on 2 free cores)
+    python examples/mrs_table2.py --run-folds 0 1 2 3 4 5 6 7 8 9   # extends it to 10 folds
     python examples/mrs_table2.py --full       # the paper's settings (a GPU)
 
 The CPU default differs from the paper where 2 cores demand it (all flags): 1,500 spectra of
@@ -54,7 +57,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +66,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastinfluence.datasets import make_mrs, patient_folds, save_mrs_class_means, standardise
-from fastinfluence.experiments import load_runs, save_json
+from fastinfluence.experiments import save_json
 from fastinfluence.models import ResCNN1d, class_activation_maps
 from fastinfluence.robust.distillation import (
     INFLUENCE_PARAMS,
@@ -90,11 +93,15 @@ PAPER_TABLE = {
     "Proposed model": ((0.71, 0.05), (0.69, 0.07), (0.73, 0.07), (0.73, 0.30)),
 }
 FIGURE_INPUTS = "figure_inputs"
+# settings that a later command may extend on a finished --out (the others must be equal)
+EXTENDABLE = ("run_folds", "seeds")
 
 
 @dataclass
 class Settings:
-    """Everything that determines the runs (saved in ``runs.json``; resuming needs equality)."""
+    """Everything that determines the runs (saved in ``runs.json``). Resuming needs equality
+    except in ``EXTENDABLE``: an ``--out`` holds the union of the folds and the most seeds that
+    the commands run on it asked for."""
 
     n_spectra: int | None
     n_patients: int | None
@@ -126,6 +133,36 @@ class Settings:
     sweep_factors: list[int]
 
 
+def load_extending(path: Path, settings: Settings,
+                   fresh: bool) -> tuple[list[dict[str, Any]], Settings, dict[str, Any]]:
+    """The runs saved in ``path``, the settings they and this command's runs belong to, and
+    the saved ``meta`` (the commands and the machine that made the saved runs; ``{}`` when
+    none).
+
+    Saved settings that differ from ``settings`` only in ``EXTENDABLE`` are extended: the folds
+    become the saved ones followed by the new ones (the first fold, which drew the figure
+    inputs, stays first) and the seeds the larger count. Any other difference is a
+    ``SystemExit`` that names it. No file or ``fresh``: no runs and ``settings`` unchanged.
+    """
+    if fresh or not path.exists():
+        return [], settings, {}
+    saved = json.loads(path.read_text())
+    theirs = saved.get("settings", {})
+    mine = json.loads(json.dumps(asdict(settings)))
+    differ = [f"{name} ({theirs.get(name, 'absent')!r} there, {mine.get(name, 'absent')!r} "
+              f"here)" for name in dict.fromkeys([*mine, *theirs])
+              if name not in EXTENDABLE and theirs.get(name, ...) != mine.get(name, ...)]
+    if differ:
+        raise SystemExit(
+            f"{path} holds runs made with other settings: {'; '.join(differ)}. Only "
+            f"--run-folds and --seeds can extend it; pass --fresh to discard its runs or "
+            f"choose another --out")
+    extended = replace(settings,
+                       run_folds=list(dict.fromkeys([*theirs["run_folds"], *settings.run_folds])),
+                       seeds=max(theirs["seeds"], settings.seeds))
+    return saved["runs"], extended, saved.get("meta", {})
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,8 +180,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                 "(default 8; Table 1 and --full: 16)")
     add("--folds", type=int, default=10)
     add("--run-folds", type=int, nargs="+", default=None,
-        help="which folds to test on (default 0 1 2; --full all)")
-    add("--seeds", type=int, default=None, help="runs with different seeds (default 1; --full 2)")
+        help="which folds to test on (default 0 1 2; --full all); folds not yet in --out's "
+             "runs.json are added to it")
+    add("--seeds", type=int, default=None,
+        help="runs with different seeds (default 1; --full 2); a larger value than --out's "
+             "adds seeds")
     add("--epochs", type=int, default=None, help="plain/distillation epochs (default 8; --full 30)")
     add("--final-epochs", type=int, default=None,
         help="epochs of the networks trained on augmented sets (default 6; --full 30)")
@@ -510,11 +550,22 @@ def table_rows(runs: list[dict], settings: Settings) -> list[tuple[str, list[dic
     return rows
 
 
+def averaged_over(rows: list[tuple[str, list[dict]]], folds: int) -> str:
+    """Which test folds and seeds the rows of Table 2 average (from the runs themselves)."""
+    pairs = {(r["seed"], r["fold"]) for _, members in rows for r in members}
+    fold_ids = sorted({fold for _, fold in pairs})
+    seed_ids = sorted({seed for seed, _ in pairs})
+    return (f"{len(fold_ids)} of {folds} test folds ({', '.join(map(str, fold_ids)) or 'none'}) "
+            f"× {len(seed_ids)} seed{'s' if len(seed_ids) != 1 else ''} "
+            f"({', '.join(map(str, seed_ids)) or 'none'}): {len(pairs)} (seed, fold) pairs")
+
+
 def write_table(path: Path, runs: list[dict], settings: Settings, meta: dict[str, Any]) -> None:
     columns = [*METRICS, "accuracy", "tissue_auc"]
     header = "| Method | n | " + " | ".join(METRIC_NAMES[c] for c in columns) + " |"
     lines = [header, "|---" * (len(columns) + 2) + "|"]
-    for name, members in table_rows(runs, settings):
+    rows = table_rows(runs, settings)
+    for name, members in rows:
         cells = [cell([r["metrics"][c] for r in members]) for c in columns]
         lines.append(f"| {name} | {len(members)} | " + " | ".join(cells) + " |")
     paper = ["| Method | " + " | ".join(METRIC_NAMES[c] for c in METRICS) + " |",
@@ -542,13 +593,16 @@ def write_table(path: Path, runs: list[dict], settings: Settings, meta: dict[str
         selection.append("| " + " | ".join(cells) + " |")
     errors = sorted({f"{r['options']}: {r['error']}" for r in runs if "error" in r})
     minutes = sum(r.get("seconds", 0) for r in runs) / 60
+    earlier = "".join(f", extending `{c}`" for c in meta.get("earlier_commands", []))
     text = f"""# MRS Table 2 on the embedded spectra simulator
 
-Command: `{meta['command']}`
+Command: `{meta['command']}`{earlier}
 ({len(runs)} runs, {minutes:.1f} min of training on {meta['machine']}.)
 Settings: {json.dumps(asdict(settings))}
 
-Test folds: mean ± std (population) over the (seed, fold) pairs run (`n`). SEN/SPE/ACC at
+Averaged over {averaged_over(rows, settings.folds)}.
+Test folds: mean ± std (population) over the (seed, fold) pairs run (`n`; a row with fewer
+pairs misses runs that failed or did not finish). SEN/SPE/ACC at
 probability 0.5 (SVM: decision value 0), against the data set's labels (tumour = the
 hemisphere); "AUC vs tissue" against what the simulated voxel holds.
 
@@ -685,6 +739,9 @@ def save_figures(out: Path, runs: list[dict], settings: Settings, data: Any) -> 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every missing run, then write the table and the figures.
 
+    On an ``--out`` with runs, the runs are those of every seed and fold it and this command
+    ask for together (``load_extending``); the finished ones are reused.
+
     Returns the runs and the written paths. Ctrl-C keeps every finished run and exits with
     code 130 after one line.
     """
@@ -696,16 +753,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     runs_path = out / "runs.json"
-    runs = load_runs(runs_path, settings, args.fresh)
+    runs, settings, saved_meta = load_extending(runs_path, settings, args.fresh)
     if args.fresh:
         for stale in (out / FIGURE_INPUTS).glob("*.pt"):
             stale.unlink()
+    command = (shlex.join(["python", *sys.argv]) if argv is None
+               else shlex.join(["python", "examples/mrs_table2.py", *argv]))
+    earlier = [*saved_meta.get("earlier_commands", []), saved_meta.get("command", command)]
     meta = {
-        "command": shlex.join(["python", *sys.argv]) if argv is None
-        else shlex.join(["python", "examples/mrs_table2.py", *argv]),
+        "command": command,
+        "earlier_commands": [c for c in dict.fromkeys(earlier) if c != command],
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} "
                    f"threads, {device}, torch {torch.__version__}",
     }
+    if args.no_train and saved_meta:  # a redraw: the table names the commands that trained
+        meta = saved_meta
     done = {r["key"]: r for r in runs}
 
     def save(record: dict[str, Any]) -> None:

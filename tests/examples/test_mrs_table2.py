@@ -1,8 +1,10 @@
-"""Smoke test of examples/mrs_table2.py: every method and sweep on a tiny data set, resumed."""
+"""Smoke test of examples/mrs_table2.py: every method and sweep on a tiny data set, resumed and
+extended with more folds and seeds."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from example_loader import load_example
@@ -71,5 +73,36 @@ def test_resume_skips_finished_runs_and_refuses_other_settings(table2, finished)
     assert [r["key"] for r in resumed["runs"]] == [r["key"] for r in runs]
     redrawn = table2.main([*TINY, "--out", str(out), "--no-train"])
     assert redrawn["runs"] == resumed["runs"] and len(redrawn["paths"]) == 6
+    # the redrawn table names the command that trained, not the redraw
+    assert "--no-train" not in (out / "table.md").read_text()
     with pytest.raises(SystemExit, match="other settings"):
         table2.main([*TINY, "--alpha", "0.3", "--out", str(out)])
+
+
+def test_more_folds_and_seeds_extend_a_finished_out(table2, finished, tmp_path):
+    source, _ = finished
+    out = tmp_path / "extended"
+    shutil.copytree(source, out)
+    before = json.loads((out / "runs.json").read_text())
+    figure4 = (out / "figure_inputs" / "figure4.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"other settings: alpha \(0.5 there, 0.3 here\)"):
+        table2.main([*TINY, "--run-folds", "1", "--alpha", "0.3", "--out", str(out)])
+    assert json.loads((out / "runs.json").read_text()) == before
+    extended = table2.main([*TINY, "--run-folds", "1", "--seeds", "2", "--out", str(out)])
+    saved = json.loads((out / "runs.json").read_text())
+    # the finished runs are reused as they were, and only the new (seed, fold) pairs train
+    assert saved["runs"][:len(before["runs"])] == before["runs"]
+    new = saved["runs"][len(before["runs"]):]
+    assert {(r["seed"], r["fold"]) for r in new} == {(0, 1), (1, 0), (1, 1)}
+    assert [r["key"] for r in extended["runs"]] == [r["key"] for r in saved["runs"]]
+    assert saved["settings"] == {**before["settings"], "run_folds": [0, 1], "seeds": 2}
+    assert saved["meta"]["earlier_commands"] == [before["meta"]["command"]]
+    # the figure inputs stay those of the first command's first fold
+    assert (out / "figure_inputs" / "figure4.pt").read_bytes() == figure4
+    table = (out / "table.md").read_text()
+    assert "Averaged over 2 of 4 test folds (0, 1) × 2 seeds (0, 1): 4 (seed, fold) pairs" in table
+    assert "| Plain ResCNN | 4 |" in table
+    # the first command again trains nothing and keeps the union
+    again = table2.main([*TINY, "--out", str(out)])
+    assert again["runs"] == saved["runs"]
+    assert json.loads((out / "runs.json").read_text())["settings"] == saved["settings"]
