@@ -66,7 +66,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastinfluence.datasets import make_mrs, patient_folds, save_mrs_class_means, standardise
-from fastinfluence.experiments import save_json
+from fastinfluence.experiments import load_saved, save_json
 from fastinfluence.models import ResCNN1d, class_activation_maps
 from fastinfluence.robust.distillation import (
     INFLUENCE_PARAMS,
@@ -142,21 +142,13 @@ def load_extending(path: Path, settings: Settings,
     Saved settings that differ from ``settings`` only in ``EXTENDABLE`` are extended: the folds
     become the saved ones followed by the new ones (the first fold, which drew the figure
     inputs, stays first) and the seeds the larger count. Any other difference is a
-    ``SystemExit`` that names it. No file or ``fresh``: no runs and ``settings`` unchanged.
+    ``SystemExit`` that names it (:func:`fastinfluence.experiments.load_saved`). No file or
+    ``fresh``: no runs and ``settings`` unchanged.
     """
-    if fresh or not path.exists():
+    saved = load_saved(path, settings, fresh, EXTENDABLE)
+    if not saved:
         return [], settings, {}
-    saved = json.loads(path.read_text())
-    theirs = saved.get("settings", {})
-    mine = json.loads(json.dumps(asdict(settings)))
-    differ = [f"{name} ({theirs.get(name, 'absent')!r} there, {mine.get(name, 'absent')!r} "
-              f"here)" for name in dict.fromkeys([*mine, *theirs])
-              if name not in EXTENDABLE and theirs.get(name, ...) != mine.get(name, ...)]
-    if differ:
-        raise SystemExit(
-            f"{path} holds runs made with other settings: {'; '.join(differ)}. Only "
-            f"--run-folds and --seeds can extend it; pass --fresh to discard its runs or "
-            f"choose another --out")
+    theirs = saved["settings"]
     extended = replace(settings,
                        run_folds=list(dict.fromkeys([*theirs["run_folds"], *settings.run_folds])),
                        seeds=max(theirs["seeds"], settings.seeds))

@@ -16,18 +16,38 @@ from typing import Any
 import numpy as np
 
 
+def load_saved(path: Path, settings: Any, fresh: bool,
+               extendable: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What ``path`` holds (``settings``, ``runs`` and whatever else the example saved), after
+    checking that its settings equal ``settings`` (a dataclass) except in the fields named in
+    ``extendable``, which the caller merges; ``{}`` when there is no file or ``fresh``.
+
+    Raises ``SystemExit`` naming every other setting that differs (saved value, then this
+    command's).
+    """
+    if fresh or not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    theirs = saved.get("settings") or {}
+    mine = json.loads(json.dumps(asdict(settings)))
+    differ = [f"{name} ({theirs.get(name, 'absent')!r} there, {mine.get(name, 'absent')!r} "
+              f"here)" for name in dict.fromkeys([*mine, *theirs])
+              if name not in extendable and theirs.get(name, ...) != mine.get(name, ...)]
+    if differ:
+        only = (f" Only {' and '.join('--' + name.replace('_', '-') for name in extendable)} can "
+                f"extend it;" if extendable else "")
+        raise SystemExit(
+            f"{path} holds runs made with other settings: {'; '.join(differ)}.{only} pass "
+            f"--fresh to discard its runs or choose another --out"
+        )
+    return saved
+
+
 def load_runs(path: Path, settings: Any, fresh: bool) -> list[dict[str, Any]]:
     """The runs saved in ``path`` for ``settings`` (a dataclass); ``[]`` when there is no file
-    or ``fresh``; ``SystemExit`` when the file holds runs of other settings."""
-    if fresh or not path.exists():
-        return []
-    saved = json.loads(path.read_text())
-    if saved.get("settings") != json.loads(json.dumps(asdict(settings))):
-        raise SystemExit(
-            f"{path} holds runs made with other settings; pass --fresh to discard them or "
-            f"choose another --out"
-        )
-    return saved["runs"]
+    or ``fresh``; ``SystemExit`` naming the differences when the file holds runs of other
+    settings (:func:`load_saved`)."""
+    return load_saved(path, settings, fresh).get("runs", [])
 
 
 def save_json(path: Path, payload: dict[str, Any]) -> None:
