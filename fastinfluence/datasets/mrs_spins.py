@@ -85,6 +85,33 @@ def _rotation(generator: np.ndarray, angle: float) -> np.ndarray:
     return (vectors * np.exp(-1j * angle * values)) @ vectors.conj().T
 
 
+MERGE_HZ = 0.1
+"""Lines closer than this merge into one (at their amplitude-weighted mean frequency): the
+simulated lines are ≥ 3 Hz wide, and strongly coupled molecules have hundreds of nearly
+coincident transitions (myo-inositol: 629 → 239 lines; spectra change by < 3e-4 relative)."""
+MIN_AMPLITUDE = 1e-4
+"""Lines weaker than this fraction of the molecule's strongest are dropped."""
+
+
+def merge_lines(frequency: np.ndarray, amplitude: np.ndarray, resolution_hz: float = MERGE_HZ,
+                min_amplitude: float = MIN_AMPLITUDE) -> tuple[np.ndarray, np.ndarray]:
+    """Drops lines below ``min_amplitude`` of the strongest, then merges each run of lines
+    within ``resolution_hz`` of the run's first (sorted by frequency) into one line: the
+    summed complex amplitude at the ``|amplitude|``-weighted mean frequency."""
+    keep = np.abs(amplitude) > min_amplitude * np.abs(amplitude).max()
+    order = np.argsort(frequency[keep], kind="stable")
+    frequency, amplitude = frequency[keep][order], amplitude[keep][order]
+    starts = [0]
+    for k in range(1, len(frequency)):
+        if frequency[k] - frequency[starts[-1]] > resolution_hz:
+            starts.append(k)
+    ends = [*starts[1:], len(frequency)]
+    weights = np.abs(amplitude)
+    merged = np.array([np.average(frequency[s:e], weights=weights[s:e])
+                       for s, e in zip(starts, ends, strict=True)])
+    return merged, np.add.reduceat(amplitude, starts)
+
+
 def _echo_lines(system: SpinSystem, field_mhz: float, te1_ms: float,
                 te2_ms: float) -> tuple[np.ndarray, np.ndarray]:
     """Unscaled ``(frequency_hz, amplitude)`` of every transition at the PRESS echo."""
@@ -133,13 +160,9 @@ def press_lines(system: SpinSystem, field_mhz: float, te1_ms: float = PRESS_TE1_
     # traces over 2ⁿ states: each further spin doubles every one-spin amplitude
     n = len(system.shifts_ppm)
     scale = system.weight / (reference[np.abs(reference).argmax()] * 2 ** (n - 1))
-    keep = np.abs(amp) > 1e-12
-    order = np.argsort(freq[keep], kind="stable")
-    freq, amp = freq[keep][order], amp[keep][order] * scale
-    starts = np.flatnonzero(np.r_[True, np.diff(freq) > 1e-3])
-    ends = np.r_[starts[1:], len(freq)]
-    merged_freq = np.array([freq[s:e].mean() for s, e in zip(starts, ends, strict=True)])
-    merged_amp = np.add.reduceat(amp, starts)
+    # degenerate transitions (equivalent spins) are one line; numerical zeros are dropped
+    merged_freq, merged_amp = merge_lines(freq, amp * scale, resolution_hz=1e-3,
+                                          min_amplitude=1e-12)
     strong = np.abs(merged_amp) > tol * np.abs(merged_amp).max()
     return merged_freq[strong], merged_amp[strong]
 
@@ -187,33 +210,6 @@ SPIN_SYSTEMS: dict[str, tuple[SpinSystem, ...]] = {
 }
 """Each metabolite as spin systems for :func:`press_lines` (the same metabolites, protons and
 shifts as the multiplet basis, :data:`fastinfluence.datasets.mrs.METABOLITES`)."""
-
-
-MERGE_HZ = 0.1
-"""Lines closer than this merge into one (at their amplitude-weighted mean frequency): the
-simulated lines are ≥ 3 Hz wide, and strongly coupled molecules have hundreds of nearly
-coincident transitions (myo-inositol: 629 → 239 lines; spectra change by < 3e-4 relative)."""
-MIN_AMPLITUDE = 1e-4
-"""Lines weaker than this fraction of the molecule's strongest are dropped."""
-
-
-def merge_lines(frequency: np.ndarray, amplitude: np.ndarray, resolution_hz: float = MERGE_HZ,
-                min_amplitude: float = MIN_AMPLITUDE) -> tuple[np.ndarray, np.ndarray]:
-    """Drops lines below ``min_amplitude`` of the strongest, then merges each run of lines
-    within ``resolution_hz`` of the run's first (sorted by frequency) into one line: the
-    summed complex amplitude at the ``|amplitude|``-weighted mean frequency."""
-    keep = np.abs(amplitude) > min_amplitude * np.abs(amplitude).max()
-    order = np.argsort(frequency[keep], kind="stable")
-    frequency, amplitude = frequency[keep][order], amplitude[keep][order]
-    starts = [0]
-    for k in range(1, len(frequency)):
-        if frequency[k] - frequency[starts[-1]] > resolution_hz:
-            starts.append(k)
-    ends = [*starts[1:], len(frequency)]
-    weights = np.abs(amplitude)
-    merged = np.array([np.average(frequency[s:e], weights=weights[s:e])
-                       for s, e in zip(starts, ends, strict=True)])
-    return merged, np.add.reduceat(amplitude, starts)
 
 
 @cache
