@@ -40,11 +40,17 @@ by the first seed's first fold).
     python examples/mrs_table2.py --run-folds 0 1 2 3 4 5 6 7 8 9   # extends it to 10 folds
     python examples/mrs_table2.py --full       # the paper's settings (a GPU)
 
+Two processes (or machines) share a long run with ``--shard``, each on its own copy of
+``--out``, and ``--merge`` gathers them (then ``--no-train`` only writes the table and figures):
+
+    python examples/mrs_table2.py --seeds 2 --shard 0/2 --out shard0   # and 1/2 on shard1
+    python examples/mrs_table2.py --seeds 2 --no-train --merge shard0 shard1
+
 The CPU default differs from the paper where 2 cores demand it (all flags): 1,500 spectra of
 100 patients instead of 7,442 of 435; the ResCNN at half width (filters 8-64, ``--width 16``
 is Table 1's); 3 of the 10 folds and one seed instead of 10 folds and 2 seeds; 8 epochs for
 the plain/distillation network and 6 for the final networks (the paper does not give its
-epochs); the sweeps on the first fold only, with fewer values.
+epochs); the sweeps on the first fold only, with fewer values (always with the first seed).
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -148,11 +155,43 @@ def load_extending(path: Path, settings: Settings,
     saved = load_saved(path, settings, fresh, EXTENDABLE)
     if not saved:
         return [], settings, {}
-    theirs = saved["settings"]
-    extended = replace(settings,
-                       run_folds=list(dict.fromkeys([*theirs["run_folds"], *settings.run_folds])),
-                       seeds=max(theirs["seeds"], settings.seeds))
-    return saved["runs"], extended, saved.get("meta", {})
+    return saved["runs"], union_settings(settings, saved["settings"], asdict(settings)), \
+        saved.get("meta", {})
+
+
+def union_settings(settings: Settings, first: dict[str, Any],
+                   then: dict[str, Any]) -> Settings:
+    """``settings`` with the folds of ``first`` followed by those of ``then`` (saved or
+    ``asdict`` settings), and the larger of their seed counts."""
+    return replace(settings,
+                   run_folds=list(dict.fromkeys([*first["run_folds"], *then["run_folds"]])),
+                   seeds=max(first["seeds"], then["seeds"]))
+
+
+def merge_outs(others: list[Path], out: Path, runs: list[dict[str, Any]],
+               settings: Settings) -> tuple[list[dict[str, Any]], Settings, list[str]]:
+    """``runs`` and the runs of the ``others`` (``--out`` folders of the same settings but
+    ``EXTENDABLE``) that ``runs`` lacks, by key, in that order; the settings extended by
+    theirs; the commands that made them. Figure inputs that ``out`` lacks are copied."""
+    known = {r["key"] for r in runs}
+    merged, commands = list(runs), []
+    for other in others:
+        saved = load_saved(other / "runs.json", settings, False, EXTENDABLE)
+        if not saved:
+            raise SystemExit(f"--merge {other}: there is no runs.json to merge")
+        settings = union_settings(settings, asdict(settings), saved["settings"])
+        merged += [r for r in saved["runs"] if r["key"] not in known]
+        known |= {r["key"] for r in saved["runs"]}
+        meta = saved.get("meta", {})
+        commands += meta.get("earlier_commands", [])
+        if "command" in meta:
+            commands.append(meta["command"])
+        for path in sorted((other / FIGURE_INPUTS).glob("*.pt")):
+            target = out / FIGURE_INPUTS / path.name
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+    return merged, settings, commands
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -207,6 +246,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--sweep-factors", type=int, nargs="*", default=None,
         help="augmentation factors (default 1 3 8; --full 1 2 3 5 7 10)")
     add("--out", type=Path, default=Path("examples/results/mrs_table2"))
+    add("--shard", type=shard_spec, default=None, metavar="K/N",
+        help="train only the passes K, K+N, K+2N, ... (0-based; a pass is one seed and fold, "
+             "Table 2's or the sweeps') of the full list, to share the work between processes "
+             "or machines, each with its own copy of --out; --merge gathers them")
+    add("--merge", type=Path, nargs="+", default=[], metavar="OUT",
+        help="first add the runs of these --out folders (made with the same settings, e.g. by "
+             "--shard) that --out lacks, and their figure inputs")
     add("--fresh", action="store_true", help="discard the runs already in --out")
     add("--no-train", action="store_true",
         help="train nothing: write the table and figures from the runs saved in --out")
@@ -214,6 +260,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--device", default=None, help="default: cuda when available, else cpu")
     add("--progress", action=argparse.BooleanOptionalAction, default=True)
     return parser.parse_args(argv)
+
+
+def shard_spec(text: str) -> tuple[int, int]:
+    """``"K/N"`` as ``(K, N)``, with ``0 <= K < N``."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N such as 0/2, got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"K/N needs 0 <= K < N, got {text!r}")
+    return k, n
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -749,17 +806,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.fresh:
         for stale in (out / FIGURE_INPUTS).glob("*.pt"):
             stale.unlink()
+    runs, settings, merged_commands = merge_outs(args.merge, out, runs, settings)
     command = (shlex.join(["python", *sys.argv]) if argv is None
                else shlex.join(["python", "examples/mrs_table2.py", *argv]))
     earlier = [*saved_meta.get("earlier_commands", []), saved_meta.get("command", command)]
     meta = {
         "command": command,
-        "earlier_commands": [c for c in dict.fromkeys(earlier) if c != command],
+        "earlier_commands": [c for c in dict.fromkeys([*earlier, *merged_commands])
+                             if c != command],
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} "
                    f"threads, {device}, torch {torch.__version__}",
     }
     if args.no_train and saved_meta:  # a redraw: the table names the commands that trained
-        meta = saved_meta
+        meta = {**saved_meta, "earlier_commands": [
+            c for c in dict.fromkeys([*saved_meta.get("earlier_commands", []), *merged_commands])
+            if c != saved_meta.get("command")]}
     done = {r["key"]: r for r in runs}
 
     def save(record: dict[str, Any]) -> None:
@@ -768,9 +829,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         save_json(runs_path, {"settings": asdict(settings), "meta": meta, "runs": runs})
         write_table(out / "table.md", runs, settings, meta)
 
-    # Table 2 on every fold first, then the sweeps
+    if args.merge:
+        save_json(runs_path, {"settings": asdict(settings), "meta": meta, "runs": runs})
+    # Table 2 on every fold first, then the sweeps (with the first seed, as the paper's figures)
     jobs = [(seed, fold, False) for seed in range(settings.seeds) for fold in settings.run_folds]
-    jobs += [(seed, fold, True) for seed in range(settings.seeds) for fold in settings.sweep_folds]
+    jobs += [(0, fold, True) for fold in settings.sweep_folds]
+    if args.shard is not None:
+        jobs = jobs[args.shard[0]::args.shard[1]]
     if args.no_train:
         jobs = []
     paths: list[Path] = []

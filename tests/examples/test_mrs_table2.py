@@ -106,3 +106,36 @@ def test_more_folds_and_seeds_extend_a_finished_out(table2, finished, tmp_path):
     again = table2.main([*TINY, "--out", str(out)])
     assert again["runs"] == saved["runs"]
     assert json.loads((out / "runs.json").read_text())["settings"] == saved["settings"]
+
+
+def test_shards_share_the_passes_and_merge_into_the_unsharded_runs(table2, finished, tmp_path):
+    source, _ = finished
+    before = json.loads((source / "runs.json").read_text())
+    shards = []
+    for k in (0, 1):
+        shard = tmp_path / f"shard{k}"
+        shutil.copytree(source, shard)
+        table2.main([*TINY, "--run-folds", "1", "--seeds", "2", "--shard", f"{k}/2",
+                     "--out", str(shard)])
+        saved = json.loads((shard / "runs.json").read_text())
+        shards.append({(r["seed"], r["fold"]) for r in saved["runs"][len(before["runs"]):]})
+    # passes (0, 0) (0, 1) (1, 0) (1, 1), then the sweeps of (0, 0): every other one each
+    assert shards == [{(1, 0)}, {(0, 1), (1, 1)}]
+    out = tmp_path / "merged"
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns("figure_inputs"))
+    merged = table2.main([*TINY, "--no-train", "--out", str(out), "--merge",
+                          str(tmp_path / "shard0"), str(tmp_path / "shard1")])
+    saved = json.loads((out / "runs.json").read_text())
+    keys = [r["key"] for r in saved["runs"]]
+    # 3 new passes of svm, rf, plain, noise and 6 mixing runs (3 strategies, θ 0.55, influence)
+    assert len(keys) == len(set(keys)) == len(before["runs"]) + 3 * (4 + 6)
+    assert [r["key"] for r in merged["runs"]] == keys
+    assert saved["settings"] == {**before["settings"], "run_folds": [0, 1], "seeds": 2}
+    assert {p.name for p in (out / "figure_inputs").glob("*.pt")} == {
+        p.name for p in (source / "figure_inputs").glob("*.pt")}
+    assert "--shard 1/2" in (out / "table.md").read_text()
+    with pytest.raises(SystemExit, match="other settings"):
+        table2.main([*TINY, "--alpha", "0.3", "--no-train", "--out", str(tmp_path / "other"),
+                     "--merge", str(out)])
+    with pytest.raises(SystemExit):
+        table2.main([*TINY, "--shard", "2/2", "--out", str(out)])
