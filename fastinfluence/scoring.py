@@ -89,6 +89,9 @@ class InfluenceReport:
             (:mod:`fastinfluence.tangent`), ``"torch.func.jvp"``, or ``"reverse-mode"``
             (per-sample gradients, for models without forward-mode derivatives).
         scoring_reason: why a faster way of scoring was passed over (``None`` when none was).
+        feature_pass: on the closed-form head, how the head's inputs were read: ``"fx copy:
+            ..."`` (BatchNorm folded into convolutions, channels-last) or ``"module: <why
+            not>"`` (:mod:`fastinfluence.feature_pass`); ``None`` on other paths.
         solve: the report of the construction's solve ``s = (H + λI)^{-1}∇L(D_val)`` (read
             from ``out`` when ``s`` was reused from there).
         reused_ihvp: whether ``s`` was loaded from ``out`` instead of solved.
@@ -108,6 +111,7 @@ class InfluenceReport:
     dtype: torch.dtype
     scoring: str
     scoring_reason: str | None = None
+    feature_pass: str | None = None
     solve: SolveReport | None = None
     reused_ihvp: bool = False
     query_solve: SolveReport | None = None
@@ -470,6 +474,7 @@ class Influence:
             dtype=self.fmodel.dtype,
             scoring=backend.scoring,
             scoring_reason=backend.scoring_reason,
+            feature_pass=backend.feature_pass,
         )
 
     def _default_batch_size(self, sample_bytes: int) -> int:

@@ -21,7 +21,8 @@ The backends here, each tested against its slow twin in :mod:`fastinfluence.refe
 (``tests/hessian/test_backends.py``):
 
 * :class:`HeadBackend` — ``params="last"`` on a final ``nn.Linear`` with softmax cross-entropy:
-  features cached by one forward pass, everything in closed form (:mod:`.softmax_head`);
+  features cached by one forward pass (through an inference copy of the network,
+  :mod:`fastinfluence.feature_pass`), everything in closed form (:mod:`.softmax_head`);
 * :class:`ExactHessianBackend` — ``C = ∇²_θ L`` of any network, by forward-over-reverse
   differentiation (``jvp`` of ``grad``);
 * :class:`GaussNewtonBackend` — ``C = Jᵀ(∂²l/∂z²)J`` with ``J = ∂z/∂θ`` the Jacobian of the
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from fastinfluence import ops
+from fastinfluence.feature_pass import FeaturePass, head_feature_pass
 from fastinfluence.functional import FunctionalModel
 from fastinfluence.hessian import softmax_head
 from fastinfluence.hessian.kfac import KRONECKER_CURVATURES, KroneckerCurvature
@@ -68,6 +70,8 @@ class CurvatureBackend:
             ``"fused-tangent"``, ``"torch.func.jvp"`` or ``"reverse-mode"``).
         scoring_reason: why a faster way of scoring was not used (``None`` when none was
             passed over).
+        feature_pass: how the closed-form head's inputs were read
+            (:mod:`fastinfluence.feature_pass`; ``None`` for the other backends).
         positive_semidefinite: whether ``C`` is positive semi-definite by construction.
         dim: ``p``, the number of selected parameters.
         num_samples: training samples ``C`` is the mean over.
@@ -77,6 +81,7 @@ class CurvatureBackend:
     name: str
     scoring: str
     scoring_reason: str | None = None
+    feature_pass: str | None = None
     positive_semidefinite: bool
     dim: int
     dtype: torch.dtype
@@ -224,10 +229,12 @@ class HeadBackend(CurvatureBackend):
         train: LabelledData,
         progress: bool = False,
         features: softmax_head.HeadFeatures | None = None,
+        feature_pass: FeaturePass | None = None,
     ) -> None:
         self.fmodel = fmodel
         self.train = train
         self.progress = progress
+        self._feature_pass = feature_pass
         module = fmodel.selection.head
         self.layout = softmax_head.HeadLayout(module.out_features, module.in_features,
                                               module.bias is not None)
@@ -242,24 +249,24 @@ class HeadBackend(CurvatureBackend):
         """Inputs of the head and softmax outputs over ``data`` (cached for the training set)."""
         return self.train_features if data is self.train else self._read_features(data)
 
+    @property
+    def feature_pass(self) -> str | None:
+        """How the head's inputs were read (:mod:`fastinfluence.feature_pass`)."""
+        return None if self._feature_pass is None else self._feature_pass.description
+
     def _read_features(self, data: LabelledData) -> softmax_head.HeadFeatures:
         """One no-grad forward pass over ``data``, capturing the head's inputs."""
-        captured: list[torch.Tensor] = []
-        fmodel = self.fmodel
-        hook = fmodel.selection.head.register_forward_hook(
-            lambda _m, inputs, _output: captured.append(inputs[0])
-        )
-        probs, labels = [], []
-        try:
-            with torch.no_grad():
-                batches = data.batches(fmodel.device, fmodel.dtype)
-                for x, y in progress_bar(batches, self.progress, f"features ({data.name})",
-                                         data.num_batches()):
-                    probs.append(torch.softmax(fmodel.logits(fmodel.theta, x), dim=1))
-                    labels.append(y)
-        finally:
-            hook.remove()
-        return softmax_head.HeadFeatures(torch.cat(captured), torch.cat(probs),
+        if self._feature_pass is None:
+            self._feature_pass = head_feature_pass(self.fmodel)
+        features, probs, labels = [], [], []
+        batches = data.batches(self.fmodel.device, self.fmodel.dtype)
+        for x, y in progress_bar(batches, self.progress, f"features ({data.name})",
+                                 data.num_batches()):
+            inputs, logits = self._feature_pass(x)
+            features.append(inputs)
+            probs.append(torch.softmax(logits, dim=1))
+            labels.append(y)
+        return softmax_head.HeadFeatures(torch.cat(features), torch.cat(probs),
                                          torch.cat(labels))
 
     def mean_gradient(self, data: LabelledData) -> torch.Tensor:
@@ -280,7 +287,8 @@ class HeadBackend(CurvatureBackend):
 
     def restrict(self, indices: torch.Tensor) -> HeadBackend:
         features = self.train_features.subset(indices.to(self.device))
-        return HeadBackend(self.fmodel, self.train, features=features)
+        return HeadBackend(self.fmodel, self.train, features=features,
+                           feature_pass=self._feature_pass)
 
     def lissa_recursion(
         self,
