@@ -328,7 +328,16 @@ def run_fastinfluence(variant: str | None):
                 warnings.filterwarnings("ignore", "cg solve did not reach", RuntimeWarning)
                 return fastinfluence.Influence(model, train, val, **options)
 
-        return _timed(fit, lambda inf: inf.scores())
+        def score(inf):
+            report = inf.report
+            run.notes = {"path": report.path, "scoring": report.scoring,
+                         "feature_pass": report.feature_pass, "hessian": report.hessian,
+                         "solver": report.solver}
+            return inf.scores()
+
+        return _timed(fit, score)
+
+    run.notes = {}
     return run
 
 
@@ -535,7 +544,7 @@ def worker(spec: dict[str, Any]) -> None:
         except Exception as error:
             _say({"status": "failed", "reason": f"{type(error).__name__}: {error}"})
             return
-        _say({"status": "ok", "stages": stages,
+        _say({"status": "ok", "stages": stages, "notes": getattr(run, "notes", {}),
               "scores": scores.detach().double().flatten().tolist()})
     peak_gpu = ({"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20}
                 if args.device == "cuda" else {})
@@ -734,6 +743,8 @@ def summarize(task: dict[str, Any], results: dict[str, dict[str, Any]],
         scores[method] = torch.tensor(runs[method][0]["scores"], dtype=torch.float64)
         result.update(status="ok", seconds=stages, samples_per_second=n / stages["total"],
                       rounds=len(runs[method]), runs=[r["stages"] for r in runs[method]])
+        if runs[method][-1].get("notes"):  # how fastinfluence ran (its report)
+            result["notes"] = runs[method][-1]["notes"]
         if "peak_rss_mib" in result and "baseline_rss_mib" in result:
             result["peak_over_baseline_mib"] = result["peak_rss_mib"] - result["baseline_rss_mib"]
         if len(exact):

@@ -76,6 +76,9 @@ def test_fastinfluence_matches_the_exact_reference(report):
     assert set(methods["fastinfluence"]["seconds"]) == {"fit", "scoring", "total"}
     assert methods["fastinfluence"]["pearson"] >= 0.999
     assert methods["fastinfluence"]["relative_error"] < 1e-3
+    notes = methods["fastinfluence"]["notes"]
+    assert notes["path"] == notes["scoring"] == "head-closed-form"
+    assert notes["feature_pass"].startswith("fx copy: 5 Conv-BatchNorm pairs folded")
     config = report["config"]
     assert len(config["load_average_start"]) == 3 and len(config["load_average_end"]) == 3
     (target,) = report["targets"]
