@@ -73,6 +73,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastinfluence.datasets import make_mrs, patient_folds, save_mrs_class_means, standardise
+from fastinfluence.datasets.mrs import BASES
 from fastinfluence.experiments import load_saved, save_json
 from fastinfluence.models import ResCNN1d, class_activation_maps
 from fastinfluence.robust.distillation import (
@@ -138,6 +139,7 @@ class Settings:
     sweep_alphas: list[float]
     sweep_epochs: list[int]
     sweep_factors: list[int]
+    basis: str = "multiplet"
 
 
 def load_extending(path: Path, settings: Settings,
@@ -207,6 +209,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--healthy-fraction", type=float, default=0.3,
         help="mean share of healthy tissue among the tumour-labelled spectra")
     add("--tumour-contrast", type=float, default=1.0)
+    add("--basis", choices=BASES, default="multiplet",
+        help="metabolite lines of the simulator: first-order multiplets (default, every "
+             "committed run) or the density-matrix PRESS simulation (about 6x slower to make)")
     add("--width", type=int, default=None, help="ResCNN filters of the first blocks "
                                                 "(default 8; Table 1 and --full: 16)")
     add("--folds", type=int, default=10)
@@ -298,6 +303,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
                           [round(0.05 + 0.1 * k, 2) for k in range(10)]),
         sweep_epochs=pick(args.sweep_epochs, [1, 3, 8], list(range(1, 11))),
         sweep_factors=pick(args.sweep_factors, [1, 3, 8], [1, 2, 3, 5, 7, 10]),
+        basis=args.basis,
     )
     if max([settings.source_epoch, *settings.sweep_epochs]) > settings.epochs:
         raise SystemExit("--source-epoch and --sweep-epochs must be <= --epochs (the "
@@ -842,7 +848,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         data = make_mrs(settings.n_spectra, settings.n_patients, seed=settings.data_seed,
                         healthy_fraction=settings.healthy_fraction,
-                        tumour_contrast=settings.tumour_contrast,
+                        tumour_contrast=settings.tumour_contrast, basis=settings.basis,
                         paper_size=settings.paper_size, progress=args.progress)
         folds = patient_folds(data.patient_ids, data.labels, settings.folds,
                               seed=settings.data_seed)

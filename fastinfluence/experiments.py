@@ -9,7 +9,7 @@ to a temporary name and renamed, so an interrupted write never leaves a broken f
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,9 @@ def load_saved(path: Path, settings: Any, fresh: bool,
                extendable: tuple[str, ...] = ()) -> dict[str, Any]:
     """What ``path`` holds (``settings``, ``runs`` and whatever else the example saved), after
     checking that its settings equal ``settings`` (a dataclass) except in the fields named in
-    ``extendable``, which the caller merges; ``{}`` when there is no file or ``fresh``.
+    ``extendable``, which the caller merges; ``{}`` when there is no file or ``fresh``. A
+    field with a default that the saved settings lack (one added after they were saved)
+    counts as that default.
 
     Raises ``SystemExit`` naming every other setting that differs (saved value, then this
     command's).
@@ -28,7 +30,8 @@ def load_saved(path: Path, settings: Any, fresh: bool,
     if fresh or not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    theirs = saved.get("settings") or {}
+    defaults = {f.name: f.default for f in fields(settings) if f.default is not MISSING}
+    theirs = json.loads(json.dumps(defaults)) | (saved.get("settings") or {})
     mine = json.loads(json.dumps(asdict(settings)))
     differ = [f"{name} ({theirs.get(name, 'absent')!r} there, {mine.get(name, 'absent')!r} "
               f"here)" for name in dict.fromkeys([*mine, *theirs])

@@ -35,3 +35,18 @@ def test_other_settings_are_refused_by_name_except_the_extendable(tmp_path):
     assert saved == json.loads(path.read_text())
     with pytest.raises(SystemExit, match=r"alpha .*\. Only --folds can extend it; pass --fresh"):
         load_saved(path, Settings(0.3, [1]), fresh=False, extendable=("folds",))
+
+
+@dataclass
+class LaterSettings:
+    alpha: float
+    folds: list[int]
+    basis: str = "multiplet"
+
+
+def test_a_setting_added_later_counts_as_its_default_in_older_files(tmp_path):
+    path = tmp_path / "runs.json"
+    save_json(path, {"settings": {"alpha": 0.5, "folds": [0]}, "runs": [{"k": 1}]})
+    assert load_runs(path, LaterSettings(0.5, [0]), fresh=False) == [{"k": 1}]
+    with pytest.raises(SystemExit, match=r"basis \('multiplet' there, 'density' here\)"):
+        load_runs(path, LaterSettings(0.5, [0], basis="density"), fresh=False)

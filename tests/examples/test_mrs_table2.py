@@ -139,3 +139,18 @@ def test_shards_share_the_passes_and_merge_into_the_unsharded_runs(table2, finis
                      "--merge", str(out)])
     with pytest.raises(SystemExit):
         table2.main([*TINY, "--shard", "2/2", "--out", str(out)])
+
+
+def test_the_basis_is_a_setting_and_older_outs_read_as_multiplet(table2, finished, tmp_path):
+    source, _ = finished
+    out = tmp_path / "older"
+    shutil.copytree(source, out)
+    saved = json.loads((out / "runs.json").read_text())
+    assert saved["settings"].pop("basis") == "multiplet"
+    (out / "runs.json").write_text(json.dumps(saved))  # as written before --basis existed
+    again = table2.main([*TINY, "--no-train", "--out", str(out)])
+    assert [r["key"] for r in again["runs"]] == [r["key"] for r in saved["runs"]]
+    with pytest.raises(SystemExit, match=r"basis \('multiplet' there, 'density-matrix' here\)"):
+        table2.main([*TINY, "--basis", "density-matrix", "--out", str(out)])
+    assert table2.settings_from(table2.parse_args(["--basis", "density-matrix"])).basis == (
+        "density-matrix")
