@@ -615,6 +615,27 @@ def averaged_over(rows: list[tuple[str, list[dict]]], folds: int) -> str:
             f"({', '.join(map(str, seed_ids)) or 'none'}): {len(pairs)} (seed, fold) pairs")
 
 
+def paired_lines(rows: list[tuple[str, list[dict]]], baseline: str = "Plain ResCNN") -> list[str]:
+    """Each row's AUC minus the ``baseline`` row's on the same (seed, fold): mean ± std and on
+    how many pairs it is higher, lower or equal (to 0.005), for the (seed, fold) pairs both
+    have."""
+    base = {(r["seed"], r["fold"]): r["metrics"]["auc"] for r in dict(rows)[baseline]}
+    lines = [f"| Method | pairs | AUC − {baseline} AUC | higher / lower / within 0.005 |",
+             "|---|---|---|---|"]
+    for name, members in rows:
+        if name == baseline:
+            continue
+        differences = [r["metrics"]["auc"] - base[(r["seed"], r["fold"])] for r in members
+                       if (r["seed"], r["fold"]) in base and not np.isnan(r["metrics"]["auc"])]
+        counts = (sum(d > 0.005 for d in differences), sum(d < -0.005 for d in differences),
+                  sum(abs(d) <= 0.005 for d in differences))
+        signed = (f"{np.mean(differences):+.3f} ± {np.std(differences):.3f}" if differences
+                  else "–")
+        lines.append(f"| {name} | {len(differences)} | {signed} | "
+                     f"{' / '.join(map(str, counts))} |")
+    return lines
+
+
 def write_table(path: Path, runs: list[dict], settings: Settings, meta: dict[str, Any]) -> None:
     columns = [*METRICS, "accuracy", "tissue_auc"]
     header = "| Method | n | " + " | ".join(METRIC_NAMES[c] for c in columns) + " |"
@@ -662,6 +683,10 @@ probability 0.5 (SVM: decision value 0), against the data set's labels (tumour =
 hemisphere); "AUC vs tissue" against what the simulated voxel holds.
 
 {chr(10).join(lines)}
+
+## Paired with the plain ResCNN (same seed and test fold)
+
+{chr(10).join(paired_lines(rows))}
 
 ## The paper's Table 2 ("whole": 10 folds × 2 runs; real spectra)
 

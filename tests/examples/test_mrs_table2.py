@@ -51,7 +51,7 @@ def test_every_method_and_sweep_ran_and_is_reported(finished):
     for name in ("SVM", "RF", "Plain ResCNN", "Noise augmentation", "aug-with-same",
                  "Proposed model (aug-with-both)", "Proposed model, θ = 0.55",
                  "Influence distillation (helpful)",
-                 "0.73 ± 0.07", "neuroradiologist"):
+                 "0.73 ± 0.07", "neuroradiologist", "Paired with the plain ResCNN"):
         assert name in table
     names = {p.name for p in result["paths"]}
     assert names == {"class_means.png", "figure4_distillation.png", "figure5_alpha.png",
@@ -154,3 +154,13 @@ def test_the_basis_is_a_setting_and_older_outs_read_as_multiplet(table2, finishe
         table2.main([*TINY, "--basis", "density-matrix", "--out", str(out)])
     assert table2.settings_from(table2.parse_args(["--basis", "density-matrix"])).basis == (
         "density-matrix")
+
+
+def test_paired_lines_compare_each_row_with_plain_on_the_same_seed_and_fold(table2):
+    def run(seed, fold, auc):
+        return {"seed": seed, "fold": fold, "metrics": {"auc": auc}}
+
+    rows = [("Plain ResCNN", [run(0, 0, 0.5), run(0, 1, 0.8), run(1, 0, 0.6)]),
+            ("Other", [run(0, 0, 0.7), run(0, 1, 0.7), run(1, 0, 0.602), run(1, 1, 0.9)])]
+    lines = table2.paired_lines(rows)
+    assert lines[2] == "| Other | 3 | +0.034 ± 0.125 | 1 / 1 / 1 |"
