@@ -76,6 +76,7 @@ after every round (``config.complete`` is false until the run ends)::
 
     python benchmarks/bench_peers.py                       # CPU default (32², small sets)
     python benchmarks/bench_peers.py --sizes 64 128 --n-train 512 --n-val 64
+    python benchmarks/bench_peers.py --summary results/peers_cpu.json   # table of a saved run
 """
 
 from __future__ import annotations
@@ -179,6 +180,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where every method runs (the problem is built on the CPU)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--summary", type=Path, default=None, metavar="JSON",
+                        help="run nothing: print the table, agreement and targets of a saved "
+                             "report (the README's tables come from this)")
     parser.add_argument("--out", type=Path, default=None,
                         help="default: results/peers_<device>.json")
     parser.add_argument("--plot", type=Path, default=None,
@@ -859,6 +863,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.worker is not None:
         worker(json.loads(args.worker))
         return {}
+    if args.summary is not None:
+        report = json.loads(args.summary.read_text())
+        print(summary_text(report))
+        return report
     load_start = load_average()
     logs = Path(tempfile.mkdtemp(prefix="bench_peers_logs_"))
     started = time.perf_counter()
@@ -907,14 +915,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 over_cap_at.setdefault((task["model"], task["params"], method), task)
         entries.append(entry)
     report = write(complete=True)
-    print(markdown(report))
-    for entry in entries:
-        for pair, value in entry["agreement"].items():
-            print(f"{entry['task']['name']}: Pearson {pair} = {value:.4f}")
-    for row in report["targets"]:
-        print(row)
+    print(summary_text(report))
     print(f"wrote {args.out} and {args.plot}")
     return report
+
+
+def summary_text(report: dict[str, Any]) -> str:
+    """The table (:func:`markdown`), the K-FAC agreement and the targets of a report."""
+    config = report["config"]
+    lines = [f"`{' '.join(['python benchmarks/bench_peers.py', *config['argv']])}`: "
+             f"{config['wall_seconds'] / 60:.0f} min wall, load average "
+             f"{config['load_average_start'][0]:.1f} at the start, "
+             f"{config['load_average_end'][0]:.1f} at the end"
+             f"{'' if config['complete'] else ' (interrupted: config.complete is false)'}",
+             "", markdown(report), ""]
+    for entry in report["tasks"]:
+        for pair, value in entry["agreement"].items():
+            lines.append(f"- {entry['task']['name']}: Pearson {pair} = {value:.4f}")
+    for row in report["targets"]:
+        if "speedup" in row:
+            verdict = (f"{row['speedup']:.1f}x the fastest exact peer "
+                       f"({row['fastest_exact_peer']})")
+        elif "dominated_by" in row:
+            verdict = "; ".join(f"{peer} by {', '.join(by) or 'none'}"
+                                for peer, by in row["dominated_by"].items())
+        else:
+            verdict = row.get("note", "")
+        lines.append(f"- target {row['task']}: {'met' if row['met'] else 'not met'}"
+                     f"{'' if row['met'] is not None else ' (undecided)'}: {verdict}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,17 @@ def test_fastinfluence_matches_the_exact_reference(report):
     assert target["task"] == "cnn32-last" and "met" in target
 
 
+def test_summary_of_a_saved_report_runs_nothing_and_prints_its_tables(report, tmp_path,
+                                                                      capsys):
+    path = tmp_path / "saved.json"
+    path.write_text(json.dumps(report))
+    assert main(["--summary", str(path)]) == json.loads(json.dumps(report))
+    printed = capsys.readouterr().out
+    assert printed.startswith("`python benchmarks/bench_peers.py --sizes 32")
+    assert "| cnn32-last | fastinfluence |" in printed
+    assert "- target cnn32-last: " in printed
+
+
 @pytest.mark.parametrize("library", sorted(PEER_CHECKS))
 def test_peer(report, library):
     method = PEER_CHECKS[library]
