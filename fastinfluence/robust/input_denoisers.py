@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastinfluence.robust.denoising import DenoisingNet
+from fastinfluence.robust.loop import split_batches
 
 
 class ConvDenoiser(nn.Module):
@@ -69,7 +70,9 @@ class DenoisedClassifier(nn.Module):
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    return list(torch.randperm(n, generator=generator).split(batch_size))
+    """A random order of ``n`` indices in batches (:func:`~fastinfluence.robust.loop.
+    split_batches`: no train-mode BatchNorm step on a single image)."""
+    return split_batches(torch.randperm(n, generator=generator), batch_size)
 
 
 def train_reformer(reformer: ConvDenoiser, images: torch.Tensor, *, epochs: int = 10,

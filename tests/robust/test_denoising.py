@@ -211,3 +211,11 @@ def test_invalid_settings_are_refused():
     with pytest.raises(TypeError, match="DenoisingNet"):
         DenoisingTrainer(nn.Linear(2, 2), DenoisingConfig())
     assert isinstance(ImageDecoder(8, 3, 2)(torch.rand(1, 8, 4, 4)), torch.Tensor)
+
+
+def test_denoiser_batches_never_hold_a_single_image():
+    from fastinfluence.robust.input_denoisers import _batches
+
+    batches = _batches(17, 8, torch.Generator().manual_seed(0))
+    assert [len(b) for b in batches] == [8, 9]
+    assert sorted(torch.cat(batches).tolist()) == list(range(17))
