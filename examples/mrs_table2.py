@@ -101,6 +101,8 @@ PAPER_TABLE = {
     "Proposed model": ((0.71, 0.05), (0.69, 0.07), (0.73, 0.07), (0.73, 0.30)),
 }
 FIGURE_INPUTS = "figure_inputs"
+KINDS = ("svm", "rf", "plain", "noise", "mixing")
+"""The kinds of run (``--only``)."""
 # settings that a later command may extend on a finished --out (the others must be equal)
 EXTENDABLE = ("run_folds", "seeds")
 
@@ -255,6 +257,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train only the passes K, K+N, K+2N, ... (0-based; a pass is one seed and fold, "
              "Table 2's or the sweeps') of the full list, to share the work between processes "
              "or machines, each with its own copy of --out; --merge gathers them")
+    add("--only", nargs="+", choices=KINDS, default=list(KINDS),
+        help="train only these kinds of run now (mixing needs the plain network, which it "
+             "trains); the table shows what --out holds")
     add("--merge", type=Path, nargs="+", default=[], metavar="OUT",
         help="first add the runs of these --out folders (made with the same settings, e.g. by "
              "--shard) that --out lacks, and their figure inputs")
@@ -432,23 +437,23 @@ def run_key(kind: str, seed: int, fold: int, options: dict[str, Any] | None = No
 
 
 def fold_runs(settings: Settings, data: Any, folds: list[np.ndarray], seed: int, fold: int,
-              done: dict[str, dict], device: str, out: Path, save: Any, sweeps: bool) -> None:
-    """Every missing run of (seed, fold) (Table 2's, and with ``sweeps`` the sweeps'), each
-    saved (``save(record)``) as it finishes."""
+              done: dict[str, dict], device: str, out: Path, save: Any, sweeps: bool,
+              kinds: tuple[str, ...] = KINDS) -> None:
+    """Every missing run of (seed, fold) (Table 2's, and with ``sweeps`` the sweeps') of the
+    ``kinds`` (mixing trains the plain network too, as its distillation network), each saved
+    (``save(record)``) as it finishes."""
     f = make_fold(data, folds, fold, settings, seed)
     flat_train, flat_test = f.train[0][:, 0].numpy(), f.test[0][:, 0].numpy()
     for kind in ("svm", "rf"):
-        if run_key(kind, seed, fold) not in done:
+        if kind in kinds and run_key(kind, seed, fold) not in done:
             start = time.perf_counter()
             scores, threshold = baseline_scores(kind, flat_train, f.train[1].numpy(), flat_test,
                                                 seed=seed)
             save({"key": run_key(kind, seed, fold), "kind": kind, "seed": seed, "fold": fold,
                   "metrics": evaluate(f, scores, threshold),
                   "seconds": time.perf_counter() - start})
-    jobs = mixing_jobs(settings, fold, sweeps)
-    needs_distillation = run_key("plain", seed, fold) not in done or any(
-        run_key("mixing", seed, fold, job) not in done for job in jobs)
-    if needs_distillation and run_key("plain", seed, fold) not in done:
+    jobs = mixing_jobs(settings, fold, sweeps) if "mixing" in kinds else []
+    if ("plain" in kinds or jobs) and run_key("plain", seed, fold) not in done:
         config = DistillationConfig(**network_config(settings, seed, settings.epochs, device),
                                     threshold=settings.thresholds[0], distill_epochs=max(
                                         [settings.source_epoch, *settings.sweep_epochs]))
@@ -484,7 +489,7 @@ def fold_runs(settings: Settings, data: Any, folds: list[np.ndarray], seed: int,
         if seed == 0 and fold == settings.run_folds[0]:
             save_figure4_inputs(out, f, softmax_set)
         save(record)
-    if run_key("noise", seed, fold) not in done:
+    if "noise" in kinds and run_key("noise", seed, fold) not in done:
         x, y = noise_augment(*f.train, factor=settings.noise_factor, sigma=settings.noise_sigma,
                              generator=torch.Generator().manual_seed(seed))
         trainer = BalancedTrainer(new_model(settings, seed, fold), MRSConfig(
@@ -494,7 +499,7 @@ def fold_runs(settings: Settings, data: Any, folds: list[np.ndarray], seed: int,
         save({"key": run_key("noise", seed, fold), "kind": "noise", "seed": seed, "fold": fold,
               "metrics": evaluate(f, tumour_probability(trainer, f.test[0]), 0.5),
               "seconds": time.perf_counter() - start})
-    plain = done[run_key("plain", seed, fold)]
+    plain = done.get(run_key("plain", seed, fold))
     for job in jobs:
         key = run_key("mixing", seed, fold, job)
         if key in done:
@@ -882,7 +887,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with tqdm(jobs, desc="Table 2", unit="pass", disable=not args.progress) as bar:
             for seed, fold, sweeps in bar:
                 bar.set_postfix_str(f"seed {seed}, fold {fold}{', sweeps' if sweeps else ''}")
-                fold_runs(settings, data, folds, seed, fold, done, device, out, save, sweeps)
+                fold_runs(settings, data, folds, seed, fold, done, device, out, save, sweeps,
+                          tuple(args.only))
         write_table(out / "table.md", runs, settings, meta)
         paths = save_figures(out, runs, settings, data)
         print((out / "table.md").read_text())

@@ -164,3 +164,11 @@ def test_paired_lines_compare_each_row_with_plain_on_the_same_seed_and_fold(tabl
             ("Other", [run(0, 0, 0.7), run(0, 1, 0.7), run(1, 0, 0.602), run(1, 1, 0.9)])]
     lines = table2.paired_lines(rows)
     assert lines[2] == "| Other | 3 | +0.034 ± 0.125 | 1 / 1 / 1 |"
+
+
+def test_only_trains_the_kinds_asked_for(table2, tmp_path):
+    out = tmp_path / "baselines"
+    result = table2.main([*TINY, "--only", "svm", "rf", "plain", "--influence", "--sweep-folds",
+                          "--out", str(out)])
+    assert sorted(r["kind"] for r in result["runs"]) == ["plain", "rf", "svm"]
+    assert "| Noise augmentation | 0 |" in (out / "table.md").read_text()
