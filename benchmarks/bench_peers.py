@@ -182,7 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--summary", type=Path, default=None, metavar="JSON",
                         help="run nothing: print the table, agreement and targets of a saved "
-                             "report (the README's tables come from this)")
+                             "report (the README's tables come from this) and redraw its plot "
+                             "(the JSON's name with .png)")
     parser.add_argument("--out", type=Path, default=None,
                         help="default: results/peers_<device>.json")
     parser.add_argument("--plot", type=Path, default=None,
@@ -828,7 +829,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     markers = "osD^v<>pP*Xh"
     methods = sorted({m for e in report["tasks"] for m in e["methods"] if m != "reference"})
     colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
-    figure, axes = plt.subplots(figsize=(9, 6))
+    figure, axes = plt.subplots(figsize=(11, 6))
     points = 0
     for t, entry in enumerate(report["tasks"]):
         for method, r in entry["methods"].items():
@@ -850,7 +851,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes.set_title(f"influence scores: time vs accuracy (n_train={report['config']['n_train']}, "
                    f"{report['config']['threads']} threads)")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=7, loc="lower right", ncol=2)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # clear of points
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
@@ -866,6 +867,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.summary is not None:
         report = json.loads(args.summary.read_text())
         print(summary_text(report))
+        plot(report, args.summary.with_suffix(".png"))
         return report
     load_start = load_average()
     logs = Path(tempfile.mkdtemp(prefix="bench_peers_logs_"))

@@ -94,6 +94,7 @@ def test_summary_of_a_saved_report_runs_nothing_and_prints_its_tables(report, tm
     assert printed.startswith("`python benchmarks/bench_peers.py --sizes 32")
     assert "| cnn32-last | fastinfluence |" in printed
     assert "- target cnn32-last: " in printed
+    assert (tmp_path / "saved.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("library", sorted(PEER_CHECKS))
