@@ -653,7 +653,7 @@ def write_table(path: Path, runs: list[dict], settings: Settings, meta: dict[str
              "|---" * (len(METRICS) + 1) + "|"]
     paper += [f"| {name} | " + " | ".join(f"{m:.2f} ± {s:.2f}" for m, s in values) + " |"
               for name, values in PAPER_TABLE.items()]
-    plains = [r for r in runs if r["kind"] == "plain"]
+    plains = sorted((r for r in runs if r["kind"] == "plain"), key=lambda r: (r["seed"], r["fold"]))
     selection = ["| seed, fold | training set (mislabelled) | "
                  + " | ".join(f"softmax C, θ = {t}: size [healthy, tumour], mislabelled"
                               for t in settings.thresholds) + " | "
