@@ -198,6 +198,11 @@ def merge_outs(others: list[Path], out: Path, runs: list[dict[str, Any]],
     return merged, settings, commands
 
 
+def other_commands(commands: list[str], current: str | None) -> list[str]:
+    """``commands`` without repeats and without ``current``, in their order."""
+    return [c for c in dict.fromkeys(commands) if c != current]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -848,25 +853,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     earlier = [*saved_meta.get("earlier_commands", []), saved_meta.get("command", command)]
     meta = {
         "command": command,
-        "earlier_commands": [c for c in dict.fromkeys([*earlier, *merged_commands])
-                             if c != command],
+        "earlier_commands": other_commands([*earlier, *merged_commands], command),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} "
                    f"threads, {device}, torch {torch.__version__}",
     }
     if args.no_train and saved_meta:  # a redraw: the table names the commands that trained
-        meta = {**saved_meta, "earlier_commands": [
-            c for c in dict.fromkeys([*saved_meta.get("earlier_commands", []), *merged_commands])
-            if c != saved_meta.get("command")]}
+        meta = {**saved_meta, "earlier_commands": other_commands(
+            [*saved_meta.get("earlier_commands", []), *merged_commands], saved_meta.get("command"))}
     done = {r["key"]: r for r in runs}
+
+    def write_runs() -> None:
+        save_json(runs_path, {"settings": asdict(settings), "meta": meta, "runs": runs})
 
     def save(record: dict[str, Any]) -> None:
         runs.append(record)
         done[record["key"]] = record
-        save_json(runs_path, {"settings": asdict(settings), "meta": meta, "runs": runs})
+        write_runs()
         write_table(out / "table.md", runs, settings, meta)
 
     if args.merge:
-        save_json(runs_path, {"settings": asdict(settings), "meta": meta, "runs": runs})
+        write_runs()
     # Table 2 on every fold first, then the sweeps (with the first seed, as the paper's figures)
     jobs = [(seed, fold, False) for seed in range(settings.seeds) for fold in settings.run_folds]
     jobs += [(0, fold, True) for fold in settings.sweep_folds]

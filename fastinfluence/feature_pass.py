@@ -80,32 +80,31 @@ def head_feature_pass(fmodel: FunctionalModel) -> FeaturePass:
     def fast(x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        captured: list[torch.Tensor] = []
-        hook = head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
-        try:
-            with torch.no_grad():
-                output = graph_module(x)
-        finally:
-            hook.remove()
-        return captured[0], output if fmodel.output is None else fmodel.output(output)
+        features, output = _with_head_input(head, graph_module, x)
+        return features, output if fmodel.output is None else fmodel.output(output)
 
     return FeaturePass(plain, fast, f"fx copy: {', '.join(changes)}")
 
 
 def _module_pass(fmodel: FunctionalModel) -> Callable[[torch.Tensor], tuple[torch.Tensor, Any]]:
-    head = fmodel.selection.head
-
     def run(x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        captured: list[torch.Tensor] = []
-        hook = head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
-        try:
-            with torch.no_grad():
-                output = fmodel.logits(fmodel.theta, x)
-        finally:
-            hook.remove()
-        return captured[0], output
+        return _with_head_input(fmodel.selection.head, lambda x: fmodel.logits(fmodel.theta, x),
+                                x)
 
     return run
+
+
+def _with_head_input(head: nn.Module, forward: Callable[[torch.Tensor], Any],
+                     x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """The input ``head`` receives during ``forward(x)``, and ``forward(x)``; no gradients."""
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
+    try:
+        with torch.no_grad():
+            output = forward(x)
+    finally:
+        hook.remove()
+    return captured[0], output
 
 
 def _fx_copy(fmodel: FunctionalModel) -> tuple[fx.GraphModule, str, list[str], bool] | str:

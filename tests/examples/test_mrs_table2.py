@@ -16,6 +16,12 @@ TINY = ["--n-spectra", "100", "--n-patients", "16", "--width", "2", "--folds", "
         "--thresholds", "0.5", "0.55", "--threads", "1", "--no-progress"]
 
 
+def copy_out(source, target, **copytree_options):
+    """A copy of the ``--out`` folder ``source`` at ``target``, and its ``runs.json``."""
+    shutil.copytree(source, target, **copytree_options)
+    return json.loads((target / "runs.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def table2():
     return load_example("mrs_table2")
@@ -82,8 +88,7 @@ def test_resume_skips_finished_runs_and_refuses_other_settings(table2, finished)
 def test_more_folds_and_seeds_extend_a_finished_out(table2, finished, tmp_path):
     source, _ = finished
     out = tmp_path / "extended"
-    shutil.copytree(source, out)
-    before = json.loads((out / "runs.json").read_text())
+    before = copy_out(source, out)
     figure4 = (out / "figure_inputs" / "figure4.pt").read_bytes()
     with pytest.raises(SystemExit, match=r"other settings: alpha \(0.5 there, 0.3 here\)"):
         table2.main([*TINY, "--run-folds", "1", "--alpha", "0.3", "--out", str(out)])
@@ -110,11 +115,10 @@ def test_more_folds_and_seeds_extend_a_finished_out(table2, finished, tmp_path):
 
 def test_shards_share_the_passes_and_merge_into_the_unsharded_runs(table2, finished, tmp_path):
     source, _ = finished
-    before = json.loads((source / "runs.json").read_text())
     shards = []
     for k in (0, 1):
         shard = tmp_path / f"shard{k}"
-        shutil.copytree(source, shard)
+        before = copy_out(source, shard)
         table2.main([*TINY, "--run-folds", "1", "--seeds", "2", "--shard", f"{k}/2",
                      "--out", str(shard)])
         saved = json.loads((shard / "runs.json").read_text())
@@ -122,7 +126,7 @@ def test_shards_share_the_passes_and_merge_into_the_unsharded_runs(table2, finis
     # passes (0, 0) (0, 1) (1, 0) (1, 1), then the sweeps of (0, 0): every other one each
     assert shards == [{(1, 0)}, {(0, 1), (1, 1)}]
     out = tmp_path / "merged"
-    shutil.copytree(source, out, ignore=shutil.ignore_patterns("figure_inputs"))
+    copy_out(source, out, ignore=shutil.ignore_patterns("figure_inputs"))
     merged = table2.main([*TINY, "--no-train", "--out", str(out), "--merge",
                           str(tmp_path / "shard0"), str(tmp_path / "shard1")])
     saved = json.loads((out / "runs.json").read_text())
@@ -144,8 +148,7 @@ def test_shards_share_the_passes_and_merge_into_the_unsharded_runs(table2, finis
 def test_the_basis_is_a_setting_and_older_outs_read_as_multiplet(table2, finished, tmp_path):
     source, _ = finished
     out = tmp_path / "older"
-    shutil.copytree(source, out)
-    saved = json.loads((out / "runs.json").read_text())
+    saved = copy_out(source, out)
     assert saved["settings"].pop("basis") == "multiplet"
     (out / "runs.json").write_text(json.dumps(saved))  # as written before --basis existed
     again = table2.main([*TINY, "--no-train", "--out", str(out)])
