@@ -124,6 +124,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
                             world_size=world)
     try:
         result = measure(args)
+        dist.barrier()  # no rank tears the group down while a peer still talks to it
     finally:
         dist.destroy_process_group()
     if rank == 0:
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         dist.init_process_group(backend)
         try:
             result = measure(args)
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         if int(os.environ["RANK"]) == 0:

@@ -349,6 +349,8 @@ def run_score(config: ScoreConfig) -> dict[str, Any]:
             raise CommandError(f"--out: {error}") from error
         report = influence.report
         distributed = torch.distributed
+        if started:  # no rank tears the group down while a peer still talks to it
+            distributed.barrier()
         return {
             "distributed": (f"{distributed.get_backend()}, {distributed.get_world_size()} "
                             "rank(s)") if distributed.is_initialized() else None,

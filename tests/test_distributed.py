@@ -70,6 +70,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         results = {name: run_case(*case) for name, case in CASES.items()}
         results["written"] = written_scores(Path(out) / "resumable")
+        dist.barrier()  # no rank tears the group down while a peer still talks to it
     finally:
         dist.destroy_process_group()
     torch.save(results, Path(out) / f"rank{rank}.pt")
