@@ -116,19 +116,18 @@ def _fx_copy(fmodel: FunctionalModel) -> tuple[fx.GraphModule, str, list[str], b
         traced = fx.symbolic_trace(model)
     except Exception as error:  # noqa: BLE001 - any tracing failure means the plain pass
         return f"the model does not trace with torch.fx ({type(error).__name__})"
-    graph_module = copy.deepcopy(traced).to(device=fmodel.device)
     tensors = fmodel.tensors(fmodel.theta)
-    names = dict(graph_module.named_parameters()) | dict(graph_module.named_buffers())
-    if head_name not in dict(graph_module.named_modules()) or not set(names) <= set(tensors):
+    own = dict(traced.named_parameters()) | dict(traced.named_buffers())
+    if head_name not in dict(traced.named_modules()) or not set(own) <= set(tensors):
         return "the traced copy's modules do not match the model's"
-    with torch.no_grad():
-        for name in names:
-            owner, _, attribute = name.rpartition(".")
-            module = graph_module.get_submodule(owner)
-            value = tensors[name].detach().clone()
-            if isinstance(getattr(module, attribute), nn.Parameter):
-                value = nn.Parameter(value, requires_grad=False)
-            setattr(module, attribute, value)
+    # The copy takes the snapshot's values in place of the model's tensors (no second copy).
+    snapshot: dict[int, Any] = {}
+    for name, tensor in own.items():
+        value = tensors[name].detach().clone()
+        if isinstance(tensor, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=False)
+        snapshot[id(tensor)] = value
+    graph_module = copy.deepcopy(traced, snapshot).to(device=fmodel.device)
     changes = []
     folded = _fold_batchnorm(graph_module)
     if folded:
