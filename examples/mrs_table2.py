@@ -738,7 +738,9 @@ def save_figures(out: Path, runs: list[dict], settings: Settings, data: Any) -> 
     from matplotlib.figure import Figure
 
     paths = [save_mrs_class_means(data, out / "class_means.png", dpi=90)]
-    sweep_runs = [r for r in runs if r.get("fold") in settings.sweep_folds and "metrics" in r]
+    # The sweeps ran with the first seed only; their default points and lines use it too.
+    sweep_runs = [r for r in runs if r.get("seed") == 0 and r.get("fold") in settings.sweep_folds
+                  and "metrics" in r]
     lines = {name: [r["metrics"]["auc"] for r in sweep_runs if r["kind"] == kind]
              for name, kind in (("SVM", "svm"), ("RF", "rf"), ("plain ResCNN", "plain"),
                                 ("noise augmentation", "noise"))}
@@ -746,7 +748,7 @@ def save_figures(out: Path, runs: list[dict], settings: Settings, data: Any) -> 
             (5, "alpha", settings.sweep_alphas, "mixing weight α"),
             (6, "source_epoch", settings.sweep_epochs, "source epoch E"),
             (7, "factor", settings.sweep_factors, "augmentation factor")):
-        series = sweep_values(runs, settings, option, values)
+        series = sweep_values(sweep_runs, settings, option, values)
         if not any(aucs for s in series.values() for _, aucs in s):
             continue
         figure = Figure(figsize=(5.5, 3.6))
