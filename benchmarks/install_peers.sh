@@ -6,7 +6,41 @@
 # Not runtime dependencies of fastinfluence.
 #
 #   FASTINFLUENCE_VENV=/path/to/venv bash benchmarks/install_peers.sh   # default: .venv
+#   bash benchmarks/install_peers.sh --download DIR                     # wheels only, see below
+#
+# --download DIR fetches the wheels of the pinned packages (the peers and what only they need)
+# for another machine's Python (PEERS_PYTHON_VERSION, default 3.12; x86-64 Linux) and installs
+# nothing: an offline GPU machine that has the common packages installs them from DIR
+# (scripts/gpu_check.sh does).
 set -euo pipefail
+
+# The peers and what only they need, pinned to the versions of the committed runs (dask and
+# distributed must be the same release).
+PINNED=(
+    captum==0.9.0 pyDVL==0.10.0 kronfluence==1.0.1
+    # pyDVL; it imports dask and distributed (its "influence" extra) at import time
+    pyDeprecate==0.14.0 more-itertools==11.2.1 cloudpickle==3.1.3 psutil==7.2.2
+    dask==2026.8.0 distributed==2026.8.0 click==8.5.1 partd==1.4.2 locket==1.0.0 toolz==1.2.0
+    msgpack==1.2.4 sortedcontainers==2.4.0 tblib==3.2.2 tornado==6.6.1 zict==3.0.0
+    lazy-importer==0.1.0 zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
+    # Kronfluence (torchvision is declared but not imported by the modules used) and accelerate
+    accelerate==1.16.0 einops==0.8.2 einconv==0.1.0 opt-einsum==3.4.0 safetensors==0.8.0
+    huggingface_hub==2.4.0
+)
+# Common packages they also import: kept at the environment's versions, installed if missing.
+COMMON=(
+    matplotlib numpy packaging tqdm pandas scikit-learn scipy joblib typing-extensions jinja2
+    markupsafe urllib3 zipp importlib-metadata pyyaml filelock fsspec
+)
+
+if [[ "${1:-}" == "--download" ]]; then
+    [[ $# -eq 2 ]] || { echo "usage: install_peers.sh --download DIR" >&2; exit 2; }
+    python3 -m pip download --no-deps --only-binary=:all: --implementation cp \
+        --python-version "${PEERS_PYTHON_VERSION:-3.12}" --platform manylinux_2_28_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux1_x86_64 -d "$2" "${PINNED[@]}"
+    exit 0
+fi
 
 VENV="${FASTINFLUENCE_VENV:-.venv}"
 PYTHON="$VENV/bin/python"
@@ -19,25 +53,7 @@ torch_version() { "$PYTHON" -c "import torch; print(torch.__version__)"; }
 TORCH_BEFORE="$(torch_version)"
 echo "torch before: $TORCH_BEFORE"
 
-PEERS=(captum pyDVL kronfluence)
-# Requires-Dist of the peers (and of theirs) minus torch/torchvision, restricted to what the
-# imports of the benchmarked modules need: captum.influence, pydvl.influence.torch, kronfluence.
-DEPENDENCIES=(
-    # captum: matplotlib numpy packaging tqdm (usually present already)
-    matplotlib numpy packaging tqdm
-    # pyDVL: its numpy<2 pin is metadata only; the torch influence modules run on numpy 2
-    pyDeprecate more-itertools pandas scikit-learn scipy joblib cloudpickle psutil
-    typing-extensions
-    # pydvl.influence imports dask and distributed (its "influence" extra) at import time
-    dask distributed click partd locket toolz jinja2 markupsafe msgpack sortedcontainers tblib
-    tornado urllib3 zict importlib-metadata lazy-importer zipp zarr numcodecs donfig google-crc32c
-    # kronfluence (torchvision is declared but not imported by the modules used)
-    accelerate einops einconv opt-einsum safetensors
-    # accelerate
-    pyyaml huggingface_hub filelock fsspec
-)
-
-"$PYTHON" -m pip install --no-deps "${PEERS[@]}" "${DEPENDENCIES[@]}"
+"$PYTHON" -m pip install --no-deps "${PINNED[@]}" "${COMMON[@]}"
 
 TORCH_AFTER="$(torch_version)"
 echo "torch after: $TORCH_AFTER"
