@@ -41,8 +41,9 @@ sign and scale inside its adapter (the mapping, by peer):
   ``"all"``.
 * **fastinfluence**: ``fi.Influence(model, train, val, params=..., damping=λ, ...)`` then
   ``.scores()``; for ``"last"`` the defaults (closed-form head), for ``"all"`` the variants of
-  ``--fi-all`` (``cgN``: Gauss-Newton CG capped at N iterations; ``kfac``/``ekfac``: over the
-  Linear and Conv2d modules, BatchNorm left out as in Kronfluence).
+  ``--fi-all`` (``cgN``: Gauss-Newton CG capped at N iterations; ``woodbury``: the exact
+  Gauss-Newton solve through the n·C Jacobian rows; ``kfac``/``ekfac``: over the Linear and
+  Conv2d modules, BatchNorm left out as in Kronfluence).
 
 Pearson is sign-sensitive: each adapter returns scores in our sign (the rules above, checked on
 the head, where Naive/Direct are exact: their relative error to the reference is reported too).
@@ -168,7 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=None,
                         help="run only these methods (reference always runs)")
     parser.add_argument("--fi-all", nargs="+", default=["cg10", "cg50", "ekfac", "kfac"],
-                        help='fastinfluence variants for params="all": cgN, kfac, ekfac')
+                        help='fastinfluence variants for params="all": cgN, woodbury, kfac, '
+                             'ekfac')
     parser.add_argument("--peer-batch", type=int, default=32, help="peers' batch size")
     parser.add_argument("--naive-max-params", type=int, default=2000,
                         help="largest p for captum Naive / pyDVL Direct (explicit p×p Hessian)")
@@ -209,8 +211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.damping <= 0:
         parser.error("--damping must be > 0 (the Woodbury reference divides by it)")
     for variant in args.fi_all:
-        if variant not in ("kfac", "ekfac") and not (variant[:2] == "cg" and variant[2:].isdigit()):
-            parser.error(f"--fi-all: unknown variant {variant!r} (cgN, kfac, ekfac)")
+        if (variant not in ("kfac", "ekfac", "woodbury")
+                and not (variant[:2] == "cg" and variant[2:].isdigit())):
+            parser.error(f"--fi-all: unknown variant {variant!r} (cgN, woodbury, kfac, ekfac)")
     return args
 
 
@@ -326,6 +329,8 @@ def run_fastinfluence(variant: str | None):
         options: dict[str, Any] = dict(params=which, damping=args.damping)
         if variant in ("kfac", "ekfac"):
             options["hessian"] = variant
+        elif variant == "woodbury":
+            options.update(hessian="gauss-newton", solver="woodbury")
         elif variant is not None:
             options.update(hessian="gauss-newton", solver="cg", max_iter=int(variant[2:]))
         def fit():

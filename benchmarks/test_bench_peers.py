@@ -227,3 +227,16 @@ def test_runs_on_cuda(tmp_path):
     result = main(argv)
     fast = result["tasks"][0]["methods"]["fastinfluence"]
     assert fast["status"] == "ok" and fast["pearson"] > 0.999 and fast["peak_gpu_mib"] > 0
+
+
+def test_woodbury_variant_is_exact_on_all(tmp_path):
+    """``--fi-all woodbury`` solves the Gauss-Newton system exactly, as the reference does."""
+    report = main(["--sizes", "32", "--n-train", "8", "--n-val", "2", "--rounds", "1",
+                   "--threads", "1", "--train-steps", "2", "--params", "all", "--no-resnet",
+                   "--fi-all", "woodbury", "--methods", "fastinfluence-woodbury",
+                   "--out", str(tmp_path / "peers.json"), "--plot", str(tmp_path / "p.png")])
+    (entry,) = report["tasks"]
+    result = entry["methods"]["fastinfluence-woodbury"]
+    assert result["status"] == "ok", result
+    assert result["notes"]["solver"] == "woodbury"
+    assert result["pearson"] > 0.99999 and result["relative_error"] < 1e-3

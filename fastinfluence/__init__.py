@@ -14,6 +14,7 @@ from fastinfluence.hessian.solvers import (
     LiSSAConfig,
     NotPositiveDefiniteError,
     SolveReport,
+    WoodburyConfig,
 )
 from fastinfluence.scoring import Influence, InfluenceReport, score
 from fastinfluence.sharded_output import SettingsMismatchError, read_output
@@ -30,6 +31,7 @@ __all__ = [
     "NotPositiveDefiniteError",
     "SettingsMismatchError",
     "SolveReport",
+    "WoodburyConfig",
     "info",
     "read_output",
     "score",

@@ -136,8 +136,10 @@ class Influence:
         params: ``"last"`` (the trainable parameters of the last module with parameters to
             run; a frozen one is an error), ``"all"``, module names, or parameters of the
             model.
-        solver: ``"direct"``, ``"cg"``, ``"lissa"`` or ``"auto"`` (direct for small θ_S, CG
-            otherwise).
+        solver: ``"direct"``, ``"cg"``, ``"lissa"``, ``"woodbury"`` or ``"auto"`` (direct for
+            small θ_S, CG otherwise). ``"woodbury"``: the exact Gauss-Newton solve through the
+            training set's ``n·C`` Jacobian rows, for networks with ``n·C`` below ``p``
+            (:class:`~fastinfluence.WoodburyConfig`).
         damping: ``λ ≥ 0`` in ``H + λI``.
         hessian: ``"auto"`` (default: the exact Hessian for the closed-form head, where it
             equals Gauss-Newton; Gauss-Newton for networks), ``"exact"`` or ``"gauss-newton"``
@@ -157,7 +159,8 @@ class Influence:
             the same model, data and options loads ``s`` instead of solving
             (``report.reused_ihvp``); a directory of other settings is refused.
         **solver_options: fields of the solver's config (:class:`~fastinfluence.CGConfig`,
-            :class:`~fastinfluence.LiSSAConfig`, :class:`~fastinfluence.DirectConfig`).
+            :class:`~fastinfluence.LiSSAConfig`, :class:`~fastinfluence.DirectConfig`,
+            :class:`~fastinfluence.WoodburyConfig`).
 
     With ``params="last"`` on a final ``nn.Linear`` whose output is the model's output and the
     default loss, everything runs in closed form on features cached by one forward pass;

@@ -20,7 +20,7 @@ from fastinfluence import ops
 from fastinfluence.hessian.backends import CurvatureBackend
 from fastinfluence.progress import progress_bar
 
-SOLVERS = ("direct", "cg", "lissa", "auto")
+SOLVERS = ("direct", "cg", "lissa", "woodbury", "auto")
 
 
 class NotPositiveDefiniteError(ValueError):
@@ -108,10 +108,30 @@ class LiSSAConfig:
         _require_integer(self, "power_iters", minimum=1)
 
 
-CONFIGS = {"direct": DirectConfig, "cg": CGConfig, "lissa": LiSSAConfig}
+@dataclass(frozen=True)
+class WoodburyConfig:
+    """Exact Gauss-Newton solves through the training set's Jacobian rows (Woodbury identity).
+
+    Attributes:
+        max_gib: largest ``B`` (``n·C × p`` numbers) it builds, in GiB; above it the solver
+            refuses and CG is the way.
+        tol: relative residual above which the solve is reported as not converged.
+    """
+
+    max_gib: float = 8.0
+    tol: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _require_positive_finite(self, "max_gib")
+        _require_positive_finite(self, "tol")
 
 
-def make_config(solver: str, options: dict) -> DirectConfig | CGConfig | LiSSAConfig:
+CONFIGS = {"direct": DirectConfig, "cg": CGConfig, "lissa": LiSSAConfig,
+           "woodbury": WoodburyConfig}
+
+
+def make_config(solver: str, options: dict
+                ) -> DirectConfig | CGConfig | LiSSAConfig | WoodburyConfig:
     """Build the config of ``solver`` from keyword options, naming any unknown option."""
     config_type = CONFIGS[solver]
     known = {f.name for f in fields(config_type)}
@@ -250,6 +270,55 @@ class DirectSolver(Solver):
             return (vectors * self._solve(vectors)[0]).sum(dim=1)
         whitened = torch.linalg.solve_triangular(self.factor, vectors.T, upper=False)
         return (whitened * whitened).sum(dim=0)
+
+
+class WoodburySolver(Solver):
+    """``(G + λI)^{-1}`` of a Gauss-Newton matrix ``G = BᵀB`` of rank at most ``n·C`` (``B``:
+    the backend's ``factor_rows``), exactly, by the Woodbury identity
+
+        (BᵀB + λI)^{-1} b = (b − Bᵀ(BBᵀ + λI)^{-1} B b) / λ,
+
+    so the only factorisation is of the ``n·C × n·C`` matrix ``BBᵀ + λI`` (positive definite
+    for ``λ > 0``), built once and reused for every later solve. Cheaper than the direct solver
+    whenever ``n·C < p``; memory ``n·C·p`` numbers."""
+
+    name = "woodbury"
+
+    def __init__(self, operator: CurvatureBackend, damping: float, config: WoodburyConfig,
+                 progress: bool = False):
+        super().__init__(operator, damping, config, progress)
+        if operator.factor_rows is None:
+            raise ValueError(
+                "solver='woodbury' needs the Gauss-Newton curvature of a network in one process "
+                f"(hessian='gauss-newton', without torch.distributed); this is {operator.name!r}"
+            )
+        if not damping > 0:
+            raise ValueError(f"solver='woodbury' needs damping > 0, got {damping!r}")
+        # B has C rows per sample: one row per sample bounds its size before it is built.
+        _check_size(operator.num_samples * operator.dim * operator.dtype.itemsize, operator,
+                    config)
+        self.rows = operator.factor_rows()
+        _check_size(self.rows.numel() * self.rows.element_size(), operator, config)
+        gram = self.rows @ self.rows.T
+        gram.diagonal().add_(damping)
+        self.factor = torch.linalg.cholesky(gram)
+
+    def _solve(self, rhs):
+        inner = torch.cholesky_solve(self.rows @ rhs.T, self.factor)
+        return ((rhs.T - self.rows.T @ inner) / self.damping).T, 0, None
+
+    def _apply(self, vectors):
+        return (vectors @ self.rows.T) @ self.rows + self.damping * vectors
+
+
+def _check_size(size: int, operator: CurvatureBackend, config: WoodburyConfig) -> None:
+    """Refuse Woodbury rows of ``size`` bytes above ``config.max_gib``."""
+    if size / 2**30 > config.max_gib:
+        raise ValueError(
+            f"solver='woodbury' needs n·C × p numbers, {size / 2**30:.3g} GiB or more (n = "
+            f"{operator.num_samples}, p = {operator.dim}), above max_gib={config.max_gib:g}: "
+            "raise max_gib or use solver='cg'"
+        )
 
 
 class CGSolver(Solver):
@@ -460,6 +529,8 @@ def _require_positive_finite(config, name: str) -> None:
 
 def make_solver(name: str, operator: CurvatureBackend, damping: float, config,
                 progress: bool = False) -> Solver:
-    """The solver called ``name`` (``"direct"``, ``"cg"`` or ``"lissa"``) on ``operator``."""
-    kinds = {"direct": DirectSolver, "cg": CGSolver, "lissa": LiSSASolver}
+    """The solver called ``name`` (``"direct"``, ``"cg"``, ``"lissa"`` or ``"woodbury"``) on
+    ``operator``."""
+    kinds = {"direct": DirectSolver, "cg": CGSolver, "lissa": LiSSASolver,
+             "woodbury": WoodburySolver}
     return kinds[name](operator, damping, config, progress)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from fastinfluence.hessian.solvers import SOLVERS
+
 EMPHASES = ("helpful", "harmful")
 SELECTIONS = ("helpful", "harmful")
-SOLVERS = ("auto", "direct", "cg", "lissa")
 OPTIMIZERS = ("adam", "sgd")
 
 
