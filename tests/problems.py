@@ -39,6 +39,19 @@ class LSTMClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+def with_running_statistics(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``model`` in eval mode, its BatchNorm running statistics taken from ``2x + 0.5``
+    (non-trivial: neither zero mean nor unit variance)."""
+    model.train()
+    with torch.no_grad():
+        model(x * 2 + 0.5)
+    return model.eval()
+
+
 def make_problem(kind: str, seed: int = 0, n_train: int = 40, n_val: int = 10):
     """A float64 model (eval mode; BatchNorm with non-trivial running statistics) and data."""
     generator = torch.Generator().manual_seed(seed)
@@ -50,8 +63,6 @@ def make_problem(kind: str, seed: int = 0, n_train: int = 40, n_val: int = 10):
     y_train = torch.randint(0, 3, (n_train,), generator=generator)
     y_val = torch.randint(0, 3, (n_val,), generator=generator)
     if kind == "cnn":
-        model.train()
-        with torch.no_grad():
-            model(x_train * 2 + 0.5)
+        with_running_statistics(model, x_train)
     model.eval()
     return model, (x_train, y_train), (x_val, y_val)

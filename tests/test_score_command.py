@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from cli_models import tiny_image_model, tiny_mlp
+from problems import relative_error
 
 import fastinfluence as fi
 from fastinfluence.cli import main
@@ -48,10 +49,6 @@ def arguments(paths, out, *extra):
             "--val-labels", str(paths["val_y.pt"]), "--out", str(out), "--params", "all",
             "--damping", "0.5", "--solver", "cg", "--option", "tol=1e-12",
             "--option", "max_iter=500", "--chunk-size", "7", "--no-progress", *extra]
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).norm() / expected.norm())
 
 
 def test_scores_and_self_influence_equal_the_library(saved, tmp_path, capsys):

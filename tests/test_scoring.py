@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from problems import make_problem
+from problems import make_problem, relative_error
 
 import fastinfluence as fi
 from fastinfluence import reference
@@ -19,10 +19,6 @@ def safe_damping(model, plist, train) -> float:
     """A damping that makes H + λI positive definite (networks' exact Hessians are not)."""
     smallest = float(torch.linalg.eigvalsh(reference.hessian(model, plist, *train))[0])
     return max(0.01, 0.1 - smallest)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).norm() / expected.norm())
 
 
 SOLVER_OPTIONS = {

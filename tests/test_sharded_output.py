@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from problems import make_problem
+from problems import make_problem, relative_error
 
 import fastinfluence as fi
 from fastinfluence import sharded_output
@@ -21,10 +21,6 @@ from fastinfluence.hessian.solvers import Solver
 
 TESTS = Path(__file__).parent
 OPTIONS = {"solver": "direct", "damping": 0.5}
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).norm() / expected.norm())
 
 
 def count_rows(influence: fi.Influence) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from problems import make_problem
+from problems import make_problem, relative_error
 
 import fastinfluence as fi
 from fastinfluence import reference
@@ -13,10 +13,6 @@ from fastinfluence import reference
 
 def squared_error(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((output - F.one_hot(y, output.shape[1]).to(output.dtype)) ** 2).sum(dim=1)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).norm() / expected.norm())
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
