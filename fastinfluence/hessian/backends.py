@@ -476,20 +476,21 @@ class GaussNewtonBackend(NetworkBackend):
         ``Q_i = ∂²l/∂z_i²`` (PSD for a loss convex in the output). For the Woodbury solver."""
         fmodel = self.fmodel
 
-        def logits_of(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            return fmodel.logits(theta, x[None])[0]
+        def logits_of(theta: torch.Tensor, x: torch.Tensor):
+            logits = fmodel.logits(theta, x[None])[0]
+            return logits, logits.detach()  # the logits come back with their Jacobian
 
-        jacobian = torch.func.vmap(torch.func.jacrev(logits_of), in_dims=(None, 0))
+        jacobian = torch.func.vmap(torch.func.jacrev(logits_of, has_aux=True),
+                                   in_dims=(None, 0))
         blocks = []
         batches = self.train.batches(self.device, self.dtype)
         for x, y in progress_bar(batches, self.progress, "Gauss-Newton rows",
                                  self.train.num_batches()):
-            J = jacobian(fmodel.theta, x)
+            J, logits = jacobian(fmodel.theta, x)
             if J.dim() != 3:
                 raise ValueError("the Woodbury solver needs outputs of shape [batch, C]; got "
                                  f"per-sample outputs of shape {tuple(J.shape[1:-1])}")
             with torch.no_grad():
-                logits = fmodel.logits(fmodel.theta, x)
                 outputs = J.shape[1]
                 identity = torch.eye(outputs, dtype=J.dtype, device=J.device)
                 Q = fmodel.loss_hessian_vp(logits, y, identity[:, None].expand(-1, len(x), -1))
