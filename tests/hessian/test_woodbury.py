@@ -17,10 +17,12 @@ def squared_error(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("loss_fn", [None, squared_error], ids=["cross-entropy", "squared"])
-def test_rows_factor_the_explicit_gauss_newton_matrix(kind, loss_fn):
+@pytest.mark.parametrize("chunking", [{}, dict(batch_size=5, chunk_size=2)],
+                         ids=["one-chunk", "uneven-chunks"])
+def test_rows_factor_the_explicit_gauss_newton_matrix(kind, loss_fn, chunking):
     model, train, val = make_problem(kind, seed=11, n_train=9, n_val=4)
     inf = fi.Influence(model, train, val, params="all", hessian="gauss-newton",
-                       solver="woodbury", loss_fn=loss_fn)
+                       solver="woodbury", loss_fn=loss_fn, **chunking)
     rows = inf.solver.rows
     assert rows.shape == (9 * 3, inf.report.num_params)
     explicit = reference.gauss_newton(model, list(model.parameters()), *train, loss_fn=loss_fn)
@@ -67,6 +69,8 @@ def test_refuses_what_it_cannot_solve(options, message):
 def test_config_is_validated():
     with pytest.raises(ValueError, match="max_gib"):
         fi.WoodburyConfig(max_gib=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fi.WoodburyConfig(chunk_size=0)
     with pytest.raises(TypeError, match="unknown option"):
         fi.Influence(*make_problem("mlp", n_train=4, n_val=2), params="all", solver="woodbury",
                      depth=3)
