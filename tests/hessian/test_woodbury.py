@@ -9,6 +9,7 @@ from problems import make_problem, relative_error
 
 import fastinfluence as fi
 from fastinfluence import reference
+from fastinfluence.hessian.solvers import _gram
 
 
 def squared_error(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -74,3 +75,9 @@ def test_config_is_validated():
     with pytest.raises(TypeError, match="unknown option"):
         fi.Influence(*make_problem("mlp", n_train=4, n_val=2), params="all", solver="woodbury",
                      depth=3)
+
+
+@pytest.mark.parametrize("block", [1, 3, 4, 10, 64])
+def test_block_triangle_gram_equals_the_full_product(block):
+    rows = torch.randn(10, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(block))
+    assert torch.allclose(_gram(rows, block), rows @ rows.T, rtol=0, atol=1e-12)
