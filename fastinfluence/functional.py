@@ -147,3 +147,23 @@ class FunctionalModel:
             return torch.func.jvp(grad_z, (logits,), (u,))[1]
 
         return torch.func.vmap(one)(tangents)
+
+    def loss_hessian_roots(
+        self, logits: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, bool]:
+        """Columns ``r_c`` ``[C, batch, C]`` with ``Σ_c r_c r_cᵀ = ∂²l/∂z²`` per sample (for a
+        loss non-convex in ``z``: of its positive semi-definite part), and whether the loss is
+        convex there (no eigenvalue below ``-1e-6`` of the largest)."""
+        if self.uses_cross_entropy:  # diag(p) − ppᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ
+            probs = torch.softmax(logits, dim=-1)
+            eye = torch.eye(probs.shape[1], dtype=probs.dtype, device=probs.device)
+            roots = probs.sqrt()[:, :, None] * (eye[None] - probs[:, None, :])
+            return roots.permute(1, 0, 2), True
+        outputs = logits.shape[-1]
+        identity = torch.eye(outputs, dtype=logits.dtype, device=logits.device)
+        hessians = self.loss_hessian_vp(logits, y, identity[:, None].expand(-1, len(y), -1))
+        hessians = hessians.transpose(0, 1)  # [batch, C, C]: column c of sample i is [c, i]
+        values, vectors = torch.linalg.eigh((hessians + hessians.mT) / 2)
+        convex = not bool((values < -1e-6 * values.abs().amax().clamp_min(1)).any())
+        roots = vectors * values.clamp_min(0).sqrt()[:, None, :]
+        return roots.permute(2, 0, 1), convex

@@ -100,3 +100,28 @@ def test_loss_tangents_do_not_write_their_inputs():
     fmodel.loss_hessian_vp(logits, labels, directions)
     assert all(torch.equal(a, b) for a, b in zip(copies, (logits, labels, directions),
                                                 strict=True))
+
+
+def squared_error(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return ((logits - F.one_hot(targets, logits.shape[1]).to(logits.dtype)) ** 2).sum(dim=1)
+
+
+def concave(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -(logits ** 2).sum(dim=1) + logits[:, 0] ** 2
+
+
+@pytest.mark.parametrize(("loss_fn", "convex"), [(None, True), (squared_error, True),
+                                                 (concave, False)],
+                         ids=["cross-entropy", "squared", "non-convex"])
+def test_loss_hessian_roots_square_to_the_hessians_psd_part(loss_fn, convex):
+    _, fmodel, _ = functional_model(loss_fn=loss_fn, kind="logistic")
+    logits, labels, _ = random_logits(seed=3)
+    loss = (lambda z, t: F.cross_entropy(z, t, reduction="none")) if loss_fn is None else loss_fn
+    roots, is_convex = fmodel.loss_hessian_roots(logits, labels)
+    assert roots.shape == (4, 6, 4) and is_convex == convex
+    for i in range(len(labels)):
+        label = labels[i:i + 1]
+        hessian = torch.func.hessian(lambda z, t=label: loss(z[None], t)[0])(logits[i])
+        values, vectors = torch.linalg.eigh(hessian)
+        psd_part = vectors @ torch.diag(values.clamp_min(0)) @ vectors.T
+        assert torch.allclose(roots[:, i].T @ roots[:, i], psd_part, rtol=1e-10, atol=1e-12)

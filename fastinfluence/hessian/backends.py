@@ -471,10 +471,10 @@ class GaussNewtonBackend(NetworkBackend):
         return torch.func.vmap(pullback)(curved)[0]
 
     def factor_rows(self, chunk_size: int) -> torch.Tensor:
-        """``B`` ``[n·C, p]`` with ``BᵀB = C``: the rows ``Q_i^{1/2} J_i / √n`` of every training
+        """``B`` ``[n·C, p]`` with ``BᵀB = C``: the rows ``R_iᵀ J_i / √n`` of every training
         sample, ``J_i = ∂z_i/∂θ`` ``[C, p]`` (reverse mode, one row per output) and
-        ``Q_i = ∂²l/∂z_i²`` (PSD for a loss convex in the output), ``chunk_size`` samples per
-        vectorised Jacobian. For the Woodbury solver."""
+        ``R_i R_iᵀ = ∂²l/∂z_i²`` (a root of the loss's output Hessian, which must be PSD),
+        ``chunk_size`` samples per vectorised Jacobian. For the Woodbury solver."""
         fmodel = self.fmodel
 
         def logits_of(theta: torch.Tensor, x: torch.Tensor):
@@ -494,23 +494,18 @@ class GaussNewtonBackend(NetworkBackend):
         return torch.cat(blocks) / self.num_samples**0.5
 
     def _rows_of(self, jacobian: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``Q_i^{1/2} J_i`` of the samples ``x``, stacked ``[len(x)·C, p]``."""
+        """``R_iᵀ J_i`` of the samples ``x``, stacked ``[len(x)·C, p]``."""
         fmodel = self.fmodel
         J, logits = jacobian(fmodel.theta, x)
         if J.dim() != 3:
             raise ValueError("the Woodbury solver needs outputs of shape [batch, C]; got "
                              f"per-sample outputs of shape {tuple(J.shape[1:-1])}")
         with torch.no_grad():
-            outputs = J.shape[1]
-            identity = torch.eye(outputs, dtype=J.dtype, device=J.device)
-            Q = fmodel.loss_hessian_vp(logits, y, identity[:, None].expand(-1, len(x), -1))
-            Q = Q.transpose(0, 1)  # [batch, C, C]: Q_i's column c is Q[c, i]
-            values, vectors = torch.linalg.eigh((Q + Q.mT) / 2)
-            if bool((values < -1e-6 * values.abs().amax().clamp_min(1)).any()):
+            roots, convex = fmodel.loss_hessian_roots(logits, y)  # [C, batch, C]
+            if not convex:
                 raise ValueError("the Woodbury solver needs a loss convex in the model's "
                                  "output (its Hessian there has a negative eigenvalue)")
-            root = vectors @ torch.diag_embed(values.clamp_min(0).sqrt()) @ vectors.mT
-            return (root @ J).reshape(-1, J.shape[-1])
+            return torch.einsum("cbo,bop->bcp", roots, J).reshape(-1, J.shape[-1])
 
 
 class KroneckerBackend(NetworkBackend):

@@ -223,7 +223,7 @@ class KroneckerCurvature:
                     hook.remove()
             if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
                 raise ValueError("K-FAC needs [batch, outputs] model outputs")
-            roots = self._loss_hessian_roots(logits.detach(), y)  # [C, B, outputs]
+            roots, _ = fmodel.loss_hessian_roots(logits.detach(), y)  # its PSD part
             names = [layer.name for layer in self.layers]
             grads: dict[str, list[torch.Tensor]] = {name: [] for name in names}
             for column in roots:
@@ -256,24 +256,6 @@ class KroneckerCurvature:
             ones = patches.new_ones(*patches.shape[:2], 1)
             patches = torch.cat([patches, ones], dim=2)
         return patches
-
-    def _loss_hessian_roots(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Columns ``r_c`` with ``Σ_c r_c r_cᵀ = ∂²l/∂z²`` per sample: ``[C, B, outputs]``."""
-        if self.fmodel.uses_cross_entropy:
-            probs = torch.softmax(logits, dim=1)
-            eye = torch.eye(probs.shape[1], dtype=probs.dtype, device=probs.device)
-            roots = probs.sqrt()[:, :, None] * (eye[None] - probs[:, None, :])
-            return roots.permute(1, 0, 2)
-
-        def per_sample_hessian(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return torch.func.hessian(
-                lambda u: self.fmodel.per_sample(u[None], target[None])[0]
-            )(z)
-
-        hessians = torch.func.vmap(per_sample_hessian)(logits, y)
-        values, vectors = torch.linalg.eigh(hessians)  # a loss non-convex in z: its PSD part
-        roots = vectors * values.clamp_min(0).sqrt()[:, None, :]
-        return roots.permute(2, 0, 1)
 
 
 def _positions(gradient: torch.Tensor) -> torch.Tensor:
