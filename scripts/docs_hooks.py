@@ -19,8 +19,10 @@ import logging
 import posixpath
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mkdocs.structure.files import File, Files
+if TYPE_CHECKING:
+    from mkdocs.structure.files import Files
 
 log = logging.getLogger("mkdocs.hooks.fastinfluence")
 
@@ -28,7 +30,8 @@ REPO_PREFIX = "_repo"
 LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 REGISTRY_MARK = "<!-- layer-registry -->"
-REGISTRIES = {"MODULE_RULES": "module", "FUNCTION_RULES": "function", "METHOD_RULES": "tensor method"}
+REGISTRIES = {"MODULE_RULES": "module", "FUNCTION_RULES": "function",
+              "METHOD_RULES": "tensor method"}
 
 
 def _repo_root(config) -> Path:
@@ -56,6 +59,8 @@ def _resolve(source: Path, target: str, root: Path) -> Path | None:
 
 def on_files(files: Files, config) -> Files:
     """Adds every repository file outside docs/ that a page links, transitively."""
+    from mkdocs.structure.files import File  # here, so tests can read the registry without mkdocs
+
     root, docs = _repo_root(config), Path(config["docs_dir"]).resolve()
     pending = [Path(f.abs_src_path) for f in files.documentation_pages()]
     seen = set(pending)
@@ -111,7 +116,8 @@ def _registry_entries(tree: ast.Module) -> dict[str, list[tuple[str, str]]]:
                 if (isinstance(target, ast.Name) and target.id in REGISTRIES
                         and isinstance(node.value, ast.Dict)):
                     entries[target.id] = [(ast.unparse(k), ast.unparse(v))
-                                          for k, v in zip(node.value.keys, node.value.values)]
+                                          for k, v in zip(node.value.keys, node.value.values,
+                                                          strict=True)]
                 elif (isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name)
                         and target.value.id in entries):
                     entries[target.value.id].append((ast.unparse(target.slice),
