@@ -10,5 +10,6 @@ VENV="${FASTINFLUENCE_VENV:-.venv}"
 "$VENV/bin/python" -m fastinfluence info
 DOCS_SITE="$(mktemp -d)"
 trap 'rm -rf "$DOCS_SITE"' EXIT
-NO_MKDOCS_2_WARNING=1 "$VENV/bin/mkdocs" build --strict --quiet -d "$DOCS_SITE"
+# Not --quiet: it hides the warnings that --strict counts, and the build would pass.
+NO_MKDOCS_2_WARNING=1 "$VENV/bin/mkdocs" build --strict -d "$DOCS_SITE"
 "$VENV/bin/python" -m pytest -q "$@"
