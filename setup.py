@@ -1,7 +1,6 @@
 """Packaging build: the Python package plus the native extension ``fastinfluence._C``.
 
-The native sources live in ``csrc/``; see docs/design.md §4 and the README's "Native kernels"
-section.
+The native sources live in ``csrc/``; see docs/design.md §4 and docs/guide/native.md.
 
 ``FASTINFLUENCE_CUDA`` picks the kernels that are compiled:
   ``auto`` (default): CPU, plus CUDA when torch was built with CUDA and nvcc is found;

