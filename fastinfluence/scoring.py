@@ -82,6 +82,9 @@ class InfluenceReport:
         hessian: the curvature that ran, ``"exact"`` or ``"gauss-newton"`` (``"auto"``
             resolved; the closed-form head's Hessian is both).
         num_params: size ``p`` of θ_S.
+        shared_parameters: the selected tensors tied to several modules (one weight under
+            several names): each one's name in θ_S (the first name ``named_parameters()``
+            gives it) → its other names; θ_S holds it once and its derivatives sum every use.
         world_size: the ranks that took part (1 without ``torch.distributed``).
         dtype: the dtype of the computation (float32 for float16/bfloat16 models).
         scoring: how directional derivatives (scores, pairwise, and ``J V`` in Gauss-Newton
@@ -116,6 +119,7 @@ class InfluenceReport:
     reused_ihvp: bool = False
     query_solve: SolveReport | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    shared_parameters: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class Influence:
@@ -478,6 +482,7 @@ class Influence:
             scoring=backend.scoring,
             scoring_reason=backend.scoring_reason,
             feature_pass=backend.feature_pass,
+            shared_parameters=dict(self.selection.shared),
         )
 
     def _default_batch_size(self, sample_bytes: int) -> int:
