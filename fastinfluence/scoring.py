@@ -46,6 +46,7 @@ from fastinfluence.hessian.solvers import (
 from fastinfluence.labelled_data import DataLike, LabelledData, cast_inputs
 from fastinfluence.params import ParamsSpec, select_parameters
 from fastinfluence.progress import progress_bar
+from fastinfluence.sample_independence import check_sample_independence
 from fastinfluence.sharded_output import (
     DEFAULT_CHUNK_SIZE,
     OutputDirectory,
@@ -211,6 +212,7 @@ class Influence:
         with eval_mode(model):
             example = cast_inputs(model_example, self.fmodel.device, self.fmodel.dtype)
             probe = probe_model(self.fmodel, example)
+            check_sample_independence(self.fmodel, example, self.train)
             self.num_classes = probe.num_classes
             if batch_size is None:
                 self.batch_size = self._default_batch_size(probe.sample_bytes)
