@@ -66,6 +66,8 @@ def test_a_model_that_mixes_the_samples_of_a_batch_is_refused_naming_the_module(
     with pytest.raises(ValueError, match=message + r".*depends on the other samples"):
         fi.Influence(model, data(shape, 12), data(shape, 4), params="all",
                      batch_size=batch_size)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not any(m.training for m in model.modules())
 
 
 def ordinary_models():
