@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,12 +17,18 @@ class ParameterSelection:
 
     ``names`` index ``model.named_parameters()``; the flat vector of the selection is the
     concatenation of the flattened tensors in this order (docs/design.md §2, ``Influence.ihvp``).
+    A tensor tied to several modules is one entry, under the first name ``named_parameters()``
+    gives it (``functional_call`` then reaches every use of it).
     """
 
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
     head: nn.Linear | None
-    """The ``nn.Linear`` whose weight (and bias, if it has one) are exactly the selection."""
+    """The ``nn.Linear`` whose weight (and bias, if it has one) are exactly the selection, none
+    of them shared with another module."""
+    shared: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Each selected tensor the model lists under several names (tied weights): its name in
+    ``names`` → its other names."""
 
     @property
     def numel(self) -> int:
@@ -54,24 +60,27 @@ def select_parameters(
         params: one of
 
             * ``"last"``: the trainable parameters of the last module with parameters of its
-              own to *run* on ``example`` (its forward finishes last). Without ``example``
-              the last such module in registration order is taken, which differs when, say,
-              an output layer is registered before the body. A last module whose parameters
-              are all frozen (``requires_grad=False``) is an error, not skipped: the layer
-              before it is not what "last" means; name the parameters (or ``"all"``) instead.
+              own to *run* on ``example`` (its forward finishes last), a weight it shares
+              with another module (tied) included. Without ``example`` the last such module
+              in registration order is taken, which differs when, say, an output layer is
+              registered before the body. A last module whose parameters are all frozen
+              (``requires_grad=False``) is an error, not skipped: the layer before it is not
+              what "last" means; name the parameters (or ``"all"``) instead.
             * ``"all"``: every parameter that requires grad.
             * module or parameter names (``"fc"``, ``"fc.weight"``): all their parameters,
-              frozen or not.
+              frozen or not; a tied parameter or shared module is found under any of its
+              names.
             * parameters of the model.
         example: a batch the model accepts (on its device), run once in eval mode without
             gradients to find the module that runs last; used only by ``"last"``.
     """
     named = dict(model.named_parameters())
+    canonical, tied = _parameter_names(model)
     if not named:
         raise ValueError("the model has no parameters: there is nothing to take influence over")
     if isinstance(params, str):
         if params == "last":
-            names = _names_of_last_module(model, named, example)
+            names = _names_of_last_module(model, named, canonical, example)
         elif params == "all":
             names = [n for n, p in named.items() if p.requires_grad]
             if not names:
@@ -86,7 +95,7 @@ def select_parameters(
         if not items:
             raise ValueError("params is an empty list: select at least one parameter")
         if all(isinstance(item, str) for item in items):
-            names = _names_of_modules(model, named, items)
+            names = _names_of_modules(model, named, canonical, items)
         elif all(isinstance(item, torch.Tensor) for item in items):
             by_id = {id(p): n for n, p in named.items()}
             missing = [i for i, item in enumerate(items) if id(item) not in by_id]
@@ -97,11 +106,36 @@ def select_parameters(
         else:
             raise TypeError("params as a list must hold only module names or only parameters")
     shapes = tuple(named[n].shape for n in names)
-    return ParameterSelection(tuple(names), shapes, _linear_head(model, names))
+    shared = {name: tied[name] for name in names if name in tied}
+    # A head whose weight another module also uses is not a head: θ_S moves its features too.
+    head = None if shared else _linear_head(model, names)
+    return ParameterSelection(tuple(names), shapes, head, shared)
+
+
+def _parameter_names(model: nn.Module) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """Every name of every parameter → its first, the one ``named_parameters()`` lists it
+    under (a tied weight has several names, so has each parameter of a module registered
+    under several names); and, for each tensor that several modules hold (tied), its first
+    name → its other names."""
+    canonical: dict[str, str] = {}
+    first: dict[int, str] = {}
+    holders: dict[int, set[int]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, tensor in module.named_parameters(prefix=module_name, recurse=False,
+                                                     remove_duplicate=False):
+            canonical[name] = first.setdefault(id(tensor), name)
+            holders.setdefault(id(tensor), set()).add(id(module))
+    tied = {first[key]: tuple(name for name, name_first in canonical.items()
+                              if name_first == first[key] and name != first[key])
+            for key, modules in holders.items() if len(modules) > 1}
+    return canonical, tied
 
 
 def _names_of_last_module(
-    model: nn.Module, named: dict[str, nn.Parameter], example: torch.Tensor | None
+    model: nn.Module,
+    named: dict[str, nn.Parameter],
+    canonical: dict[str, str],
+    example: torch.Tensor | None,
 ) -> list[str]:
     owners = {name: module for name, module in model.named_modules()
               if any(True for _ in module.parameters(recurse=False))}
@@ -111,8 +145,8 @@ def _names_of_last_module(
     else:
         last_name = _last_to_run(model, owners, example)
         how = "the last module with parameters to run on the example batch"
-    prefix = f"{last_name}." if last_name else ""
-    own = [prefix + local for local, _ in owners[last_name].named_parameters(recurse=False)]
+    own = {canonical[name] for name, _ in owners[last_name].named_parameters(
+        prefix=last_name, recurse=False, remove_duplicate=False)}
     names = [n for n in named if n in own and named[n].requires_grad]
     if not names:
         shown = repr(last_name) if last_name else "the model itself"
@@ -146,16 +180,19 @@ def _last_to_run(model: nn.Module, owners: dict[str, nn.Module], example: torch.
 
 
 def _names_of_modules(
-    model: nn.Module, named: dict[str, nn.Parameter], module_names: Sequence[str]
+    model: nn.Module,
+    named: dict[str, nn.Parameter],
+    canonical: dict[str, str],
+    module_names: Sequence[str],
 ) -> list[str]:
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     chosen: set[str] = set()
     for module_name in module_names:
         if module_name in modules:
-            prefix = f"{module_name}." if module_name else ""
-            found = [n for n in named if n.startswith(prefix)]
-        elif module_name in named:
-            found = [module_name]
+            found = [canonical[name] for name, _ in modules[module_name].named_parameters(
+                prefix=module_name, remove_duplicate=False)]
+        elif module_name in canonical:
+            found = [canonical[module_name]]
         else:
             known = ", ".join(repr(n) for n in list(modules)[1:12])
             raise ValueError(

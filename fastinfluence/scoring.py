@@ -46,6 +46,7 @@ from fastinfluence.hessian.solvers import (
 from fastinfluence.labelled_data import DataLike, LabelledData, cast_inputs
 from fastinfluence.params import ParamsSpec, select_parameters
 from fastinfluence.progress import progress_bar
+from fastinfluence.sample_independence import check_sample_independence
 from fastinfluence.sharded_output import (
     DEFAULT_CHUNK_SIZE,
     OutputDirectory,
@@ -82,6 +83,9 @@ class InfluenceReport:
         hessian: the curvature that ran, ``"exact"`` or ``"gauss-newton"`` (``"auto"``
             resolved; the closed-form head's Hessian is both).
         num_params: size ``p`` of θ_S.
+        shared_parameters: the selected tensors tied to several modules (one weight under
+            several names): each one's name in θ_S (the first name ``named_parameters()``
+            gives it) → its other names; θ_S holds it once and its derivatives sum every use.
         world_size: the ranks that took part (1 without ``torch.distributed``).
         dtype: the dtype of the computation (float32 for float16/bfloat16 models).
         scoring: how directional derivatives (scores, pairwise, and ``J V`` in Gauss-Newton
@@ -116,6 +120,7 @@ class InfluenceReport:
     reused_ihvp: bool = False
     query_solve: SolveReport | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    shared_parameters: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class Influence:
@@ -207,6 +212,7 @@ class Influence:
         with eval_mode(model):
             example = cast_inputs(model_example, self.fmodel.device, self.fmodel.dtype)
             probe = probe_model(self.fmodel, example)
+            check_sample_independence(self.fmodel, example, self.train)
             self.num_classes = probe.num_classes
             if batch_size is None:
                 self.batch_size = self._default_batch_size(probe.sample_bytes)
@@ -478,6 +484,7 @@ class Influence:
             scoring=backend.scoring,
             scoring_reason=backend.scoring_reason,
             feature_pass=backend.feature_pass,
+            shared_parameters=dict(self.selection.shared),
         )
 
     def _default_batch_size(self, sample_bytes: int) -> int:

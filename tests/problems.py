@@ -39,6 +39,25 @@ class LSTMClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
+class TiedEncoderDecoder(nn.Module):
+    """An encoder and a decoder sharing one square weight (``decoder.weight is
+    encoder.weight``, listed once by ``named_parameters()``, as ``encoder.weight``); the
+    decoder's output is the model's. ``output_first`` registers the decoder first, so the
+    shared weight is listed under the decoder's name."""
+
+    def __init__(self, features: int = 5, output_first: bool = False) -> None:
+        super().__init__()
+        if output_first:
+            self.decoder = nn.Linear(features, features)
+        self.encoder = nn.Linear(features, features)
+        if not output_first:
+            self.decoder = nn.Linear(features, features)
+        self.decoder.weight = self.encoder.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.tanh(self.encoder(x)))
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / expected.norm())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from problems import TiedEncoderDecoder
 from torch import nn
 
 from fastinfluence.params import select_parameters
@@ -122,6 +123,39 @@ def test_a_linear_without_bias_is_a_head_by_its_weight_alone():
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3, bias=False))
     selection = select_parameters(model, "last", example=EXAMPLE)
     assert selection.names == ("2.weight",) and selection.head is model[2]
+
+
+@pytest.mark.parametrize(
+    "params", ["last", ["decoder"], ["decoder.weight", "decoder.bias"], ["encoder.weight",
+                                                                         "decoder.bias"]])
+def test_a_tied_weight_is_selected_once_under_its_first_name_by_any_of_its_names(params):
+    """``decoder.weight is encoder.weight``: the decoder uses 30 parameters, not its bias alone
+    (``named_parameters()`` lists the shared tensor once, as ``encoder.weight``)."""
+    model = TiedEncoderDecoder()
+    selection = select_parameters(model, params, example=torch.randn(2, 5))
+    assert selection.names == ("encoder.weight", "decoder.bias")
+    assert selection.numel == 30
+    assert selection.shared == {"encoder.weight": ("decoder.weight",)}
+    assert selection.head is None
+
+
+def test_a_linear_whose_weight_another_module_uses_is_no_head():
+    model = TiedEncoderDecoder(output_first=True)
+    selection = select_parameters(model, "last", example=torch.randn(2, 5))
+    assert selection.names == ("decoder.weight", "decoder.bias")
+    assert selection.shared == {"decoder.weight": ("encoder.weight",)}
+    assert selection.head is None
+    assert select_parameters(mlp(), "last", example=EXAMPLE).shared == {}
+
+
+def test_a_module_registered_under_two_names_is_found_under_either_and_is_not_tied():
+    model = nn.Module()
+    model.body = mlp()
+    model.output = model.body[2]  # an alias of one module: nothing else uses its weight
+    for params in (["output"], ["output.weight", "body.2.bias"]):
+        selection = select_parameters(model, params)
+        assert selection.names == ("body.2.weight", "body.2.bias")
+        assert selection.shared == {} and selection.head is model.output
 
 
 @pytest.mark.parametrize(

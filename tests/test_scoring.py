@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from problems import make_problem, relative_error
+from problems import TiedEncoderDecoder, make_problem, relative_error
 
 import fastinfluence as fi
 from fastinfluence import reference
@@ -59,6 +59,28 @@ def test_gauss_newton_matches_explicit_solve(kind, solver):
                        hessian="gauss-newton", **SOLVER_OPTIONS[solver])
     assert relative_error(inf.ihvp, s) < 1e-7
     assert relative_error(inf.scores(), expected) < 1e-7
+
+
+@pytest.mark.parametrize(("output_first", "params"), [
+    (False, "last"), (False, ["decoder"]), (False, ["decoder.weight", "decoder.bias"]),
+    (True, "last")])
+def test_a_tied_weight_is_scored_at_every_use(output_first, params):
+    """``decoder.weight is encoder.weight``: θ_S holds the shared tensor once and its
+    influence counts both uses (with ``output_first`` the decoder is a final Linear whose
+    weight the encoder uses too, so its closed form would be wrong)."""
+    torch.manual_seed(0)
+    model = TiedEncoderDecoder(output_first=output_first).double().eval()
+    generator = torch.Generator().manual_seed(1)
+    train, val = ((torch.randn(n, 5, generator=generator, dtype=torch.float64),
+                   torch.randint(0, 5, (n,), generator=generator)) for n in (30, 8))
+    plist = [model.decoder.weight, model.decoder.bias]
+    damping = safe_damping(model, plist, train)
+    expected = reference.influence_scores(model, plist, train, val, damping)
+    inf = fi.Influence(model, train, val, params=params, damping=damping, hessian="exact")
+    assert inf.report.num_params == 30 and inf.report.path == "autograd"
+    first, other = ("decoder", "encoder") if output_first else ("encoder", "decoder")
+    assert inf.report.shared_parameters == {f"{first}.weight": (f"{other}.weight",)}
+    assert relative_error(inf.scores(), expected) < 1e-9
 
 
 def test_gauss_newton_equals_exact_hessian_for_the_head():
