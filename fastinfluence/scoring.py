@@ -43,7 +43,7 @@ from fastinfluence.hessian.solvers import (
     make_config,
     make_solver,
 )
-from fastinfluence.labelled_data import DataLike, LabelledData, cast_inputs
+from fastinfluence.labelled_data import DataLike, LabelledData, cast_inputs, first_samples
 from fastinfluence.params import ParamsSpec, select_parameters
 from fastinfluence.progress import progress_bar
 from fastinfluence.sharded_output import (
@@ -198,7 +198,8 @@ class Influence:
         self.val = LabelledData(val, "val", batch_size)
         first = next(model.parameters())
         # Two validation inputs: which module runs last, the probe, the fused pass's check.
-        model_example = next(iter(self.val.batches(first.device, first.dtype)))[0][:2]
+        model_example = first_samples(next(iter(self.val.batches(first.device, first.dtype)))[0],
+                                      2)
         self.selection = select_parameters(model, params, example=model_example)
         self.fmodel = FunctionalModel(model, self.selection, loss_fn,
                                       torch.device(first.device if device is None else device),
