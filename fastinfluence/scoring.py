@@ -348,8 +348,16 @@ class Influence:
         (to first order). Samples are independent in eval mode, so one batched
         double-backward gives every sample's map. ``x`` must be floating point (the gradient
         with respect to integer inputs such as token ids is not defined). ``out`` and
-        ``chunk_size`` as for :meth:`scores`, chunks over samples of ``x``.
+        ``chunk_size`` as for :meth:`scores`, chunks over samples of ``x``. A model of several
+        inputs is refused: ``x`` is one tensor (docs/design.md §2).
         """
+        if isinstance(x, (tuple, list, dict)):
+            raise TypeError(
+                f"perturbation takes x as one input tensor, got a {type(x).__name__} of inputs: "
+                "to perturb one input of a model of several, build the Influence on a module "
+                "that takes that input alone as a tensor (e.g. the others concatenated into it "
+                "and split inside forward)"
+            )
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             kind = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
             raise TypeError(
