@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from problems import LSTMClassifier, Packed
+from problems import LSTMClassifier, Packed, small_cnn, with_running_statistics
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -207,3 +207,36 @@ def test_perturbation_of_several_inputs_is_refused_with_a_hint():
     inf = fi.Influence(model, train, test, damping=1.0)
     with pytest.raises(TypeError, match="one input tensor"):
         inf.perturbation(test[0], test[1])
+
+
+class ImageAndSide(nn.Module):
+    """A small CNN on the image with BatchNorm (folded by the head's fx feature pass), its
+    features concatenated with a side input before the Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = small_cnn()[:5]
+        self.head = nn.Linear(3 * 4 * 4 + 2, 3)
+
+    def forward(self, image: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.body(image), side], dim=1))
+
+
+def test_the_heads_fx_feature_pass_reads_several_inputs():
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(4)
+    images = torch.randn(12, 1, 8, 8, generator=generator, dtype=torch.float64)
+    side = torch.randn(12, 2, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=generator)
+    model = ImageAndSide().double()
+    with_running_statistics(model.body, images)
+    model.eval()
+    train, val = ((images, side), y), ((images[:4], side[:4]), y[:4])
+    inf = fi.Influence(model, train, val, damping=0.1)
+    assert inf.report.path == "head-closed-form"
+    assert inf.report.feature_pass.startswith("fx copy: 1 Conv-BatchNorm pair folded")
+    packed = Packed(model, lambda X: ((X[:, :64].reshape(-1, 1, 8, 8), X[:, 64:]), {}))
+    flat = torch.cat([images.flatten(1), side], dim=1)
+    expected = reference.influence_scores(packed, [model.head.weight, model.head.bias],
+                                          (flat, y), (flat[:4], y[:4]), 0.1)
+    torch.testing.assert_close(inf.scores(), expected, rtol=1e-9, atol=1e-11)
