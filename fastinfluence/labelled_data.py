@@ -16,7 +16,7 @@ batch by batch as they are read, since reading them is the expensive part.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -70,6 +70,12 @@ def named_inputs(inputs: Any, name: str) -> list[tuple[str, torch.Tensor]]:
             f"{_structure(inputs)}"
         )
     return named
+
+
+def _as_dict(inputs: Any) -> Any:
+    """A mapping of inputs that is not a dict (Hugging Face's ``BatchEncoding`` is a
+    ``UserDict``) as a dict, which ``map_inputs`` takes apart; anything else as it is."""
+    return dict(inputs) if isinstance(inputs, Mapping) and not isinstance(inputs, dict) else inputs
 
 
 def _structure(inputs: Any) -> str:
@@ -181,7 +187,7 @@ class LabelledData:
             if len(data) != 2 or not isinstance(data[1], torch.Tensor):
                 raise TypeError(f"{name} as a tuple must be (X, y), two tensors (X may be a "
                                 "tuple or dict of tensors, for a model of several inputs)")
-            inputs, targets = data
+            inputs, targets = _as_dict(data[0]), data[1]
             length = input_length(inputs, f"{name} X")
             if targets.ndim == 0:
                 raise ValueError(f"{name} X and y need a leading sample dimension")
@@ -256,7 +262,7 @@ class LabelledData:
         for batch in self._loader():
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError(f"{self.name} must yield (x, y) pairs")
-            inputs, targets = batch
+            inputs, targets = _as_dict(batch[0]), batch[1]
             # Containers hold the model's several inputs; anything else is one (array-like).
             inputs = (map_inputs(torch.as_tensor, inputs)
                       if isinstance(inputs, (tuple, list, dict)) else torch.as_tensor(inputs))

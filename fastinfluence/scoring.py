@@ -18,7 +18,7 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -128,7 +128,8 @@ class Influence:
 
     Args:
         model: a classifier returning logits (or whatever ``loss_fn`` takes).
-        train: training data — ``(X, y)`` tensors, a ``Dataset`` of ``(x, y)`` or a
+        train: training data — ``(X, y)`` tensors (``X`` a tuple or dict of tensors for a model
+            of several inputs, docs/design.md §2), a ``Dataset`` of ``(x, y)`` or a
             ``DataLoader`` (re-read over its dataset in index order: shuffling and
             ``drop_last`` do not apply); ``H`` is the Hessian of its mean loss.
         val: the data whose mean loss the influence is measured on.
@@ -351,7 +352,7 @@ class Influence:
         ``chunk_size`` as for :meth:`scores`, chunks over samples of ``x``. A model of several
         inputs is refused: ``x`` is one tensor (docs/design.md §2).
         """
-        if isinstance(x, (tuple, list, dict)):
+        if isinstance(x, (tuple, list, Mapping)):
             raise TypeError(
                 f"perturbation takes x as one input tensor, got a {type(x).__name__} of inputs: "
                 "to perturb one input of a model of several, build the Influence on a module "

@@ -6,6 +6,7 @@ twin of the model (one tensor, split into the inputs inside)."""
 from __future__ import annotations
 
 import copy
+from collections import UserDict
 
 import pytest
 import torch
@@ -186,6 +187,18 @@ def test_every_tensor_of_an_input_is_checked():
         next(LabelledData(loader, "train").batches(torch.device("cpu"), torch.float64))
     with pytest.raises(TypeError, match="tuple of tensors"):
         LabelledData(((x1, [1.0] * 6), y), "train")
+
+
+def test_a_mapping_of_inputs_is_read_as_a_dict():
+    """Hugging Face's tokenizers return a ``BatchEncoding``, a ``UserDict``."""
+    model, _, train, test, _, _ = problem("dict")
+    encoding = UserDict(train[0])
+    (inputs, _), = LabelledData((encoding, train[1]), "train", batch_size=N_TRAIN).batches(
+        torch.device("cpu"), torch.float64)
+    assert type(inputs) is dict and inputs.keys() == encoding.keys()
+    inf = fi.Influence(model, (encoding, train[1]), test, damping=1.0)
+    torch.testing.assert_close(inf.scores(), fi.Influence(model, train, test,
+                                                          damping=1.0).scores())
 
 
 def test_shards_and_fingerprints_slice_every_input(tmp_path):

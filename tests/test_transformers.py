@@ -15,7 +15,6 @@ import fastinfluence as fi
 from fastinfluence import reference
 
 DAMPING = 1.0
-pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
 
 def oracle_scores(model: nn.Module, train, val, curvature: str, damping: float = DAMPING):
