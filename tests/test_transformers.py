@@ -5,6 +5,8 @@ every curvature and solver against the float64 oracle."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from problems import Packed, transformer_problem
@@ -102,3 +104,33 @@ def test_a_padded_batch_of_the_nested_tensor_fast_path_scores_as_the_oracle():
     expected, _ = oracle_scores(packed, (pack(x, mask), y), (pack(x_val, val_mask), y_val),
                                 "exact")
     torch.testing.assert_close(inf.scores(), expected, rtol=1e-9, atol=1e-11)
+
+
+class RecurrentAttention(nn.Module):
+    """An LSTM (in float32 torch's CPU kernel has no forward-mode derivative), then a
+    transformer layer: Gauss-Newton products in reverse mode differentiate attention twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 4, batch_first=True)
+        self.layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.lstm(x)[0]).mean(dim=1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_the_reverse_mode_fallback_differentiates_attention_twice():
+    _, (x, y), (x_val, y_val) = transformer_problem(seed=3, n_train=10)
+    torch.manual_seed(3)
+    model = RecurrentAttention().eval()
+    train, val = (x.float(), y), (x_val.float(), y_val)
+    inf = fi.Influence(model, train, val, params="all", damping=DAMPING)
+    assert inf.report.scoring == "reverse-mode"
+    assert "forward-mode" in inf.report.scoring_reason
+    assert "math kernel" in inf.report.scoring_reason
+    twin = copy.deepcopy(model).double()
+    expected, s = oracle_scores(twin, (x, y), (x_val, y_val), "gauss-newton")
+    torch.testing.assert_close(inf.ihvp.double(), s, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(inf.scores().double(), expected, rtol=1e-4, atol=1e-6)

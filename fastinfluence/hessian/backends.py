@@ -557,7 +557,9 @@ def _differentiation_modes(
     """The fused tangent program (or ``None``), whether forward mode works at all, and why
     the faster way was passed over. The program checks itself against ``jvp`` when it
     compiles; otherwise one ``jvp`` on ``example`` along a seeded direction tells whether
-    forward mode works."""
+    forward mode works, and one forward pass whether the model runs attention (its kernels
+    are then chosen by :func:`~fastinfluence.functional.differentiable_attention`, noted in
+    the reason)."""
     x = first_samples(example, 2)
     if not isinstance(x, torch.Tensor):
         reason = "a model of several inputs (the fused pass takes one input tensor)"
@@ -571,17 +573,18 @@ def _differentiation_modes(
         reason = "an output= selector (the fused pass reads the model's own output)"
     generator = torch.Generator(device="cpu").manual_seed(0)
     direction = torch.randn(fmodel.dim, generator=generator, dtype=fmodel.dtype)
-    attention = AttentionCalls()
     try:
-        with attention:
-            torch.func.jvp(lambda th: fmodel.logits(th, x), (fmodel.theta,),
-                           (direction.to(fmodel.device),))
+        torch.func.jvp(lambda th: fmodel.logits(th, x), (fmodel.theta,),
+                       (direction.to(fmodel.device),))
     except (NotImplementedError, RuntimeError) as error:
         reason, forward_mode = (f"forward-mode differentiation failed ({type(error).__name__}: "
                                 f"{_first_line(error)}); scores use per-sample reverse-mode "
                                 "gradients"), False
     else:
         forward_mode = True
+    attention = AttentionCalls()
+    with attention, torch.no_grad():
+        fmodel.logits(fmodel.theta, x)
     if attention.seen:  # the kernels chosen for it differ from the model's own (speed, memory)
         reason = ATTENTION_NOTE if reason is None else f"{reason}; {ATTENTION_NOTE}"
     return None, forward_mode, reason
