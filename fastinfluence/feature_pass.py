@@ -30,6 +30,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from fastinfluence.functional import FunctionalModel
+from fastinfluence.labelled_data import Inputs, first_samples, map_inputs, model_arguments
 
 __all__ = ["FeaturePass", "head_feature_pass"]
 
@@ -51,16 +52,17 @@ class FeaturePass:
             it changes to ``"module: ..."`` when the copy fails its check on the first batch.
     """
 
-    def __init__(self, plain: Callable[[torch.Tensor], tuple[torch.Tensor, Any]],
-                 fast: Callable[[torch.Tensor], tuple[torch.Tensor, Any]] | None,
+    def __init__(self, plain: Callable[[Inputs], tuple[torch.Tensor, Any]],
+                 fast: Callable[[Inputs], tuple[torch.Tensor, Any]] | None,
                  description: str) -> None:
         self._plain, self._fast, self.description = plain, fast, description
         self._checked = fast is None
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def __call__(self, x: Inputs) -> tuple[torch.Tensor, Any]:
         if not self._checked:  # the copy is trusted only once it matches the model
             self._checked = True
-            mismatch = _mismatch(self._plain(x[:CHECK_SAMPLES]), self._fast(x[:CHECK_SAMPLES]))
+            first = first_samples(x, CHECK_SAMPLES)
+            mismatch = _mismatch(self._plain(first), self._fast(first))
             if mismatch is not None:
                 self._fast, self.description = None, f"{MODULE}: {mismatch}"
         return (self._fast or self._plain)(x)
@@ -77,31 +79,37 @@ def head_feature_pass(fmodel: FunctionalModel) -> FeaturePass:
     graph_module, head_name, changes, channels_last = made
     head = graph_module.get_submodule(head_name)
 
-    def fast(x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        if channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+    def fast(x: Inputs) -> tuple[torch.Tensor, Any]:
+        if channels_last:
+            x = map_inputs(lambda t: t.contiguous(memory_format=torch.channels_last)
+                           if t.ndim == 4 else t, x)
         features, output = _with_head_input(head, graph_module, x)
         return features, output if fmodel.output is None else fmodel.output(output)
 
     return FeaturePass(plain, fast, f"fx copy: {', '.join(changes)}")
 
 
-def _module_pass(fmodel: FunctionalModel) -> Callable[[torch.Tensor], tuple[torch.Tensor, Any]]:
-    def run(x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+def _module_pass(fmodel: FunctionalModel) -> Callable[[Inputs], tuple[torch.Tensor, Any]]:
+    def run(x: Inputs) -> tuple[torch.Tensor, Any]:
         return _with_head_input(fmodel.selection.head, lambda x: fmodel.logits(fmodel.theta, x),
                                 x)
 
     return run
 
 
-def _with_head_input(head: nn.Module, forward: Callable[[torch.Tensor], Any],
-                     x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """The input ``head`` receives during ``forward(x)``, and ``forward(x)``; no gradients."""
+def _with_head_input(head: nn.Module, forward: Callable[..., Any],
+                     x: Inputs) -> tuple[torch.Tensor, Any]:
+    """The input ``head`` receives during ``forward(x)`` (a module: called with ``x`` as its
+    arguments), and that output; no gradients."""
     captured: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
     try:
         with torch.no_grad():
-            output = forward(x)
+            if isinstance(forward, nn.Module):
+                args, kwargs = model_arguments(x)
+                output = forward(*args, **kwargs)
+            else:
+                output = forward(x)
     finally:
         hook.remove()
     return captured[0], output

@@ -15,7 +15,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
+from fastinfluence.labelled_data import Inputs, model_arguments
 from fastinfluence.params import ParameterSelection
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -38,6 +41,49 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+@contextlib.contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Attention on kernels that have every derivative the engine takes.
+
+    ``F.scaled_dot_product_attention``'s fused CPU and GPU kernels have no forward-mode
+    derivative and no derivative of their backward, and the inference fast paths of
+    ``nn.MultiheadAttention`` and ``nn.TransformerEncoder(Layer)`` (``torch.backends.mha``:
+    ``_native_multi_head_attention``, ``_transformer_encoder_layer_fwd``, nested tensors) none
+    at all; they are taken under ``torch.func`` transforms, whose tensors do not report
+    ``requires_grad``. Inside this context attention runs on SDPA's math kernel (the same
+    function, plain matrix products and a softmax; it differs by rounding and holds the
+    ``[L, L]`` attention matrix) with the fast paths off; both settings are restored on exit.
+    """
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+
+
+ATTENTION_NOTE = ("attention ran on scaled_dot_product_attention's math kernel with torch's "
+                  "attention fast paths off: their fused kernels have no forward-mode or "
+                  "second derivatives")
+"""What ``report.scoring_reason`` says of a network that runs attention under
+:func:`differentiable_attention`."""
+
+
+class AttentionCalls(TorchFunctionMode):
+    """While active, records in ``seen`` whether the model ran attention
+    (``F.scaled_dot_product_attention`` or ``F.multi_head_attention_forward``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func is F.scaled_dot_product_attention or func is F.multi_head_attention_forward:
+            self.seen = True
+        return func(*args, **(kwargs or {}))
 
 
 class FunctionalModel:
@@ -94,12 +140,19 @@ class FunctionalModel:
         """Every parameter and buffer by name, the selected ones taken from ``theta``."""
         return {**self.fixed, **self.selection.unflatten(theta)}
 
-    def logits(self, theta: torch.Tensor, x: torch.Tensor) -> Any:
-        """The model's output at ``theta`` (through ``output`` when one is given)."""
-        out = torch.func.functional_call(self.model, self.tensors(theta), (x,))
+    def logits(self, theta: torch.Tensor, x: Inputs) -> Any:
+        """The model's output at ``theta`` (through ``output`` when one is given) on the input
+        ``x``: a tensor, or a tuple (positional) or dict (keyword) of tensors
+        (:func:`~fastinfluence.labelled_data.model_arguments`). Attention runs under
+        :func:`differentiable_attention`: every derivative pass of the engine reads the model
+        here, and under an outer ``torch.no_grad`` a ``torch.func`` transform still
+        differentiates, so grad mode cannot tell the passes that do not."""
+        args, kwargs = model_arguments(x)
+        with differentiable_attention():
+            out = torch.func.functional_call(self.model, self.tensors(theta), args, kwargs)
         return out if self.output is None else self.output(out)
 
-    def losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def losses(self, theta: torch.Tensor, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         """Per-sample losses ``[batch]`` of ``(x, y)`` at ``theta``."""
         return self.per_sample(self.logits(theta, x), y)
 

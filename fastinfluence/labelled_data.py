@@ -1,10 +1,14 @@
 """Adapters that turn the accepted data forms into batches, and the input checks.
 
 Accepted forms (docs/design.md §2): a ``(X, y)`` tuple of tensors, a map-style ``Dataset`` yielding
-``(x, y)``, or a ``DataLoader`` over one. Influence needs a sized data set that can be read
-again in a fixed order (``H`` and ``∇L`` are means over it; scores come back one per sample),
-so a ``DataLoader`` is re-read over ``loader.dataset`` in index order: its ``shuffle`` and
-``drop_last`` are overridden, its batch size, ``collate_fn`` and worker settings are kept.
+``(x, y)``, or a ``DataLoader`` over one. An input ``X``/``x`` is one tensor, a tuple (or list) of
+tensors, passed to the model as positional arguments (``model(x1, x2)``), or a dict of tensors,
+passed as keyword arguments (``model(**x)``, as Hugging Face models take ``input_ids`` and
+``attention_mask``); every tensor of an input has the samples on its first dimension.
+Influence needs a sized data set that can be read again in a fixed order (``H`` and ``∇L`` are
+means over it; scores come back one per sample), so a ``DataLoader`` is re-read over
+``loader.dataset`` in index order: its ``shuffle`` and ``drop_last`` are overridden, its batch
+size, ``collate_fn`` and worker settings are kept.
 
 Tuples are checked whole when their labels are checked; datasets and loaders are checked
 batch by batch as they are read, since reading them is the expensive part.
@@ -12,10 +16,11 @@ batch by batch as they are read, since reading them is the expensive part.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -26,7 +31,9 @@ from torch.utils.data import (
     Subset,
 )
 
-DataLike = tuple[torch.Tensor, torch.Tensor] | Dataset | DataLoader
+Inputs = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | dict[str, torch.Tensor]
+"""A model input: one tensor, positional tensors, or keyword tensors (module docstring)."""
+DataLike = tuple[Inputs, torch.Tensor] | Dataset | DataLoader
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -42,6 +49,76 @@ def check_features(x: torch.Tensor, name: str) -> None:
         if not bool(finite.all()):
             bad = int((~finite).sum())
             raise ValueError(f"{name} contains {bad} NaN or Inf value(s)")
+
+
+def named_inputs(inputs: Any, name: str) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of an input with their names in messages (``""`` for a single tensor,
+    ``"[1]"`` for a positional one, ``"['input_ids']"`` for a keyword one); ``TypeError`` naming
+    ``name`` for any other structure."""
+    if isinstance(inputs, torch.Tensor):
+        return [("", inputs)]
+    if isinstance(inputs, (tuple, list)):
+        named = [(f"[{index}]", value) for index, value in enumerate(inputs)]
+    elif isinstance(inputs, dict) and all(isinstance(key, str) for key in inputs):
+        named = [(f"[{key!r}]", value) for key, value in inputs.items()]
+    else:
+        named = []
+    if not named or not all(isinstance(value, torch.Tensor) for _, value in named):
+        raise TypeError(
+            f"{name} must be a tensor, a tuple of tensors (the model's positional arguments) "
+            f"or a dict of tensors by name (its keyword arguments), got "
+            f"{_structure(inputs)}"
+        )
+    return named
+
+
+def _as_dict(inputs: Any) -> Any:
+    """A mapping of inputs that is not a dict (Hugging Face's ``BatchEncoding`` is a
+    ``UserDict``) as a dict, which ``map_inputs`` takes apart; anything else as it is."""
+    return dict(inputs) if isinstance(inputs, Mapping) and not isinstance(inputs, dict) else inputs
+
+
+def _structure(inputs: Any) -> str:
+    if isinstance(inputs, (tuple, list, dict)):
+        values = inputs.values() if isinstance(inputs, dict) else inputs
+        inner = ", ".join(type(value).__name__ for value in values)
+        return f"{type(inputs).__name__} of ({inner})"
+    return type(inputs).__name__
+
+
+def map_inputs(function: Callable[[torch.Tensor], torch.Tensor], inputs: Inputs) -> Inputs:
+    """``function`` applied to every tensor of an input, keeping its structure (batch slices,
+    moves and casts of single and several-tensor inputs alike)."""
+    return tree_map(function, inputs)
+
+
+def first_samples(inputs: Inputs, count: int) -> Inputs:
+    """The first ``count`` samples of an input (of each of its tensors)."""
+    return map_inputs(lambda tensor: tensor[:count], inputs)
+
+
+def input_length(inputs: Inputs, name: str) -> int:
+    """The number of samples of an input; ``ValueError`` naming ``name`` when a tensor has no
+    sample dimension or two tensors hold different numbers of samples."""
+    lengths = {}
+    for label, tensor in named_inputs(inputs, name):
+        if tensor.ndim == 0:
+            raise ValueError(f"{name}{label} needs a leading sample dimension")
+        lengths[label] = len(tensor)
+    if len(set(lengths.values())) > 1:
+        shown = ", ".join(f"{name}{label}: {n}" for label, n in lengths.items())
+        raise ValueError(f"the tensors of {name} differ in their number of samples ({shown})")
+    return next(iter(lengths.values()))
+
+
+def model_arguments(inputs: Inputs) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """``(args, kwargs)`` of the model's call on an input: ``(x,)`` for a tensor, the tensors of
+    a tuple or list as positional arguments, those of a dict as keyword arguments."""
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
 
 
 def class_labels(y: torch.Tensor, num_classes: int, name: str) -> torch.Tensor:
@@ -86,7 +163,8 @@ class LabelledData:
     pass (a count that differs from ``len(dataset)`` raises ``ValueError``).
 
     Args:
-        data: ``(X, y)`` tensors, a map-style ``Dataset`` of ``(x, y)`` pairs, or a
+        data: ``(X, y)`` tensors (``X`` may be a tuple or dict of tensors, module docstring),
+            a map-style ``Dataset`` of ``(x, y)`` pairs, or a
             ``DataLoader`` whose sampler is sequential or a plain shuffle (re-read in index
             order, keeping its batch size, ``collate_fn`` and workers; ``drop_last`` is
             ignored). Samplers that skip, repeat or weight samples and custom batch samplers
@@ -98,7 +176,7 @@ class LabelledData:
     def __init__(self, data: Any, name: str, batch_size: int | None = None) -> None:
         self.name = name
         self.batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-        self.tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.tensors: tuple[Inputs, torch.Tensor] | None = None
         self.dataset: Dataset | None = None
         self.loader_batch_size: int | None = None
         """The batch size of a given ``DataLoader`` (``None``: follow ``batch_size``)."""
@@ -106,20 +184,23 @@ class LabelledData:
         self._sequential: DataLoader | None = None
         self.num_classes: int | None = None
         if isinstance(data, (tuple, list)):
-            if len(data) != 2 or not all(isinstance(t, torch.Tensor) for t in data):
-                raise TypeError(f"{name} as a tuple must be (X, y), two tensors")
-            inputs, targets = data
-            if inputs.ndim == 0 or targets.ndim == 0:
+            if len(data) != 2 or not isinstance(data[1], torch.Tensor):
+                raise TypeError(f"{name} as a tuple must be (X, y), two tensors (X may be a "
+                                "tuple or dict of tensors, for a model of several inputs)")
+            inputs, targets = _as_dict(data[0]), data[1]
+            length = input_length(inputs, f"{name} X")
+            if targets.ndim == 0:
                 raise ValueError(f"{name} X and y need a leading sample dimension")
-            if len(inputs) != len(targets):
+            if length != len(targets):
                 raise ValueError(
-                    f"{name} X and y differ in length: {len(inputs)} samples vs {len(targets)} "
+                    f"{name} X and y differ in length: {length} samples vs {len(targets)} "
                     "labels"
                 )
-            check_features(inputs, f"{name} X")
+            for label, tensor in named_inputs(inputs, f"{name} X"):
+                check_features(tensor, f"{name} X{label}")
             check_features(targets, f"{name} y")
             self.tensors = (inputs, targets)
-            self.length = len(inputs)
+            self.length = length
         elif isinstance(data, DataLoader):
             self.dataset = self._map_style(data.dataset, f"{name} (a DataLoader's dataset)")
             self.loader_batch_size = _loader_batch_size(data, name)
@@ -167,26 +248,33 @@ class LabelledData:
 
     def batches(
         self, device: torch.device, dtype: torch.dtype
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> Iterator[tuple[Inputs, torch.Tensor]]:
         """Yield ``(x, y)`` on ``device`` in the data set's order; floating inputs are cast to
         ``dtype``."""
         if self.tensors is not None:
             inputs, targets = self.tensors
             for start in range(0, self.length, self.batch_size):
-                stop = start + self.batch_size
-                yield self._prepare(inputs[start:stop], targets[start:stop], device, dtype)
+                rows = slice(start, start + self.batch_size)
+                yield self._prepare(map_inputs(lambda t, rows=rows: t[rows], inputs),
+                                    targets[rows], device, dtype)
             return
         read = 0
         for batch in self._loader():
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError(f"{self.name} must yield (x, y) pairs")
-            inputs, targets = (torch.as_tensor(t) for t in batch)
-            if inputs.ndim == 0 or len(inputs) != len(targets):
+            inputs, targets = _as_dict(batch[0]), batch[1]
+            # Containers hold the model's several inputs; anything else is one (array-like).
+            inputs = (map_inputs(torch.as_tensor, inputs)
+                      if isinstance(inputs, (tuple, list, dict)) else torch.as_tensor(inputs))
+            targets = torch.as_tensor(targets)
+            length = input_length(inputs, f"{self.name} x")
+            if length != len(targets):
                 raise ValueError(f"{self.name} yielded a batch whose x and y differ in length")
-            read += len(inputs)
+            read += length
             if read > self.length:
                 self._count_mismatch(f"more than {self.length}")
-            check_features(inputs, f"{self.name} x")
+            for label, tensor in named_inputs(inputs, f"{self.name} x"):
+                check_features(tensor, f"{self.name} x{label}")
             if self.num_classes is not None:
                 targets = class_labels(targets, self.num_classes, f"{self.name} y")
             yield self._prepare(inputs, targets, device, dtype)
@@ -212,8 +300,8 @@ class LabelledData:
         """The samples at ``indices`` (repeats allowed), in the same form of batches."""
         if self.tensors is not None:
             inputs, targets = self.tensors
-            index = indices.to(inputs.device)
-            part = LabelledData((inputs[index], targets[index.to(targets.device)]), self.name,
+            part = LabelledData((map_inputs(lambda t: t[indices.to(t.device)], inputs),
+                                 targets[indices.to(targets.device)]), self.name,
                                 self.batch_size)
         else:
             part = LabelledData(Subset(self.dataset, indices.tolist()), self.name,
@@ -230,15 +318,18 @@ class LabelledData:
 
     @staticmethod
     def _prepare(
-        inputs: torch.Tensor, targets: torch.Tensor, device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs: Inputs, targets: torch.Tensor, device: torch.device, dtype: torch.dtype
+    ) -> tuple[Inputs, torch.Tensor]:
         return cast_inputs(inputs, device, dtype), targets.to(device=device)
 
 
-def cast_inputs(inputs: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``inputs`` on ``device``, in ``dtype`` when floating point (integer inputs such as token
-    ids keep their dtype)."""
-    return inputs.to(device=device, dtype=dtype if inputs.is_floating_point() else None)
+def cast_inputs(inputs: Inputs, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """``inputs`` (each tensor of them) on ``device``, in ``dtype`` when floating point
+    (integer inputs such as token ids and attention masks keep their dtype)."""
+    return map_inputs(
+        lambda tensor: tensor.to(device=device,
+                                 dtype=dtype if tensor.is_floating_point() else None),
+        inputs)
 
 
 def _loader_batch_size(loader: DataLoader, name: str) -> int:

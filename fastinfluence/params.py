@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fastinfluence.labelled_data import Inputs, model_arguments
+
 ParamsSpec = str | Sequence[str] | Sequence[nn.Parameter]
 
 
@@ -51,7 +53,7 @@ class ParameterSelection:
 
 
 def select_parameters(
-    model: nn.Module, params: ParamsSpec, example: torch.Tensor | None = None
+    model: nn.Module, params: ParamsSpec, example: Inputs | None = None
 ) -> ParameterSelection:
     """Resolve ``params`` against ``model``.
 
@@ -135,7 +137,7 @@ def _names_of_last_module(
     model: nn.Module,
     named: dict[str, nn.Parameter],
     canonical: dict[str, str],
-    example: torch.Tensor | None,
+    example: Inputs | None,
 ) -> list[str]:
     owners = {name: module for name, module in model.named_modules()
               if any(True for _ in module.parameters(recurse=False))}
@@ -157,7 +159,7 @@ def _names_of_last_module(
     return names
 
 
-def _last_to_run(model: nn.Module, owners: dict[str, nn.Module], example: torch.Tensor) -> str:
+def _last_to_run(model: nn.Module, owners: dict[str, nn.Module], example: Inputs) -> str:
     """The name of the module in ``owners`` whose forward finishes last on ``example``."""
     # functional imports this module (ParameterSelection), so its eval_mode is imported here.
     from fastinfluence.functional import eval_mode
@@ -167,7 +169,8 @@ def _last_to_run(model: nn.Module, owners: dict[str, nn.Module], example: torch.
              for name, module in owners.items()]
     try:
         with eval_mode(model), torch.no_grad():
-            model(example)
+            args, kwargs = model_arguments(example)
+            model(*args, **kwargs)
     finally:
         for hook in hooks:
             hook.remove()

@@ -13,16 +13,23 @@ from typing import Any, NoReturn
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from fastinfluence.functional import FunctionalModel, eval_mode
-from fastinfluence.labelled_data import LabelledData
+from fastinfluence.labelled_data import (
+    Inputs,
+    LabelledData,
+    input_length,
+    map_inputs,
+    named_inputs,
+)
 
 Event = tuple[str, list[torch.Tensor], list[torch.Tensor]]
 """One module call: its name, the tensors of its inputs and of its output."""
 
 
 def check_sample_independence(
-    fmodel: FunctionalModel, example: torch.Tensor, train: LabelledData
+    fmodel: FunctionalModel, example: Inputs, train: LabelledData
 ) -> None:
     """Refuse a model whose eval-mode output for a sample depends on the rest of its batch.
 
@@ -61,22 +68,23 @@ def check_sample_independence(
                 _refuse(fmodel, example, index, None)
 
 
-# The three functions that know the form of a batch of inputs.
-def _size(example: torch.Tensor) -> int:
+def _size(example: Inputs) -> int:
     """The number of samples in a batch of inputs."""
-    return len(example)
+    return input_length(example, "example")
 
 
-def _sample(example: torch.Tensor, index: int) -> torch.Tensor:
+def _sample(example: Inputs, index: int) -> Inputs:
     """Sample ``index`` of a batch of inputs, as a batch of one."""
-    return example[index:index + 1]
+    return map_inputs(lambda tensor: tensor[index:index + 1], example)
 
 
-def _join(pieces: list[torch.Tensor]) -> torch.Tensor | None:
+def _join(pieces: list[Inputs]) -> Inputs | None:
     """Batches of inputs as one batch (``None`` when their samples differ in shape)."""
-    if len({tuple(piece.shape[1:]) for piece in pieces}) > 1:
+    shapes = {tuple((label, tuple(t.shape[1:])) for label, t in named_inputs(piece, ""))
+              for piece in pieces}
+    if len(shapes) > 1:
         return None
-    return torch.cat(pieces)
+    return tree_map(lambda *tensors: torch.cat(tensors), *pieces)
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -117,7 +125,7 @@ def _differs(batched: list[torch.Tensor], alone: list[torch.Tensor], index: int)
 
 
 def _refuse(
-    fmodel: FunctionalModel, example: torch.Tensor, index: int, error: Exception | None
+    fmodel: FunctionalModel, example: Inputs, index: int, error: Exception | None
 ) -> NoReturn:
     """Raise the ``ValueError`` naming the module that mixes samples, found by hooks on one
     more batched run and one more run of sample ``index`` alone."""
@@ -153,7 +161,7 @@ def _refuse(
 
 
 def _record(
-    fmodel: FunctionalModel, inputs: torch.Tensor, names: dict[nn.Module, str]
+    fmodel: FunctionalModel, inputs: Inputs, names: dict[nn.Module, str]
 ) -> tuple[list[Event], list[str]]:
     """Every module call of a run on ``inputs`` in the order calls finish, and the calls
     still running when the run raised (outermost first; empty when it finished)."""

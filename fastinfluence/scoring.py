@@ -18,7 +18,7 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -43,7 +43,7 @@ from fastinfluence.hessian.solvers import (
     make_config,
     make_solver,
 )
-from fastinfluence.labelled_data import DataLike, LabelledData, cast_inputs
+from fastinfluence.labelled_data import DataLike, LabelledData, cast_inputs, first_samples
 from fastinfluence.params import ParamsSpec, select_parameters
 from fastinfluence.progress import progress_bar
 from fastinfluence.sample_independence import check_sample_independence
@@ -133,7 +133,8 @@ class Influence:
 
     Args:
         model: a classifier returning logits (or whatever ``loss_fn`` takes).
-        train: training data — ``(X, y)`` tensors, a ``Dataset`` of ``(x, y)`` or a
+        train: training data — ``(X, y)`` tensors (``X`` a tuple or dict of tensors for a model
+            of several inputs, docs/design.md §2), a ``Dataset`` of ``(x, y)`` or a
             ``DataLoader`` (re-read over its dataset in index order: shuffling and
             ``drop_last`` do not apply); ``H`` is the Hessian of its mean loss.
         val: the data whose mean loss the influence is measured on.
@@ -203,7 +204,8 @@ class Influence:
         self.val = LabelledData(val, "val", batch_size)
         first = next(model.parameters())
         # Two validation inputs: which module runs last, the probe, the fused pass's check.
-        model_example = next(iter(self.val.batches(first.device, first.dtype)))[0][:2]
+        model_example = first_samples(next(iter(self.val.batches(first.device, first.dtype)))[0],
+                                      2)
         self.selection = select_parameters(model, params, example=model_example)
         self.fmodel = FunctionalModel(model, self.selection, loss_fn,
                                       torch.device(first.device if device is None else device),
@@ -353,8 +355,16 @@ class Influence:
         (to first order). Samples are independent in eval mode, so one batched
         double-backward gives every sample's map. ``x`` must be floating point (the gradient
         with respect to integer inputs such as token ids is not defined). ``out`` and
-        ``chunk_size`` as for :meth:`scores`, chunks over samples of ``x``.
+        ``chunk_size`` as for :meth:`scores`, chunks over samples of ``x``. A model of several
+        inputs is refused: ``x`` is one tensor (docs/design.md §2).
         """
+        if isinstance(x, (tuple, list, Mapping)):
+            raise TypeError(
+                f"perturbation takes x as one input tensor, got a {type(x).__name__} of inputs: "
+                "to perturb one input of a model of several, build the Influence on a module "
+                "that takes that input alone as a tensor (e.g. the others concatenated into it "
+                "and split inside forward)"
+            )
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             kind = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
             raise TypeError(

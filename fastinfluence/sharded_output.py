@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastinfluence.labelled_data import LabelledData
+from fastinfluence.labelled_data import LabelledData, named_inputs
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -101,7 +101,8 @@ def data_fingerprint(data: LabelledData) -> dict[str, Any]:
     part = data.subset(torch.tensor(ends, dtype=torch.int64))
     tensors = []
     for inputs, targets in part.batches(torch.device("cpu"), torch.float64):
-        tensors += [("x", inputs), ("y", targets)]
+        tensors += [*((f"x{label}", tensor) for label, tensor in named_inputs(inputs, "x")),
+                    ("y", targets)]
     return {"num_samples": n, "sha256": tensor_digest(tensors)}
 
 

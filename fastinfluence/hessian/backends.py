@@ -44,13 +44,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from fastinfluence import ops
 from fastinfluence.feature_pass import FeaturePass, head_feature_pass
-from fastinfluence.functional import FunctionalModel
+from fastinfluence.functional import ATTENTION_NOTE, AttentionCalls, FunctionalModel
 from fastinfluence.hessian import softmax_head
 from fastinfluence.hessian.kfac import KRONECKER_CURVATURES, KroneckerCurvature
-from fastinfluence.labelled_data import LabelledData
+from fastinfluence.labelled_data import Inputs, LabelledData, first_samples, map_inputs
 from fastinfluence.progress import progress_bar
 from fastinfluence.tangent import TangentProgram
 
@@ -142,12 +143,12 @@ class ModelProbe:
     head_reason: str | None
 
 
-def probe_model(fmodel: FunctionalModel, example: torch.Tensor) -> ModelProbe:
+def probe_model(fmodel: FunctionalModel, example: Inputs) -> ModelProbe:
     """One no-grad forward pass on ``example``: output size, largest activation, and whether
     the closed-form head applies (then the selected Linear's output must be the model's)."""
     model, head = fmodel.model, fmodel.selection.head
     captured: dict[str, torch.Tensor] = {}
-    largest = [example[0].numel() * example.element_size()]
+    largest = [sum(t[0].numel() * t.element_size() for t in tree_leaves(example))]
 
     def measure(_module, _inputs, output) -> None:
         if isinstance(output, torch.Tensor) and output.ndim > 0 and len(output):
@@ -189,7 +190,7 @@ def select_backend(
     fmodel: FunctionalModel,
     probe: ModelProbe,
     train: LabelledData,
-    example: torch.Tensor,
+    example: Inputs,
     hessian: str,
     progress: bool = False,
 ) -> CurvatureBackend:
@@ -321,7 +322,7 @@ class NetworkBackend(CurvatureBackend):
         self,
         fmodel: FunctionalModel,
         train: LabelledData,
-        example: torch.Tensor,
+        example: Inputs | None,
         progress: bool = False,
         modes: tuple[TangentProgram | None, bool, str | None] | None = None,
     ) -> None:
@@ -353,7 +354,7 @@ class NetworkBackend(CurvatureBackend):
             total += torch.func.grad(lambda th, x=x, y=y: fmodel.losses(th, x, y).sum())(
                 fmodel.theta
             )
-            count += len(x)
+            count += len(y)
         return total / count
 
     def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -363,11 +364,11 @@ class NetworkBackend(CurvatureBackend):
         for x, y in progress_bar(batches, self.progress, "Hessian-vector product",
                                  self.train.num_batches()):
             total += self._batch_product(x, y, vectors)
-            count += len(x)
+            count += len(y)
         self.passes += 1
         return total / count
 
-    def _batch_product(self, x: torch.Tensor, y: torch.Tensor,
+    def _batch_product(self, x: Inputs, y: torch.Tensor,
                        vectors: torch.Tensor) -> torch.Tensor:
         """``Σ_batch`` of the per-sample curvature times each row of ``vectors``."""
         raise NotImplementedError
@@ -404,11 +405,11 @@ class NetworkBackend(CurvatureBackend):
                 for x, y in data.batches(self.fmodel.device, self.fmodel.dtype)]
         return torch.cat(rows)
 
-    def _batch_gradients(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _batch_gradients(self, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         fmodel = self.fmodel
 
-        def single(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return fmodel.losses(theta, x[None], y[None])[0]
+        def single(theta: torch.Tensor, x: Inputs, y: torch.Tensor) -> torch.Tensor:
+            return fmodel.losses(theta, map_inputs(lambda t: t[None], x), y[None])[0]
 
         return torch.func.vmap(torch.func.grad(single), in_dims=(None, 0, 0))(fmodel.theta, x, y)
 
@@ -477,8 +478,8 @@ class GaussNewtonBackend(NetworkBackend):
         ``chunk_size`` samples per vectorised Jacobian. For the Woodbury solver."""
         fmodel = self.fmodel
 
-        def logits_of(theta: torch.Tensor, x: torch.Tensor):
-            logits = fmodel.logits(theta, x[None])[0]
+        def logits_of(theta: torch.Tensor, x: Inputs):
+            logits = fmodel.logits(theta, map_inputs(lambda t: t[None], x))[0]
             return logits, logits.detach()  # the logits come back with their Jacobian
 
         jacobian = torch.func.vmap(torch.func.jacrev(logits_of, has_aux=True),
@@ -487,13 +488,13 @@ class GaussNewtonBackend(NetworkBackend):
         batches = self.train.batches(self.device, self.dtype)
         for x, y in progress_bar(batches, self.progress, "Gauss-Newton rows",
                                  self.train.num_batches()):
-            for start in range(0, len(x), chunk_size):
-                blocks.append(self._rows_of(jacobian, x[start:start + chunk_size],
-                                            y[start:start + chunk_size]))
+            for start in range(0, len(y), chunk_size):
+                part = map_inputs(lambda t, start=start: t[start:start + chunk_size], x)
+                blocks.append(self._rows_of(jacobian, part, y[start:start + chunk_size]))
         self.passes += 1
         return torch.cat(blocks) / self.num_samples**0.5
 
-    def _rows_of(self, jacobian: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _rows_of(self, jacobian: Callable, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         """``R_iᵀ J_i`` of the samples ``x``, stacked ``[len(x)·C, p]``."""
         fmodel = self.fmodel
         J, logits = jacobian(fmodel.theta, x)
@@ -519,7 +520,7 @@ class KroneckerBackend(NetworkBackend):
         self,
         fmodel: FunctionalModel,
         train: LabelledData,
-        example: torch.Tensor,
+        example: Inputs,
         progress: bool = False,
         eigen_corrected: bool = False,
     ) -> None:
@@ -551,14 +552,18 @@ def _each(function: Callable[[torch.Tensor], torch.Tensor],
 
 
 def _differentiation_modes(
-    fmodel: FunctionalModel, example: torch.Tensor
+    fmodel: FunctionalModel, example: Inputs
 ) -> tuple[TangentProgram | None, bool, str | None]:
     """The fused tangent program (or ``None``), whether forward mode works at all, and why
     the faster way was passed over. The program checks itself against ``jvp`` when it
     compiles; otherwise one ``jvp`` on ``example`` along a seeded direction tells whether
-    forward mode works."""
-    x = example[:2]
-    if fmodel.output is None:
+    forward mode works, and one forward pass whether the model runs attention (its kernels
+    are then chosen by :func:`~fastinfluence.functional.differentiable_attention`, noted in
+    the reason)."""
+    x = first_samples(example, 2)
+    if not isinstance(x, torch.Tensor):
+        reason = "a model of several inputs (the fused pass takes one input tensor)"
+    elif fmodel.output is None:
         program, reason = TangentProgram.compile(
             fmodel.model, x, fmodel.tensors(fmodel.theta), fmodel.selection.names
         )
@@ -572,11 +577,17 @@ def _differentiation_modes(
         torch.func.jvp(lambda th: fmodel.logits(th, x), (fmodel.theta,),
                        (direction.to(fmodel.device),))
     except (NotImplementedError, RuntimeError) as error:
-        return None, False, (
-            f"forward-mode differentiation failed ({type(error).__name__}: "
-            f"{_first_line(error)}); scores use per-sample reverse-mode gradients"
-        )
-    return None, True, reason
+        reason, forward_mode = (f"forward-mode differentiation failed ({type(error).__name__}: "
+                                f"{_first_line(error)}); scores use per-sample reverse-mode "
+                                "gradients"), False
+    else:
+        forward_mode = True
+    attention = AttentionCalls()
+    with attention, torch.no_grad():
+        fmodel.logits(fmodel.theta, x)
+    if attention.seen:  # the kernels chosen for it differ from the model's own (speed, memory)
+        reason = ATTENTION_NOTE if reason is None else f"{reason}; {ATTENTION_NOTE}"
+    return None, forward_mode, reason
 
 
 def _first_line(error: BaseException) -> str:

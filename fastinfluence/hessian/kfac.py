@@ -223,6 +223,21 @@ class KroneckerCurvature:
                     hook.remove()
             if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
                 raise ValueError("K-FAC needs [batch, outputs] model outputs")
+            unseen = [layer.name for layer in self.layers if layer.name not in inputs]
+            if unseen:
+                raise ValueError(
+                    f"hessian='kfac'/'ekfac': the forward of {unseen[:6]} never ran (the model "
+                    "reads their weights directly, as nn.MultiheadAttention does its out_proj), "
+                    "so their factors cannot be taken: leave them out of params"
+                )
+            unbatched = [name for name, a in inputs.items() if len(a) != len(y)]
+            if unbatched:  # e.g. a sequence-first transformer's [L, B, d]: samples mixed in T
+                raise ValueError(
+                    f"hessian='kfac'/'ekfac' needs the samples on the first dimension of each "
+                    f"layer's input; {unbatched[:6]} read inputs of shape "
+                    f"{tuple(inputs[unbatched[0]].shape)} in a batch of {len(y)} (a "
+                    "sequence-first transformer? use batch_first=True)"
+                )
             roots, _ = fmodel.loss_hessian_roots(logits.detach(), y)  # its PSD part
             names = [layer.name for layer in self.layers]
             grads: dict[str, list[torch.Tensor]] = {name: [] for name in names}
@@ -238,6 +253,9 @@ class KroneckerCurvature:
     @staticmethod
     def _capture(layer: KroneckerLayer, inputs: dict, outputs: dict):
         def hook(_module, args, output) -> None:
+            if layer.name in inputs:  # the factors are of one call's inputs and outputs
+                raise ValueError(f"hessian='kfac'/'ekfac' needs each layer called once per "
+                                 f"forward; {layer.name!r} ran twice")
             inputs[layer.name] = args[0]
             outputs[layer.name] = output
 

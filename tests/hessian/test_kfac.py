@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from problems import make_problem
+from problems import make_problem, transformer_problem
 from torch import nn
 
 import fastinfluence as fi
@@ -59,7 +59,8 @@ def layer_jacobians(model: nn.Module, layer: nn.Module, x: torch.Tensor):
 
 def kfac_twin(model: nn.Module, layer: nn.Module, X: torch.Tensor):
     """``A = mean_i Σ_t a_it a_itᵀ`` and ``S = mean_i Σ_t B_itᵀ H_i B_it / T`` with the
-    softmax-CE output Hessian ``H_i = diag(p_i) − p_i p_iᵀ``, sample by sample."""
+    softmax-CE output Hessian ``H_i = diag(p_i) − p_i p_iᵀ``, sample by sample (positions ``t``:
+    a convolution's output pixels, a Linear's sequence positions)."""
     A = S = 0
     for x in X:
         inputs, jacobian, logits = layer_jacobians(model, layer, x)
@@ -69,9 +70,10 @@ def kfac_twin(model: nn.Module, layer: nn.Module, X: torch.Tensor):
             patches = F.unfold(inputs, layer.kernel_size, layer.dilation, layer.padding,
                                layer.stride)[0].T
             per_position = jacobian[:, 0].flatten(2).permute(2, 0, 1)  # [T, classes, out]
-        else:
-            patches = inputs.reshape(1, -1)
-            per_position = jacobian[:, 0][None]
+        else:  # positions T: a Linear on [1, T, features] (a sequence), T = 1 on [1, features]
+            patches = inputs.reshape(-1, inputs.shape[-1])
+            per_position = jacobian[:, 0].reshape(len(jacobian), -1, layer.out_features)
+            per_position = per_position.transpose(0, 1)
         if layer.bias is not None:
             patches = torch.cat([patches, torch.ones(len(patches), 1, dtype=X.dtype)], dim=1)
         A = A + patches.T @ patches
@@ -125,6 +127,32 @@ def test_conv_and_linear_factors_match_the_per_sample_twin(hessian):
     cg = fi.Influence(model, train, val, params=["0", "5"], hessian=hessian, damping=0.05,
                       solver="cg", tol=1e-12)
     torch.testing.assert_close(cg.ihvp, inf.ihvp, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("hessian", ["kfac", "ekfac"])
+def test_a_transformers_linear_layers_match_the_per_sample_twin(hessian):
+    """The feed-forward Linears run on every sequence position; attention's fused in_proj is
+    no Linear, and K-FAC leaves it out (the selection names the Linears)."""
+    model, train, val = transformer_problem(n_train=8)
+    names = ["encoder.layers.0.linear1", "encoder.layers.0.linear2", "head"]
+    layers = [model.get_submodule(name) for name in names]
+    inf = fi.Influence(model, train, val, params=names, hessian=hessian, damping=0.05)
+    expected = expected_blocks(model, layers, *train, corrected=hessian == "ekfac")
+    torch.testing.assert_close(inf.backend.dense(), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_attention_layers_kfac_cannot_factor_are_refused():
+    model, train, val = transformer_problem(n_train=6)
+    with pytest.raises(ValueError, match="in_proj_weight"):
+        fi.Influence(model, train, val, params="all", hessian="kfac")
+    # MultiheadAttention reads out_proj's weight without calling it: no hook would see it.
+    with pytest.raises(ValueError, match=r"out_proj'\] never ran"):
+        fi.Influence(model, train, val, params=["encoder.layers.0.self_attn.out_proj"],
+                     hessian="kfac")
+    sequence_first, train, val = transformer_problem(n_train=6, batch_first=False)
+    with pytest.raises(ValueError, match="samples on the first dimension"):
+        fi.Influence(sequence_first, train, val, params=["encoder.layers.0.linear1"],
+                     hessian="ekfac")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
