@@ -169,12 +169,15 @@ def _names_of_modules(
 
 
 def _linear_head(model: nn.Module, names: Sequence[str]) -> nn.Linear | None:
-    """The ``nn.Linear`` whose weight and bias are exactly ``names``, if there is one."""
-    for module_name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        prefix = f"{module_name}." if module_name else ""
-        own = [prefix + "weight"] + ([prefix + "bias"] if module.bias is not None else [])
-        if list(names) == own:
-            return module
+    """The ``nn.Linear`` (or subclass) whose weight and bias are exactly the parameters named
+    ``names``, if there is one. Matched by identity, so a tied parameter selected under another
+    module's name still finds it (whether the closed form then applies is decided by
+    :func:`fastinfluence.hessian.backends.probe_model`)."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    selected = [id(named[n]) for n in names]
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            own = [id(p) for p in module.parameters(recurse=False)]
+            if sorted(own) == sorted(selected):
+                return module
     return None

@@ -206,7 +206,7 @@ class Influence:
 
         with eval_mode(model):
             example = cast_inputs(model_example, self.fmodel.device, self.fmodel.dtype)
-            probe = probe_model(self.fmodel, example)
+            probe = probe_model(self.fmodel, example, hessian)
             self.num_classes = probe.num_classes
             if batch_size is None:
                 self.batch_size = self._default_batch_size(probe.sample_bytes)
