@@ -628,12 +628,15 @@ class GaussNewtonBackend(NetworkBackend):
         J, logits = jacobian(fmodel.theta, x)
         if J.dim() != 3:
             raise ValueError("the Woodbury solver needs outputs of shape [batch, C]; got "
-                             f"per-sample outputs of shape {tuple(J.shape[1:-1])}")
+                             f"per-sample outputs of shape {tuple(J.shape[1:-1])}: use "
+                             "solver='cg' (its products take any output shape)")
         with torch.no_grad():
             roots, convex = fmodel.loss_hessian_roots(logits, y)  # [C, batch, C]
             if not convex:
                 raise ValueError("the Woodbury solver needs a loss convex in the model's "
-                                 "output (its Hessian there has a negative eigenvalue)")
+                                 "output (its Hessian there has a negative eigenvalue): use "
+                                 "solver='direct', which factors G + λI itself and says "
+                                 "whether it is positive definite")
             return torch.einsum("cbo,bop->bcp", roots, J).reshape(-1, J.shape[-1])
 
 
