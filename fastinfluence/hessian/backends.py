@@ -40,6 +40,8 @@ the CPU LSTM kernel. ``scoring`` and ``scoring_reason`` say which ran and why.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +64,23 @@ HEAD_CLOSED_FORM = "head-closed-form"
 FUSED_TANGENT = "fused-tangent"
 TORCH_JVP = "torch.func.jvp"
 REVERSE_MODE = "reverse-mode"
+BATCHING_FALLBACK_NOTE = "There is a performance drop because we have not yet implemented"
+"""The start of torch's warning when ``vmap`` meets an operation without a batching rule (it
+then loops over the batch: slower, the same numbers, nothing the caller can change)."""
+
+
+def _without_batching_fallback_notes(method: Callable) -> Callable:
+    """``method`` with torch's :data:`BATCHING_FALLBACK_NOTE` warnings, raised by the ``vmap``
+    calls inside it (ours and :class:`FunctionalModel`'s), kept from the caller."""
+
+    @functools.wraps(method)
+    def quiet(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=BATCHING_FALLBACK_NOTE,
+                                    category=UserWarning)
+            return method(*args, **kwargs)
+
+    return quiet
 
 
 class CurvatureBackend:
@@ -485,6 +504,7 @@ class NetworkBackend(CurvatureBackend):
             count += len(x)
         return total / count
 
+    @_without_batching_fallback_notes
     def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
         total = torch.zeros_like(vectors)
         count = 0
@@ -501,6 +521,7 @@ class NetworkBackend(CurvatureBackend):
         """``Σ_batch`` of the per-sample curvature times each row of ``vectors``."""
         raise NotImplementedError
 
+    @_without_batching_fallback_notes
     def directional(self, data: LabelledData, directions: torch.Tensor) -> torch.Tensor:
         fmodel = self.fmodel
         columns = []
@@ -528,6 +549,7 @@ class NetworkBackend(CurvatureBackend):
             columns.append(_each(along, directions).T)
         return torch.cat(columns)
 
+    @_without_batching_fallback_notes
     def per_sample_gradients(self, data: LabelledData) -> torch.Tensor:
         rows = [self._batch_gradients(x, y)
                 for x, y in data.batches(self.fmodel.device, self.fmodel.dtype)]
@@ -599,6 +621,7 @@ class GaussNewtonBackend(NetworkBackend):
             return pullback(curved[0])[0][None]
         return torch.func.vmap(pullback)(curved)[0]
 
+    @_without_batching_fallback_notes
     def factor_rows(self, chunk_size: int) -> torch.Tensor:
         """``B`` ``[n·C, p]`` with ``BᵀB = C``: the rows ``R_iᵀ J_i / √n`` of every training
         sample, ``J_i = ∂z_i/∂θ`` ``[C, p]`` (reverse mode, one row per output) and
