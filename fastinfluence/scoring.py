@@ -164,7 +164,7 @@ class Influence:
 
     With ``params="last"`` on a final ``nn.Linear`` whose output is the model's output and the
     default loss, everything runs in closed form on features cached by one forward pass, once
-    the probe has checked that the closed form is the model's map (docs/design.md §3.3);
+    the probe has checked that the closed form is the model's map (docs/design.md §3, item 3);
     ``report`` says which path, curvature and scoring ran, and why.
     """
 

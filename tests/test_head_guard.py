@@ -1,4 +1,4 @@
-"""The closed-form head runs only where it is the model's map (docs/design.md §3.3).
+"""The closed-form head runs only where it is the model's map (docs/design.md §3, item 3).
 
 Each model below ends in an ``nn.Linear`` whose output is (or looks like) the model's output,
 but the closed form ``z = W a + b`` with features ``a`` independent of ``(W, b)`` is not the
