@@ -132,6 +132,24 @@ def test_a_head_weight_tied_to_an_earlier_layer_takes_the_network_path():
                        data(1, 6, features=3))
 
 
+class BiasReadBeforeTheHead(nn.Module):
+    """The head's bias also shifts the features, read as a tensor (no other module holds it:
+    only the features' change with θ_S shows it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(5, 3)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.body(x) + self.fc.bias))
+
+
+def test_features_that_read_the_head_parameters_take_the_network_path():
+    model = BiasReadBeforeTheHead()
+    check_network_path(model, model.fc, "input changes with the head's own parameters")
+
+
 def test_an_ordinary_head_takes_the_closed_form():
     torch.manual_seed(0)
     model = mlp().double().eval()
