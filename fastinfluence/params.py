@@ -26,8 +26,9 @@ class ParameterSelection:
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
     head: nn.Linear | None
-    """The ``nn.Linear`` whose weight (and bias, if it has one) are exactly the selection, none
-    of them shared with another module."""
+    """The ``nn.Linear`` whose weight (and bias, if it has one) are exactly the selection
+    (whether the closed form applies to it, tied weights included, is decided by
+    :func:`fastinfluence.hessian.backends.probe_model`)."""
     shared: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Each selected tensor the model lists under several names (tied weights): its name in
     ``names`` → its other names."""
@@ -109,9 +110,7 @@ def select_parameters(
             raise TypeError("params as a list must hold only module names or only parameters")
     shapes = tuple(named[n].shape for n in names)
     shared = {name: tied[name] for name in names if name in tied}
-    # A head whose weight another module also uses is not a head: θ_S moves its features too.
-    head = None if shared else _linear_head(model, names)
-    return ParameterSelection(tuple(names), shapes, head, shared)
+    return ParameterSelection(tuple(names), shapes, _linear_head(model, names), shared)
 
 
 def _parameter_names(model: nn.Module) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
@@ -209,12 +208,15 @@ def _names_of_modules(
 
 
 def _linear_head(model: nn.Module, names: Sequence[str]) -> nn.Linear | None:
-    """The ``nn.Linear`` whose weight and bias are exactly ``names``, if there is one."""
-    for module_name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        prefix = f"{module_name}." if module_name else ""
-        own = [prefix + "weight"] + ([prefix + "bias"] if module.bias is not None else [])
-        if list(names) == own:
-            return module
+    """The ``nn.Linear`` (or subclass) whose weight and bias are exactly the parameters named
+    ``names``, if there is one. Matched by identity, so a tied parameter selected under another
+    module's name still finds it (whether the closed form then applies is decided by
+    :func:`fastinfluence.hessian.backends.probe_model`)."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    selected = [id(named[n]) for n in names]
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            own = [id(p) for p in module.parameters(recurse=False)]
+            if sorted(own) == sorted(selected):
+                return module
     return None

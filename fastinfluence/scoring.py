@@ -169,7 +169,8 @@ class Influence:
             :class:`~fastinfluence.WoodburyConfig`).
 
     With ``params="last"`` on a final ``nn.Linear`` whose output is the model's output and the
-    default loss, everything runs in closed form on features cached by one forward pass;
+    default loss, everything runs in closed form on features cached by one forward pass, once
+    the probe has checked that the closed form is the model's map (docs/design.md §3, item 3);
     ``report`` says which path, curvature and scoring ran, and why.
     """
 
@@ -213,7 +214,7 @@ class Influence:
 
         with eval_mode(model):
             example = cast_inputs(model_example, self.fmodel.device, self.fmodel.dtype)
-            probe = probe_model(self.fmodel, example)
+            probe = probe_model(self.fmodel, example, hessian)
             check_sample_independence(self.fmodel, example, self.train)
             self.num_classes = probe.num_classes
             if batch_size is None:

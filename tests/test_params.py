@@ -7,6 +7,7 @@ import torch
 from problems import TiedEncoderDecoder
 from torch import nn
 
+import fastinfluence as fi
 from fastinfluence.params import select_parameters
 
 
@@ -136,15 +137,17 @@ def test_a_tied_weight_is_selected_once_under_its_first_name_by_any_of_its_names
     assert selection.names == ("encoder.weight", "decoder.bias")
     assert selection.numel == 30
     assert selection.shared == {"encoder.weight": ("decoder.weight",)}
-    assert selection.head is None
+    assert selection.head is model.decoder  # by identity; probe_model refuses its closed form
 
 
-def test_a_linear_whose_weight_another_module_uses_is_no_head():
+def test_a_linear_whose_weight_another_module_uses_takes_no_closed_form():
     model = TiedEncoderDecoder(output_first=True)
     selection = select_parameters(model, "last", example=torch.randn(2, 5))
     assert selection.names == ("decoder.weight", "decoder.bias")
     assert selection.shared == {"decoder.weight": ("encoder.weight",)}
-    assert selection.head is None
+    data = (torch.randn(6, 5), torch.randint(0, 5, (6,)))
+    report = fi.Influence(model, data, data).report
+    assert report.path == "autograd" and "encoder.weight" in report.path_reason
     assert select_parameters(mlp(), "last", example=EXAMPLE).shared == {}
 
 

@@ -40,10 +40,15 @@ the CPU LSTM kernel. ``scoring`` and ``scoring_reason`` say which ran and why.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from fastinfluence import ops
@@ -60,6 +65,23 @@ HEAD_CLOSED_FORM = "head-closed-form"
 FUSED_TANGENT = "fused-tangent"
 TORCH_JVP = "torch.func.jvp"
 REVERSE_MODE = "reverse-mode"
+BATCHING_FALLBACK_NOTE = "There is a performance drop because we have not yet implemented"
+"""The start of torch's warning when ``vmap`` meets an operation without a batching rule (it
+then loops over the batch: slower, the same numbers, nothing the caller can change)."""
+
+
+def _without_batching_fallback_notes(method: Callable) -> Callable:
+    """``method`` with torch's :data:`BATCHING_FALLBACK_NOTE` warnings, raised by the ``vmap``
+    calls inside it (ours and :class:`FunctionalModel`'s), kept from the caller."""
+
+    @functools.wraps(method)
+    def quiet(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=BATCHING_FALLBACK_NOTE,
+                                    category=UserWarning)
+            return method(*args, **kwargs)
+
+    return quiet
 
 
 class CurvatureBackend:
@@ -143,25 +165,26 @@ class ModelProbe:
     head_reason: str | None
 
 
-def probe_model(fmodel: FunctionalModel, example: Inputs) -> ModelProbe:
+def probe_model(fmodel: FunctionalModel, example: Inputs,
+                hessian: str = "auto") -> ModelProbe:
     """One no-grad forward pass on ``example``: output size, largest activation, and whether
-    the closed-form head applies (then the selected Linear's output must be the model's)."""
-    model, head = fmodel.model, fmodel.selection.head
-    captured: dict[str, torch.Tensor] = {}
+    the closed-form head applies for ``hessian``: its structure (an ``nn.Linear`` itself, no
+    hooks, no shared parameters, the default loss, no K-FAC asked for) and its numbers (run
+    once, output returned unchanged and equal to ``W a + b``, features independent of θ_S;
+    checked at θ_S and at a perturbed θ_S by one more forward pass; docs/design.md §3)."""
+    model = fmodel.model
     largest = [sum(t[0].numel() * t.element_size() for t in tree_leaves(example))]
 
     def measure(_module, _inputs, output) -> None:
         if isinstance(output, torch.Tensor) and output.ndim > 0 and len(output):
             largest[0] = max(largest[0], output[0].numel() * output.element_size())
 
+    # The head's structure is read before the probe adds hooks of its own.
+    reason = _head_structure_reason(fmodel, hessian)
     hooks = [m.register_forward_hook(measure) for m in model.modules()]
-    if head is not None:
-        hooks.append(head.register_forward_hook(
-            lambda _m, inputs, output: captured.update(inputs=inputs[0], output=output)
-        ))
     try:
-        with torch.no_grad():
-            output = fmodel.logits(fmodel.theta, example)
+        output, calls = _run_with_head(fmodel, fmodel.theta, example,
+                                       fmodel.selection.head if reason is None else None)
     finally:
         for hook in hooks:
             hook.remove()
@@ -173,17 +196,150 @@ def probe_model(fmodel: FunctionalModel, example: Inputs) -> ModelProbe:
             f"{shape} (pass output= to pick the logits from it, or loss_fn for other outputs)"
         )
     num_classes = output.shape[1] if is_tensor and output.ndim == 2 else 0
-    if head is None:
-        reason = "the selected parameters are not exactly one nn.Linear's weight and bias"
-    elif not fmodel.uses_cross_entropy:
-        reason = "a custom loss_fn (the closed form is for softmax cross-entropy)"
-    elif captured.get("output") is not output:
-        reason = "the model's output is not the selected Linear layer's output"
-    elif captured["inputs"].ndim != 2:
-        reason = "the Linear layer's input is not [batch, features]"
-    else:
-        reason = None
+    if reason is None:
+        reason = _head_map_reason(fmodel, example, output, calls)
     return ModelProbe(num_classes, largest[0], is_tensor, reason)
+
+
+@dataclass(frozen=True)
+class _HeadCall:
+    """One call of the head during a forward pass: its input and output, and their version
+    counters then (an in-place op afterwards bumps them)."""
+
+    features: torch.Tensor
+    output: torch.Tensor
+    versions: tuple[int, int]
+
+    def changed_in_place(self) -> bool:
+        return (self.features._version, self.output._version) != self.versions
+
+
+def _run_with_head(fmodel: FunctionalModel, theta: torch.Tensor, example: Inputs,
+                   head: nn.Module | None) -> tuple[Any, list[_HeadCall]]:
+    """The model's output at ``theta`` on ``example`` (no gradients) and every call of
+    ``head`` during it."""
+    calls: list[_HeadCall] = []
+
+    def keep(_module, inputs, output) -> None:
+        features = inputs[0] if inputs else None
+        if isinstance(features, torch.Tensor) and isinstance(output, torch.Tensor):
+            calls.append(_HeadCall(features, output, (features._version, output._version)))
+
+    hook = None if head is None else head.register_forward_hook(keep)
+    try:
+        with torch.no_grad():
+            output = fmodel.logits(theta, example)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return output, calls
+
+
+def _head_structure_reason(fmodel: FunctionalModel, hessian: str) -> str | None:
+    """Why the closed form cannot be ``fmodel``'s map for ``hessian``, from the selection, the
+    loss and the head's module alone (``None`` when nothing rules it out)."""
+    model, head = fmodel.model, fmodel.selection.head
+    if head is None:
+        return "the selected parameters are not exactly one nn.Linear's weight and bias"
+    if not fmodel.uses_cross_entropy:
+        return "a custom loss_fn (the closed form is for softmax cross-entropy)"
+    if hessian in KRONECKER_CURVATURES:
+        return (f"hessian={hessian!r} was asked for (the closed form is the head's exact "
+                "Hessian, which K-FAC only approximates)")
+    name = next(n for n, module in model.named_modules() if module is head)
+    shown = repr(name) if name else "the model itself"
+    if type(head) is not nn.Linear:
+        return (f"the head {shown} is a {type(head).__qualname__}, not nn.Linear itself (a "
+                "subclass may compute something else)")
+    if "forward" in vars(head):
+        return f"the head {shown} has its forward replaced on the instance"
+    if head._forward_hooks or head._forward_pre_hooks:
+        return f"the head {shown} has forward hooks, which may change what it computes"
+    if _global_forward_hooks():
+        return ("global module forward hooks are registered "
+                "(nn.modules.module.register_module_forward_hook), which may change what "
+                "the head computes")
+    prefix = f"{name}." if name else ""
+    own = {prefix + local: id(p) for local, p in head.named_parameters(recurse=False)}
+    shared = [n for n, p in model.named_parameters(remove_duplicate=False)
+              if id(p) in own.values() and n not in own]
+    if shared:
+        return (f"the head's parameters are shared with {', '.join(shared)} (tied weights: "
+                "the head's input depends on them)")
+    return None
+
+
+def _global_forward_hooks() -> bool:
+    """Whether forward (pre-)hooks are registered for every module (a private registry of
+    torch's; absent means none can be seen)."""
+    registry = nn.modules.module
+    return bool(getattr(registry, "_global_forward_hooks", None)
+                or getattr(registry, "_global_forward_pre_hooks", None))
+
+
+def _head_map_reason(fmodel: FunctionalModel, example: Inputs, output: Any,
+                     calls: list[_HeadCall]) -> str | None:
+    """Why the model's output on ``example`` is not ``W a + b`` of the head's input ``a``, or
+    ``a`` depends on θ_S (``None`` when the closed form is the model's map there).
+
+    Checked at θ_S and again at a perturbed θ_S: the head runs once, its output is the
+    model's, unchanged in place, and equals ``W a + b`` in float64; ``a`` is the same at both.
+    """
+    reason = _head_call_reason(fmodel, fmodel.theta, output, calls)
+    if reason is not None:
+        return reason
+    theta = fmodel.theta
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    shift = torch.randn(theta.shape, generator=generator, dtype=torch.float64)
+    moved = theta + (shift * (theta.abs().mean().item() + 1.0)).to(theta)
+    moved_output, moved_calls = _run_with_head(fmodel, moved, example, fmodel.selection.head)
+    reason = _head_call_reason(fmodel, moved, moved_output, moved_calls)
+    if reason is not None:
+        return reason
+    before, after = calls[0].features.double(), moved_calls[0].features.double()
+    # The same computation twice: equal but for non-deterministic kernels' rounding.
+    tolerance = torch.finfo(calls[0].features.dtype).eps ** 0.5
+    if not bool(((after - before).abs() <= tolerance * before.abs().amax()).all()):
+        return ("the head's input changes with the head's own parameters (they are used "
+                "before the head)")
+    return None
+
+
+def _head_call_reason(fmodel: FunctionalModel, theta: torch.Tensor, output: Any,
+                      calls: list[_HeadCall]) -> str | None:
+    """Why ``output`` at ``theta`` is not the head's single call ``W a + b`` (or ``None``)."""
+    if len(calls) > 1:
+        return (f"the head runs {len(calls)} times in one forward pass (the closed form needs "
+                "it exactly once)")
+    if not calls or calls[0].output is not output:
+        return "the model's output is not the selected Linear layer's output"
+    call = calls[0]
+    if call.changed_in_place():
+        return "the head's input or output is changed in place after the head runs"
+    if call.features.ndim != 2:
+        return "the Linear layer's input is not [batch, features]"
+    weight, *bias = (t.double() for t in fmodel.selection.unflatten(theta).values())
+    features = call.features.double()
+    expected = F.linear(features, weight, bias[0] if bias else None)
+    # Rounding in z = W a + b is bounded by |W| |a| + |b| entry by entry.
+    bound = F.linear(features.abs(), weight.abs(), bias[0].abs() if bias else None)
+    error = (output.double() - expected).abs()
+    tolerance = _rounding_tolerance(output.dtype, features.shape[1] + 1)
+    if bool((error > tolerance * bound).any()):
+        worst = (error / bound.clamp_min(torch.finfo(torch.float64).tiny)).max().item()
+        return (f"the model's output differs from the head's W a + b (by up to {worst:.2g} of "
+                "|W| |a| + |b|): something after the head changes it")
+    return None
+
+
+def _rounding_tolerance(dtype: torch.dtype, terms: int) -> float:
+    """Relative bound on the rounding of a sum of ``terms`` products in ``dtype``: Higham's
+    ``γ_n ≈ n·u`` for the model's sum and as much again for ours, with a margin of 2
+    (``2n·eps``); float32 matmuls of reduced precision (TF32 keeps 10 mantissa bits) round
+    each product to about ``2^-11``, so ``1e-2`` there."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return 1e-2
+    return 2 * terms * torch.finfo(dtype).eps
 
 
 def select_backend(
@@ -357,6 +513,7 @@ class NetworkBackend(CurvatureBackend):
             count += len(y)
         return total / count
 
+    @_without_batching_fallback_notes
     def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
         total = torch.zeros_like(vectors)
         count = 0
@@ -373,6 +530,7 @@ class NetworkBackend(CurvatureBackend):
         """``Σ_batch`` of the per-sample curvature times each row of ``vectors``."""
         raise NotImplementedError
 
+    @_without_batching_fallback_notes
     def directional(self, data: LabelledData, directions: torch.Tensor) -> torch.Tensor:
         fmodel = self.fmodel
         columns = []
@@ -400,6 +558,7 @@ class NetworkBackend(CurvatureBackend):
             columns.append(_each(along, directions).T)
         return torch.cat(columns)
 
+    @_without_batching_fallback_notes
     def per_sample_gradients(self, data: LabelledData) -> torch.Tensor:
         rows = [self._batch_gradients(x, y)
                 for x, y in data.batches(self.fmodel.device, self.fmodel.dtype)]
@@ -471,6 +630,7 @@ class GaussNewtonBackend(NetworkBackend):
             return pullback(curved[0])[0][None]
         return torch.func.vmap(pullback)(curved)[0]
 
+    @_without_batching_fallback_notes
     def factor_rows(self, chunk_size: int) -> torch.Tensor:
         """``B`` ``[n·C, p]`` with ``BᵀB = C``: the rows ``R_iᵀ J_i / √n`` of every training
         sample, ``J_i = ∂z_i/∂θ`` ``[C, p]`` (reverse mode, one row per output) and
@@ -500,12 +660,15 @@ class GaussNewtonBackend(NetworkBackend):
         J, logits = jacobian(fmodel.theta, x)
         if J.dim() != 3:
             raise ValueError("the Woodbury solver needs outputs of shape [batch, C]; got "
-                             f"per-sample outputs of shape {tuple(J.shape[1:-1])}")
+                             f"per-sample outputs of shape {tuple(J.shape[1:-1])}: use "
+                             "solver='cg' (its products take any output shape)")
         with torch.no_grad():
             roots, convex = fmodel.loss_hessian_roots(logits, y)  # [C, batch, C]
             if not convex:
                 raise ValueError("the Woodbury solver needs a loss convex in the model's "
-                                 "output (its Hessian there has a negative eigenvalue)")
+                                 "output (its Hessian there has a negative eigenvalue): use "
+                                 "solver='direct', which factors G + λI itself and says "
+                                 "whether it is positive definite")
             return torch.einsum("cbo,bop->bcp", roots, J).reshape(-1, J.shape[-1])
 
 

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from fastinfluence import ops
-from fastinfluence.hessian.backends import CurvatureBackend
+from fastinfluence.distributed import DistributedBackend
+from fastinfluence.hessian.backends import HEAD_CLOSED_FORM, CurvatureBackend
+from fastinfluence.hessian.kfac import KRONECKER_CURVATURES
 from fastinfluence.progress import progress_bar
 
 SOLVERS = ("direct", "cg", "lissa", "woodbury", "auto")
@@ -293,12 +295,10 @@ class WoodburySolver(Solver):
                  progress: bool = False):
         super().__init__(operator, damping, config, progress)
         if operator.factor_rows is None:
-            raise ValueError(
-                "solver='woodbury' needs the Gauss-Newton curvature of a network in one process "
-                f"(hessian='gauss-newton', without torch.distributed); this is {operator.name!r}"
-            )
+            raise ValueError(_woodbury_refusal(operator))
         if not damping > 0:
-            raise ValueError(f"solver='woodbury' needs damping > 0, got {damping!r}")
+            raise ValueError(f"solver='woodbury' needs damping > 0 (BBᵀ + λI is singular at "
+                             f"λ = 0 when n·C > p), got {damping!r}")
         # B has C rows per sample: one row per sample bounds its size before it is built.
         _check_size(operator.num_samples * operator.dim * operator.dtype.itemsize, operator,
                     config)
@@ -314,6 +314,23 @@ class WoodburySolver(Solver):
 
     def _apply(self, vectors):
         return (vectors @ self.rows.T) @ self.rows + self.damping * vectors
+
+
+def _woodbury_refusal(operator: CurvatureBackend) -> str:
+    """Why ``operator`` offers no Woodbury rows, and what solves its curvature instead."""
+    if operator.name == HEAD_CLOSED_FORM:
+        return ("solver='woodbury' is for the Gauss-Newton matrix of a network; the closed-form "
+                "head's Hessian is explicit and small: use solver='direct' (exact) or 'cg' "
+                "(solver='auto' picks one)")
+    if operator.name in KRONECKER_CURVATURES:
+        return (f"solver='woodbury' factors the Gauss-Newton matrix, not "
+                f"hessian={operator.name!r}, whose inverse is already in closed form: use "
+                "solver='direct' (solver='auto' picks it)")
+    if isinstance(operator, DistributedBackend):
+        return ("solver='woodbury' is not offered across processes (its n·C × n·C system spans "
+                "every rank's rows): use solver='cg' (or 'direct' for a small θ_S)")
+    return (f"solver='woodbury' factors the Gauss-Newton matrix, not hessian={operator.name!r}: "
+            "pass hessian='gauss-newton' (or keep the exact Hessian with solver='cg')")
 
 
 def _gram(rows: torch.Tensor, block: int = 384) -> torch.Tensor:

@@ -112,7 +112,6 @@ def test_network_backends_take_the_fused_pass_where_it_compiles():
     assert forced.scoring == "reverse-mode" and forced.scoring_reason == "forced by the test"
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 @pytest.mark.parametrize("hessian", ["exact", "gauss-newton"])
 def test_models_without_forward_mode_fall_back_to_reverse_mode(hessian):
     """In float32 the CPU LSTM runs a kernel without forward-mode derivatives; the float64

@@ -208,3 +208,18 @@ def test_float32_factors_of_few_samples_decompose(hessian):
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     inf = fi.Influence(model, (X, y), (X[:4], y[:4]), params=names, hessian=hessian)
     assert inf.ihvp.dtype == torch.float32 and bool(torch.isfinite(inf.scores()).all())
+
+
+@pytest.mark.parametrize("hessian", ["kfac", "ekfac"])
+def test_the_head_runs_the_curvature_asked_for(hessian):
+    """``params="last"`` takes the closed-form exact Hessian by default; K-FAC named is K-FAC
+    (on the network path, which says why), not the exact Hessian in its place."""
+    model, train, val, layers = cnn_problem()
+    inf = fi.Influence(model, train, val, params="last", hessian=hessian, damping=0.05)
+    assert inf.report.hessian == hessian and inf.report.path == "autograd"
+    assert f"hessian={hessian!r}" in inf.report.path_reason
+    expected = expected_blocks(model, layers[1:], *train, corrected=hessian == "ekfac")
+    gradient = reference.mean_loss_grad(model, list(layers[1].parameters()), *val)
+    s = torch.linalg.solve(expected + 0.05 * torch.eye(len(expected), dtype=expected.dtype),
+                           gradient)
+    torch.testing.assert_close(inf.ihvp, s, rtol=1e-8, atol=1e-10)

@@ -9,7 +9,9 @@ from problems import make_problem, relative_error
 
 import fastinfluence as fi
 from fastinfluence import reference
-from fastinfluence.hessian.solvers import _gram
+from fastinfluence.distributed import DistributedBackend, Shards
+from fastinfluence.hessian.backends import GaussNewtonBackend
+from fastinfluence.hessian.solvers import _gram, make_solver
 
 
 def squared_error(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -54,17 +56,38 @@ def test_scores_match_the_explicit_solve():
     assert relative_error(inf.scores(), expected) < 1e-10
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    (dict(params="all", hessian="exact"), "Gauss-Newton curvature of a network"),
-    (dict(params="last"), "Gauss-Newton curvature of a network"),
-    (dict(params="all", damping=0.0), "damping > 0"),
-    (dict(params="all", max_gib=1e-9), "max_gib"),
-    (dict(params="all", loss_fn=lambda out, y: -(out ** 2).sum(dim=1)), "convex"),
+def concave(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return -(out ** 2).sum(dim=1)
+
+
+@pytest.mark.parametrize(("options", "suggestion", "instead"), [
+    (dict(params="all", hessian="exact"), "hessian='gauss-newton'",
+     dict(hessian="gauss-newton")),
+    (dict(params="last"), "solver='direct'", dict(solver="direct")),
+    (dict(params="last", hessian="kfac"), "solver='direct'", dict(solver="direct")),
+    (dict(params="all", hessian="ekfac"), "solver='direct'", dict(solver="direct")),
+    (dict(params="all", damping=0.0), "damping > 0", dict(damping=0.01)),
+    (dict(params="all", max_gib=1e-9), "max_gib", dict(max_gib=1.0)),
+    (dict(params="all", loss_fn=concave), "solver='direct'", dict(solver="direct", damping=50.0)),
 ])
-def test_refuses_what_it_cannot_solve(options, message):
+def test_refusals_suggest_a_setting_that_works(options, suggestion, instead):
     model, train, val = make_problem("mlp", seed=14, n_train=6, n_val=3)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError) as refused:
         fi.Influence(model, train, val, solver="woodbury", **options)
+    assert suggestion in str(refused.value)
+    followed = {"solver": "woodbury", **options, **instead}
+    assert fi.Influence(model, train, val, **followed).report.solve.converged
+
+
+def test_the_refusal_across_processes_suggests_cg():
+    """Woodbury over a rank's shard would miss the other ranks' rows; CG runs across
+    processes (tests/test_distributed.py). No collective runs before the refusal."""
+    model, train, val = make_problem("mlp", seed=14, n_train=6, n_val=3)
+    inf = fi.Influence(model, train, val, params="all", solver="cg")
+    backend = DistributedBackend(lambda data: GaussNewtonBackend(inf.fmodel, data, val[0][:2]),
+                                 inf.train, Shards(None, rank=0, world=2))
+    with pytest.raises(ValueError, match="across processes.*use solver='cg'"):
+        make_solver("woodbury", backend, 0.01, fi.WoodburyConfig())
 
 
 def test_config_is_validated():
