@@ -116,14 +116,16 @@ def model_fingerprint(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
 
 def data_fingerprint(data: LabelledData) -> dict[str, Any]:
     """The number of samples and a SHA-256 of the first and last :data:`FINGERPRINT_SAMPLES`
-    samples (inputs and labels, read as the scorers read them)."""
+    samples (inputs and labels, read as the scorers read them), one sample at a time so that
+    the batch size does not change it."""
     n = len(data)
     ends = sorted({*range(min(FINGERPRINT_SAMPLES, n)),
                    *range(max(0, n - FINGERPRINT_SAMPLES), n)})
     part = data.subset(torch.tensor(ends, dtype=torch.int64))
     tensors = []
     for inputs, targets in part.batches(torch.device("cpu"), torch.float64):
-        tensors += [("x", inputs), ("y", targets)]
+        for x, y in zip(inputs, targets, strict=True):
+            tensors += [("x", x), ("y", y)]
     return {"num_samples": n, "sha256": tensor_digest(tensors)}
 
 
@@ -240,26 +242,30 @@ def callable_fingerprints(fmodel: FunctionalModel, train: LabelledData) -> dict[
     a callable with other state or code never matches. The default loss is described as
     :func:`~fastinfluence.functional.cross_entropy_per_sample`."""
     part = train.subset(torch.arange(min(PROBE_SAMPLES, len(train))))
-    batches = list(part.batches(fmodel.device, fmodel.dtype))
-    inputs = torch.cat([x for x, _ in batches])
-    targets = torch.cat([y for _, y in batches])
     rtol = PROBE_RTOL.get(fmodel.dtype, PROBE_RTOL[torch.float32])
-    with torch.no_grad():
-        picked = fmodel.logits(fmodel.theta, inputs)
-    loss_probe: dict[str, Any]
-    if isinstance(picked, torch.Tensor) and picked.is_floating_point():
-        output_probe = {"shape": list(picked.shape[1:]), "dtype": str(picked.dtype),
-                        "values": _probe_values(picked, rtol)}
-        with torch.enable_grad():
-            leaf = picked.detach().requires_grad_(True)
-            losses = fmodel.per_sample(leaf, targets)
-            (gradient,) = torch.autograd.grad(losses.sum(), leaf, allow_unused=True)
-        loss_probe = {"values": _probe_values(losses, rtol),
-                      "gradient": None if gradient is None else _probe_values(gradient, rtol)}
-    else:
-        output_probe = {"type": qualified_name(picked)}
+    picked_rows, loss_rows, gradient_rows = [], [], []
+    picked_kind: Any = None
+    for inputs, targets in part.batches(fmodel.device, fmodel.dtype):
         with torch.no_grad():
-            loss_probe = {"values": _probe_values(fmodel.per_sample(picked, targets), rtol)}
+            picked = fmodel.logits(fmodel.theta, inputs)
+        if isinstance(picked, torch.Tensor) and picked.is_floating_point():
+            picked_kind = {"shape": list(picked.shape[1:]), "dtype": str(picked.dtype)}
+            with torch.enable_grad():
+                leaf = picked.detach().requires_grad_(True)
+                losses = fmodel.per_sample(leaf, targets)
+                (gradient,) = torch.autograd.grad(losses.sum(), leaf, allow_unused=True)
+            picked_rows.append(picked)
+            gradient_rows.append(torch.zeros_like(leaf) if gradient is None else gradient)
+        else:  # a structure the loss reads as it is: its values alone
+            picked_kind = {"type": qualified_name(picked)}
+            with torch.no_grad():
+                losses = fmodel.per_sample(picked, targets)
+        loss_rows.append(losses.detach())
+    output_probe = dict(picked_kind)
+    loss_probe = {"values": _probe_values(torch.cat(loss_rows), rtol)}
+    if picked_rows:
+        output_probe["values"] = _probe_values(torch.cat(picked_rows), rtol)
+        loss_probe["gradient"] = _probe_values(torch.cat(gradient_rows), rtol)
 
     def state(thing: Any) -> str:
         text = json.dumps(describe_callable(thing), sort_keys=True)

@@ -431,3 +431,11 @@ def test_a_directory_of_the_first_format_is_refused_clearly(tmp_path):
         with pytest.raises(fi.SettingsMismatchError, match="another version of fastinfluence "
                                                            r"\(manifest format 1"):
             attempt()
+
+
+def test_another_batch_size_reuses_s(tmp_path):
+    model, train, val = make_problem("mlp")
+    first = fi.Influence(model, train, val, out=tmp_path, batch_size=3, **OPTIONS)
+    again = fi.Influence(model, train, val, out=tmp_path, batch_size=40, **OPTIONS)
+    assert again.report.reused_ihvp
+    assert relative_error(again.ihvp, first.ihvp) <= 1e-12
