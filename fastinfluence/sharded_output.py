@@ -59,8 +59,6 @@ DEFAULT_CHUNK_SIZE = 4096
 FINGERPRINT_SAMPLES = 16
 """Samples hashed at each end of a data set: a cheap check that the data is the same, fixed so
 that a change of batch size does not change the fingerprint."""
-
-
 PROBE_SAMPLES = 8
 """Training samples on whose model outputs the loss and the output selector are probed."""
 PROBE_RTOL = {torch.float64: 1e-8, torch.float32: 1e-2}
@@ -349,7 +347,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     manifest = json.loads((path / MANIFEST).read_text())
     if manifest.get("format") != FORMAT_VERSION:
         raise SettingsMismatchError(
-            f"out={str(path)!r} was written by another version of fastinfluence (manifest "
+            f"{str(path)!r} was written by another version of fastinfluence (manifest "
             f"format {manifest.get('format')!r}, this version writes {FORMAT_VERSION}, which "
             "fingerprints the loss by its behaviour and checksums every file); use another "
             "directory, or delete it to compute again"
@@ -364,27 +362,30 @@ class OutputDirectory:
         path: the directory (created by the writing process if missing).
         settings: ``{"model", "train", "val", "options"}`` fingerprints; a directory whose
             manifest holds other settings raises ``ValueError`` naming each difference.
+            ``None`` opens the directory as written, whatever its settings, for reading only.
         group: the process group whose rank 0 writes (default: the default group).
     """
 
-    def __init__(self, path: str | os.PathLike, settings: dict[str, Any],
+    def __init__(self, path: str | os.PathLike, settings: dict[str, Any] | None,
                  group: Any | None = None) -> None:
         self.path = Path(path)
-        self.writer = is_writer(group)
-        settings = _as_json(settings)
+        self.writer = settings is not None and is_writer(group)
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"out={str(path)!r} exists and is not a directory")
         if (self.path / MANIFEST).exists():
             self.manifest = _read_manifest(self.path)
-            differences = _differences(settings, self.manifest["settings"])
+            differences = ([] if settings is None else
+                           _differences(_as_json(settings), self.manifest["settings"]))
             if differences:
                 raise SettingsMismatchError(
                     f"out={str(path)!r} holds influence output of other settings; use another "
                     "directory or the same settings. Differences: " + "; ".join(differences)
                 )
+        elif settings is None:
+            raise ValueError(f"{str(path)!r} holds no influence output (no {MANIFEST})")
         else:
-            self.manifest = {"format": FORMAT_VERSION, "settings": settings, "ihvp": None,
-                             "outputs": {}, "files": {}}
+            self.manifest = {"format": FORMAT_VERSION, "settings": _as_json(settings),
+                             "ihvp": None, "outputs": {}, "files": {}}
         if self.writer:
             self.path.mkdir(parents=True, exist_ok=True)
             # A run killed mid-write leaves a temporary file; no one else writes here.
@@ -396,15 +397,6 @@ class OutputDirectory:
         if self.writer:
             text = json.dumps(self.manifest, indent=2, sort_keys=True)
             atomic_save(self.path / MANIFEST, text.encode())
-
-    @classmethod
-    def read_only(cls, path: str | os.PathLike) -> OutputDirectory:
-        """The directory ``path`` as written, for reading only (any settings)."""
-        directory = cls.__new__(cls)
-        directory.path = Path(path)
-        directory.writer = False
-        directory.manifest = _read_manifest(directory.path)
-        return directory
 
     def damage(self, name: str) -> str | None:
         """How file ``name`` differs from the size and SHA-256 recorded when it was written
@@ -484,7 +476,7 @@ class OutputDirectory:
         chunks = ChunkedOutput(self, kind, num_rows, row_shape, dtype, chunk_size)
         for index, damage in sorted(chunks.damaged.items()):
             warnings.warn(f"{chunks.file(index)} is damaged ({damage}); computing it again",
-                          stacklevel=3)
+                          stacklevel=4)
         return chunks
 
 
@@ -506,8 +498,8 @@ class ChunkedOutput:
         self.dtype = dtype
         self.chunk_size = chunk_size
         self.num_chunks = -(-num_rows // chunk_size)
-        self.damaged = {}
-        self.finished = set()
+        self.damaged: dict[int, str] = {}
+        self.finished: set[int] = set()
         for index in range(self.num_chunks):
             if directory.finished(self.file(index).name):
                 damage = directory.damage(self.file(index).name)
@@ -565,7 +557,7 @@ def read_output(path: str | os.PathLike, kind: str) -> torch.Tensor:
     """Read a finished output ``kind`` of directory ``path`` back as one tensor (for use
     without the model, e.g. after ``python -m fastinfluence score``); a missing or damaged
     chunk raises ``ValueError`` naming it."""
-    directory = OutputDirectory.read_only(path)
+    directory = OutputDirectory(path, None)
     entry = directory.manifest["outputs"].get(kind)
     if entry is None:
         raise ValueError(f"{path} holds no {kind} output; it holds "
