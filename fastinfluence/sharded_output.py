@@ -155,8 +155,8 @@ def _global_names(code: types.CodeType) -> set[str]:
 
 def _is_data(value: Any) -> bool:
     """Whether ``value`` is a plain value or tensor (not a function, class or module)."""
-    if isinstance(value, (bool, int, float, str, type(None), torch.Tensor, torch.dtype,
-                          torch.device)):
+    if isinstance(value, (bool, int, float, complex, str, bytes, type(None), torch.Tensor,
+                          torch.dtype, torch.device, np.ndarray, np.generic)):
         return True
     if isinstance(value, (tuple, list)):
         return all(_is_data(item) for item in value)
@@ -166,27 +166,32 @@ def _is_data(value: Any) -> bool:
 
 
 def describe_callable(thing: Any, depth: int = 0) -> Any:
-    """What defines ``thing``'s behaviour besides its outputs, as JSON: plain values as they
-    are, tensors by :func:`tensor_digest`; a ``functools.partial`` by its function and
-    arguments; a method by its function and object; a Python function by its code (bytecode,
-    constants, names looked up — not its name, file or line), defaults, closure and the
-    plain-value globals it reads; an ``nn.Module`` by its class, public attributes (such as
-    ``label_smoothing``, ``ignore_index``, ``reduction``), own parameters and buffers (such as
-    ``CrossEntropyLoss``'s ``weight``) and submodules; another object by its class and attributes.
-    Functions, classes and modules it merely refers to are described by name; references
-    deeper than :data:`DESCRIBE_DEPTH` by their class."""
+    """What defines ``thing``'s behaviour besides its outputs, as JSON: plain values as they are
+    (or their ``repr``), tensors and numpy arrays by a SHA-256 of their bytes; a
+    ``functools.partial`` by its function and arguments; a method by its function and object; a
+    Python function by its code (bytecode, constants, names looked up — not its name, file or
+    line), defaults, closure and the plain-value globals it reads; an ``nn.Module`` by its
+    class, public attributes (such as ``label_smoothing``, ``ignore_index``, ``reduction``),
+    own parameters and buffers (such as ``CrossEntropyLoss``'s ``weight``) and submodules;
+    another object by its class and attributes. Classes and modules are described by name (the
+    functions, classes and modules a function reads as globals by the names in its code);
+    references deeper than :data:`DESCRIBE_DEPTH` by their class."""
     if isinstance(thing, (bool, int, float, str, type(None))):
         return thing
-    if isinstance(thing, (torch.dtype, torch.device)):
-        return str(thing)
+    if isinstance(thing, (complex, bytes, np.generic, torch.dtype, torch.device)):
+        return repr(thing)
     if isinstance(thing, torch.Tensor):
         return {"tensor": tensor_digest([("", thing)])}
+    if isinstance(thing, np.ndarray) and thing.dtype != object:
+        array = np.ascontiguousarray(thing)
+        digest = hashlib.sha256(f"{array.dtype}|{array.shape}|".encode() + array.tobytes())
+        return {"array": digest.hexdigest()}
     if isinstance(thing, types.ModuleType):
         return {"module": thing.__name__}
     if isinstance(thing, type) or depth >= DESCRIBE_DEPTH:
         return {"name": qualified_name(thing)}
     inner = functools.partial(describe_callable, depth=depth + 1)
-    if isinstance(thing, (tuple, list)):
+    if isinstance(thing, (tuple, list, np.ndarray)):  # an ndarray of objects here
         return [inner(item) for item in thing]
     if isinstance(thing, dict):
         return {str(key): inner(value) for key, value in thing.items()}

@@ -439,3 +439,29 @@ def test_another_batch_size_reuses_s(tmp_path):
     again = fi.Influence(model, train, val, out=tmp_path, batch_size=40, **OPTIONS)
     assert again.report.reused_ihvp
     assert relative_error(again.ihvp, first.ihvp) <= 1e-12
+
+
+def scaled(scale):
+    return lambda out, y: torch.nn.functional.cross_entropy(out / scale, y, reduction="none")
+
+
+def test_the_state_of_a_callable_tells_apart_what_changes_it():
+    describe = sharded_output.describe_callable
+    alike = [lambda out: out * 2, lambda out: out * 2]  # two lambdas written alike
+    assert describe(alike[0]) == describe(alike[1])
+    assert describe(scaled(np.float32(2.0))) == describe(scaled(np.float32(2.0)))
+    assert describe(cross_entropy(weight=class_weights(3.0))) == describe(
+        cross_entropy(weight=class_weights(3.0)))
+    others = [
+        (lambda out: out * 2, lambda out: out * 3),
+        (scaled(np.float32(2.0)), scaled(np.float32(3.0))),
+        (scaled(np.array([1.0, 2.0])), scaled(np.array([1.0, 3.0]))),
+        (functools.partial(torch.nn.functional.cross_entropy, label_smoothing=0.1),
+         functools.partial(torch.nn.functional.cross_entropy, label_smoothing=0.2)),
+        (cross_entropy(ignore_index=0), cross_entropy(ignore_index=1)),
+        (cross_entropy(weight=class_weights(1.0)), cross_entropy(weight=class_weights(3.0))),
+        (torch.nn.Sequential(cross_entropy()), torch.nn.Sequential(cross_entropy(
+            label_smoothing=0.1))),
+    ]
+    for before, after in others:
+        assert describe(before) != describe(after), (before, after)
