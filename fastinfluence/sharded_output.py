@@ -114,16 +114,16 @@ def model_fingerprint(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
 
 def data_fingerprint(data: LabelledData) -> dict[str, Any]:
     """The number of samples and a SHA-256 of the first and last :data:`FINGERPRINT_SAMPLES`
-    samples (inputs and labels, read as the scorers read them), one sample at a time so that
-    the batch size does not change it."""
+    samples (inputs and labels, read as the scorers read them), read in one batch so that
+    neither ``batch_size`` nor a loader's batch size changes it."""
     n = len(data)
     ends = sorted({*range(min(FINGERPRINT_SAMPLES, n)),
                    *range(max(0, n - FINGERPRINT_SAMPLES), n)})
     part = data.subset(torch.tensor(ends, dtype=torch.int64))
+    part.batch_size, part.loader_batch_size = len(ends), None
     tensors = []
     for inputs, targets in part.batches(torch.device("cpu"), torch.float64):
-        for x, y in zip(inputs, targets, strict=True):
-            tensors += [("x", x), ("y", y)]
+        tensors += [("x", inputs), ("y", targets)]
     return {"num_samples": n, "sha256": tensor_digest(tensors)}
 
 

@@ -435,10 +435,15 @@ def test_a_directory_of_the_first_format_is_refused_clearly(tmp_path):
 
 def test_another_batch_size_reuses_s(tmp_path):
     model, train, val = make_problem("mlp")
-    first = fi.Influence(model, train, val, out=tmp_path, batch_size=3, **OPTIONS)
-    again = fi.Influence(model, train, val, out=tmp_path, batch_size=40, **OPTIONS)
+    first = fi.Influence(model, train, val, out=tmp_path / "tensors", batch_size=3, **OPTIONS)
+    again = fi.Influence(model, train, val, out=tmp_path / "tensors", batch_size=40, **OPTIONS)
     assert again.report.reused_ihvp
-    assert relative_error(again.ihvp, first.ihvp) <= 1e-12
+    assert torch.equal(again.ihvp, first.ihvp)
+    dataset = torch.utils.data.TensorDataset(*train)
+    for loader_batch_size in (6, 16):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=loader_batch_size)
+        again = fi.Influence(model, loader, val, out=tmp_path / "loader", **OPTIONS)
+    assert again.report.reused_ihvp
 
 
 def scaled(scale):
