@@ -224,14 +224,14 @@ def describe_callable(thing: Any, depth: int = 0) -> Any:
     return {"name": qualified_name(thing)}
 
 
-def _probe_values(values: torch.Tensor, rtol: float) -> dict[str, Any]:
-    """Each row of ``values`` as one number (itself, or its projection on a seeded random
-    direction), to be compared within ``rtol`` (see :func:`_differences`)."""
+def _row_numbers(values: torch.Tensor) -> list[float]:
+    """Each row of ``values`` as one number: itself, or its projection on a seeded random
+    direction (the same for every call with rows of that size)."""
     rows = values.detach().to("cpu", torch.float64).reshape(len(values), -1)
     if rows.shape[1] > 1:
         generator = torch.Generator().manual_seed(0)
         rows = rows @ torch.randn(rows.shape[1], 1, generator=generator, dtype=torch.float64)
-    return {"approximately": rows[:, 0].tolist(), "rtol": rtol}
+    return rows[:, 0].tolist()
 
 
 def callable_fingerprints(fmodel: FunctionalModel, train: LabelledData) -> dict[str, Any]:
@@ -246,8 +246,9 @@ def callable_fingerprints(fmodel: FunctionalModel, train: LabelledData) -> dict[
     :func:`~fastinfluence.functional.cross_entropy_per_sample`."""
     part = train.subset(torch.arange(min(PROBE_SAMPLES, len(train))))
     rtol = PROBE_RTOL.get(fmodel.dtype, PROBE_RTOL[torch.float32])
-    picked_rows, loss_rows, gradient_rows = [], [], []
-    picked_kind: Any = None
+    # One number per sample and batch by batch: an output may be large (a language model's).
+    numbers: dict[str, list[float]] = {"output": [], "loss": [], "gradient": []}
+    picked_kind: dict[str, Any] = {}
     for inputs, targets in part.batches(fmodel.device, fmodel.dtype):
         with torch.no_grad():
             picked = fmodel.logits(fmodel.theta, inputs)
@@ -257,18 +258,23 @@ def callable_fingerprints(fmodel: FunctionalModel, train: LabelledData) -> dict[
                 leaf = picked.detach().requires_grad_(True)
                 losses = fmodel.per_sample(leaf, targets)
                 (gradient,) = torch.autograd.grad(losses.sum(), leaf, allow_unused=True)
-            picked_rows.append(picked)
-            gradient_rows.append(torch.zeros_like(leaf) if gradient is None else gradient)
+            numbers["output"] += _row_numbers(picked)
+            numbers["gradient"] += _row_numbers(torch.zeros_like(leaf) if gradient is None
+                                                else gradient)
         else:  # a structure the loss reads as it is: its values alone
             picked_kind = {"type": qualified_name(picked)}
             with torch.no_grad():
                 losses = fmodel.per_sample(picked, targets)
-        loss_rows.append(losses.detach())
+        numbers["loss"] += _row_numbers(losses)
+
+    def approximately(values: list[float]) -> dict[str, Any]:
+        return {"approximately": values, "rtol": rtol}
+
     output_probe = dict(picked_kind)
-    loss_probe = {"values": _probe_values(torch.cat(loss_rows), rtol)}
-    if picked_rows:
-        output_probe["values"] = _probe_values(torch.cat(picked_rows), rtol)
-        loss_probe["gradient"] = _probe_values(torch.cat(gradient_rows), rtol)
+    loss_probe = {"values": approximately(numbers["loss"])}
+    if numbers["output"]:
+        output_probe["values"] = approximately(numbers["output"])
+        loss_probe["gradient"] = approximately(numbers["gradient"])
 
     def state(thing: Any) -> str:
         text = json.dumps(describe_callable(thing), sort_keys=True)
