@@ -51,9 +51,9 @@ from fastinfluence.sharded_output import (
     DEFAULT_CHUNK_SIZE,
     OutputDirectory,
     SettingsMismatchError,
+    callable_fingerprints,
     data_fingerprint,
     model_fingerprint,
-    qualified_name,
     to_numpy,
 )
 
@@ -234,12 +234,12 @@ class Influence:
             self._solver_config = make_config(self.report.solver, solver_options)
             self._solver: Solver | None = None
             # What changes s besides model and data: the options of the fingerprint ("auto"
-            # resolved, so that naming the curvature or solver it chose changes nothing).
+            # resolved, so that naming the curvature or solver it chose changes nothing);
+            # loss_fn and output are added by _settings, which probes them.
             self._options = {
                 "params": list(self.selection.names), "damping": self.damping,
                 "hessian": self.report.hessian,
                 "solver": self.report.solver, "solver_config": asdict(self._solver_config),
-                "loss_fn": qualified_name(loss_fn), "output": qualified_name(output),
                 "dtype": str(self.fmodel.dtype),
             }
             self._settings_cache: dict[str, Any] | None = None
@@ -460,7 +460,7 @@ class Influence:
                                            fmodel.model_dtype),
                 "train": data_fingerprint(self.train),
                 "val": data_fingerprint(self.val),
-                "options": self._options,
+                "options": {**self._options, **callable_fingerprints(fmodel, self.train)},
             }
         return self._settings_cache
 

@@ -3,9 +3,11 @@
 A directory ``DIR`` holds, for one model, training set, validation set and set of options:
 
 * ``manifest.json`` — the fingerprints of all four (:func:`model_fingerprint`,
-  :func:`data_fingerprint`, the options that change the result), the inverse-HVP ``s`` entry
-  (file, SHA-256, its solve report) and one entry per output kind (the scored data's
-  fingerprint, row count, chunk size, dtype and the SHA-256 of the ``s`` it was computed with);
+  :func:`data_fingerprint`, the options that change the result, the loss and output selector
+  by :func:`callable_fingerprints`), the inverse-HVP ``s`` entry (file, SHA-256, its solve
+  report), one entry per output kind (the scored data's fingerprint, row count, chunk size,
+  dtype and the SHA-256 of the ``s`` it was computed with) and the size and SHA-256 of every
+  file written (:func:`file_record`);
 * ``ihvp.npy`` — ``s = (H + λI)^{-1}∇L(D_val)``, reused by an ``Influence`` built on the same
   fingerprint instead of solving again;
 * ``<kind>-<index:05d>.npy`` — rows ``[index·chunk, (index+1)·chunk)`` of an output
@@ -13,9 +15,10 @@ A directory ``DIR`` holds, for one model, training set, validation set and set o
 
 Every file is written under a temporary name in the same directory, flushed to disk, then
 renamed over its final name (``os.replace`` is atomic on POSIX), so a killed run leaves whole
-chunks or none; a rerun skips the chunks that exist. A directory holding output of other
-settings is refused with a :class:`SettingsMismatchError` (a ``ValueError``) naming what
-differs.
+chunks or none; then its size and SHA-256 are recorded in the manifest. A rerun skips the
+chunks whose files match their record; a file that does not (truncated, changed) is computed
+again with a warning naming it. A directory holding output of other settings is refused with a
+:class:`SettingsMismatchError` (a ``ValueError``) naming what differs.
 
 Under ``torch.distributed`` every rank runs the same chunk loop (the backend splits each
 call's samples over ranks and gathers the result), and only rank 0 writes. Which chunks to
@@ -26,19 +29,27 @@ collectives and hang).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import types
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fastinfluence.labelled_data import LabelledData, named_inputs
 
-FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    from fastinfluence.functional import FunctionalModel
+
+FORMAT_VERSION = 2
+"""2: the loss and output selector fingerprinted by state and behaviour, and every file's size
+and SHA-256 recorded (1 recorded their qualified names and no file checksums)."""
 MANIFEST = "manifest.json"
 IHVP_FILE = "ihvp.npy"
 TEMPORARY_SUFFIX = ".tmp"
@@ -48,6 +59,15 @@ DEFAULT_CHUNK_SIZE = 4096
 FINGERPRINT_SAMPLES = 16
 """Samples hashed at each end of a data set: a cheap check that the data is the same, fixed so
 that a change of batch size does not change the fingerprint."""
+PROBE_SAMPLES = 8
+"""Training samples on whose model outputs the loss and the output selector are probed."""
+PROBE_RTOL = {torch.float64: 1e-8, torch.float32: 1e-2}
+"""How far (relative to the largest value) probe values may differ and still count as the same
+behaviour: rounding on another device or batch size must not refuse a directory, and in
+float32 GPUs may compute convolutions in TF32 (about 1e-3). Changes of a callable's state or
+code are caught exactly by its state digest instead."""
+DESCRIBE_DEPTH = 6
+"""How deep :func:`describe_callable` follows references (closures, attributes, containers)."""
 
 
 class SettingsMismatchError(ValueError):
@@ -94,16 +114,184 @@ def model_fingerprint(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
 
 def data_fingerprint(data: LabelledData) -> dict[str, Any]:
     """The number of samples and a SHA-256 of the first and last :data:`FINGERPRINT_SAMPLES`
-    samples (inputs and labels, read as the scorers read them)."""
+    samples (inputs and labels, read as the scorers read them), read in one batch so that
+    neither ``batch_size`` nor a loader's batch size changes it."""
     n = len(data)
     ends = sorted({*range(min(FINGERPRINT_SAMPLES, n)),
                    *range(max(0, n - FINGERPRINT_SAMPLES), n)})
     part = data.subset(torch.tensor(ends, dtype=torch.int64))
+    part.batch_size, part.loader_batch_size = len(ends), None
     tensors = []
     for inputs, targets in part.batches(torch.device("cpu"), torch.float64):
         tensors += [*((f"x{label}", tensor) for label, tensor in named_inputs(inputs, "x")),
                     ("y", targets)]
     return {"num_samples": n, "sha256": tensor_digest(tensors)}
+
+
+def _code(code: types.CodeType) -> dict[str, Any]:
+    """A function's code without its name, file and line numbers: two lambdas written alike
+    describe alike wherever they are defined."""
+
+    def constant(value: Any) -> Any:
+        if isinstance(value, types.CodeType):
+            return _code(value)
+        if isinstance(value, (tuple, frozenset)):
+            items = [constant(item) for item in value]
+            # A frozenset's order depends on string hashing, which differs between processes.
+            return sorted(items, key=json.dumps) if isinstance(value, frozenset) else items
+        return repr(value)
+
+    return {"bytecode": code.co_code.hex(), "constants": [constant(c) for c in code.co_consts],
+            "names": list(code.co_names)}
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """The names ``code`` and the code nested in it look up."""
+    names = set(code.co_names)
+    for value in code.co_consts:
+        if isinstance(value, types.CodeType):
+            names |= _global_names(value)
+    return names
+
+
+def _is_data(value: Any) -> bool:
+    """Whether ``value`` is a plain value or tensor (not a function, class or module)."""
+    if isinstance(value, (bool, int, float, complex, str, bytes, type(None), torch.Tensor,
+                          torch.dtype, torch.device, np.ndarray, np.generic)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_is_data(item) for item in value)
+    if isinstance(value, dict):
+        return all(_is_data(item) for item in value.values())
+    return False
+
+
+def describe_callable(thing: Any, depth: int = 0) -> Any:
+    """What defines ``thing``'s behaviour besides its outputs, as JSON: plain values as they are
+    (or their ``repr``), tensors and numpy arrays by a SHA-256 of their bytes; a
+    ``functools.partial`` by its function and arguments; a method by its function and object; a
+    Python function by its code (bytecode, constants, names looked up — not its name, file or
+    line), defaults, closure and the plain-value globals it reads; an ``nn.Module`` by its
+    class, public attributes (such as ``label_smoothing``, ``ignore_index``, ``reduction``),
+    own parameters and buffers (such as ``CrossEntropyLoss``'s ``weight``) and submodules;
+    another object by its class and attributes. Classes and modules are described by name (the
+    functions, classes and modules a function reads as globals by the names in its code);
+    references deeper than :data:`DESCRIBE_DEPTH` by their class."""
+    if isinstance(thing, (bool, int, float, str, type(None))):
+        return thing
+    if isinstance(thing, (complex, bytes, np.generic, torch.dtype, torch.device)):
+        return repr(thing)
+    if isinstance(thing, torch.Tensor):
+        return {"tensor": tensor_digest([("", thing)])}
+    if isinstance(thing, np.ndarray) and thing.dtype != object:
+        array = np.ascontiguousarray(thing)
+        digest = hashlib.sha256(f"{array.dtype}|{array.shape}|".encode() + array.tobytes())
+        return {"array": digest.hexdigest()}
+    if isinstance(thing, types.ModuleType):
+        return {"module": thing.__name__}
+    if isinstance(thing, type) or depth >= DESCRIBE_DEPTH:
+        return {"name": qualified_name(thing)}
+    inner = functools.partial(describe_callable, depth=depth + 1)
+    if isinstance(thing, (tuple, list, np.ndarray)):  # an ndarray of objects here
+        return [inner(item) for item in thing]
+    if isinstance(thing, dict):
+        return {str(key): inner(value) for key, value in thing.items()}
+    if isinstance(thing, functools.partial):
+        return {"partial": inner(thing.func), "args": inner(thing.args),
+                "keywords": inner(thing.keywords)}
+    if isinstance(thing, types.MethodType):
+        return {"method": inner(thing.__func__), "self": inner(thing.__self__)}
+    if isinstance(thing, types.FunctionType):
+        closure = []
+        for cell in thing.__closure__ or ():
+            try:
+                closure.append(inner(cell.cell_contents))
+            except ValueError:  # a cell not yet assigned
+                closure.append("<empty>")
+        found = {name: thing.__globals__[name] for name in sorted(_global_names(thing.__code__))
+                 if name in thing.__globals__}
+        return {"code": _code(thing.__code__), "defaults": inner(thing.__defaults__),
+                "kwdefaults": inner(thing.__kwdefaults__), "closure": closure,
+                "globals": {name: inner(value) for name, value in found.items()
+                            if _is_data(value)}}
+    if isinstance(thing, torch.nn.Module):
+        own = [*thing.named_parameters(recurse=False), *thing.named_buffers(recurse=False)]
+        return {"class": qualified_name(thing), "tensors": tensor_digest(sorted(own)),
+                "attributes": {key: inner(value) for key, value in sorted(vars(thing).items())
+                               if not key.startswith("_")},
+                "children": {name: inner(child) for name, child in thing.named_children()}}
+    if hasattr(thing, "__dict__"):
+        return {"class": qualified_name(thing), "attributes": inner(vars(thing))}
+    return {"name": qualified_name(thing)}
+
+
+def _row_numbers(values: torch.Tensor) -> list[float]:
+    """Each row of ``values`` as one number: itself, or its projection on a seeded random
+    direction (the same for every call with rows of that size)."""
+    rows = values.detach().to("cpu", torch.float64).reshape(len(values), -1)
+    if rows.shape[1] > 1:
+        generator = torch.Generator().manual_seed(0)
+        rows = rows @ torch.randn(rows.shape[1], 1, generator=generator, dtype=torch.float64)
+    return rows[:, 0].tolist()
+
+
+def callable_fingerprints(fmodel: FunctionalModel, train: LabelledData) -> dict[str, Any]:
+    """``{"loss_fn": ..., "output": ...}``: each callable's state (a SHA-256 of
+    :func:`describe_callable`) and behaviour on a probe, the model's outputs for the first
+    :data:`PROBE_SAMPLES` training samples with their labels — data every loss the run uses
+    accepts. The output selector's behaviour: the shape and dtype of what it picks and one
+    number per sample; the loss's: its values and (when it reads a floating tensor) its
+    gradient with respect to that tensor, one number per sample. Probe values are compared
+    within :data:`PROBE_RTOL` of the compute dtype, so rounding does not refuse a directory;
+    a callable with other state or code never matches. The default loss is described as
+    :func:`~fastinfluence.functional.cross_entropy_per_sample`."""
+    part = train.subset(torch.arange(min(PROBE_SAMPLES, len(train))))
+    rtol = PROBE_RTOL.get(fmodel.dtype, PROBE_RTOL[torch.float32])
+    # One number per sample and batch by batch: an output may be large (a language model's).
+    numbers: dict[str, list[float]] = {"output": [], "loss": [], "gradient": []}
+    picked_kind: dict[str, Any] = {}
+    for inputs, targets in part.batches(fmodel.device, fmodel.dtype):
+        with torch.no_grad():
+            picked = fmodel.logits(fmodel.theta, inputs)
+        if isinstance(picked, torch.Tensor) and picked.is_floating_point():
+            picked_kind = {"shape": list(picked.shape[1:]), "dtype": str(picked.dtype)}
+            with torch.enable_grad():
+                leaf = picked.detach().requires_grad_(True)
+                losses = fmodel.per_sample(leaf, targets)
+                (gradient,) = torch.autograd.grad(losses.sum(), leaf, allow_unused=True)
+            numbers["output"] += _row_numbers(picked)
+            numbers["gradient"] += _row_numbers(torch.zeros_like(leaf) if gradient is None
+                                                else gradient)
+        else:  # a structure the loss reads as it is: its values alone
+            picked_kind = {"type": qualified_name(picked)}
+            with torch.no_grad():
+                losses = fmodel.per_sample(picked, targets)
+        numbers["loss"] += _row_numbers(losses)
+
+    def approximately(values: list[float]) -> dict[str, Any]:
+        return {"approximately": values, "rtol": rtol}
+
+    output_probe = dict(picked_kind)
+    loss_probe = {"values": approximately(numbers["loss"])}
+    if numbers["output"]:
+        output_probe["values"] = approximately(numbers["output"])
+        loss_probe["gradient"] = approximately(numbers["gradient"])
+
+    def state(thing: Any) -> str:
+        text = json.dumps(describe_callable(thing), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    return {"loss_fn": {"state": state(fmodel.loss_fn), "probe": loss_probe},
+            "output": {"state": state(fmodel.output), "probe": output_probe}}
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """The size and SHA-256 of the file at ``path``, as the manifest records them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def atomic_save(path: Path, array: np.ndarray | bytes) -> None:
@@ -132,16 +320,51 @@ def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def _relative_difference(found: list[float], expected: list[float]) -> float:
+    """The largest ``|found − expected|`` relative to the largest ``|expected|`` (NaN equals
+    NaN; another length differs infinitely)."""
+    here = torch.tensor(found, dtype=torch.float64)
+    there = torch.tensor(expected, dtype=torch.float64)
+    if here.shape != there.shape:
+        return float("inf")
+    gaps = (here - there).abs()
+    gaps[here.isnan() & there.isnan()] = 0
+    scale = there.abs().nan_to_num(0).max().item() if len(there) else 0.0
+    return gaps.max().item() / max(scale, torch.finfo(torch.float64).tiny) if len(there) else 0.0
+
+
 def _differences(found: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> list[str]:
-    """``key: found vs expected`` for each (nested) key whose values differ."""
+    """``key: found vs expected`` for each (nested) key whose values differ; probe values
+    (``{"approximately": [...], "rtol": r}``) differ when further apart than ``r`` relative
+    to the largest."""
     lines = []
     for key in sorted(set(found) | set(expected)):
         here, there = found.get(key), expected.get(key)
-        if isinstance(here, dict) and isinstance(there, dict):
+        if (isinstance(here, dict) and isinstance(there, dict)
+                and "approximately" in here and "approximately" in there):
+            gap = _relative_difference(here["approximately"], there["approximately"])
+            if not gap <= here["rtol"]:
+                lines.append(f"{prefix}{key}: other values on the probe (the model's outputs "
+                             f"for the first training samples), up to {gap:.3g} apart relative "
+                             f"to the largest")
+        elif isinstance(here, dict) and isinstance(there, dict):
             lines += _differences(here, there, f"{prefix}{key}.")
         elif here != there:
             lines.append(f"{prefix}{key}: {there!r} in the directory vs {here!r} now")
     return lines
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of directory ``path``, refused clearly when another format wrote it."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT_VERSION:
+        raise SettingsMismatchError(
+            f"{str(path)!r} was written by another version of fastinfluence (manifest "
+            f"format {manifest.get('format')!r}, this version writes {FORMAT_VERSION}, which "
+            "fingerprints the loss by its behaviour and checksums every file); use another "
+            "directory, or delete it to compute again"
+        )
+    return manifest
 
 
 class OutputDirectory:
@@ -151,31 +374,30 @@ class OutputDirectory:
         path: the directory (created by the writing process if missing).
         settings: ``{"model", "train", "val", "options"}`` fingerprints; a directory whose
             manifest holds other settings raises ``ValueError`` naming each difference.
+            ``None`` opens the directory as written, whatever its settings, for reading only.
         group: the process group whose rank 0 writes (default: the default group).
     """
 
-    def __init__(self, path: str | os.PathLike, settings: dict[str, Any],
+    def __init__(self, path: str | os.PathLike, settings: dict[str, Any] | None,
                  group: Any | None = None) -> None:
         self.path = Path(path)
-        self.writer = is_writer(group)
-        settings = _as_json(settings)
+        self.writer = settings is not None and is_writer(group)
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"out={str(path)!r} exists and is not a directory")
-        manifest_path = self.path / MANIFEST
-        if manifest_path.exists():
-            self.manifest = json.loads(manifest_path.read_text())
-            differences = _differences(settings, self.manifest.get("settings", {}))
-            if self.manifest.get("format") != FORMAT_VERSION:
-                differences.insert(0, f"format: {self.manifest.get('format')!r} in the "
-                                      f"directory vs {FORMAT_VERSION} now")
+        if (self.path / MANIFEST).exists():
+            self.manifest = _read_manifest(self.path)
+            differences = ([] if settings is None else
+                           _differences(_as_json(settings), self.manifest["settings"]))
             if differences:
                 raise SettingsMismatchError(
                     f"out={str(path)!r} holds influence output of other settings; use another "
                     "directory or the same settings. Differences: " + "; ".join(differences)
                 )
+        elif settings is None:
+            raise ValueError(f"{str(path)!r} holds no influence output (no {MANIFEST})")
         else:
-            self.manifest = {"format": FORMAT_VERSION, "settings": settings, "ihvp": None,
-                             "outputs": {}}
+            self.manifest = {"format": FORMAT_VERSION, "settings": _as_json(settings),
+                             "ihvp": None, "outputs": {}, "files": {}}
         if self.writer:
             self.path.mkdir(parents=True, exist_ok=True)
             # A run killed mid-write leaves a temporary file; no one else writes here.
@@ -188,25 +410,52 @@ class OutputDirectory:
             text = json.dumps(self.manifest, indent=2, sort_keys=True)
             atomic_save(self.path / MANIFEST, text.encode())
 
-    def load_ihvp(self) -> tuple[np.ndarray, dict[str, Any]] | None:
-        """The saved ``s`` and its solve report (as a dict), or ``None`` when none is saved (or
-        its file was deleted: then ``s`` is solved and saved again)."""
-        entry = self.manifest.get("ihvp")
-        if entry is None or not (self.path / entry["file"]).exists():
+    def damage(self, name: str) -> str | None:
+        """How file ``name`` differs from the size and SHA-256 recorded when it was written
+        (``None`` when it matches, or when it is missing or has no record: then it was never
+        finished)."""
+        record = self.manifest["files"].get(name)
+        path = self.path / name
+        if record is None or not path.exists():
             return None
-        array = np.load(self.path / entry["file"], allow_pickle=False)
-        if hashlib.sha256(array.tobytes()).hexdigest() != entry["sha256"]:
-            raise ValueError(
-                f"{self.path / entry['file']} does not match the SHA-256 in its manifest: the "
-                "file was changed or damaged; delete it to solve again"
-            )
-        return array, entry["report"]
+        found = file_record(path)
+        if found["bytes"] != record["bytes"]:
+            return f"{found['bytes']} bytes, {record['bytes']} written"
+        if found["sha256"] != record["sha256"]:
+            return "its SHA-256 differs from the one written"
+        return None
+
+    def finished(self, name: str) -> bool:
+        """Whether file ``name`` exists with a record (its size and SHA-256 are checked by
+        :meth:`damage`)."""
+        return name in self.manifest["files"] and (self.path / name).exists()
+
+    def save(self, name: str, array: np.ndarray) -> None:
+        """Write ``array`` to file ``name`` (atomically), then record its size and SHA-256 in
+        the manifest (on the writing process)."""
+        if self.writer:
+            atomic_save(self.path / name, array)
+            self.manifest["files"][name] = file_record(self.path / name)
+            self._save_manifest()
+
+    def load_ihvp(self) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """The saved ``s`` and its solve report (as a dict), or ``None`` when none is saved,
+        its file was deleted, or it is damaged (with a warning naming it): then ``s`` is solved
+        and saved again."""
+        entry = self.manifest["ihvp"]
+        if entry is None or not self.finished(entry["file"]):
+            return None
+        damage = self.damage(entry["file"])
+        if damage is not None:
+            warnings.warn(f"{self.path / entry['file']} is damaged ({damage}); solving s again",
+                          stacklevel=3)
+            return None
+        return np.load(self.path / entry["file"], allow_pickle=False), entry["report"]
 
     def save_ihvp(self, ihvp: torch.Tensor, report: dict[str, Any]) -> None:
-        """Save ``s`` (the file first, then the manifest entry that names it)."""
+        """Save ``s`` (the file and its record first, then the manifest entry that names it)."""
         array = to_numpy(ihvp)
-        if self.writer:
-            atomic_save(self.path / IHVP_FILE, array)
+        self.save(IHVP_FILE, array)
         self.manifest["ihvp"] = {"file": IHVP_FILE, "report": report,
                                  "sha256": hashlib.sha256(array.tobytes()).hexdigest()}
         self._save_manifest()
@@ -218,7 +467,8 @@ class OutputDirectory:
 
         ``description`` says what was scored (data fingerprints, the SHA-256 of ``s``); an
         existing entry of ``kind`` with another description, row count, shape, dtype or chunk
-        size raises ``ValueError`` naming the difference.
+        size raises ``ValueError`` naming the difference. A chunk file that does not match
+        its record is computed again, with a warning naming it.
         """
         if kind not in OUTPUT_KINDS:
             raise ValueError(f"output kind must be one of {OUTPUT_KINDS}, got {kind!r}")
@@ -235,29 +485,40 @@ class OutputDirectory:
         else:
             self.manifest["outputs"][kind] = entry
             self._save_manifest()
-        return ChunkedOutput(self.path, kind, num_rows, row_shape, dtype, chunk_size,
-                             self.writer)
+        chunks = ChunkedOutput(self, kind, num_rows, row_shape, dtype, chunk_size)
+        for index, damage in sorted(chunks.damaged.items()):
+            warnings.warn(f"{chunks.file(index)} is damaged ({damage}); computing it again",
+                          stacklevel=4)
+        return chunks
 
 
 class ChunkedOutput:
     """The chunk files ``<kind>-<index:05d>.npy`` of one output; see :class:`OutputDirectory`.
 
-    Which chunks are finished is read once, at construction, so that every rank of a
-    distributed run takes the same decisions (see the module docstring).
+    Which chunks are finished (their file matches the size and SHA-256 recorded when it was
+    written) and which are damaged (``{index: how}``) is read once, at construction, so that
+    every rank of a distributed run takes the same decisions (see the module docstring).
     """
 
-    def __init__(self, path: Path, kind: str, num_rows: int, row_shape: tuple[int, ...],
-                 dtype: torch.dtype, chunk_size: int, writer: bool) -> None:
-        self.path = path
+    def __init__(self, directory: OutputDirectory, kind: str, num_rows: int,
+                 row_shape: tuple[int, ...], dtype: torch.dtype, chunk_size: int) -> None:
+        self.directory = directory
+        self.path = directory.path
         self.kind = kind
         self.num_rows = num_rows
         self.row_shape = tuple(row_shape)
         self.dtype = dtype
         self.chunk_size = chunk_size
-        self.writer = writer
         self.num_chunks = -(-num_rows // chunk_size)
-        self.finished = {index for index in range(self.num_chunks)
-                         if self.file(index).exists()}
+        self.damaged: dict[int, str] = {}
+        self.finished: set[int] = set()
+        for index in range(self.num_chunks):
+            if directory.finished(self.file(index).name):
+                damage = directory.damage(self.file(index).name)
+                if damage is None:
+                    self.finished.add(index)
+                else:
+                    self.damaged[index] = damage
         self._in_memory: dict[int, torch.Tensor] = {}
         """Chunks computed by a process that does not write (ranks other than 0)."""
 
@@ -280,8 +541,8 @@ class ChunkedOutput:
         if tuple(values.shape) != expected:
             raise ValueError(f"chunk {index} of {self.kind} has shape {tuple(values.shape)}, "
                              f"expected {expected}")
-        if self.writer:
-            atomic_save(self.file(index), to_numpy(values))
+        if self.directory.writer:
+            self.directory.save(self.file(index).name, to_numpy(values))
         else:
             self._in_memory[index] = values.detach().to("cpu")
 
@@ -306,14 +567,21 @@ class ChunkedOutput:
 
 def read_output(path: str | os.PathLike, kind: str) -> torch.Tensor:
     """Read a finished output ``kind`` of directory ``path`` back as one tensor (for use
-    without the model, e.g. after ``python -m fastinfluence score``)."""
-    manifest = json.loads((Path(path) / MANIFEST).read_text())
-    entry = manifest["outputs"].get(kind)
+    without the model, e.g. after ``python -m fastinfluence score``); a missing or damaged
+    chunk raises ``ValueError`` naming it."""
+    directory = OutputDirectory(path, None)
+    entry = directory.manifest["outputs"].get(kind)
     if entry is None:
-        raise ValueError(f"{path} holds no {kind} output; it holds {sorted(manifest['outputs'])}")
+        raise ValueError(f"{path} holds no {kind} output; it holds "
+                         f"{sorted(directory.manifest['outputs'])}")
     dtype = getattr(torch, entry["dtype"].removeprefix("torch."))
-    chunks = ChunkedOutput(Path(path), kind, entry["num_rows"], tuple(entry["row_shape"]),
-                           dtype, entry["chunk_size"], writer=False)
+    chunks = ChunkedOutput(directory, kind, entry["num_rows"], tuple(entry["row_shape"]),
+                           dtype, entry["chunk_size"])
+    if chunks.damaged:
+        damaged = "; ".join(f"{chunks.file(index)}: {damage}"
+                            for index, damage in sorted(chunks.damaged.items()))
+        raise ValueError(f"{path}: {kind} has damaged chunks ({damaged}); rerun with the same "
+                         "settings to compute them again")
     unfinished = sorted(set(range(chunks.num_chunks)) - chunks.finished)
     if unfinished:
         raise ValueError(f"{path}: {kind} is unfinished, chunks {unfinished} are missing; "

@@ -4,6 +4,8 @@ files."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import subprocess
 import sys
@@ -268,3 +270,203 @@ def test_a_bfloat16_model_writes_its_float32_computation(tmp_path):
     stored = np.load(tmp_path / "perturbation-00000.npy")
     assert stored.dtype == np.float32
     assert torch.equal(torch.from_numpy(stored).to(torch.bfloat16), maps[:5])
+
+
+def cross_entropy_of_halved_logits(out, y):
+    return torch.nn.functional.cross_entropy(out / 2, y, reduction="none")
+
+
+def weighted_lambda(weight):
+    return lambda out, y: torch.nn.functional.cross_entropy(out, y, weight=weight,
+                                                            reduction="none")
+
+
+class TemperatureLoss(torch.nn.Module):
+    """Cross-entropy at a class-level temperature: its instances carry no state of their own,
+    so only the probe tells two temperatures apart."""
+
+    temperature = 1.0
+
+    def forward(self, out, y):
+        return torch.nn.functional.cross_entropy(out / self.temperature, y, reduction="none")
+
+
+def class_weights(last: float) -> torch.Tensor:
+    return torch.tensor([1.0, 1.0, last], dtype=torch.float64)
+
+
+def cross_entropy(**options):
+    return torch.nn.CrossEntropyLoss(reduction="none", **options)
+
+
+# (keyword, what it was, what it is now): each change changes the scores.
+OTHER_CALLABLES = {
+    "class weight": ("loss_fn", lambda: cross_entropy(weight=class_weights(1.0)),
+                     lambda: cross_entropy(weight=class_weights(3.0))),
+    "label smoothing": ("loss_fn", lambda: cross_entropy(),
+                        lambda: cross_entropy(label_smoothing=0.1)),
+    "another lambda": ("loss_fn",
+                       lambda: lambda out, y: torch.nn.functional.cross_entropy(
+                           out, y, reduction="none"),
+                       lambda: lambda out, y: torch.nn.functional.cross_entropy(
+                           out / 2, y, reduction="none")),
+    "weight in a closure": ("loss_fn", lambda: weighted_lambda(class_weights(1.0)),
+                            lambda: weighted_lambda(class_weights(3.0))),
+    "output selector": ("output", lambda: lambda out: out, lambda: lambda out: 2 * out),
+}
+
+
+@pytest.mark.parametrize("change", OTHER_CALLABLES)
+def test_another_loss_or_output_selector_is_refused(tmp_path, change):
+    keyword, before, after = OTHER_CALLABLES[change]
+    model, train, val = make_problem("mlp")
+    options = {"params": "all", **OPTIONS}
+    first = fi.Influence(model, train, val, out=tmp_path, **{keyword: before()}, **options)
+    first.scores(out=tmp_path, chunk_size=16)
+    changed = fi.Influence(model, train, val, **{keyword: after()}, **options)
+    assert relative_error(changed.scores(), first.scores()) > 1e-3  # the change matters
+    with pytest.raises(fi.SettingsMismatchError, match=rf"options\.{keyword}\."):
+        fi.Influence(model, train, val, out=tmp_path, **{keyword: after()}, **options)
+    with pytest.raises(fi.SettingsMismatchError, match=rf"options\.{keyword}\."):
+        changed.scores(out=tmp_path, chunk_size=16)
+
+
+def test_a_loss_that_behaves_otherwise_is_refused_by_its_probe(tmp_path, monkeypatch):
+    model, train, val = make_problem("mlp")
+    fi.Influence(model, train, val, params="all", loss_fn=TemperatureLoss(), out=tmp_path,
+                 **OPTIONS)
+    monkeypatch.setattr(TemperatureLoss, "temperature", 2.0)
+    with pytest.raises(fi.SettingsMismatchError,
+                       match=r"options\.loss_fn\.probe\.values: other values on the probe"):
+        fi.Influence(model, train, val, params="all", loss_fn=TemperatureLoss(), out=tmp_path,
+                     **OPTIONS)
+
+
+def squared_error(out, y):
+    return (out[:, 0] - y) ** 2
+
+
+@pytest.mark.parametrize("rebuilt", ["module", "lambda", "partial", "regression"])
+def test_the_same_loss_built_again_reuses_s(tmp_path, rebuilt):
+    model, train, val = make_problem("mlp")
+    if rebuilt == "module":
+        def build():
+            return cross_entropy(weight=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64),
+                                 label_smoothing=0.1)
+    elif rebuilt == "lambda":  # two lambdas alike, of other qualified names
+        build = iter([lambda out, y: torch.nn.functional.cross_entropy(out / 2, y,
+                                                                        reduction="none"),
+                      cross_entropy_of_halved_logits]).__next__
+    elif rebuilt == "partial":
+        def build():
+            return functools.partial(torch.nn.functional.cross_entropy, reduction="none",
+                                     label_smoothing=0.2)
+    else:  # a regression: float labels shaped like the training labels, one output
+        model = torch.nn.Linear(5, 1).double()
+        train = (train[0], train[0].sum(dim=1))
+        val = (val[0], val[0].sum(dim=1))
+        build = iter([squared_error, lambda out, y: (out[:, 0] - y) ** 2]).__next__
+    first = fi.Influence(model, train, val, params="all", loss_fn=build(), out=tmp_path,
+                         **OPTIONS)
+    written = first.scores(out=tmp_path, chunk_size=16)
+    again = fi.Influence(model, train, val, params="all", loss_fn=build(), out=tmp_path,
+                         **OPTIONS)
+    assert again.report.reused_ihvp
+    calls = count_rows(again)
+    assert torch.equal(again.scores(out=tmp_path, chunk_size=16), written)
+    assert calls == []
+
+
+def damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(bytes(data[:len(data) // 2]))
+    else:  # one bit of the last value flipped
+        data[-1] ^= 1
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped"])
+def test_a_damaged_chunk_is_computed_again(tmp_path, how):
+    model, train, val = make_problem("mlp")
+    influence = fi.Influence(model, train, val, params="all", out=tmp_path, **OPTIONS)
+    expected = influence.scores(out=tmp_path, chunk_size=7)
+    damage(tmp_path / "scores-00002.npy", how)
+    with pytest.raises(ValueError, match=r"scores-00002\.npy: .*rerun with the same settings"):
+        fi.read_output(tmp_path, "scores")
+    again = fi.Influence(model, train, val, params="all", out=tmp_path, **OPTIONS)
+    calls = count_rows(again)
+    with pytest.warns(UserWarning, match=r"scores-00002\.npy is damaged"):
+        assert torch.equal(again.scores(out=tmp_path, chunk_size=7), expected)
+    assert calls == [7]
+    assert torch.equal(fi.read_output(tmp_path, "scores"), expected)
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped"])
+def test_a_damaged_s_is_solved_again(tmp_path, how):
+    model, train, val = make_problem("mlp")
+    first = fi.Influence(model, train, val, params="all", out=tmp_path, **OPTIONS)
+    first.scores(out=tmp_path, chunk_size=16)
+    damage(tmp_path / sharded_output.IHVP_FILE, how)
+    with pytest.warns(UserWarning, match=r"ihvp\.npy is damaged"):
+        again = fi.Influence(model, train, val, params="all", out=tmp_path, **OPTIONS)
+    assert not again.report.reused_ihvp
+    assert torch.equal(again.ihvp, first.ihvp)
+    assert torch.equal(again.scores(out=tmp_path, chunk_size=16), first.scores())
+    assert fi.Influence(model, train, val, params="all", out=tmp_path,
+                        **OPTIONS).report.reused_ihvp  # the file was written again
+
+
+def test_a_directory_of_the_first_format_is_refused_clearly(tmp_path):
+    model, train, val = make_problem("mlp")
+    fi.Influence(model, train, val, params="all", out=tmp_path, **OPTIONS).scores(out=tmp_path)
+    manifest = json.loads((tmp_path / sharded_output.MANIFEST).read_text())
+    old = {"format": 1, "settings": {**manifest["settings"], "options": {
+        **manifest["settings"]["options"], "loss_fn": None, "output": None}},
+        "ihvp": manifest["ihvp"], "outputs": manifest["outputs"]}
+    (tmp_path / sharded_output.MANIFEST).write_text(json.dumps(old))
+    for attempt in (lambda: fi.Influence(model, train, val, params="all", out=tmp_path,
+                                         **OPTIONS),
+                    lambda: fi.read_output(tmp_path, "scores")):
+        with pytest.raises(fi.SettingsMismatchError, match="another version of fastinfluence "
+                                                           r"\(manifest format 1"):
+            attempt()
+
+
+def test_another_batch_size_reuses_s(tmp_path):
+    model, train, val = make_problem("mlp")
+    first = fi.Influence(model, train, val, out=tmp_path / "tensors", batch_size=3, **OPTIONS)
+    again = fi.Influence(model, train, val, out=tmp_path / "tensors", batch_size=40, **OPTIONS)
+    assert again.report.reused_ihvp
+    assert torch.equal(again.ihvp, first.ihvp)
+    dataset = torch.utils.data.TensorDataset(*train)
+    for loader_batch_size in (6, 16):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=loader_batch_size)
+        again = fi.Influence(model, loader, val, out=tmp_path / "loader", **OPTIONS)
+    assert again.report.reused_ihvp
+
+
+def scaled(scale):
+    return lambda out, y: torch.nn.functional.cross_entropy(out / scale, y, reduction="none")
+
+
+def test_the_state_of_a_callable_tells_apart_what_changes_it():
+    describe = sharded_output.describe_callable
+    alike = [lambda out: out * 2, lambda out: out * 2]  # two lambdas written alike
+    assert describe(alike[0]) == describe(alike[1])
+    assert describe(scaled(np.float32(2.0))) == describe(scaled(np.float32(2.0)))
+    assert describe(cross_entropy(weight=class_weights(3.0))) == describe(
+        cross_entropy(weight=class_weights(3.0)))
+    others = [
+        (lambda out: out * 2, lambda out: out * 3),
+        (scaled(np.float32(2.0)), scaled(np.float32(3.0))),
+        (scaled(np.array([1.0, 2.0])), scaled(np.array([1.0, 3.0]))),
+        (functools.partial(torch.nn.functional.cross_entropy, label_smoothing=0.1),
+         functools.partial(torch.nn.functional.cross_entropy, label_smoothing=0.2)),
+        (cross_entropy(ignore_index=0), cross_entropy(ignore_index=1)),
+        (cross_entropy(weight=class_weights(1.0)), cross_entropy(weight=class_weights(3.0))),
+        (torch.nn.Sequential(cross_entropy()), torch.nn.Sequential(cross_entropy(
+            label_smoothing=0.1))),
+    ]
+    for before, after in others:
+        assert describe(before) != describe(after), (before, after)
