@@ -1,14 +1,15 @@
 """Reproduce Tables 1-4 of the denoising-CNN paper (neighbour loss + embedded auto-encoder).
 
-Xue et al. (``shared/papers/denoising-cnn-adversarial.md``), on embedded data: the SKIN4
-dermoscopy set (MEL / NV / BCC / BKL in the paper's proportions, NV subsampled to 1,500 as the
-paper did; Tables 1, 3, 4) or the chest X-ray set (Table 2). Every classifier is trained from
-scratch with SGD (lr 0.01, weight decay 1e-4, momentum 0.9) on the shared loop
-(:mod:`fastinfluence.robust`); the defence minimises ``L_c + λ_n·L_n + λ_a·L_a``
-(:mod:`fastinfluence.robust.denoising`). Attacks are black-box as in the paper: FGSM and
-I-FGSM (10 steps) at ε = 4/255 and 8/255 and Carlini-Wagner L2 (the adversarial-robustness-
-toolbox, 5 binary-search steps) are crafted once per trial on a separately trained undefended
-ResNet-18 (the *source*) and every classifier is evaluated on the same adversarial test images.
+Xue et al., "Improving robustness of medical image diagnosis with denoising convolutional
+neural networks", on embedded data: the SKIN4 dermoscopy set (MEL / NV / BCC / BKL in the
+paper's proportions, NV subsampled to 1,500 as the paper did; Tables 1, 3, 4) or the chest
+X-ray set (Table 2). Every classifier is trained from scratch with SGD (lr 0.01, weight decay
+1e-4, momentum 0.9) on the shared loop (:mod:`fastinfluence.robust`); the defence minimises
+``L_c + λ_n·L_n + λ_a·L_a`` (:mod:`fastinfluence.robust.denoising`). Attacks are black-box as
+in the paper: FGSM and I-FGSM (10 steps) at ε = 4/255 and 8/255 and Carlini-Wagner L2 (the
+adversarial-robustness- toolbox, 5 binary-search steps) are crafted once per trial on a
+separately trained undefended ResNet-18 (the *source*) and every classifier is evaluated on the
+same adversarial test images.
 
 Tables (``--tables``):
 

@@ -1,7 +1,7 @@
 """Reproduce Table 2 and Figures 4-7 and 9 of the MRS paper on the embedded spectra simulator.
 
 Lu et al., "Human-expert-level brain tumor detection using deep learning with data
-distillation and augmentation" (``shared/papers/distillation-mixing-mrs.md``), with the
+distillation and augmentation", with the
 decisions of ``fastinfluence/robust/distillation.py``. Leave-subjects-out cross validation:
 the patients are dealt into ``--folds`` folds (``patient_folds``); for each run seed and each
 fold in ``--run-folds`` the fold is the test set, a tenth of the other patients is held out

@@ -1,6 +1,6 @@
 """``Influence`` and ``score``: the public entry points (docs/design.md §1–§3).
 
-Conventions (Koh & Liang 2017; shared/papers/isr-isp-noisy-brain-mri.md Eq. 3, 7, 8):
+Conventions (Koh & Liang 2017; Eqs. 3, 7, 8 of the ISR/ISP paper, Van, Carey & Wu 2024):
 
 * ``H`` is the Hessian of the mean training loss ``L(D_train, θ)`` over the selected parameters
   θ_S, model in eval mode; damping is additive, ``H_λ = H + λI``.

@@ -51,15 +51,37 @@ def test_every_public_name_has_a_docstring():
     assert undocumented() == []
 
 
+SOURCE_SUFFIXES = {".py", ".md", ".h", ".cpp", ".cu", ".cuh", ".txt", ".sh", ".toml", ".yml",
+                   ".cfg", ".in"}
+OUTSIDE_REFERENCES = re.compile(r"(shared/(papers|research)/|DESIGN\.md)")
+
+
+def project_sources() -> list[Path]:
+    """Every text source of the project: the package, the native code and its CMake project,
+    examples, benchmarks, scripts, tests, docs and the top-level files."""
+    folders = ("fastinfluence", "csrc", "examples", "benchmarks", "scripts", "tests", "docs")
+    found = [path for folder in folders for path in (ROOT / folder).rglob("*")
+             if path.suffix in SOURCE_SUFFIXES and "__pycache__" not in path.parts]
+    top = [ROOT / name for name in ("README.md", "setup.py", "pyproject.toml", "CMakeLists.txt",
+                                    "MANIFEST.in", "mkdocs.yml", ".ci/run")]
+    return [path for path in [*found, *top] if path.is_file()]
+
+
+def test_no_file_cites_a_file_outside_the_repository():
+    """Users have the repository only: papers are cited by author and title."""
+    citing = [f"{path.relative_to(ROOT)}:{number}"
+              for path in project_sources()
+              for number, line in enumerate(path.read_text().splitlines(), 1)
+              if OUTSIDE_REFERENCES.search(line) and path != Path(__file__).resolve()]
+    assert citing == []
+
+
 def test_the_cited_design_sections_exist():
     design = (ROOT / "docs" / "design.md").read_text()
     sections = set(re.findall(r"^#+ (\d+(?:\.\d+)?)\.? ", design, flags=re.MULTILINE))
     cited = set()
-    for path in [*ROOT.glob("fastinfluence/**/*.py"), *ROOT.glob("fastinfluence/**/*.md"),
-                 ROOT / "README.md", ROOT / "setup.py"]:
-        text = path.read_text()
-        assert "DESIGN.md" not in text, f"{path} cites DESIGN.md, outside the repository"
-        cited.update(re.findall(r"docs/design\.md §(\d+(?:\.\d+)?)", text))
+    for path in project_sources():
+        cited.update(re.findall(r"docs/design\.md §(\d+(?:\.\d+)?)", path.read_text()))
     assert cited, "nothing cites docs/design.md"
     assert cited <= sections, f"cited sections missing from docs/design.md: {cited - sections}"
 

@@ -1,4 +1,4 @@
-// Math of the softmax-cross-entropy head (DESIGN.md §3 item 3), shared by the CPU and CUDA
+// Math of the softmax-cross-entropy head (docs/design.md §3 item 3), shared by the CPU and CUDA
 // kernels. No torch headers.
 //
 // A [n, d] features, P [n, C] softmax probabilities, y [n] labels; the head is

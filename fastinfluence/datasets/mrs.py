@@ -1,10 +1,11 @@
 """Seeded single-voxel-style 1H MR brain spectra (PRESS, 3 T, TE 30 ms) with noisy labels.
 
-Mimics the data of the MRS paper (Lu et al., ``shared/papers/distillation-mixing-mrs.md`` §3:
-7,442 spectra of 435 patients, 3,388 non-tumour and 4,054 tumour, 288 points each; a tumour
-patient's spectra are all those of the tumour-affected hemisphere, so some "tumour" spectra
-are healthy tissue). See :func:`make_mrs` for what is modelled and where it differs from
-in-vivo data, and :func:`load_mrs_spectra` for real spectra tables.
+Mimics the data of the MRS paper (Lu et al., "Human-expert-level brain tumor detection using
+deep learning with data distillation and augmentation", §3: 7,442 spectra of 435 patients,
+3,388 non-tumour and 4,054 tumour, 288 points each; a tumour patient's spectra are all those of
+the tumour-affected hemisphere, so some "tumour" spectra are healthy tissue). See
+:func:`make_mrs` for what is modelled and where it differs from in-vivo data, and
+:func:`load_mrs_spectra` for real spectra tables.
 
 **Two metabolite bases** (``basis=``). ``"multiplet"`` (the default, which every committed
 result used): each metabolite is a sum of first-order multiplets (chemical shifts and J
@@ -13,8 +14,8 @@ strong coupling (mI, Glu, Gln) as weak and J-evolution at TE 30 ms as a fixed am
 (:data:`J_MODULATION`). ``"density-matrix"``: the lines of an ideal PRESS echo at TE 30 ms
 computed from each molecule's full spin Hamiltonian (:mod:`fastinfluence.datasets.mrs_spins`,
 in numpy, no extra dependency), so strong coupling and the J-evolution of every line,
-including its phase, are simulated. The one installable third-party simulator (``mrsandbox``,
-``shared/research/wave2.md``) was not used: a first-release personal toolbox that pulls Keras
+including its phase, are simulated. The one installable third-party simulator (``mrsandbox``)
+was not used: a first-release personal toolbox that pulls Keras
 and a network-fetched calibration.
 """
 

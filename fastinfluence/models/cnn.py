@@ -1,4 +1,5 @@
-"""The ISR/ISP paper's classifier (shared/papers/isr-isp-noisy-brain-mri.md §6.1)."""
+"""The ISR/ISP paper's classifier (Van, Carey & Wu, "Robust influence-based
+training methods for noisy brain MRI", 2024, §6.1)."""
 
 from __future__ import annotations
 

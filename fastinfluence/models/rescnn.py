@@ -1,7 +1,7 @@
 """The MRS paper's 1-D residual CNN (its Table 1) and class activation maps for it.
 
 Lu et al., "Human-expert-level brain tumor detection using deep learning with data
-distillation and augmentation" (``shared/papers/distillation-mixing-mrs.md``), §4.3 and
+distillation and augmentation", §4.3 and
 Table 1: an input convolution, 8 residual blocks of two convolutions of width 32 with
 BatchNorm, dropout 0.55 and ReLU, filters 16 → 128 doubling every other block, a subsample of
 factor 2 every other block, global average pooling (GAP) and a dense layer with 2 outputs.

@@ -2,7 +2,7 @@
 
 Our own definition rather than ``torchvision.models``: the torchvision wheel that matches the
 project's torch is a CUDA build that only imports beside the CPU torch after its C++ op
-schemas are declared by hand (``shared/research/wave2.md``), a fragile shim for two hundred
+schemas are declared by hand, a fragile shim for two hundred
 lines of model code. The module and parameter names follow torchvision's ``resnet18``
 (``conv1, bn1, layer1..layer4, fc``; blocks ``conv1, bn1, conv2, bn2, downsample.0/1``), so a
 torchvision ImageNet checkpoint saved to a local file loads into :func:`resnet18` with

@@ -1,7 +1,7 @@
 """A compact VGG-16 with BatchNorm (Simonyan & Zisserman 2015), for small images.
 
-Our own definition (the torchvision wheel that matches the project's torch is a CUDA build,
-``shared/research/wave2.md``). Thirteen 3×3 convolutions in five blocks of 2, 2, 3, 3, 3, each
+Our own definition (the torchvision wheel that matches the project's torch is a CUDA build).
+Thirteen 3×3 convolutions in five blocks of 2, 2, 3, 3, 3, each
 block ending in a 2×2 max-pool, then three fully connected layers: sixteen weight layers as
 VGG-16. Two changes for training from scratch on small images: BatchNorm after every
 convolution (torchvision's ``vgg16_bn`` layout; plain VGG-16 does not train from scratch with

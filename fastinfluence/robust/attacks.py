@@ -123,7 +123,7 @@ def carlini_wagner_l2(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     fails on come back unchanged (the toolbox's behaviour). The paper: 5 searches, 1,000
     iterations; its confidence ``κ`` and learning rate are not given (here ART's defaults,
     0 and 0.01). ``initial_const=1.0``: ART's default 0.01 changed no prediction at 50
-    iterations (``shared/research/wave2.md``).
+    iterations when we tried it.
 
     Raises ``ImportError`` naming the ``dev`` extra when the toolbox is not installed.
     """

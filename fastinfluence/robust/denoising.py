@@ -1,7 +1,7 @@
 """The denoising paper's defence: an embedded auto-encoder and the neighbour loss.
 
 Xue et al., "Improving robustness of medical image diagnosis with denoising convolutional
-neural networks" (``shared/papers/denoising-cnn-adversarial.md``). A classifier is split into
+neural networks". A classifier is split into
 an *encoder* (its first stages), a *body* (the remaining convolutions, whose flattened output
 ``f(x)`` is the semantic feature vector) and a *head* (pooling and the fully connected
 layers). Training minimises Eq. 3,
@@ -17,7 +17,7 @@ on each clean batch ``x`` and ``K`` noisy copies ``x' = clip(x + U(−σ, σ), 0
   clean and from every noisy image (mean squared error to ``x``).
 
 The paper leaves σ, ``K``, the distance and the decoder's position open; the defaults follow
-the authors' public code as ``shared/research/wave2.md`` records it: U(±0.2), 3 copies, squared
+the authors' public code: U(±0.2), 3 copies, squared
 error to detached features, the decoder on ResNet's ``layer1`` (VGG: after block 2, the same
 resolution). The classifier's input is always the original image: the decoder is used only by
 the loss, and ``forward`` returns logits alone, so attacks and :class:`fastinfluence.Influence`

@@ -2,7 +2,8 @@
 the noise-augmentation baseline, SVM and random-forest baselines, the paper's metrics, and
 influence-based distillation (beyond the paper).
 
-Lu et al., ``shared/papers/distillation-mixing-mrs.md`` §4.2 and §5. Decisions where the
+Lu et al., "Human-expert-level brain tumor detection using deep learning with data distillation
+and augmentation", §4.2 and §5. Decisions where the
 paper is silent (docs/design.md §5):
 
 - **Distillation network = the plain ResCNN.** Algorithm 1's network has "the same structure
