@@ -48,8 +48,8 @@ def test_every_method_and_sweep_ran_and_is_reported(finished):
             assert 0 <= r["metrics"]["auc"] <= 1 and 0 <= r["metrics"]["patient_accuracy"] <= 1
     plain = [r for r in runs if r["kind"] == "plain"]
     for r in plain:
-        assert len(r["max_probability_by_epoch"]) == 2
-        # theta 0.5: every training spectrum is certain at every epoch
+        # theta 0.5: every training spectrum is certain from the first epoch on
+        assert set(r["certain_epoch"]["0.5"]) == {1}
         assert r["certain_summary"]["0.5"]["2"]["size"] == r["train_summary"]["size"]
         assert r["influence-helpful"]["scoring"] == "fused-tangent"
         assert r["influence-self"]["scoring"] == "head-closed-form"
