@@ -153,7 +153,7 @@ class ExperimentCLI:
         settings_type: the dataclass (saved in ``runs.json``; resuming needs equality).
         doc: the example's module docstring (its first paragraph is the description).
         script: the example's path, as its commands are written (``examples/x.py``).
-        out: the default ``--out``, or a function of the parsed arguments giving it.
+        out: the default ``--out``, or a function of the settings giving it.
         extendable: settings that a later command may extend on a finished ``--out`` (lists:
             the union, saved values first; numbers: the larger).
         check: a function of the resolved settings returning an error message or ``None``.
@@ -162,7 +162,7 @@ class ExperimentCLI:
     """
 
     def __init__(self, settings_type: type, doc: str, script: str,
-                 out: Path | Callable[[argparse.Namespace], Path], *,
+                 out: Path | Callable[[Any], Path], *,
                  extendable: tuple[str, ...] = (),
                  check: Callable[[Any], str | None] | None = None,
                  options: Callable[[Callable[..., Any]], None] | None = None,
@@ -211,10 +211,12 @@ class ExperimentCLI:
         return parser
 
     def parse_args(self, argv: list[str] | None = None) -> argparse.Namespace:
-        """The parsed flags, with ``--out`` filled in."""
+        """The parsed flags, with ``--out`` filled in; ``SystemExit`` when they resolve to
+        settings that ``check`` refuses (:meth:`settings_from`)."""
         args = self.parser().parse_args(argv)
+        settings = self.settings_from(args)
         if args.out is None:
-            args.out = self.out(args) if callable(self.out) else self.out
+            args.out = self.out(settings) if callable(self.out) else self.out
         return args
 
     def settings_from(self, args: argparse.Namespace) -> Any:
