@@ -59,6 +59,7 @@ from fastinfluence.datasets import make_chest_xray, make_dermoscopy, split_by_pa
 from fastinfluence.experiments import (
     ExperimentCLI,
     Session,
+    format_markdown_table,
     percent_cell,
     save_figure,
     save_tensors,
@@ -548,25 +549,23 @@ def paper_cells(table: int, row: Row) -> list[str]:
     return ["–" if v is None else f"{v:.2f}" for v in values]
 
 
+HEADER = ["Defence", *(COLUMN_NAMES[c] for c in COLUMNS)]
+
+
 def markdown_table(table: int, rows: list[Row], runs: list[dict]) -> str:
-    header = "| Defence | " + " | ".join(COLUMN_NAMES[c] for c in COLUMNS) + " |"
-    lines = [header, "|---" * (len(COLUMNS) + 1) + "|"]
+    lines = []
     for row in rows:
         if row.table != table:
             continue
         found = [r for r in runs if r["key"] == row.key and r["table"] == table]
-        cells = [percent_cell([r["accuracy"][c] for r in found]) for c in COLUMNS]
-        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append([row.label, *(percent_cell([r["accuracy"][c] for r in found])
+                                   for c in COLUMNS)])
+    return format_markdown_table(HEADER, lines)
 
 
 def paper_table(table: int, rows: list[Row]) -> str:
-    header = "| Defence | " + " | ".join(COLUMN_NAMES[c] for c in COLUMNS) + " |"
-    lines = [header, "|---" * (len(COLUMNS) + 1) + "|"]
-    for row in rows:
-        if row.table == table:
-            lines.append(f"| {row.label} | " + " | ".join(paper_cells(table, row)) + " |")
-    return "\n".join(lines)
+    return format_markdown_table(HEADER, [[row.label, *paper_cells(table, row)]
+                                          for row in rows if row.table == table])
 
 
 TITLES = {1: "Table 1: ResNet-18, λ_n and λ_a ablation",
@@ -610,9 +609,9 @@ def render_table(settings: Settings, runs: list[dict], meta: dict[str, Any]) -> 
                                                            "influence_seconds",
                                                            "score_positive")))
             for r in removal) + "\n")
-    parts += ["## Seconds per classifier (training only)\n", "| Row | s |", "|---|---|"]
-    parts += [f"| {r['label']} (Table {r['table']}) | {r['summary']['seconds']:.0f} |"
-              for r in trained]
+    parts += ["## Seconds per classifier (training only)\n", format_markdown_table(
+        ["Row", "s"], [[f"{r['label']} (Table {r['table']})", f"{r['summary']['seconds']:.0f}"]
+                       for r in trained])]
     return "\n".join(parts) + "\n"
 
 
@@ -630,9 +629,7 @@ def white_box_accuracy(model: torch.nn.Module, data: Data, iterations: int) -> d
 
 def write_white_box(path: Path, runner: Runner, rows: list[Row], trials: int) -> Path:
     """``white_box.md``: every cached Table 1-3 classifier attacked directly, per trial."""
-    lines = ["# White-box accuracy (%): FGSM / I-FGSM crafted on each classifier itself\n",
-             "| Table | Classifier | " + " | ".join(COLUMN_NAMES[c] for c in EPSILON) + " |",
-             "|---" * (len(EPSILON) + 2) + "|"]
+    lines = []
     for row in rows:
         if row.table not in (1, 2, 3):
             continue
@@ -640,8 +637,10 @@ def write_white_box(path: Path, runner: Runner, rows: list[Row], trials: int) ->
                                      runner.settings.ifgsm_iterations)
                   for trial in range(trials) if runner.cache.has(row.classifier_key, trial)]
         cells = [percent_cell([v[name] for v in values], 1) for name in EPSILON]
-        lines.append(f"| {row.table} | {row.label} | " + " | ".join(cells) + " |")
-    path.write_text("\n".join(lines) + "\n")
+        lines.append([str(row.table), row.label, *cells])
+    path.write_text("# White-box accuracy (%): FGSM / I-FGSM crafted on each classifier itself\n\n"
+                    + format_markdown_table(["Table", "Classifier",
+                                             *(COLUMN_NAMES[c] for c in EPSILON)], lines) + "\n")
     return path
 
 

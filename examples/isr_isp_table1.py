@@ -55,6 +55,7 @@ from fastinfluence.datasets.brain_tumour import CLASS_NAMES
 from fastinfluence.experiments import (
     ExperimentCLI,
     Session,
+    format_markdown_table,
     percent_cell,
     save_figure,
     save_tensors,
@@ -267,15 +268,15 @@ def run_record(row: Row, noise: str, trial: int, result: Any, summary: dict) -> 
 
 
 def table_head(noises: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """The (test set, noise) columns and the Markdown header lines of a Table 1 layout."""
+    """The (test set, noise) columns and the header cells of a Table 1 layout."""
     columns = [(rho, noise) for rho in TEST_SETS for noise in noises]
-    header = "| Method | " + " | ".join(
-        f"ρ_test = {rho[4:]}, {NOISE_NAMES[noise]}" for rho, noise in columns) + " |"
-    return columns, [header, "|---" * (len(columns) + 1) + "|"]
+    return columns, ["Method", *(f"ρ_test = {rho[4:]}, {NOISE_NAMES[noise]}"
+                                 for rho, noise in columns)]
 
 
 def markdown_table(runs: list[dict], rows: list[Row], noises: list[str], which: str) -> str:
-    columns, lines = table_head(noises)
+    columns, header = table_head(noises)
+    lines = []
     values = {
         (row.key, column): [r[which][column[0]] for r in runs
                             if r["key"] == row.key and r["noise"] == column[1]]
@@ -289,19 +290,20 @@ def markdown_table(runs: list[dict], rows: list[Row], noises: list[str], which: 
             found = values[row.key, column]
             text = percent_cell(found)
             cells.append(f"**{text}**" if found and np.mean(found) == best[column] else text)
-        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append([row.label, *cells])
+    return format_markdown_table(header, lines)
 
 
 def paper_table(noises: list[str]) -> str:
-    columns, lines = table_head(noises)
+    columns, header = table_head(noises)
+    lines = []
     for method in METHODS:
         cells = []
         for rho, noise in columns:
             mean, std = PAPER_TABLE[method][rho, "rician" if noise != "gaussian" else noise]
             cells.append(f"{mean:.2f} ± {std:.2f}")
-        lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append([METHOD_NAMES[method], *cells])
+    return format_markdown_table(header, lines)
 
 
 def render_table(settings: Settings, runs: list[dict], meta: dict[str, Any]) -> str:
@@ -311,10 +313,9 @@ def render_table(settings: Settings, runs: list[dict], meta: dict[str, Any]) -> 
     notes = "".join(f"\n{note}\n" for note in meta.get("notes", []))
     trials = sorted({r["trial"] for r in runs})
     minutes = sum(r["seconds"] for r in runs) / 60
-    timing = [
-        f"| {row.label} | {np.mean([r['seconds'] for r in runs if r['key'] == row.key]):.1f} |"
-        for row in rows if any(r["key"] == row.key for r in runs)
-    ]
+    timing = format_markdown_table(["Method", "s"], [
+        [row.label, f"{np.mean([r['seconds'] for r in runs if r['key'] == row.key]):.1f}"]
+        for row in rows if any(r["key"] == row.key for r in runs)])
     summaries = []
     for row in rows:
         numbers = [r["method_summary"] for r in runs if r["key"] == row.key]
@@ -344,9 +345,7 @@ Test accuracy (%), mean ± std (population std) over trials; best of each column
 
 ## Seconds per run (mean)
 
-| Method | s |
-|---|---|
-{chr(10).join(timing)}
+{timing}
 
 ## What the methods did (mean over runs)
 

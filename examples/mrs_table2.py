@@ -70,6 +70,7 @@ from fastinfluence.datasets.mrs import BASES
 from fastinfluence.experiments import (
     ExperimentCLI,
     Session,
+    format_markdown_table,
     save_figure,
     save_tensors,
     setting,
@@ -500,13 +501,12 @@ def averaged_over(rows: list[tuple[str, list[dict]]], folds: int) -> str:
             f"({', '.join(map(str, seed_ids)) or 'none'}): {len(pairs)} (seed, fold) pairs")
 
 
-def paired_lines(rows: list[tuple[str, list[dict]]], baseline: str = "Plain ResCNN") -> list[str]:
+def paired_table(rows: list[tuple[str, list[dict]]], baseline: str = "Plain ResCNN") -> str:
     """Each row's AUC minus the ``baseline`` row's on the same (seed, fold): mean ± std and on
     how many pairs it is higher, lower or equal (to 0.005), for the (seed, fold) pairs both
     have."""
     base = {(r["seed"], r["fold"]): r["metrics"]["auc"] for r in dict(rows)[baseline]}
-    lines = [f"| Method | pairs | AUC − {baseline} AUC | higher / lower / within 0.005 |",
-             "|---|---|---|---|"]
+    lines = []
     for name, members in rows:
         if name == baseline:
             continue
@@ -516,31 +516,25 @@ def paired_lines(rows: list[tuple[str, list[dict]]], baseline: str = "Plain ResC
                   sum(abs(d) <= 0.005 for d in differences))
         signed = (f"{np.mean(differences):+.3f} ± {np.std(differences):.3f}" if differences
                   else "–")
-        lines.append(f"| {name} | {len(differences)} | {signed} | "
-                     f"{' / '.join(map(str, counts))} |")
-    return lines
+        lines.append([name, str(len(differences)), signed, " / ".join(map(str, counts))])
+    return format_markdown_table(
+        ["Method", "pairs", f"AUC − {baseline} AUC", "higher / lower / within 0.005"], lines)
 
 
 def render_table(settings: Settings, runs: list[dict], meta: dict[str, Any]) -> str:
     """``table.md``, from what ``runs.json`` holds."""
     columns = [*METRICS, "accuracy", "tissue_auc"]
-    header = "| Method | n | " + " | ".join(METRIC_NAMES[c] for c in columns) + " |"
-    lines = [header, "|---" * (len(columns) + 2) + "|"]
     rows = table_rows(runs, settings)
-    for name, members in rows:
-        cells = [cell([r["metrics"][c] for r in members]) for c in columns]
-        lines.append(f"| {name} | {len(members)} | " + " | ".join(cells) + " |")
-    paper = ["| Method | " + " | ".join(METRIC_NAMES[c] for c in METRICS) + " |",
-             "|---" * (len(METRICS) + 1) + "|"]
-    paper += [f"| {name} | " + " | ".join(f"{m:.2f} ± {s:.2f}" for m, s in values) + " |"
-              for name, values in PAPER_TABLE.items()]
+    table = format_markdown_table(
+        ["Method", "n", *(METRIC_NAMES[c] for c in columns)],
+        [[name, str(len(members)), *(cell([r["metrics"][c] for r in members]) for c in columns)]
+         for name, members in rows])
+    paper = format_markdown_table(
+        ["Method", *(METRIC_NAMES[c] for c in METRICS)],
+        [[name, *(f"{m:.2f} ± {s:.2f}" for m, s in values)]
+         for name, values in PAPER_TABLE.items()])
     plains = sorted((r for r in runs if r["kind"] == "plain"), key=lambda r: (r["seed"], r["fold"]))
-    selection = ["| seed, fold | training set (mislabelled) | "
-                 + " | ".join(f"softmax C, θ = {t}: size [healthy, tumour], mislabelled"
-                              for t in settings.thresholds) + " | "
-                 + " | ".join(f"influence-{k}: mislabelled (scoring)" for k in settings.influence)
-                 + " |",
-                 "|---" * (2 + len(settings.thresholds) + len(settings.influence)) + "|"]
+    selection = []
     for r in plains:
         t = r["train_summary"]
         cells = [f"{r['seed']}, {r['fold']}",
@@ -552,7 +546,11 @@ def render_table(settings: Settings, runs: list[dict], meta: dict[str, Any]) -> 
             chosen = r.get(f"influence-{k}", {})
             cells.append(f"{chosen['summary']['mislabelled']} ({chosen['scoring']})"
                          if "summary" in chosen else chosen.get("error", "–"))
-        selection.append("| " + " | ".join(cells) + " |")
+        selection.append(cells)
+    selection_header = [
+        "seed, fold", "training set (mislabelled)",
+        *(f"softmax C, θ = {t}: size [healthy, tumour], mislabelled" for t in settings.thresholds),
+        *(f"influence-{k}: mislabelled (scoring)" for k in settings.influence)]
     errors = sorted({f"{r['options']}: {r['error']}" for r in runs if "error" in r})
     minutes = sum(r.get("seconds", 0) for r in runs) / 60
     earlier = "".join(f", extending `{c}`" for c in meta.get("earlier_commands", []))
@@ -568,22 +566,22 @@ pairs misses runs that failed or did not finish). SEN/SPE/ACC at
 probability 0.5 (SVM: decision value 0), against the data set's labels (tumour = the
 hemisphere); "AUC vs tissue" against what the simulated voxel holds.
 
-{chr(10).join(lines)}
+{table}
 
 ## Paired with the plain ResCNN (same seed and test fold)
 
-{chr(10).join(paired_lines(rows))}
+{paired_table(rows)}
 
 ## The paper's Table 2 ("whole": 10 folds × 2 runs; real spectra)
 
-{chr(10).join(paper)}
+{paper}
 
 The neuroradiologist rows (SEN 0.54, SPE 0.88, AUC 0.68, patient-wise 0.69 on one fold)
 cannot be reproduced: there are no readers here.
 
 ## What the distillation collected
 
-{chr(10).join(selection)}
+{format_markdown_table(selection_header, selection)}
 
 ## Runs that could not train
 

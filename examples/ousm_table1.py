@@ -56,6 +56,7 @@ from fastinfluence.datasets import (
 from fastinfluence.experiments import (
     ExperimentCLI,
     Session,
+    format_markdown_table,
     percent_cell,
     save_figure,
     setting,
@@ -357,14 +358,18 @@ def scorings(runs: list[dict]) -> set[str]:
     return {r["method_summary"]["scoring"] for r in runs if r["method_summary"].get("scoring")}
 
 
+def gamma_header(first: str, gammas: list[float]) -> list[str]:
+    """A table header: ``first``, then one column per noise rate."""
+    return [first, *(f"{100 * g:g} %" for g in gammas)]
+
+
 def table_cell(values: list[float]) -> str:
     """One decimal, as the paper's table."""
     return percent_cell(values, digits=1)
 
 
 def markdown_table(runs: list[dict], settings: Settings, which: str) -> str:
-    header = "| Noise ratio | " + " | ".join(f"{100 * g:g} %" for g in settings.gammas) + " |"
-    lines = [header, "|---" * (len(settings.gammas) + 1) + "|"]
+    lines = []
     values = {(m, g): [r[which] for r in runs if r["method"] == m and r["gamma"] == g]
               for m in settings.methods for g in settings.gammas}
     best = {g: max((np.mean(values[m, g]) for m in settings.methods if values[m, g]),
@@ -376,26 +381,23 @@ def markdown_table(runs: list[dict], settings: Settings, which: str) -> str:
             text = table_cell(found)
             bold = found and np.mean(found) == best[gamma] and gamma > 0
             cells.append(f"**{text}**" if bold else text)
-        lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append([METHOD_NAMES[method], *cells])
+    return format_markdown_table(gamma_header("Noise ratio", settings.gammas), lines)
 
 
 def paper_table(settings: Settings) -> str:
-    header = "| Noise ratio | " + " | ".join(f"{100 * g:g} %" for g in settings.gammas) + " |"
-    lines = [header, "|---" * (len(settings.gammas) + 1) + "|"]
-    for method in PAPER_METHODS:
-        cells = [f"{PAPER_TABLE[method][g]:.1f}" if g in PAPER_TABLE[method] else "–"
-                 for g in settings.gammas]
-        lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return format_markdown_table(
+        gamma_header("Noise ratio", settings.gammas),
+        [[METHOD_NAMES[method], *(f"{PAPER_TABLE[method][g]:.1f}" if g in PAPER_TABLE[method]
+                                  else "–" for g in settings.gammas)]
+         for method in PAPER_METHODS])
 
 
 def paired_table(runs: list[dict], settings: Settings, which: str) -> str:
     """Each method minus the plain ResNet of the same trial and γ (points), and in how many
     trials it is better."""
     gammas = [g for g in settings.gammas if g > 0]
-    header = "| Method − ResNet | " + " | ".join(f"{100 * g:g} %" for g in gammas) + " |"
-    lines = [header, "|---" * (len(gammas) + 1) + "|"]
+    lines = []
     plain = {(r["trial"], r["gamma"]): r[which] for r in runs if r["method"] == "resnet"}
     for method in settings.methods:
         if method == "resnet":
@@ -408,16 +410,14 @@ def paired_table(runs: list[dict], settings: Settings, which: str) -> str:
             better = sum(d > 0 for d in differences)
             cells.append("–" if not differences else
                          f"{100 * np.mean(differences):+.1f} ({better}/{len(differences)})")
-        lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append([METHOD_NAMES[method], *cells])
+    return format_markdown_table(gamma_header("Method − ResNet", gammas), lines)
 
 
 def detection_table(runs: list[dict], settings: Settings) -> str:
     """Precision at the noise count / ROC-AUC (%, mean over trials) of each ranking, by γ."""
     gammas = [g for g in settings.gammas if g > 0]
-    header = "| Ranking (higher = more suspect) | " + " | ".join(
-        f"{100 * g:g} %" for g in gammas) + " |"
-    lines = [header, "|---" * (len(gammas) + 1) + "|"]
+    lines = []
     for key, label in DETECTION_ROWS:
         cells, found_any = [], False
         for gamma in gammas:
@@ -428,8 +428,8 @@ def detection_table(runs: list[dict], settings: Settings) -> str:
                          f"{100 * np.mean([f['precision'] for f in found]):.0f} / "
                          f"{100 * np.mean([f['auc'] for f in found]):.0f}")
         if found_any:
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            lines.append([label, *cells])
+    return format_markdown_table(gamma_header("Ranking (higher = more suspect)", gammas), lines)
 
 
 def render_table(settings: Settings, runs: list[dict], meta: dict[str, Any]) -> str:

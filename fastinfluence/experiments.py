@@ -436,3 +436,10 @@ def save_tensors(path: Path, payload: dict[str, Any]) -> None:
     temporary = path.with_suffix(".tmp")
     torch.save(payload, temporary)
     temporary.replace(path)
+
+
+def format_markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: the ``header`` cells, a separator, then one line per row of cells."""
+    lines = [header, *rows]
+    return "\n".join(["| " + " | ".join(lines[0]) + " |", "|---" * len(header) + "|",
+                      *("| " + " | ".join(cells) + " |" for cells in lines[1:])])

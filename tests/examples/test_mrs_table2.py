@@ -159,13 +159,13 @@ def test_the_basis_is_a_setting_and_older_outs_read_as_multiplet(table2, finishe
         "density-matrix")
 
 
-def test_paired_lines_compare_each_row_with_plain_on_the_same_seed_and_fold(table2):
+def test_paired_table_compares_each_row_with_plain_on_the_same_seed_and_fold(table2):
     def run(seed, fold, auc):
         return {"seed": seed, "fold": fold, "metrics": {"auc": auc}}
 
     rows = [("Plain ResCNN", [run(0, 0, 0.5), run(0, 1, 0.8), run(1, 0, 0.6)]),
             ("Other", [run(0, 0, 0.7), run(0, 1, 0.7), run(1, 0, 0.602), run(1, 1, 0.9)])]
-    lines = table2.paired_lines(rows)
+    lines = table2.paired_table(rows).splitlines()
     assert lines[2] == "| Other | 3 | +0.034 ± 0.125 | 1 / 1 / 1 |"
 
 
