@@ -155,7 +155,10 @@ class Settings:
     batch_size: int = setting(32, 64, type=int)
     width: int = setting(16, 64, type=int, help="ResNet-18 first-stage width")
     vgg_width: int = setting(8, 64, type=int, help="VGG-16 first-block width")
-    recalibrate_bn: bool = setting(True, flag="--no-recalibrate-bn")
+    recalibrate_bn: bool = setting(
+        True, flag="--no-recalibrate-bn",
+        help="keep BatchNorm's running averages (by default they are re-estimated on the "
+             "training images after every epoch)")
     lambda_n: list[float] = setting([0.1, 1.0, 10.0], nargs="+", type=float,
                                     help="Table 1's λ_n ablation (λ_a = 0)")
     lambda_a: list[float] = setting([0.1, 1.0, 10.0], nargs="+", type=float,

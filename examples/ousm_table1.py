@@ -142,7 +142,10 @@ class Settings:
                                    "Adam)")
     weight_decay: float = setting(1e-4, type=float, help="the paper's 1e-4")
     batch_size: int = setting(32, type=int)
-    recalibrate_bn: bool = setting(True, flag="--no-recalibrate-bn")
+    recalibrate_bn: bool = setting(
+        True, flag="--no-recalibrate-bn",
+        help="keep BatchNorm's running averages (by default they are re-estimated on the "
+             "training images after every epoch)")
     drop: int = setting(2, type=int, help="OUSM K per batch")
     warmup_epochs: int = setting(5, type=int, help="epochs before OUSM drops samples")
     reweight_start: int = setting(5, type=int, help="epochs with all LoOP weights 1")

@@ -59,13 +59,6 @@ def load_saved(path: Path, settings: Any, fresh: bool,
     return saved
 
 
-def load_runs(path: Path, settings: Any, fresh: bool) -> list[dict[str, Any]]:
-    """The runs saved in ``path`` for ``settings`` (a dataclass); ``[]`` when there is no file
-    or ``fresh``; ``SystemExit`` naming the differences when the file holds runs of other
-    settings (:func:`load_saved`)."""
-    return load_saved(path, settings, fresh).get("runs", [])
-
-
 def save_json(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` atomically (a temporary file, then a rename)."""
     temporary = path.with_suffix(".tmp")
@@ -119,7 +112,8 @@ def setting(default: Any, paper: Any = _SAME, *, help: str = "", flag: str | Non
         default: the value without ``--full``; or a function of the settings resolved so far
             (the fields declared above it, and ``full``), for values derived from others.
         paper: the value with ``--full`` (a value or such a function); omitted: ``default``.
-        help: the flag's help; ``(default X; --full Y)`` is appended when both are values.
+        help: the flag's help; ``(default X; --full Y)`` is appended when both are values
+            (not for a ``bool``, whose flag says what it changes).
         flag: the option string; ``""`` gives ``--`` and the name with dashes; ``None``: no
             flag (the field is always derived). A ``bool`` field's flag stores the opposite
             of its default (``--no-recalibrate-bn``).
@@ -173,6 +167,7 @@ class ExperimentCLI:
         self.specs = {f.name: f.metadata[_SETTING] for f in fields(settings_type)}
 
     def parser(self) -> argparse.ArgumentParser:
+        """The argument parser: ``--full``, a flag per setting, then the shared flags."""
         parser = argparse.ArgumentParser(description=self.doc.split("\n\n")[0],
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         add = parser.add_argument
@@ -182,7 +177,8 @@ class ExperimentCLI:
             if spec.flag is None:
                 continue
             text = spec.help
-            if not (callable(spec.default) or callable(spec.paper)):
+            if not (callable(spec.default) or callable(spec.paper)
+                    or isinstance(spec.default, bool)):
                 shown = f"default {_described(spec.default)}"
                 if spec.paper != spec.default:
                     shown += f"; --full {_described(spec.paper)}"
@@ -258,11 +254,6 @@ def shard_spec(text: str) -> tuple[int, int]:
     if not 0 <= k < n:
         raise argparse.ArgumentTypeError(f"K/N needs 0 <= K < N, got {text!r}")
     return k, n
-
-
-def saved_settings(settings_type: type, saved: dict[str, Any]) -> Any:
-    """The settings dataclass of a loaded ``runs.json``, fields it lacks at their ``absent``."""
-    return settings_type(**saved["settings"])
 
 
 # -- one command's runs ------------------------------------------------------------------------
@@ -426,7 +417,7 @@ def regenerate_table(out: Path, settings_type: type,
     """The table of the runs saved in ``out/runs.json``, as the command that made them wrote
     it (the committed tables are checked against this)."""
     saved = json.loads((out / "runs.json").read_text())
-    return render(saved_settings(settings_type, saved), saved["runs"], saved["meta"])
+    return render(settings_type(**saved["settings"]), saved["runs"], saved["meta"])
 
 
 def save_tensors(path: Path, payload: dict[str, Any]) -> None:
