@@ -47,23 +47,25 @@ images after every epoch, one trial.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from fastinfluence import Influence
 from fastinfluence.datasets import make_chest_xray, make_dermoscopy, split_by_patient
-from fastinfluence.experiments import load_runs, percent_cell, save_json
+from fastinfluence.experiments import (
+    ExperimentCLI,
+    Session,
+    format_markdown_table,
+    percent_cell,
+    save_figure,
+    save_tensors,
+    setting,
+)
 from fastinfluence.models import resnet18, vgg16
 from fastinfluence.robust import NaiveTrainer, TrainConfig
 from fastinfluence.robust.attacks import carlini_wagner_l2, fgsm, ifgsm
@@ -119,35 +121,81 @@ PAPER = {
 }
 
 
+def check(settings: Settings) -> str | None:
+    """What is wrong with ``settings``, if anything."""
+    if not 0 < settings.remove_fraction < 1:
+        return "--remove-fraction must lie in (0, 1)"
+    wrong = [t for t in settings.tables if t not in TABLES[settings.dataset]]
+    if wrong:
+        return f"--dataset {settings.dataset} has tables {TABLES[settings.dataset]}, not {wrong}"
+    return None
+
+
 @dataclass
 class Settings:
     """Everything that determines the runs (saved in ``runs.json``; resuming needs equality).
     The number of trials is not part of it: a larger ``--trials`` adds trials to a finished
     run, each with its own seeds."""
 
-    dataset: str
-    tables: list[int]
-    n_images: int
-    image_size: int
-    data_seed: int
-    epochs: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    batch_size: int
-    width: int
-    vgg_width: int
-    recalibrate_bn: bool
-    lambda_n: list[float]
-    lambda_a: list[float]
-    noise: float
-    copies: int
-    ifgsm_iterations: int
-    cw_images: int
-    cw_iterations: int
-    cw_searches: int
-    denoiser_epochs: int
-    remove_fraction: float
+    dataset: str = setting("skin4", choices=list(TABLES),
+                           help="skin4 (embedded dermoscopy) or chest (embedded chest X-ray, "
+                                "Table 2)")
+    tables: list[int] = setting(lambda s: list(TABLES[s.dataset]), nargs="+", type=int,
+                                normalise=lambda tables: sorted(set(tables)),
+                                help="which tables (default: skin4 1 3 4 5, chest 2 5; 5 = the "
+                                     "influence row)")
+    n_images: int = setting(1000, lambda s: FULL_N_IMAGES[s.dataset], type=int,
+                            help="split 70/10/20 by patient (default 1000; --full: skin4 4226, "
+                                 "chest 30000)")
+    image_size: int = setting(64, 224, type=int)
+    data_seed: int = setting(0, type=int)
+    epochs: int = setting(8, 80, type=int)
+    lr: float = setting(0.01, type=float)
+    momentum: float = setting(0.9, type=float, help="SGD momentum (the paper does not say)")
+    weight_decay: float = setting(1e-4, type=float)
+    batch_size: int = setting(32, 64, type=int)
+    width: int = setting(16, 64, type=int, help="ResNet-18 first-stage width")
+    vgg_width: int = setting(8, 64, type=int, help="VGG-16 first-block width")
+    recalibrate_bn: bool = setting(
+        True, flag="--no-recalibrate-bn",
+        help="keep BatchNorm's running averages (by default they are re-estimated on the "
+             "training images after every epoch)")
+    lambda_n: list[float] = setting([0.1, 1.0, 10.0], nargs="+", type=float,
+                                    help="Table 1's λ_n ablation (λ_a = 0)")
+    lambda_a: list[float] = setting([0.1, 1.0, 10.0], nargs="+", type=float,
+                                    help="Table 1's λ_a ablation (λ_n = 0)")
+    noise: float = setting(0.2, type=float, help="σ of the uniform noise of the noisy copies")
+    copies: int = setting(3, type=int, help="noisy copies per image and step")
+    ifgsm_iterations: int = setting(10, type=int)
+    cw_images: int = setting(100, lambda s: s.n_images, type=int,
+                             help="C&W on the first this many test images (default 100; --full "
+                                  "all)")
+    cw_iterations: int = setting(10, 1000, type=int, help="per search step")
+    cw_searches: int = setting(5, type=int, help="binary-search steps over the constant")
+    denoiser_epochs: int = setting(5, 30, type=int, help="Reformer and HGD")
+    remove_fraction: float = setting(0.1, type=float, help="Table 5: share removed")
+
+
+def run_options(add: Any) -> None:
+    """The flags that are not settings: the trials and the white-box table."""
+    add("--trials", type=int, default=1,
+        help="trials 0..n-1 (seeds of the initial weights, batches, noise and the source); "
+             "a larger value on a finished --out adds trials")
+    add("--white-box", action="store_true",
+        help="also attack every cached ResNet-18/VGG-16 classifier of Tables 1-3 directly "
+             "(FGSM, I-FGSM) and write white_box.md (not part of the paper's tables)")
+
+
+def default_out(settings: Settings) -> Path:
+    """``examples/results/denoising_cnn_tables``, with ``_chest`` for the chest data."""
+    suffix = "" if settings.dataset == "skin4" else f"_{settings.dataset}"
+    return Path(f"examples/results/denoising_cnn_tables{suffix}")
+
+
+CLI = ExperimentCLI(Settings, __doc__, "examples/denoising_cnn_tables.py", default_out,
+                    check=check, options=run_options, scratch=("cache",))
+parse_args = CLI.parse_args
+settings_from = CLI.settings_from
 
 
 @dataclass(frozen=True)
@@ -196,92 +244,6 @@ class Row:
             return "NA"
         return ", ".join(f"λ_{t[-1]} = {v:g}" for t, v in
                          (("L_n", self.lambda_n), ("L_a", self.lambda_a)) if v)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
-    add("--full", action="store_true",
-        help="the paper's settings: 4,226 images (chest: 30,000, 21,000 of them for training "
-             "and 6,000 for testing) at 224², width 64, 80 epochs, batch 64, C&W 1,000 "
-             "iterations on every test image (flags given explicitly still win)")
-    add("--dataset", choices=list(TABLES), default="skin4",
-        help="skin4 (embedded dermoscopy) or chest (embedded chest X-ray, Table 2)")
-    add("--tables", nargs="+", type=int, default=None,
-        help="which tables (default: skin4 1 3 4 5, chest 2 5; 5 = the influence row)")
-    add("--trials", type=int, default=1,
-        help="trials 0..n-1 (seeds of the initial weights, batches, noise and the source); "
-             "a larger value on a finished --out adds trials")
-    add("--n-images", type=int, default=None,
-        help="default 1000 (--full: skin4 4226, chest 30000), split 70/10/20 by patient")
-    add("--image-size", type=int, default=None, help="default 64 (--full 224)")
-    add("--data-seed", type=int, default=0)
-    add("--epochs", type=int, default=None, help="default 8 (--full 80)")
-    add("--lr", type=float, default=0.01)
-    add("--momentum", type=float, default=0.9, help="SGD momentum (the paper does not say)")
-    add("--weight-decay", type=float, default=1e-4)
-    add("--batch-size", type=int, default=None, help="default 32 (--full 64)")
-    add("--width", type=int, default=None, help="ResNet-18 first-stage width (16; --full 64)")
-    add("--vgg-width", type=int, default=None, help="VGG-16 first-block width (8; --full 64)")
-    add("--no-recalibrate-bn", action="store_true")
-    add("--lambda-n", nargs="+", type=float, default=[0.1, 1.0, 10.0],
-        help="Table 1's λ_n ablation (λ_a = 0)")
-    add("--lambda-a", nargs="+", type=float, default=[0.1, 1.0, 10.0],
-        help="Table 1's λ_a ablation (λ_n = 0)")
-    add("--noise", type=float, default=0.2, help="σ of the uniform noise of the noisy copies")
-    add("--copies", type=int, default=3, help="noisy copies per image and step")
-    add("--ifgsm-iterations", type=int, default=10)
-    add("--cw-images", type=int, default=None,
-        help="C&W on the first this many test images (default 100; --full all)")
-    add("--cw-iterations", type=int, default=None, help="per search step (10; --full 1000)")
-    add("--cw-searches", type=int, default=5, help="binary-search steps over the constant")
-    add("--denoiser-epochs", type=int, default=None, help="Reformer and HGD (5; --full 30)")
-    add("--remove-fraction", type=float, default=0.1, help="Table 5: share removed")
-    add("--out", type=Path, default=None,
-        help="default examples/results/denoising_cnn_tables[_chest]")
-    add("--fresh", action="store_true", help="discard the runs already in --out")
-    add("--threads", type=int, default=None)
-    add("--device", default=None, help="default: cuda when available, else cpu")
-    add("--white-box", action="store_true",
-        help="also attack every cached ResNet-18/VGG-16 classifier of Tables 1-3 directly "
-             "(FGSM, I-FGSM) and write white_box.md (not part of the paper's tables)")
-    add("--progress", action=argparse.BooleanOptionalAction, default=True)
-    args = parser.parse_args(argv)
-    if args.trials < 1:
-        parser.error("--trials must be >= 1")
-    if not 0 < args.remove_fraction < 1:
-        parser.error("--remove-fraction must lie in (0, 1)")
-    tables = args.tables if args.tables is not None else list(TABLES[args.dataset])
-    wrong = [t for t in tables if t not in TABLES[args.dataset]]
-    if wrong:
-        parser.error(f"--dataset {args.dataset} has tables {TABLES[args.dataset]}, not {wrong}")
-    args.tables = sorted(set(tables))
-    if args.out is None:
-        suffix = "" if args.dataset == "skin4" else f"_{args.dataset}"
-        args.out = Path(f"examples/results/denoising_cnn_tables{suffix}")
-    return args
-
-
-def settings_from(args: argparse.Namespace) -> Settings:
-    def pick(value: Any, default: Any, paper: Any) -> Any:
-        return value if value is not None else (paper if args.full else default)
-
-    n_images = pick(args.n_images, 1000, FULL_N_IMAGES[args.dataset])
-    return Settings(
-        dataset=args.dataset, tables=args.tables, n_images=n_images,
-        image_size=pick(args.image_size, 64, 224), data_seed=args.data_seed,
-        epochs=pick(args.epochs, 8, 80), lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, batch_size=pick(args.batch_size, 32, 64),
-        width=pick(args.width, 16, 64), vgg_width=pick(args.vgg_width, 8, 64),
-        recalibrate_bn=not args.no_recalibrate_bn,
-        lambda_n=list(dict.fromkeys(args.lambda_n)), lambda_a=list(dict.fromkeys(args.lambda_a)),
-        noise=args.noise, copies=args.copies, ifgsm_iterations=args.ifgsm_iterations,
-        cw_images=pick(args.cw_images, 100, n_images), cw_iterations=pick(args.cw_iterations,
-                                                                           10, 1000),
-        cw_searches=args.cw_searches, denoiser_epochs=pick(args.denoiser_epochs, 5, 30),
-        remove_fraction=args.remove_fraction,
-    )
 
 
 def table_rows(settings: Settings) -> list[Row]:
@@ -461,20 +423,11 @@ class Cache:
     def has(self, name: str, trial: int) -> bool:
         return self.path(name, trial).exists()
 
-    def save(self, name: str, trial: int, value: Any) -> None:
-        temporary = self.path(name, trial).with_suffix(".tmp")
-        torch.save(value, temporary)
-        temporary.replace(self.path(name, trial))
+    def save(self, name: str, trial: int, value: dict[str, Any]) -> None:
+        save_tensors(self.path(name, trial), value)
 
     def load(self, name: str, trial: int) -> Any:
         return torch.load(self.path(name, trial), weights_only=True)
-
-
-def clear_cache(out: Path) -> None:
-    root = out / "cache"
-    if root.exists():
-        for path in root.glob("*.pt"):
-            path.unlink()
 
 
 # -- the jobs --------------------------------------------------------------------------------
@@ -600,25 +553,23 @@ def paper_cells(table: int, row: Row) -> list[str]:
     return ["–" if v is None else f"{v:.2f}" for v in values]
 
 
+HEADER = ["Defence", *(COLUMN_NAMES[c] for c in COLUMNS)]
+
+
 def markdown_table(table: int, rows: list[Row], runs: list[dict]) -> str:
-    header = "| Defence | " + " | ".join(COLUMN_NAMES[c] for c in COLUMNS) + " |"
-    lines = [header, "|---" * (len(COLUMNS) + 1) + "|"]
+    lines = []
     for row in rows:
         if row.table != table:
             continue
         found = [r for r in runs if r["key"] == row.key and r["table"] == table]
-        cells = [percent_cell([r["accuracy"][c] for r in found]) for c in COLUMNS]
-        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append([row.label, *(percent_cell([r["accuracy"][c] for r in found])
+                                   for c in COLUMNS)])
+    return format_markdown_table(HEADER, lines)
 
 
 def paper_table(table: int, rows: list[Row]) -> str:
-    header = "| Defence | " + " | ".join(COLUMN_NAMES[c] for c in COLUMNS) + " |"
-    lines = [header, "|---" * (len(COLUMNS) + 1) + "|"]
-    for row in rows:
-        if row.table == table:
-            lines.append(f"| {row.label} | " + " | ".join(paper_cells(table, row)) + " |")
-    return "\n".join(lines)
+    return format_markdown_table(HEADER, [[row.label, *paper_cells(table, row)]
+                                          for row in rows if row.table == table])
 
 
 TITLES = {1: "Table 1: ResNet-18, λ_n and λ_a ablation",
@@ -628,8 +579,9 @@ TITLES = {1: "Table 1: ResNet-18, λ_n and λ_a ablation",
           5: "Extra row: removing the training images most harmful to adversarial loss"}
 
 
-def write_table(path: Path, runs: list[dict], rows: list[Row], settings: Settings,
-                meta: dict[str, Any]) -> None:
+def render_table(settings: Settings, runs: list[dict], meta: dict[str, Any]) -> str:
+    """``table.md``, from what ``runs.json`` holds."""
+    rows = table_rows(settings)
     trained = [r for r in runs if not r["key"].endswith((":reformer", ":hgd"))]
     minutes = sum(r["summary"]["seconds"] for r in trained) / 60
     parts = [f"# Denoising-CNN Tables on the embedded {settings.dataset} data\n",
@@ -661,10 +613,10 @@ def write_table(path: Path, runs: list[dict], rows: list[Row], settings: Setting
                                                            "influence_seconds",
                                                            "score_positive")))
             for r in removal) + "\n")
-    parts += ["## Seconds per classifier (training only)\n", "| Row | s |", "|---|---|"]
-    parts += [f"| {r['label']} (Table {r['table']}) | {r['summary']['seconds']:.0f} |"
-              for r in trained]
-    path.write_text("\n".join(parts) + "\n")
+    parts += ["## Seconds per classifier (training only)\n", format_markdown_table(
+        ["Row", "s"], [[f"{r['label']} (Table {r['table']})", f"{r['summary']['seconds']:.0f}"]
+                       for r in trained])]
+    return "\n".join(parts) + "\n"
 
 
 def white_box_accuracy(model: torch.nn.Module, data: Data, iterations: int) -> dict[str, float]:
@@ -681,9 +633,7 @@ def white_box_accuracy(model: torch.nn.Module, data: Data, iterations: int) -> d
 
 def write_white_box(path: Path, runner: Runner, rows: list[Row], trials: int) -> Path:
     """``white_box.md``: every cached Table 1-3 classifier attacked directly, per trial."""
-    lines = ["# White-box accuracy (%): FGSM / I-FGSM crafted on each classifier itself\n",
-             "| Table | Classifier | " + " | ".join(COLUMN_NAMES[c] for c in EPSILON) + " |",
-             "|---" * (len(EPSILON) + 2) + "|"]
+    lines = []
     for row in rows:
         if row.table not in (1, 2, 3):
             continue
@@ -691,8 +641,10 @@ def write_white_box(path: Path, runner: Runner, rows: list[Row], trials: int) ->
                                      runner.settings.ifgsm_iterations)
                   for trial in range(trials) if runner.cache.has(row.classifier_key, trial)]
         cells = [percent_cell([v[name] for v in values], 1) for name in EPSILON]
-        lines.append(f"| {row.table} | {row.label} | " + " | ".join(cells) + " |")
-    path.write_text("\n".join(lines) + "\n")
+        lines.append([str(row.table), row.label, *cells])
+    path.write_text("# White-box accuracy (%): FGSM / I-FGSM crafted on each classifier itself\n\n"
+                    + format_markdown_table(["Table", "Classifier",
+                                             *(COLUMN_NAMES[c] for c in EPSILON)], lines) + "\n")
     return path
 
 
@@ -730,7 +682,7 @@ def figure_arrays(runner: Runner, rows: list[Row], trial: int = 0) -> dict[str, 
     return arrays
 
 
-def save_figure(path: Path, arrays: dict[str, Any], class_names: tuple[str, ...]) -> Path:
+def draw_figure(path: Path, arrays: dict[str, Any], class_names: tuple[str, ...]) -> Path:
     from matplotlib.figure import Figure
 
     columns = [k for k in arrays if k != "labels"]
@@ -748,12 +700,15 @@ def save_figure(path: Path, arrays: dict[str, Any], class_names: tuple[str, ...]
         line[0].set_ylabel(class_names[int(arrays["labels"][i])], fontsize=8)
     figure.suptitle("Clean, adversarial (crafted on the source) and denoised test images",
                     fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    return path
+    return save_figure(figure, path, dpi=110)
 
 
 # -- main ------------------------------------------------------------------------------------
+
+
+def run_id(record: dict[str, Any]) -> tuple[str, int, int]:
+    """A row's identity: its key, table and trial."""
+    return record["key"], record["table"], record["trial"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -762,58 +717,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     Returns the runs, the rows, the figure's tensors and the written paths. Ctrl-C keeps the
     finished rows (and the cached models) and exits with code 130 after one line.
     """
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    settings = settings_from(args)
+    session = Session(CLI, argv, run_id, render_table)
+    settings, out, trials = session.settings, session.out, session.args.trials
+    if trials < 1:
+        raise SystemExit("--trials must be >= 1")
     rows = table_rows(settings)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    runs_path = out / "runs.json"
-    runs = load_runs(runs_path, settings, args.fresh)
-    if args.fresh:
-        clear_cache(out)
     cache = Cache(out)
-    done = {(r["key"], r["table"], r["trial"]) for r in runs}
-    meta: dict[str, Any] = {
-        "command": shlex.join(["python", *sys.argv]) if argv is None
-        else shlex.join(["python", "examples/denoising_cnn_tables.py", *argv]),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} "
-                   f"threads, {device}, torch {torch.__version__}",
-    }
-    jobs = [(trial, row) for trial in range(args.trials) for row in run_order(rows)]
+    jobs = [(trial, row) for trial in range(trials) for row in run_order(rows)]
     figure: dict[str, Any] | None = None
     paths: list[Path] = []
-    try:
-        data = load_data(settings, args.progress)
-        meta["images"] = {name: len(split[1]) for name, split in
-                          (("train", data.train), ("val", data.val), ("test", data.test))}
-        print(f"data: {meta['images']} images at {data.train[0].shape[-1]}², classes "
+    with session:
+        data = load_data(settings, session.args.progress)
+        session.meta["images"] = {name: len(split[1]) for name, split in
+                                  (("train", data.train), ("val", data.val), ("test", data.test))}
+        print(f"data: {session.meta['images']} images at {data.train[0].shape[-1]}², classes "
               f"{data.class_names}")
-        runner = Runner(settings, data, cache, device)
-        with tqdm(jobs, desc="denoising tables", unit="row", disable=not args.progress) as bar:
-            for trial, row in bar:
-                if (row.key, row.table, trial) in done:
-                    continue
-                bar.set_postfix_str(f"trial {trial}, Table {row.table}, {row.label}")
-                runs.append(runner.run(row, trial))
-                save_json(runs_path, {"settings": asdict(settings), "meta": meta, "runs": runs})
-                write_table(out / "table.md", runs, rows, settings, meta)
-        write_table(out / "table.md", runs, rows, settings, meta)
-        if args.white_box:
-            paths.append(write_white_box(out / "white_box.md", runner, rows, args.trials))
+        runner = Runner(settings, data, cache, session.device)
+
+        def work(job: tuple[int, Row]) -> None:
+            trial, row = job
+            if not session.done((row.key, row.table, trial)):
+                session.save(runner.run(row, trial))
+
+        session.run(jobs, work, lambda job: f"trial {job[0]}, Table {job[1].table}, "
+                                            f"{job[1].label}", desc="denoising tables")
+        if session.args.white_box:
+            paths.append(write_white_box(out / "white_box.md", runner, rows, trials))
         figure = figure_arrays(runner, rows)
         if figure is not None:
-            paths.append(save_figure(out / "figure_images.png", figure, data.class_names))
-        print((out / "table.md").read_text())
-        for path in [runs_path, out / "table.md", *paths]:
-            print(f"wrote {path}")
-    except KeyboardInterrupt:
-        print(f"interrupted: {len(runs)} of {len(jobs)} rows are saved in {runs_path}; "
-              f"the same command resumes from there", file=sys.stderr)
-        raise SystemExit(130) from None
-    return {"runs": runs, "rows": rows, "figure": figure, "paths": paths}
+            paths.append(draw_figure(out / "figure_images.png", figure, data.class_names))
+        session.finish(paths)
+    return {"runs": session.runs, "rows": rows, "figure": figure, "paths": paths}
 
 
 if __name__ == "__main__":

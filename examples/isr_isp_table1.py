@@ -32,23 +32,18 @@ after every epoch (``--no-recalibrate-bn`` turns it off), a 10-epoch N2V denoise
 
 from __future__ import annotations
 
-import argparse
+import functools
 import itertools
 import json
 import math
-import os
-import platform
-import shlex
-import shutil
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from fastinfluence.datasets import (
     add_noise,
@@ -57,7 +52,15 @@ from fastinfluence.datasets import (
     split_by_patient,
 )
 from fastinfluence.datasets.brain_tumour import CLASS_NAMES
-from fastinfluence.experiments import load_runs, percent_cell, save_json
+from fastinfluence.experiments import (
+    ExperimentCLI,
+    Session,
+    format_markdown_table,
+    percent_cell,
+    save_figure,
+    save_tensors,
+    setting,
+)
 from fastinfluence.models import PaperCNN
 from fastinfluence.robust import (
     ATConfig,
@@ -94,33 +97,55 @@ PAPER_TABLE = {
 }
 
 
+def positive(name: str) -> Callable[[Any], str | None]:
+    """A check that the setting ``name`` is at least 1."""
+    return lambda settings: f"--{name} must be >= 1" if getattr(settings, name) < 1 else None
+
+
 @dataclass
 class Settings:
     """Everything that determines the runs (saved in ``runs.json``; resuming needs equality)."""
 
-    methods: list[str]
-    noises: list[str]
-    trials: int
-    n_slices: int | None
-    n_patients: int | None
-    image_size: int | None
-    paper_size: bool
-    data_seed: int
-    epochs: int
-    pretrain_epochs: int
-    lr: float
-    batch_size: int
-    recalibrate_bn: bool
-    epsilon: float
-    alpha: float
-    emphasis: list[str]
-    max_weight: list[float]
-    selection: list[str]
-    ratio: list[float]
-    gamma: list[float]
-    damping: float
-    denoiser_epochs: int
-    patch_size: int
+    methods: list[str] = setting(list(METHODS), nargs="+", choices=METHODS)
+    noises: list[str] = setting(
+        ["gaussian", "rician"], nargs="+", choices=list(NOISE_NAMES),
+        help="training noise per column ('rician' is the magnitude model, 'rician-additive' "
+             "the literal 16·Rice(1) draw)")
+    trials: int = setting(5, type=int)
+    n_slices: int | None = setting(None, type=int, help="the data set's default: 600")
+    n_patients: int | None = setting(None, type=int, help="the data set's default: 120")
+    image_size: int | None = setting(None, 256, type=int, help="None: 64")
+    paper_size: bool = setting(lambda s: s.full, flag=None)
+    data_seed: int = setting(0, type=int, help="seeds the data set and its patient split")
+    epochs: int = setting(12, 40, type=int, help="T")
+    pretrain_epochs: int = setting(3, 10, type=int, help="T_pre")
+    lr: float = setting(1e-3, 1e-2, type=float, help="Adam lr")
+    batch_size: int = setting(32, type=int)
+    recalibrate_bn: bool = setting(True, flag="--no-recalibrate-bn",
+                                   help="keep BatchNorm's running averages (the paper's loop)")
+    epsilon: float = setting(0.1, type=float, help="AT radius")
+    alpha: float = setting(0.03, type=float, help="AT step")
+    emphasis: list[str] = setting(["helpful"], flag="--isr-emphasis", nargs="+",
+                                  choices=["helpful", "harmful"],
+                                  help="which samples ISR weights up (ablation: give both)")
+    max_weight: list[float] = setting([2.0], nargs="+", type=float, help="ISR m (sweep: several)")
+    selection: list[str] = setting(["helpful"], flag="--isp-selection", nargs="+",
+                                   choices=["helpful", "harmful"],
+                                   help="which samples ISP perturbs (ablation: give both)")
+    ratio: list[float] = setting([0.1], nargs="+", type=float, help="ISP r (sweep: several)")
+    gamma: list[float] = setting([0.01], nargs="+", type=float,
+                                 help="ISP gamma (sweep: several)")
+    damping: float = setting(0.01, type=float, help="influence damping lambda")
+    denoiser_epochs: int = setting(10, 100, type=int, help="N2V epochs")
+    patch_size: int = setting(lambda s: min(64, s.image_size or 64), type=int,
+                              help="N2V patch side (default min(64, image))")
+
+
+CLI = ExperimentCLI(Settings, __doc__, "examples/isr_isp_table1.py",
+                    Path("examples/results/isr_isp_table1"), check=positive("trials"),
+                    scratch=("figure_inputs",))
+parse_args = CLI.parse_args
+settings_from = CLI.settings_from
 
 
 @dataclass
@@ -138,88 +163,6 @@ class Row:
     @property
     def key(self) -> str:
         return json.dumps([self.method, self.options], sort_keys=True)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add = parser.add_argument
-    add("--full", action="store_true",
-        help="the paper's settings: 3,064 slices of 233 patients at 256², 40 epochs, "
-             "T_pre 10, Adam lr 0.01, 100 denoiser epochs (flags given explicitly still win)")
-    add("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    add("--noises", nargs="+", choices=list(NOISE_NAMES), default=["gaussian", "rician"],
-        help="training noise per column ('rician' is the magnitude model, 'rician-additive' "
-             "the literal 16·Rice(1) draw)")
-    add("--trials", type=int, default=5)
-    add("--n-slices", type=int, default=None)
-    add("--n-patients", type=int, default=None)
-    add("--image-size", type=int, default=None, help="default 64 (--full: 256)")
-    add("--data-seed", type=int, default=0, help="seeds the data set and its patient split")
-    add("--epochs", type=int, default=None, help="T (default 12; --full 40)")
-    add("--pretrain-epochs", type=int, default=None, help="T_pre (default 3; --full 10)")
-    add("--lr", type=float, default=None, help="Adam lr (default 0.001; --full 0.01)")
-    add("--batch-size", type=int, default=32)
-    add("--no-recalibrate-bn", action="store_true",
-        help="keep BatchNorm's running averages (the paper's loop)")
-    add("--epsilon", type=float, default=0.1, help="AT radius")
-    add("--alpha", type=float, default=0.03, help="AT step")
-    add("--isr-emphasis", nargs="+", choices=["helpful", "harmful"], default=["helpful"],
-        help="which samples ISR weights up (ablation: give both)")
-    add("--max-weight", nargs="+", type=float, default=[2.0], help="ISR m (sweep: several)")
-    add("--isp-selection", nargs="+", choices=["helpful", "harmful"], default=["helpful"],
-        help="which samples ISP perturbs (ablation: give both)")
-    add("--ratio", nargs="+", type=float, default=[0.1], help="ISP r (sweep: several)")
-    add("--gamma", nargs="+", type=float, default=[0.01], help="ISP gamma (sweep: several)")
-    add("--damping", type=float, default=0.01, help="influence damping lambda")
-    add("--denoiser-epochs", type=int, default=None, help="N2V epochs (default 10; --full 100)")
-    add("--patch-size", type=int, default=None, help="N2V patch side (default min(64, image))")
-    add("--out", type=Path, default=Path("examples/results/isr_isp_table1"))
-    add("--fresh", action="store_true", help="discard the runs already in --out")
-    add("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    add("--device", default=None, help="default: cuda when available, else cpu")
-    add("--progress", action=argparse.BooleanOptionalAction, default=True)
-    args = parser.parse_args(argv)
-    if args.trials < 1:
-        parser.error("--trials must be >= 1")
-    return args
-
-
-def settings_from(args: argparse.Namespace) -> Settings:
-    full = args.full
-
-    def pick(value: Any, default: Any, paper: Any) -> Any:
-        return value if value is not None else (paper if full else default)
-
-    image_size = pick(args.image_size, None, 256)
-    epochs = pick(args.epochs, 12, 40)
-    return Settings(
-        methods=list(dict.fromkeys(args.methods)),
-        noises=list(dict.fromkeys(args.noises)),
-        trials=args.trials,
-        n_slices=args.n_slices,
-        n_patients=args.n_patients,
-        image_size=image_size,
-        paper_size=full,
-        data_seed=args.data_seed,
-        epochs=epochs,
-        pretrain_epochs=pick(args.pretrain_epochs, 3, 10),
-        lr=pick(args.lr, 1e-3, 1e-2),
-        batch_size=args.batch_size,
-        recalibrate_bn=not args.no_recalibrate_bn,
-        epsilon=args.epsilon,
-        alpha=args.alpha,
-        emphasis=list(dict.fromkeys(args.isr_emphasis)),
-        max_weight=list(dict.fromkeys(args.max_weight)),
-        selection=list(dict.fromkeys(args.isp_selection)),
-        ratio=list(dict.fromkeys(args.ratio)),
-        gamma=list(dict.fromkeys(args.gamma)),
-        damping=args.damping,
-        denoiser_epochs=pick(args.denoiser_epochs, 10, 100),
-        patch_size=args.patch_size if args.patch_size is not None else min(64, image_size or 64),
-    )
 
 
 def table_rows(settings: Settings) -> list[Row]:
@@ -325,15 +268,15 @@ def run_record(row: Row, noise: str, trial: int, result: Any, summary: dict) -> 
 
 
 def table_head(noises: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """The (test set, noise) columns and the Markdown header lines of a Table 1 layout."""
+    """The (test set, noise) columns and the header cells of a Table 1 layout."""
     columns = [(rho, noise) for rho in TEST_SETS for noise in noises]
-    header = "| Method | " + " | ".join(
-        f"ρ_test = {rho[4:]}, {NOISE_NAMES[noise]}" for rho, noise in columns) + " |"
-    return columns, [header, "|---" * (len(columns) + 1) + "|"]
+    return columns, ["Method", *(f"ρ_test = {rho[4:]}, {NOISE_NAMES[noise]}"
+                                 for rho, noise in columns)]
 
 
 def markdown_table(runs: list[dict], rows: list[Row], noises: list[str], which: str) -> str:
-    columns, lines = table_head(noises)
+    columns, header = table_head(noises)
+    lines = []
     values = {
         (row.key, column): [r[which][column[0]] for r in runs
                             if r["key"] == row.key and r["noise"] == column[1]]
@@ -347,29 +290,32 @@ def markdown_table(runs: list[dict], rows: list[Row], noises: list[str], which: 
             found = values[row.key, column]
             text = percent_cell(found)
             cells.append(f"**{text}**" if found and np.mean(found) == best[column] else text)
-        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append([row.label, *cells])
+    return format_markdown_table(header, lines)
 
 
 def paper_table(noises: list[str]) -> str:
-    columns, lines = table_head(noises)
+    columns, header = table_head(noises)
+    lines = []
     for method in METHODS:
         cells = []
         for rho, noise in columns:
             mean, std = PAPER_TABLE[method][rho, "rician" if noise != "gaussian" else noise]
             cells.append(f"{mean:.2f} ± {std:.2f}")
-        lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append([METHOD_NAMES[method], *cells])
+    return format_markdown_table(header, lines)
 
 
-def write_table(path: Path, runs: list[dict], rows: list[Row], settings: Settings,
-                meta: dict[str, Any]) -> None:
+def render_table(settings: Settings, runs: list[dict], meta: dict[str, Any]) -> str:
+    """``table.md``, from what ``runs.json`` holds (``meta["notes"]``: lines added after the
+    runs, printed under the settings)."""
+    rows = table_rows(settings)
+    notes = "".join(f"\n{note}\n" for note in meta.get("notes", []))
     trials = sorted({r["trial"] for r in runs})
     minutes = sum(r["seconds"] for r in runs) / 60
-    timing = [
-        f"| {row.label} | {np.mean([r['seconds'] for r in runs if r['key'] == row.key]):.1f} |"
-        for row in rows if any(r["key"] == row.key for r in runs)
-    ]
+    timing = format_markdown_table(["Method", "s"], [
+        [row.label, f"{np.mean([r['seconds'] for r in runs if r['key'] == row.key]):.1f}"]
+        for row in rows if any(r["key"] == row.key for r in runs)])
     summaries = []
     for row in rows:
         numbers = [r["method_summary"] for r in runs if r["key"] == row.key]
@@ -377,12 +323,12 @@ def write_table(path: Path, runs: list[dict], rows: list[Row], settings: Setting
             averaged = {k: float(np.nanmean([n[k] for n in numbers])) for k in numbers[0]}
             summaries.append(f"- {row.label}: " + ", ".join(
                 f"{k} {v:.4g}" for k, v in averaged.items()))
-    text = f"""# ISR/ISP Table 1 on the embedded brain-tumour data
+    return f"""# ISR/ISP Table 1 on the embedded brain-tumour data
 
 Command: `{meta['command']}`
 ({len(runs)} runs, trials {trials}, {minutes:.1f} min on {meta['machine']}.)
 Settings: {json.dumps(asdict(settings))}
-
+{notes}
 Test accuracy (%), mean ± std (population std) over trials; best of each column in bold.
 
 ## Final epoch
@@ -399,15 +345,12 @@ Test accuracy (%), mean ± std (population std) over trials; best of each column
 
 ## Seconds per run (mean)
 
-| Method | s |
-|---|---|
-{chr(10).join(timing)}
+{timing}
 
 ## What the methods did (mean over runs)
 
 {chr(10).join(summaries)}
 """
-    path.write_text(text)
 
 
 # -- the figures -----------------------------------------------------------------------------
@@ -484,14 +427,6 @@ def run_images(trainer: Any, picks: list[int], train: tuple, settings: Settings,
             "delta": trainer.delta[[position[i] for i in picks]].cpu()}
 
 
-def save_run_images(path: Path, picks: list[int], images: dict[str, torch.Tensor]) -> None:
-    """Save the images with their sample indices (written whole or not at all)."""
-    path.parent.mkdir(exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    torch.save({"index": picks, **images}, temporary)
-    temporary.replace(path)
-
-
 def figure_arrays(out: Path, rows: list[Row], data: Data,
                   settings: Settings) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """The tensors of Figures 1 and 2 by noise, from the data and the saved run images, and
@@ -546,10 +481,7 @@ def save_figures(out: Path, figures: dict[str, dict[str, Any]]) -> list[Path]:
             line[0].set_ylabel(f"{NOISE_NAMES[noise]}\n{CLASS_NAMES[int(f['labels'][k])]}",
                                fontsize=8)
         figure.suptitle("Figure 1: ISP perturbation beside the tumour mask", fontsize=9)
-        figure.tight_layout()
-        path = out / "figure1_isp_perturbation.png"
-        figure.savefig(path, dpi=110)
-        saved.append(path)
+        saved.append(save_figure(figure, out / "figure1_isp_perturbation.png", dpi=110))
     columns = [c for c in ("clean", "noisy", "AT", "ISP", "N2V")
                if all(c in f for f in figures.values())]
     figure = Figure(figsize=(1.9 * len(columns), 2.0 * len(figures)))
@@ -559,14 +491,16 @@ def save_figures(out: Path, figures: dict[str, dict[str, Any]]) -> list[Path]:
             show(ax, f[name][0, 0], name, cmap="gray", vmin=0, vmax=1)
         line[0].set_ylabel(NOISE_NAMES[noise], fontsize=8)
     figure.suptitle("Figure 2: training images seen by each method", fontsize=9)
-    figure.tight_layout()
-    path = out / "figure2_training_images.png"
-    figure.savefig(path, dpi=110)
-    saved.append(path)
+    saved.append(save_figure(figure, out / "figure2_training_images.png", dpi=110))
     return saved
 
 
 # -- main ------------------------------------------------------------------------------------
+
+
+def run_id(record: dict[str, Any]) -> tuple[str, str, int]:
+    """A run's identity: its row, noise and trial."""
+    return record["key"], record["noise"], record["trial"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -575,71 +509,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     Returns the runs, the table rows, the figures' tensors by noise and the written paths.
     Ctrl-C saves nothing of the unfinished run and exits with code 130 after one line.
     """
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    settings = settings_from(args)
+    session = Session(CLI, argv, run_id, render_table)
+    settings, out = session.settings, session.out
     rows = table_rows(settings)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    runs_path = out / "runs.json"
-    runs = load_runs(runs_path, settings, args.fresh)
-    if args.fresh:
-        shutil.rmtree(out / FIGURE_INPUTS, ignore_errors=True)
-    done = {(r["key"], r["noise"], r["trial"]) for r in runs}
-    meta = {
-        "command": shlex.join(["python", *sys.argv]) if argv is None
-        else shlex.join(["python", "examples/isr_isp_table1.py", *argv]),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} "
-                   f"threads, {device}, torch {torch.__version__}",
-    }
     jobs = [(trial, noise, row) for trial in range(settings.trials) for noise in settings.noises
             for row in run_order(rows)]
-    try:
+    figures: dict[str, dict[str, Any]] = {}
+    paths: list[Path] = []
+    with session:
         start = time.perf_counter()
-        data = load_data(settings, args.progress)
-        meta["slices"] = {name: len(split[1]) for name, split in
-                          (("train", data.train), ("val", data.val), ("test", data.test))}
-        print(f"data: {meta['slices']} slices at {data.train[0].shape[-1]}² "
+        data = load_data(settings, session.args.progress)
+        session.meta["slices"] = {name: len(split[1]) for name, split in
+                                  (("train", data.train), ("val", data.val), ("test", data.test))}
+        print(f"data: {session.meta['slices']} slices at {data.train[0].shape[-1]}² "
               f"({time.perf_counter() - start:.0f} s)")
-        current: tuple[int, str] | None = None
-        with tqdm(jobs, desc="Table 1", unit="run", disable=not args.progress) as bar:
-            for trial, noise, row in bar:
-                if (row.key, noise, trial) in done:
-                    continue
-                bar.set_postfix_str(f"trial {trial}, {noise}, {row.label}")
-                if current != (trial, noise):
-                    current = (trial, noise)
-                    train, tests = noisy_splits(data, noise, trial)
-                torch.manual_seed(trial)  # the same initial weights for every method of a trial
-                model = PaperCNN(data.train[0].shape[-1])
-                trainer = make_trainer(row, settings, model, trial, device)
-                result = trainer.fit(train, data.val, tests)
-                if shows_in_figures(row, trial):
-                    picks = (isp_picks(trainer, train[1]) if row.method == "isp"
-                             else figure_picks(out, noise, rows, train[1]))
-                    if picks is not None:  # None: ISP's images were never saved (old runs)
-                        save_run_images(figure_input_path(out, noise, row.method), picks,
-                                        run_images(trainer, picks, train, settings, trial))
-                runs.append(run_record(row, noise, trial, result,
-                                       method_summary(trainer, data.train_masks)))
-                save_json(runs_path, {"settings": asdict(settings), "meta": meta, "runs": runs})
-                write_table(out / "table.md", runs, rows, settings, meta)
-        write_table(out / "table.md", runs, rows, settings, meta)
+        splits = functools.lru_cache(maxsize=1)(functools.partial(noisy_splits, data))
+
+        def work(job: tuple[int, str, Row]) -> None:
+            trial, noise, row = job
+            if session.done((row.key, noise, trial)):
+                return
+            train, tests = splits(noise, trial)
+            torch.manual_seed(trial)  # the same initial weights for every method of a trial
+            model = PaperCNN(data.train[0].shape[-1])
+            trainer = make_trainer(row, settings, model, trial, session.device)
+            result = trainer.fit(train, data.val, tests)
+            if shows_in_figures(row, trial):
+                picks = (isp_picks(trainer, train[1]) if row.method == "isp"
+                         else figure_picks(out, noise, rows, train[1]))
+                if picks is not None:  # None: ISP's images were never saved (old runs)
+                    save_tensors(figure_input_path(out, noise, row.method), {
+                        "index": picks, **run_images(trainer, picks, train, settings, trial)})
+            session.save(run_record(row, noise, trial, result,
+                                    method_summary(trainer, data.train_masks)))
+
+        session.run(jobs, work, lambda job: f"trial {job[0]}, {job[1]}, {job[2].label}",
+                    desc="Table 1")
         figures, missing = figure_arrays(out, rows, data, settings)
         if missing:
             print(f"figures not drawn: no saved images in {', '.join(missing)} (runs made "
                   f"before the images were saved; --fresh redoes them)")
         paths = save_figures(out, figures) if figures and not missing else []
-        print((out / "table.md").read_text())
-        for path in [runs_path, out / "table.md", *paths]:
-            print(f"wrote {path}")
-    except KeyboardInterrupt:
-        print(f"interrupted: {len(runs)} of {len(jobs)} runs are saved in {runs_path}; "
-              f"the same command resumes from there", file=sys.stderr)
-        raise SystemExit(130) from None
-    return {"runs": runs, "rows": rows, "figures": figures, "paths": paths}
+        session.finish(paths)
+    return {"runs": session.runs, "rows": rows, "figures": figures, "paths": paths}
 
 
 if __name__ == "__main__":

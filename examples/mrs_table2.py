@@ -55,26 +55,26 @@ epochs); the sweeps on the first fold only, with fewer values (always with the f
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
-import platform
-import shlex
-import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from fastinfluence.datasets import make_mrs, patient_folds, save_mrs_class_means, standardise
 from fastinfluence.datasets.mrs import BASES
-from fastinfluence.experiments import load_saved, save_json
+from fastinfluence.experiments import (
+    ExperimentCLI,
+    Session,
+    format_markdown_table,
+    save_figure,
+    save_tensors,
+    setting,
+)
 from fastinfluence.models import ResCNN1d, class_activation_maps
 from fastinfluence.robust.distillation import (
     INFLUENCE_PARAMS,
@@ -107,220 +107,89 @@ KINDS = ("svm", "rf", "plain", "noise", "mixing")
 EXTENDABLE = ("run_folds", "seeds")
 
 
+def check(settings: Settings) -> str | None:
+    """What is wrong with ``settings``, if anything."""
+    if max([settings.source_epoch, *settings.sweep_epochs]) > settings.epochs:
+        return ("--source-epoch and --sweep-epochs must be <= --epochs (the distillation "
+                "network collects during its own training)")
+    if not set(settings.run_folds) | set(settings.sweep_folds) <= set(range(settings.folds)):
+        return f"folds must lie in 0..{settings.folds - 1}"
+    return None
+
+
 @dataclass
 class Settings:
     """Everything that determines the runs (saved in ``runs.json``). Resuming needs equality
     except in ``EXTENDABLE``: an ``--out`` holds the union of the folds and the most seeds that
     the commands run on it asked for."""
 
-    n_spectra: int | None
-    n_patients: int | None
-    paper_size: bool
-    data_seed: int
-    healthy_fraction: float
-    tumour_contrast: float
-    width: int
-    folds: int
-    run_folds: list[int]
-    seeds: int
-    epochs: int
-    final_epochs: int
-    lr: float
-    batch_size: int
-    thresholds: list[float]
-    source_epoch: int
-    factor: int
-    alpha: float
-    strategies: list[str]
-    noise_factor: int
-    noise_sigma: float
-    held_out: float
-    influence: list[str]
-    damping: float
-    sweep_folds: list[int]
-    sweep_alphas: list[float]
-    sweep_epochs: list[int]
-    sweep_factors: list[int]
-    basis: str = "multiplet"
-
-
-def load_extending(path: Path, settings: Settings,
-                   fresh: bool) -> tuple[list[dict[str, Any]], Settings, dict[str, Any]]:
-    """The runs saved in ``path``, the settings they and this command's runs belong to, and
-    the saved ``meta`` (the commands and the machine that made the saved runs; ``{}`` when
-    none).
-
-    Saved settings that differ from ``settings`` only in ``EXTENDABLE`` are extended: the folds
-    become the saved ones followed by the new ones (the first fold, which drew the figure
-    inputs, stays first) and the seeds the larger count. Any other difference is a
-    ``SystemExit`` that names it (:func:`fastinfluence.experiments.load_saved`). No file or
-    ``fresh``: no runs and ``settings`` unchanged.
-    """
-    saved = load_saved(path, settings, fresh, EXTENDABLE)
-    if not saved:
-        return [], settings, {}
-    return saved["runs"], union_settings(settings, saved["settings"], asdict(settings)), \
-        saved.get("meta", {})
-
-
-def union_settings(settings: Settings, first: dict[str, Any],
-                   then: dict[str, Any]) -> Settings:
-    """``settings`` with the folds of ``first`` followed by those of ``then`` (saved or
-    ``asdict`` settings), and the larger of their seed counts."""
-    return replace(settings,
-                   run_folds=list(dict.fromkeys([*first["run_folds"], *then["run_folds"]])),
-                   seeds=max(first["seeds"], then["seeds"]))
-
-
-def merge_outs(others: list[Path], out: Path, runs: list[dict[str, Any]],
-               settings: Settings) -> tuple[list[dict[str, Any]], Settings, list[str]]:
-    """``runs`` and the runs of the ``others`` (``--out`` folders of the same settings but
-    ``EXTENDABLE``) that ``runs`` lacks, by key, in that order; the settings extended by
-    theirs; the commands that made them. Figure inputs that ``out`` lacks are copied."""
-    known = {r["key"] for r in runs}
-    merged, commands = list(runs), []
-    for other in others:
-        saved = load_saved(other / "runs.json", settings, False, EXTENDABLE)
-        if not saved:
-            raise SystemExit(f"--merge {other}: there is no runs.json to merge")
-        settings = union_settings(settings, asdict(settings), saved["settings"])
-        merged += [r for r in saved["runs"] if r["key"] not in known]
-        known |= {r["key"] for r in saved["runs"]}
-        meta = saved.get("meta", {})
-        commands += meta.get("earlier_commands", [])
-        if "command" in meta:
-            commands.append(meta["command"])
-        for path in sorted((other / FIGURE_INPUTS).glob("*.pt")):
-            target = out / FIGURE_INPUTS / path.name
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, target)
-    return merged, settings, commands
-
-
-def other_commands(commands: list[str], current: str | None) -> list[str]:
-    """``commands`` without repeats and without ``current``, in their order."""
-    return [c for c in dict.fromkeys(commands) if c != current]
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
-    add("--full", action="store_true",
-        help="the paper's settings: 7,442 spectra of 435 patients, width 16, 10 folds, 2 seeds, "
-             "the sweeps on every fold (flags given explicitly still win)")
-    add("--n-spectra", type=int, default=None, help="default 1,500 (--full 7,442)")
-    add("--n-patients", type=int, default=None, help="default 100 (--full 435)")
-    add("--data-seed", type=int, default=0)
-    add("--healthy-fraction", type=float, default=0.3,
-        help="mean share of healthy tissue among the tumour-labelled spectra")
-    add("--tumour-contrast", type=float, default=1.0)
-    add("--basis", choices=BASES, default="multiplet",
-        help="metabolite lines of the simulator: first-order multiplets (default, every "
-             "committed run) or the density-matrix PRESS simulation (about 6x slower to make)")
-    add("--width", type=int, default=None, help="ResCNN filters of the first blocks "
-                                                "(default 8; Table 1 and --full: 16)")
-    add("--folds", type=int, default=10)
-    add("--run-folds", type=int, nargs="+", default=None,
+    n_spectra: int | None = setting(1500, None, type=int, help="None: the paper's 7,442")
+    n_patients: int | None = setting(100, None, type=int, help="None: the paper's 435")
+    paper_size: bool = setting(lambda s: s.full, flag=None)
+    data_seed: int = setting(0, type=int)
+    healthy_fraction: float = setting(
+        0.3, type=float, help="mean share of healthy tissue among the tumour-labelled spectra")
+    tumour_contrast: float = setting(1.0, type=float)
+    width: int = setting(8, 16, type=int,
+                         help="ResCNN filters of the first blocks (Table 1's is 16)")
+    folds: int = setting(10, type=int)
+    run_folds: list[int] = setting(
+        [0, 1, 2], lambda s: list(range(s.folds)), type=int, nargs="+",
         help="which folds to test on (default 0 1 2; --full all); folds not yet in --out's "
              "runs.json are added to it")
-    add("--seeds", type=int, default=None,
-        help="runs with different seeds (default 1; --full 2); a larger value than --out's "
-             "adds seeds")
-    add("--epochs", type=int, default=None, help="plain/distillation epochs (default 8; --full 30)")
-    add("--final-epochs", type=int, default=None,
-        help="epochs of the networks trained on augmented sets (default 6; --full 30)")
-    add("--lr", type=float, default=1e-3, help="Adam learning rate (Adam's default)")
-    add("--batch-size", type=int, default=32)
-    add("--thresholds", type=float, nargs="+", default=None,
+    seeds: int = setting(1, 2, type=int, help="runs with different seeds; a larger value than "
+                                              "--out's adds seeds")
+    epochs: int = setting(8, 30, type=int, help="plain/distillation epochs")
+    final_epochs: int = setting(6, 30, type=int,
+                                help="epochs of the networks trained on augmented sets")
+    lr: float = setting(1e-3, type=float, help="Adam learning rate (Adam's default)")
+    batch_size: int = setting(32, type=int)
+    thresholds: list[float] = setting(
+        [0.9, 0.99], [0.99, 0.9], type=float, nargs="+",
         help="distillation theta: the first for every run, the others for one more "
-             "aug-with-both row each (default 0.9 0.99; --full 0.99 0.9)")
-    add("--source-epoch", type=int, default=5, help="E: certain samples of epochs 1..E")
-    add("--factor", type=int, default=5, help="augmentation factor")
-    add("--alpha", type=float, default=0.5, help="mixing weight")
-    add("--strategies", nargs="+", choices=["same", "other", "both"],
-        default=["same", "other", "both"])
-    add("--noise-factor", type=int, default=1, help="noisy copies of the training set")
-    add("--noise-sigma", type=float, default=0.1,
-        help="noise std, in units of each standardised spectrum's std")
-    add("--held-out", type=float, default=0.1,
-        help="share of the training patients held out as the clean set")
-    add("--influence", nargs="*", choices=["helpful", "self"], default=["helpful", "self"],
+             "aug-with-both row each")
+    source_epoch: int = setting(5, type=int, help="E: certain samples of epochs 1..E")
+    factor: int = setting(5, type=int, help="augmentation factor")
+    alpha: float = setting(0.5, type=float, help="mixing weight")
+    strategies: list[str] = setting(["same", "other", "both"], nargs="+",
+                                    choices=["same", "other", "both"])
+    noise_factor: int = setting(1, type=int, help="noisy copies of the training set")
+    noise_sigma: float = setting(0.1, type=float,
+                                 help="noise std, in units of each standardised spectrum's std")
+    held_out: float = setting(0.1, type=float,
+                              help="share of the training patients held out as the clean set")
+    influence: list[str] = setting(
+        ["helpful", "self"], nargs="*", choices=["helpful", "self"],
         help="influence-based selections to compare with the softmax one")
-    add("--damping", type=float, default=0.01)
-    add("--sweep-folds", type=int, nargs="*", default=None,
+    damping: float = setting(0.01, type=float)
+    sweep_folds: list[int] = setting(
+        [0], lambda s: list(range(s.folds)), type=int, nargs="*",
         help="folds the sweeps of Figs. 5-7 run on (default 0; --full all; none: no sweeps)")
-    add("--sweep-alphas", type=float, nargs="*", default=None,
-        help="default 0.05 0.25 0.75 0.95 (--full 0.05 0.15 ... 0.95)")
-    add("--sweep-epochs", type=int, nargs="*", default=None,
-        help="source epochs E (default 1 3 8; --full 1 ... 10)")
-    add("--sweep-factors", type=int, nargs="*", default=None,
-        help="augmentation factors (default 1 3 8; --full 1 2 3 5 7 10)")
-    add("--out", type=Path, default=Path("examples/results/mrs_table2"))
-    add("--shard", type=shard_spec, default=None, metavar="K/N",
-        help="train only the passes K, K+N, K+2N, ... (0-based; a pass is one seed and fold, "
-             "Table 2's or the sweeps') of the full list, to share the work between processes "
-             "or machines, each with its own copy of --out; --merge gathers them")
+    sweep_alphas: list[float] = setting([0.05, 0.25, 0.75, 0.95],
+                                        [round(0.05 + 0.1 * k, 2) for k in range(10)],
+                                        type=float, nargs="*", help="mixing weights")
+    sweep_epochs: list[int] = setting([1, 3, 8], list(range(1, 11)), type=int, nargs="*",
+                                      help="source epochs E")
+    sweep_factors: list[int] = setting([1, 3, 8], [1, 2, 3, 5, 7, 10], type=int, nargs="*",
+                                       help="augmentation factors")
+    basis: str = setting(
+        "multiplet", choices=BASES, absent="multiplet",
+        help="metabolite lines of the simulator: first-order multiplets (every committed run) "
+             "or the density-matrix PRESS simulation (about 6x slower to make)")
+
+
+def only_option(add: Any) -> None:
+    """``--only``: the kinds of run to train now."""
     add("--only", nargs="+", choices=KINDS, default=list(KINDS),
         help="train only these kinds of run now (mixing needs the plain network, which it "
              "trains); the table shows what --out holds")
-    add("--merge", type=Path, nargs="+", default=[], metavar="OUT",
-        help="first add the runs of these --out folders (made with the same settings, e.g. by "
-             "--shard) that --out lacks, and their figure inputs")
-    add("--fresh", action="store_true", help="discard the runs already in --out")
-    add("--no-train", action="store_true",
-        help="train nothing: write the table and figures from the runs saved in --out")
-    add("--threads", type=int, default=None)
-    add("--device", default=None, help="default: cuda when available, else cpu")
-    add("--progress", action=argparse.BooleanOptionalAction, default=True)
-    return parser.parse_args(argv)
 
 
-def shard_spec(text: str) -> tuple[int, int]:
-    """``"K/N"`` as ``(K, N)``, with ``0 <= K < N``."""
-    try:
-        k, n = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected K/N such as 0/2, got {text!r}") from None
-    if not 0 <= k < n:
-        raise argparse.ArgumentTypeError(f"K/N needs 0 <= K < N, got {text!r}")
-    return k, n
-
-
-def settings_from(args: argparse.Namespace) -> Settings:
-    full = args.full
-
-    def pick(value: Any, default: Any, paper: Any) -> Any:
-        return value if value is not None else (paper if full else default)
-
-    folds = args.folds
-    epochs = pick(args.epochs, 8, 30)
-    settings = Settings(
-        n_spectra=pick(args.n_spectra, 1500, None), n_patients=pick(args.n_patients, 100, None),
-        paper_size=full, data_seed=args.data_seed, healthy_fraction=args.healthy_fraction,
-        tumour_contrast=args.tumour_contrast, width=pick(args.width, 8, 16), folds=folds,
-        run_folds=pick(args.run_folds, [0, 1, 2], list(range(folds))),
-        seeds=pick(args.seeds, 1, 2), epochs=epochs,
-        final_epochs=pick(args.final_epochs, 6, 30), lr=args.lr, batch_size=args.batch_size,
-        thresholds=list(dict.fromkeys(pick(args.thresholds, [0.9, 0.99], [0.99, 0.9]))),
-        source_epoch=args.source_epoch, factor=args.factor,
-        alpha=args.alpha, strategies=list(dict.fromkeys(args.strategies)),
-        noise_factor=args.noise_factor, noise_sigma=args.noise_sigma, held_out=args.held_out,
-        influence=list(dict.fromkeys(args.influence)), damping=args.damping,
-        sweep_folds=pick(args.sweep_folds, [0], list(range(folds))),
-        sweep_alphas=pick(args.sweep_alphas, [0.05, 0.25, 0.75, 0.95],
-                          [round(0.05 + 0.1 * k, 2) for k in range(10)]),
-        sweep_epochs=pick(args.sweep_epochs, [1, 3, 8], list(range(1, 11))),
-        sweep_factors=pick(args.sweep_factors, [1, 3, 8], [1, 2, 3, 5, 7, 10]),
-        basis=args.basis,
-    )
-    if max([settings.source_epoch, *settings.sweep_epochs]) > settings.epochs:
-        raise SystemExit("--source-epoch and --sweep-epochs must be <= --epochs (the "
-                         "distillation network collects during its own training)")
-    if not set(settings.run_folds) | set(settings.sweep_folds) <= set(range(folds)):
-        raise SystemExit(f"folds must lie in 0..{folds - 1}")
-    return settings
+CLI = ExperimentCLI(Settings, __doc__, "examples/mrs_table2.py",
+                    Path("examples/results/mrs_table2"), extendable=EXTENDABLE, check=check,
+                    options=only_option, scratch=(FIGURE_INPUTS,))
+parse_args = CLI.parse_args
+settings_from = CLI.settings_from
 
 
 # -- the data and one fold ---------------------------------------------------------------------
@@ -406,13 +275,28 @@ class SnapshotDistillation(DistillationTrainer):
 # -- the runs ----------------------------------------------------------------------------------
 
 
-def certain_from(probabilities_by_epoch: list[torch.Tensor], threshold: float,
-                 epochs: int) -> torch.Tensor:
-    """Algorithm 1's ``C`` at ``threshold`` over the first ``epochs`` epochs, from the saved
-    softmax outputs (or their maxima, ``[n, 1]``)."""
-    sets = [torch.nonzero(p.max(1).values >= threshold)[:, 0]
-            for p in probabilities_by_epoch[:epochs]]
-    return torch.unique(torch.cat(sets))
+def first_certain_epochs(probabilities_by_epoch: list[torch.Tensor],
+                         threshold: float) -> torch.Tensor:
+    """Per training sample, the first epoch (1-based) at whose end its largest softmax output
+    reached ``threshold``; 0 where none did. From the softmax outputs of every epoch (or their
+    maxima, ``[n, 1]``)."""
+    reached = torch.stack([p.max(1).values >= threshold for p in probabilities_by_epoch])
+    return torch.where(reached.any(0), reached.int().argmax(0) + 1, 0)
+
+
+def certain_from(first_epochs: torch.Tensor, epochs: int) -> torch.Tensor:
+    """Algorithm 1's ``C`` over the first ``epochs`` epochs (sorted indices): the samples whose
+    :func:`first_certain_epochs` lies in ``1..epochs``."""
+    return torch.nonzero((first_epochs >= 1) & (first_epochs <= epochs))[:, 0]
+
+
+def saved_first_epochs(plain: dict[str, Any], threshold: float) -> torch.Tensor:
+    """:func:`first_certain_epochs` of a saved plain run (``runs.json`` written before they
+    were saved held every epoch's softmax maxima instead)."""
+    if "max_probability_by_epoch" in plain:
+        return first_certain_epochs([torch.tensor(p)[:, None]
+                                     for p in plain["max_probability_by_epoch"]], threshold)
+    return torch.tensor(plain["certain_epoch"][str(threshold)])
 
 
 def mixing_jobs(settings: Settings, fold: int, sweeps: bool) -> list[dict[str, Any]]:
@@ -441,16 +325,16 @@ def run_key(kind: str, seed: int, fold: int, options: dict[str, Any] | None = No
     return json.dumps([kind, seed, fold, options or {}], sort_keys=True)
 
 
-def fold_runs(settings: Settings, data: Any, folds: list[np.ndarray], seed: int, fold: int,
-              done: dict[str, dict], device: str, out: Path, save: Any, sweeps: bool,
-              kinds: tuple[str, ...] = KINDS) -> None:
+def fold_runs(session: Session, data: Any, folds: list[np.ndarray], seed: int, fold: int,
+              sweeps: bool, kinds: tuple[str, ...] = KINDS) -> None:
     """Every missing run of (seed, fold) (Table 2's, and with ``sweeps`` the sweeps') of the
     ``kinds`` (mixing trains the plain network too, as its distillation network), each saved
-    (``save(record)``) as it finishes."""
+    (``session.save(record)``) as it finishes."""
+    settings, device, out, save = session.settings, session.device, session.out, session.save
     f = make_fold(data, folds, fold, settings, seed)
     flat_train, flat_test = f.train[0][:, 0].numpy(), f.test[0][:, 0].numpy()
     for kind in ("svm", "rf"):
-        if kind in kinds and run_key(kind, seed, fold) not in done:
+        if kind in kinds and not session.done(run_key(kind, seed, fold)):
             start = time.perf_counter()
             scores, threshold = baseline_scores(kind, flat_train, f.train[1].numpy(), flat_test,
                                                 seed=seed)
@@ -458,7 +342,7 @@ def fold_runs(settings: Settings, data: Any, folds: list[np.ndarray], seed: int,
                   "metrics": evaluate(f, scores, threshold),
                   "seconds": time.perf_counter() - start})
     jobs = mixing_jobs(settings, fold, sweeps) if "mixing" in kinds else []
-    if ("plain" in kinds or jobs) and run_key("plain", seed, fold) not in done:
+    if ("plain" in kinds or jobs) and not session.done(run_key("plain", seed, fold)):
         config = DistillationConfig(**network_config(settings, seed, settings.epochs, device),
                                     threshold=settings.thresholds[0], distill_epochs=max(
                                         [settings.source_epoch, *settings.sweep_epochs]))
@@ -470,14 +354,14 @@ def fold_runs(settings: Settings, data: Any, folds: list[np.ndarray], seed: int,
                   "fold": fold, "metrics": evaluate(f, tumour_probability(trainer, f.test[0]), 0.5),
                   "seconds": time.perf_counter() - start,
                   "history": [asdict(r) for r in result.history],
-                  "max_probability_by_epoch": [p.max(1).values.tolist()
-                                               for p in trainer.probabilities_by_epoch],
-                  "certain_summary": {
-                      str(theta): {str(e): selection_summary(
-                          certain_from(trainer.probabilities_by_epoch, theta, e), f)
-                          for e in range(1, len(trainer.probabilities_by_epoch) + 1)}
-                      for theta in settings.thresholds},
-                  "train_summary": selection_summary(torch.arange(len(f.train[1])), f)}
+                  "certain_epoch": {}, "certain_summary": {}}
+        for theta in settings.thresholds:
+            first = first_certain_epochs(trainer.probabilities_by_epoch, theta)
+            record["certain_epoch"][str(theta)] = first.tolist()
+            record["certain_summary"][str(theta)] = {
+                str(e): selection_summary(certain_from(first, e), f)
+                for e in range(1, len(trainer.probabilities_by_epoch) + 1)}
+        record["train_summary"] = selection_summary(torch.arange(len(f.train[1])), f)
         softmax_set = trainer.certain(settings.source_epoch)
         for kind in settings.influence:
             if len(softmax_set) == 0:
@@ -494,7 +378,7 @@ def fold_runs(settings: Settings, data: Any, folds: list[np.ndarray], seed: int,
         if seed == 0 and fold == settings.run_folds[0]:
             save_figure4_inputs(out, f, softmax_set)
         save(record)
-    if "noise" in kinds and run_key("noise", seed, fold) not in done:
+    if "noise" in kinds and not session.done(run_key("noise", seed, fold)):
         x, y = noise_augment(*f.train, factor=settings.noise_factor, sigma=settings.noise_sigma,
                              generator=torch.Generator().manual_seed(seed))
         trainer = BalancedTrainer(new_model(settings, seed, fold), MRSConfig(
@@ -504,16 +388,15 @@ def fold_runs(settings: Settings, data: Any, folds: list[np.ndarray], seed: int,
         save({"key": run_key("noise", seed, fold), "kind": "noise", "seed": seed, "fold": fold,
               "metrics": evaluate(f, tumour_probability(trainer, f.test[0]), 0.5),
               "seconds": time.perf_counter() - start})
-    plain = done.get(run_key("plain", seed, fold))
+    plain = session.record(run_key("plain", seed, fold))
     for job in jobs:
         key = run_key("mixing", seed, fold, job)
-        if key in done:
+        if session.done(key):
             continue
         record = {"key": key, "kind": "mixing", "seed": seed, "fold": fold, "options": job}
         if job["selection"] == "softmax":
-            certain = certain_from([torch.tensor(p)[:, None] for p in
-                                    plain["max_probability_by_epoch"]],
-                                   job["threshold"], job["source_epoch"])
+            certain = certain_from(saved_first_epochs(plain, job["threshold"]),
+                                   job["source_epoch"])
         else:
             chosen = plain.get(job["selection"], {})
             if "certain" not in chosen:
@@ -549,13 +432,6 @@ def is_default(options: dict[str, Any], settings: Settings) -> bool:
 
 
 # -- figure inputs (saved by the first fold, so that a resumed run draws the same figures) -------
-
-
-def save_tensors(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    torch.save(payload, temporary)
-    temporary.replace(path)
 
 
 def save_figure4_inputs(out: Path, fold: Fold, certain: torch.Tensor) -> None:
@@ -625,13 +501,12 @@ def averaged_over(rows: list[tuple[str, list[dict]]], folds: int) -> str:
             f"({', '.join(map(str, seed_ids)) or 'none'}): {len(pairs)} (seed, fold) pairs")
 
 
-def paired_lines(rows: list[tuple[str, list[dict]]], baseline: str = "Plain ResCNN") -> list[str]:
+def paired_table(rows: list[tuple[str, list[dict]]], baseline: str = "Plain ResCNN") -> str:
     """Each row's AUC minus the ``baseline`` row's on the same (seed, fold): mean ± std and on
     how many pairs it is higher, lower or equal (to 0.005), for the (seed, fold) pairs both
     have."""
     base = {(r["seed"], r["fold"]): r["metrics"]["auc"] for r in dict(rows)[baseline]}
-    lines = [f"| Method | pairs | AUC − {baseline} AUC | higher / lower / within 0.005 |",
-             "|---|---|---|---|"]
+    lines = []
     for name, members in rows:
         if name == baseline:
             continue
@@ -641,30 +516,25 @@ def paired_lines(rows: list[tuple[str, list[dict]]], baseline: str = "Plain ResC
                   sum(abs(d) <= 0.005 for d in differences))
         signed = (f"{np.mean(differences):+.3f} ± {np.std(differences):.3f}" if differences
                   else "–")
-        lines.append(f"| {name} | {len(differences)} | {signed} | "
-                     f"{' / '.join(map(str, counts))} |")
-    return lines
+        lines.append([name, str(len(differences)), signed, " / ".join(map(str, counts))])
+    return format_markdown_table(
+        ["Method", "pairs", f"AUC − {baseline} AUC", "higher / lower / within 0.005"], lines)
 
 
-def write_table(path: Path, runs: list[dict], settings: Settings, meta: dict[str, Any]) -> None:
+def render_table(settings: Settings, runs: list[dict], meta: dict[str, Any]) -> str:
+    """``table.md``, from what ``runs.json`` holds."""
     columns = [*METRICS, "accuracy", "tissue_auc"]
-    header = "| Method | n | " + " | ".join(METRIC_NAMES[c] for c in columns) + " |"
-    lines = [header, "|---" * (len(columns) + 2) + "|"]
     rows = table_rows(runs, settings)
-    for name, members in rows:
-        cells = [cell([r["metrics"][c] for r in members]) for c in columns]
-        lines.append(f"| {name} | {len(members)} | " + " | ".join(cells) + " |")
-    paper = ["| Method | " + " | ".join(METRIC_NAMES[c] for c in METRICS) + " |",
-             "|---" * (len(METRICS) + 1) + "|"]
-    paper += [f"| {name} | " + " | ".join(f"{m:.2f} ± {s:.2f}" for m, s in values) + " |"
-              for name, values in PAPER_TABLE.items()]
+    table = format_markdown_table(
+        ["Method", "n", *(METRIC_NAMES[c] for c in columns)],
+        [[name, str(len(members)), *(cell([r["metrics"][c] for r in members]) for c in columns)]
+         for name, members in rows])
+    paper = format_markdown_table(
+        ["Method", *(METRIC_NAMES[c] for c in METRICS)],
+        [[name, *(f"{m:.2f} ± {s:.2f}" for m, s in values)]
+         for name, values in PAPER_TABLE.items()])
     plains = sorted((r for r in runs if r["kind"] == "plain"), key=lambda r: (r["seed"], r["fold"]))
-    selection = ["| seed, fold | training set (mislabelled) | "
-                 + " | ".join(f"softmax C, θ = {t}: size [healthy, tumour], mislabelled"
-                              for t in settings.thresholds) + " | "
-                 + " | ".join(f"influence-{k}: mislabelled (scoring)" for k in settings.influence)
-                 + " |",
-                 "|---" * (2 + len(settings.thresholds) + len(settings.influence)) + "|"]
+    selection = []
     for r in plains:
         t = r["train_summary"]
         cells = [f"{r['seed']}, {r['fold']}",
@@ -676,11 +546,15 @@ def write_table(path: Path, runs: list[dict], settings: Settings, meta: dict[str
             chosen = r.get(f"influence-{k}", {})
             cells.append(f"{chosen['summary']['mislabelled']} ({chosen['scoring']})"
                          if "summary" in chosen else chosen.get("error", "–"))
-        selection.append("| " + " | ".join(cells) + " |")
+        selection.append(cells)
+    selection_header = [
+        "seed, fold", "training set (mislabelled)",
+        *(f"softmax C, θ = {t}: size [healthy, tumour], mislabelled" for t in settings.thresholds),
+        *(f"influence-{k}: mislabelled (scoring)" for k in settings.influence)]
     errors = sorted({f"{r['options']}: {r['error']}" for r in runs if "error" in r})
     minutes = sum(r.get("seconds", 0) for r in runs) / 60
     earlier = "".join(f", extending `{c}`" for c in meta.get("earlier_commands", []))
-    text = f"""# MRS Table 2 on the embedded spectra simulator
+    return f"""# MRS Table 2 on the embedded spectra simulator
 
 Command: `{meta['command']}`{earlier}
 ({len(runs)} runs, {minutes:.1f} min of training on {meta['machine']}.)
@@ -692,28 +566,27 @@ pairs misses runs that failed or did not finish). SEN/SPE/ACC at
 probability 0.5 (SVM: decision value 0), against the data set's labels (tumour = the
 hemisphere); "AUC vs tissue" against what the simulated voxel holds.
 
-{chr(10).join(lines)}
+{table}
 
 ## Paired with the plain ResCNN (same seed and test fold)
 
-{chr(10).join(paired_lines(rows))}
+{paired_table(rows)}
 
 ## The paper's Table 2 ("whole": 10 folds × 2 runs; real spectra)
 
-{chr(10).join(paper)}
+{paper}
 
 The neuroradiologist rows (SEN 0.54, SPE 0.88, AUC 0.68, patient-wise 0.69 on one fold)
 cannot be reproduced: there are no readers here.
 
 ## What the distillation collected
 
-{chr(10).join(selection)}
+{format_markdown_table(selection_header, selection)}
 
 ## Runs that could not train
 
 {chr(10).join(f'- {e}' for e in errors) if errors else 'none'}
 """
-    path.write_text(text)
 
 
 def sweep_values(runs: list[dict], settings: Settings, option: str,
@@ -768,10 +641,7 @@ def save_figures(out: Path, runs: list[dict], settings: Settings, data: Any) -> 
         axis.legend(fontsize=7)
         axis.set_title(f"Figure {number}: AUC vs {label} (folds {settings.sweep_folds})",
                        fontsize=9)
-        path = out / f"figure{number}_{option if option != 'source_epoch' else 'source_epoch'}.png"
-        figure.tight_layout()
-        figure.savefig(path, dpi=100)
-        paths.append(path)
+        paths.append(save_figure(figure, out / f"figure{number}_{option}.png", dpi=100))
     inputs = out / FIGURE_INPUTS
     if (inputs / "figure4.pt").exists():
         f4 = torch.load(inputs / "figure4.pt")
@@ -795,10 +665,7 @@ def save_figures(out: Path, runs: list[dict], settings: Settings, data: Any) -> 
         left.legend(fontsize=7, markerscale=2)
         right.set_title("B: distance to the other class's centre", fontsize=9)
         right.legend(fontsize=7)
-        figure.tight_layout()
-        path = out / "figure4_distillation.png"
-        figure.savefig(path, dpi=100)
-        paths.append(path)
+        paths.append(save_figure(figure, out / "figure4_distillation.png", dpi=100))
     if (inputs / "figure9.pt").exists():
         f9 = torch.load(inputs / "figure9.pt")
         n = len(f9["labels"])
@@ -818,95 +685,49 @@ def save_figures(out: Path, runs: list[dict], settings: Settings, data: Any) -> 
         axes[-1].set_xlabel("chemical shift (ppm)")
         axes[0].set_title("Figure 9: spectra (solid) and class activation maps (dashed)",
                           fontsize=9)
-        figure.tight_layout()
-        path = out / "figure9_cams.png"
-        figure.savefig(path, dpi=100)
-        paths.append(path)
+        paths.append(save_figure(figure, out / "figure9_cams.png", dpi=100))
     return paths
 
 
 # -- main --------------------------------------------------------------------------------------
 
 
+def run_id(record: dict[str, Any]) -> str:
+    """A run's identity: its key (kind, seed, fold and options)."""
+    return record["key"]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every missing run, then write the table and the figures.
 
     On an ``--out`` with runs, the runs are those of every seed and fold it and this command
-    ask for together (``load_extending``); the finished ones are reused.
+    ask for together (extendable settings); the finished ones are reused.
 
     Returns the runs and the written paths. Ctrl-C keeps every finished run and exits with
     code 130 after one line.
     """
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    settings = settings_from(args)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    runs_path = out / "runs.json"
-    runs, settings, saved_meta = load_extending(runs_path, settings, args.fresh)
-    if args.fresh:
-        for stale in (out / FIGURE_INPUTS).glob("*.pt"):
-            stale.unlink()
-    runs, settings, merged_commands = merge_outs(args.merge, out, runs, settings)
-    command = (shlex.join(["python", *sys.argv]) if argv is None
-               else shlex.join(["python", "examples/mrs_table2.py", *argv]))
-    earlier = [*saved_meta.get("earlier_commands", []), saved_meta.get("command", command)]
-    meta = {
-        "command": command,
-        "earlier_commands": other_commands([*earlier, *merged_commands], command),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} "
-                   f"threads, {device}, torch {torch.__version__}",
-    }
-    if args.no_train and saved_meta:  # a redraw: the table names the commands that trained
-        meta = {**saved_meta, "earlier_commands": other_commands(
-            [*saved_meta.get("earlier_commands", []), *merged_commands], saved_meta.get("command"))}
-    done = {r["key"]: r for r in runs}
-
-    def write_runs() -> None:
-        save_json(runs_path, {"settings": asdict(settings), "meta": meta, "runs": runs})
-
-    def save(record: dict[str, Any]) -> None:
-        runs.append(record)
-        done[record["key"]] = record
-        write_runs()
-        write_table(out / "table.md", runs, settings, meta)
-
-    if args.merge:
-        write_runs()
+    session = Session(CLI, argv, run_id, render_table)
+    settings = session.settings
     # Table 2 on every fold first, then the sweeps (with the first seed, as the paper's figures)
     jobs = [(seed, fold, False) for seed in range(settings.seeds) for fold in settings.run_folds]
     jobs += [(0, fold, True) for fold in settings.sweep_folds]
-    if args.shard is not None:
-        jobs = jobs[args.shard[0]::args.shard[1]]
-    if args.no_train:
-        jobs = []
     paths: list[Path] = []
-    try:
+    with session:
         data = make_mrs(settings.n_spectra, settings.n_patients, seed=settings.data_seed,
                         healthy_fraction=settings.healthy_fraction,
                         tumour_contrast=settings.tumour_contrast, basis=settings.basis,
-                        paper_size=settings.paper_size, progress=args.progress)
+                        paper_size=settings.paper_size, progress=session.args.progress)
         folds = patient_folds(data.patient_ids, data.labels, settings.folds,
                               seed=settings.data_seed)
         print(f"data: {len(data)} spectra of {len(np.unique(data.patient_ids))} patients, "
               f"{int(data.mislabelled.sum())} mislabelled")
-        with tqdm(jobs, desc="Table 2", unit="pass", disable=not args.progress) as bar:
-            for seed, fold, sweeps in bar:
-                bar.set_postfix_str(f"seed {seed}, fold {fold}{', sweeps' if sweeps else ''}")
-                fold_runs(settings, data, folds, seed, fold, done, device, out, save, sweeps,
-                          tuple(args.only))
-        write_table(out / "table.md", runs, settings, meta)
-        paths = save_figures(out, runs, settings, data)
-        print((out / "table.md").read_text())
-        for path in [runs_path, out / "table.md", *paths]:
-            print(f"wrote {path}")
-    except KeyboardInterrupt:
-        print(f"interrupted: {len(runs)} runs are saved in {runs_path}; the same command "
-              f"resumes from there", file=sys.stderr)
-        raise SystemExit(130) from None
-    return {"runs": runs, "paths": paths}
+        session.run(jobs, lambda job: fold_runs(session, data, folds, *job,
+                                                tuple(session.args.only)),
+                    lambda job: f"seed {job[0]}, fold {job[1]}{', sweeps' if job[2] else ''}",
+                    desc="Table 2", unit="pass", one_run_per_job=False)
+        paths = save_figures(session.out, session.runs, settings, data)
+        session.finish(paths)
+    return {"runs": session.runs, "paths": paths}
 
 
 if __name__ == "__main__":

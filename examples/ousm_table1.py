@@ -38,12 +38,7 @@ the ISR/ISP recipe.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,7 +46,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from fastinfluence.datasets import (
     flip_labels_by_loss,
@@ -59,7 +53,14 @@ from fastinfluence.datasets import (
     make_dermoscopy,
     split_by_patient,
 )
-from fastinfluence.experiments import load_runs, percent_cell, save_json
+from fastinfluence.experiments import (
+    ExperimentCLI,
+    Session,
+    format_markdown_table,
+    percent_cell,
+    save_figure,
+    setting,
+)
 from fastinfluence.models import resnet18
 from fastinfluence.robust import (
     DETECTORS,
@@ -102,123 +103,71 @@ SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 PAPER_SPLIT_FRACTIONS = (3582 / 4332, 150 / 4332, 600 / 4332)  # the paper's train/val/test
 
 
+def check(settings: Settings) -> str | None:
+    """What is wrong with ``settings``, if anything."""
+    if settings.trials < 1:
+        return "--trials must be >= 1"
+    if any(not 0 <= g < 1 for g in settings.gammas):
+        return "--gammas must lie in [0, 1)"
+    return None
+
+
 @dataclass
 class Settings:
     """Everything that determines the runs (saved in ``runs.json``; resuming needs equality)."""
 
-    methods: list[str]
-    gammas: list[float]
-    noise: str
-    trials: int
-    n_images: int | None
-    image_size: int | None
-    paper_size: bool
-    split: list[float]
-    data_seed: int
-    width: int
-    epochs: int
-    optimizer: str
-    lr: float
-    momentum: float
-    weight_decay: float
-    batch_size: int
-    recalibrate_bn: bool
-    drop: int
-    warmup_epochs: int
-    reweight_start: int
-    reweight_every: int
-    alpha: float
-    beta: float
-    extent: float
-    n_neighbors: int
-    estimation_epochs: int
-    percentile: float
-    reference_epochs: int
-    damping: float
-    max_weight: float
-    removal_ratio: float
+    methods: list[str] = setting(list(METHODS), nargs="+", choices=METHODS)
+    gammas: list[float] = setting(list(GAMMAS), nargs="+", type=float,
+                                  normalise=lambda gammas: sorted(set(gammas)),
+                                  help="noise rates; only the plain ResNet runs at 0, as in the "
+                                       "paper")
+    noise: str = setting("loss", choices=["loss", "symmetric"],
+                         help="'loss': the paper's top-γ reference-loss flips; 'symmetric': "
+                              "random flips")
+    trials: int = setting(3, type=int)
+    n_images: int | None = setting(None, type=int,
+                                   help="None: the data set's 1,500 (--full: 4,332)")
+    image_size: int | None = setting(48, 224, type=int)
+    paper_size: bool = setting(lambda s: s.full, flag=None)
+    split: list[float] = setting(list(SPLIT_FRACTIONS), list(PAPER_SPLIT_FRACTIONS), flag=None,
+                                 normalise=list)
+    data_seed: int = setting(0, type=int, help="seeds the data set, split and reference")
+    width: int = setting(16, 64, type=int, help="ResNet-18 first-stage width")
+    epochs: int = setting(10, 30, type=int)
+    optimizer: str = setting("sgd", choices=["adam", "sgd"],
+                             help="the paper's SGD or the ISR/ISP loop's Adam")
+    lr: float = setting(1e-3, type=float)
+    momentum: float = setting(lambda s: 0.9 if s.optimizer == "sgd" else 0.0, type=float,
+                              help="SGD momentum (default 0.9; the paper names none; 0 with "
+                                   "Adam)")
+    weight_decay: float = setting(1e-4, type=float, help="the paper's 1e-4")
+    batch_size: int = setting(32, type=int)
+    recalibrate_bn: bool = setting(
+        True, flag="--no-recalibrate-bn",
+        help="keep BatchNorm's running averages (by default they are re-estimated on the "
+             "training images after every epoch)")
+    drop: int = setting(2, type=int, help="OUSM K per batch")
+    warmup_epochs: int = setting(5, type=int, help="epochs before OUSM drops samples")
+    reweight_start: int = setting(5, type=int, help="epochs with all LoOP weights 1")
+    reweight_every: int = setting(5, type=int)
+    alpha: float = setting(0.5, type=float)
+    beta: float = setting(0.5, type=float)
+    extent: float = setting(3.0, type=float, help="LoOP extent")
+    n_neighbors: int = setting(10, type=int, help="LoOP k")
+    estimation_epochs: int = setting(5, type=int, help="forward: epochs before T is estimated")
+    percentile: float = setting(97.0, type=float)
+    reference_epochs: int = setting(lambda s: s.epochs, type=int,
+                                    help="reference network (default: --epochs)")
+    damping: float = setting(0.01, type=float, help="influence rows and detection: λ")
+    max_weight: float = setting(2.0, type=float, help="influence re-weighting: ISR's m")
+    removal_ratio: float = setting(0.1, type=float, help="influence removal: fraction of the "
+                                                         "training set removed after warm-up")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add = parser.add_argument
-    add("--full", action="store_true",
-        help="the paper's sizes: 4,332 images at 224², ResNet-18 of width 64, 30 epochs "
-             "(flags given explicitly still win)")
-    add("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    add("--gammas", nargs="+", type=float, default=list(GAMMAS),
-        help="noise rates; only the plain ResNet runs at 0, as in the paper")
-    add("--noise", choices=["loss", "symmetric"], default="loss",
-        help="'loss': the paper's top-γ reference-loss flips; 'symmetric': random flips")
-    add("--trials", type=int, default=3)
-    add("--n-images", type=int, default=None)
-    add("--image-size", type=int, default=None, help="default 48 (--full: 224)")
-    add("--data-seed", type=int, default=0, help="seeds the data set, split and reference")
-    add("--width", type=int, default=None, help="ResNet-18 first-stage width (16; --full 64)")
-    add("--epochs", type=int, default=None, help="default 10 (--full 30)")
-    add("--optimizer", choices=["adam", "sgd"], default="sgd",
-        help="the paper's SGD (default) or the ISR/ISP loop's Adam")
-    add("--lr", type=float, default=1e-3)
-    add("--momentum", type=float, default=None,
-        help="SGD momentum (default 0.9; the paper names none; 0 with Adam)")
-    add("--weight-decay", type=float, default=1e-4, help="the paper's 1e-4")
-    add("--batch-size", type=int, default=32)
-    add("--no-recalibrate-bn", action="store_true")
-    add("--drop", type=int, default=2, help="OUSM K per batch")
-    add("--warmup-epochs", type=int, default=5, help="epochs before OUSM drops samples")
-    add("--reweight-start", type=int, default=5, help="epochs with all LoOP weights 1")
-    add("--reweight-every", type=int, default=5)
-    add("--alpha", type=float, default=0.5)
-    add("--beta", type=float, default=0.5)
-    add("--extent", type=float, default=3.0, help="LoOP extent")
-    add("--n-neighbors", type=int, default=10, help="LoOP k")
-    add("--estimation-epochs", type=int, default=5, help="forward: epochs before T is estimated")
-    add("--percentile", type=float, default=97.0)
-    add("--reference-epochs", type=int, default=None, help="reference network (default epochs)")
-    add("--damping", type=float, default=0.01, help="influence rows and detection: λ")
-    add("--max-weight", type=float, default=2.0, help="influence re-weighting: ISR's m")
-    add("--removal-ratio", type=float, default=0.1,
-        help="influence removal: fraction of the training set removed after warm-up")
-    add("--out", type=Path, default=Path("examples/results/ousm_table1"))
-    add("--fresh", action="store_true", help="discard the runs already in --out")
-    add("--threads", type=int, default=None)
-    add("--device", default=None, help="default: cuda when available, else cpu")
-    add("--progress", action=argparse.BooleanOptionalAction, default=True)
-    args = parser.parse_args(argv)
-    if args.trials < 1:
-        parser.error("--trials must be >= 1")
-    if any(not 0 <= g < 1 for g in args.gammas):
-        parser.error("--gammas must lie in [0, 1)")
-    return args
-
-
-def settings_from(args: argparse.Namespace) -> Settings:
-    full = args.full
-
-    def pick(value: Any, default: Any, paper: Any) -> Any:
-        return value if value is not None else (paper if full else default)
-
-    epochs = pick(args.epochs, 10, 30)
-    momentum = args.momentum if args.momentum is not None else (
-        0.9 if args.optimizer == "sgd" else 0.0)
-    return Settings(
-        methods=list(dict.fromkeys(args.methods)), gammas=sorted(set(args.gammas)),
-        noise=args.noise, trials=args.trials, n_images=args.n_images,
-        image_size=pick(args.image_size, 48, 224), paper_size=full,
-        split=list(PAPER_SPLIT_FRACTIONS if full else SPLIT_FRACTIONS),
-        data_seed=args.data_seed, width=pick(args.width, 16, 64), epochs=epochs,
-        optimizer=args.optimizer, lr=args.lr, momentum=momentum, weight_decay=args.weight_decay,
-        batch_size=args.batch_size, recalibrate_bn=not args.no_recalibrate_bn,
-        drop=args.drop, warmup_epochs=args.warmup_epochs, reweight_start=args.reweight_start,
-        reweight_every=args.reweight_every, alpha=args.alpha, beta=args.beta,
-        extent=args.extent, n_neighbors=args.n_neighbors,
-        estimation_epochs=args.estimation_epochs, percentile=args.percentile,
-        reference_epochs=args.reference_epochs if args.reference_epochs is not None else epochs,
-        damping=args.damping, max_weight=args.max_weight, removal_ratio=args.removal_ratio,
-    )
+CLI = ExperimentCLI(Settings, __doc__, "examples/ousm_table1.py",
+                    Path("examples/results/ousm_table1"), check=check)
+parse_args = CLI.parse_args
+settings_from = CLI.settings_from
 
 
 def jobs_of(settings: Settings) -> list[tuple[int, float, str]]:
@@ -412,14 +361,18 @@ def scorings(runs: list[dict]) -> set[str]:
     return {r["method_summary"]["scoring"] for r in runs if r["method_summary"].get("scoring")}
 
 
+def gamma_header(first: str, gammas: list[float]) -> list[str]:
+    """A table header: ``first``, then one column per noise rate."""
+    return [first, *(f"{100 * g:g} %" for g in gammas)]
+
+
 def table_cell(values: list[float]) -> str:
     """One decimal, as the paper's table."""
     return percent_cell(values, digits=1)
 
 
 def markdown_table(runs: list[dict], settings: Settings, which: str) -> str:
-    header = "| Noise ratio | " + " | ".join(f"{100 * g:g} %" for g in settings.gammas) + " |"
-    lines = [header, "|---" * (len(settings.gammas) + 1) + "|"]
+    lines = []
     values = {(m, g): [r[which] for r in runs if r["method"] == m and r["gamma"] == g]
               for m in settings.methods for g in settings.gammas}
     best = {g: max((np.mean(values[m, g]) for m in settings.methods if values[m, g]),
@@ -431,26 +384,23 @@ def markdown_table(runs: list[dict], settings: Settings, which: str) -> str:
             text = table_cell(found)
             bold = found and np.mean(found) == best[gamma] and gamma > 0
             cells.append(f"**{text}**" if bold else text)
-        lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append([METHOD_NAMES[method], *cells])
+    return format_markdown_table(gamma_header("Noise ratio", settings.gammas), lines)
 
 
 def paper_table(settings: Settings) -> str:
-    header = "| Noise ratio | " + " | ".join(f"{100 * g:g} %" for g in settings.gammas) + " |"
-    lines = [header, "|---" * (len(settings.gammas) + 1) + "|"]
-    for method in PAPER_METHODS:
-        cells = [f"{PAPER_TABLE[method][g]:.1f}" if g in PAPER_TABLE[method] else "–"
-                 for g in settings.gammas]
-        lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return format_markdown_table(
+        gamma_header("Noise ratio", settings.gammas),
+        [[METHOD_NAMES[method], *(f"{PAPER_TABLE[method][g]:.1f}" if g in PAPER_TABLE[method]
+                                  else "–" for g in settings.gammas)]
+         for method in PAPER_METHODS])
 
 
 def paired_table(runs: list[dict], settings: Settings, which: str) -> str:
     """Each method minus the plain ResNet of the same trial and γ (points), and in how many
     trials it is better."""
     gammas = [g for g in settings.gammas if g > 0]
-    header = "| Method − ResNet | " + " | ".join(f"{100 * g:g} %" for g in gammas) + " |"
-    lines = [header, "|---" * (len(gammas) + 1) + "|"]
+    lines = []
     plain = {(r["trial"], r["gamma"]): r[which] for r in runs if r["method"] == "resnet"}
     for method in settings.methods:
         if method == "resnet":
@@ -463,16 +413,14 @@ def paired_table(runs: list[dict], settings: Settings, which: str) -> str:
             better = sum(d > 0 for d in differences)
             cells.append("–" if not differences else
                          f"{100 * np.mean(differences):+.1f} ({better}/{len(differences)})")
-        lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append([METHOD_NAMES[method], *cells])
+    return format_markdown_table(gamma_header("Method − ResNet", gammas), lines)
 
 
 def detection_table(runs: list[dict], settings: Settings) -> str:
     """Precision at the noise count / ROC-AUC (%, mean over trials) of each ranking, by γ."""
     gammas = [g for g in settings.gammas if g > 0]
-    header = "| Ranking (higher = more suspect) | " + " | ".join(
-        f"{100 * g:g} %" for g in gammas) + " |"
-    lines = [header, "|---" * (len(gammas) + 1) + "|"]
+    lines = []
     for key, label in DETECTION_ROWS:
         cells, found_any = [], False
         for gamma in gammas:
@@ -483,11 +431,12 @@ def detection_table(runs: list[dict], settings: Settings) -> str:
                          f"{100 * np.mean([f['precision'] for f in found]):.0f} / "
                          f"{100 * np.mean([f['auc'] for f in found]):.0f}")
         if found_any:
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            lines.append([label, *cells])
+    return format_markdown_table(gamma_header("Ranking (higher = more suspect)", gammas), lines)
 
 
-def write_table(path: Path, runs: list[dict], settings: Settings, meta: dict[str, Any]) -> None:
+def render_table(settings: Settings, runs: list[dict], meta: dict[str, Any]) -> str:
+    """``table.md``, from what ``runs.json`` holds."""
     minutes = sum(r["seconds"] for r in runs) / 60
     summaries = []
     for method in settings.methods:
@@ -499,7 +448,7 @@ def write_table(path: Path, runs: list[dict], settings: Settings, meta: dict[str
             if scalar:
                 summaries.append(f"- {METHOD_NAMES[method]}, γ = {gamma:g}: " + ", ".join(
                     f"{k} {np.mean([n[k] for n in numbers]):.3g}" for k in scalar))
-    text = f"""# Skin noisy-label Table 1 on the embedded dermoscopy data
+    return f"""# Skin noisy-label Table 1 on the embedded dermoscopy data
 
 Command: `{meta['command']}`
 ({len(runs)} runs, trials {sorted({r['trial'] for r in runs})}, {minutes:.1f} min on
@@ -550,7 +499,6 @@ initial weights, same batches) and after the last epoch. Influence over the last
 
 {chr(10).join(summaries)}
 """
-    path.write_text(text)
 
 
 def save_learning_curves(path: Path, runs: list[dict], settings: Settings) -> Path | None:
@@ -578,70 +526,66 @@ def save_learning_curves(path: Path, runs: list[dict], settings: Settings) -> Pa
         axis.set_ylabel("error (%)")
         axis.set_title(title, fontsize=9)
         axis.legend(fontsize=7, title="noise", title_fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    return path
+    return save_figure(figure, path, dpi=110)
 
 
 # -- main ------------------------------------------------------------------------------------
 
 
+def run_id(record: dict[str, Any]) -> tuple[int, float, str]:
+    """A run's identity: its trial, noise rate and method."""
+    return record["trial"], record["gamma"], record["method"]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    settings = settings_from(args)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    runs_path = out / "runs.json"
-    runs = load_runs(runs_path, settings, args.fresh)
-    done = {(r["trial"], r["gamma"], r["method"]) for r in runs}
-    meta: dict[str, Any] = {
-        "command": shlex.join(["python", *sys.argv]) if argv is None
-        else shlex.join(["python", "examples/ousm_table1.py", *argv]),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} "
-                   f"threads, {device}, torch {torch.__version__}",
-    }
-    start = time.perf_counter()
-    data = load_data(settings, device, args.progress)
-    meta["reference_accuracy"] = (None if data.reference_accuracy is None
-                                  else round(data.reference_accuracy, 4))
-    melanoma = float(data.test[1].double().mean())
-    meta["majority_rate"] = round(max(melanoma, 1 - melanoma), 4)
-    meta["images"] = {name: len(split[1]) for name, split in
-                      (("train", data.train), ("val", data.val), ("test", data.test))}
-    meta["flipped"] = {str(g): int(flipped.sum()) for g, (_, flipped) in data.noisy.items()}
-    meta["flipped_fraction"] = {str(g): round(float(flipped.double().mean()), 4)
-                                for g, (_, flipped) in data.noisy.items()}
-    print(f"data: {meta['images']} images at {data.train[0].shape[-1]}², flipped "
-          f"{meta['flipped']} ({time.perf_counter() - start:.0f} s)")
-    bar = tqdm(jobs_of(settings), desc="Table 1", unit="run", disable=not args.progress)
-    for trial, gamma, method in bar:
-        if (trial, gamma, method) in done:
-            continue
-        bar.set_postfix_str(f"trial {trial}, γ {gamma:g}, {METHOD_NAMES[method]}")
-        noisy_labels, flipped = data.noisy[gamma]
-        train = (data.train[0], noisy_labels)
-        tests = {"test": data.test}
-        if method == "resnet":  # Fig. 3's training error: only the plain ResNet's is drawn
-            tests["train (noisy labels)"] = train
-        torch.manual_seed(trial)  # the same initial weights for every method of a trial
-        model = resnet18(2, width=settings.width)
-        trainer = make_trainer(method, settings, model, trial, device)
-        result = trainer.fit(train, data.val, tests)
-        summary = method_summary(trainer, flipped, detection_options(settings, device))
-        runs.append(run_record(method, gamma, trial, result, summary))
-        save_json(runs_path, {"settings": asdict(settings), "meta": meta, "runs": runs})
-        write_table(out / "table.md", runs, settings, meta)
-    bar.close()
-    write_table(out / "table.md", runs, settings, meta)
-    figure = save_learning_curves(out / "figure3_learning_curves.png", runs, settings)
-    print((out / "table.md").read_text())
-    for path in [runs_path, out / "table.md", figure]:
-        if path is not None:
-            print(f"wrote {path}")
-    return {"runs": runs, "figure": figure}
+    """Run every missing (trial, γ, method), then write the table and the figure.
+
+    Returns the runs and the figure's path. Ctrl-C keeps every finished run and exits with
+    code 130 after one line.
+    """
+    session = Session(CLI, argv, run_id, render_table)
+    settings, meta, device = session.settings, session.meta, session.device
+    figure = None
+    with session:
+        if not session.args.no_train:  # the data (and its reference network) are for training
+            start = time.perf_counter()
+            data = load_data(settings, device, session.args.progress)
+            meta["reference_accuracy"] = (None if data.reference_accuracy is None
+                                          else round(data.reference_accuracy, 4))
+            melanoma = float(data.test[1].double().mean())
+            meta["majority_rate"] = round(max(melanoma, 1 - melanoma), 4)
+            meta["images"] = {name: len(split[1]) for name, split in
+                              (("train", data.train), ("val", data.val), ("test", data.test))}
+            meta["flipped"] = {str(g): int(flipped.sum())
+                               for g, (_, flipped) in data.noisy.items()}
+            meta["flipped_fraction"] = {str(g): round(float(flipped.double().mean()), 4)
+                                        for g, (_, flipped) in data.noisy.items()}
+            print(f"data: {meta['images']} images at {data.train[0].shape[-1]}², flipped "
+                  f"{meta['flipped']} ({time.perf_counter() - start:.0f} s)")
+
+        def work(job: tuple[int, float, str]) -> None:
+            trial, gamma, method = job
+            if session.done(job):
+                return
+            noisy_labels, flipped = data.noisy[gamma]
+            train = (data.train[0], noisy_labels)
+            tests = {"test": data.test}
+            if method == "resnet":  # Fig. 3's training error: only the plain ResNet's is drawn
+                tests["train (noisy labels)"] = train
+            torch.manual_seed(trial)  # the same initial weights for every method of a trial
+            model = resnet18(2, width=settings.width)
+            trainer = make_trainer(method, settings, model, trial, device)
+            result = trainer.fit(train, data.val, tests)
+            summary = method_summary(trainer, flipped, detection_options(settings, device))
+            session.save(run_record(method, gamma, trial, result, summary))
+
+        session.run(jobs_of(settings), work,
+                    lambda job: f"trial {job[0]}, γ {job[1]:g}, {METHOD_NAMES[job[2]]}",
+                    desc="Table 1")
+        figure = save_learning_curves(session.out / "figure3_learning_curves.png", session.runs,
+                                      settings)
+        session.finish([figure] if figure is not None else [])
+    return {"runs": session.runs, "figure": figure}
 
 
 if __name__ == "__main__":

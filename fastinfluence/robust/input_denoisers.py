@@ -11,7 +11,8 @@
   the caller (here: crafted on the black-box source model).
 
 Both are the same small convolutional encoder-decoder (:class:`ConvDenoiser`), trained by
-Adam; :class:`DenoisedClassifier` chains one with a classifier.
+Adam on the shared loop (:meth:`~fastinfluence.robust.loop.Trainer.fit_unlabelled`);
+:class:`DenoisedClassifier` chains one with a classifier.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastinfluence.robust.config import TrainConfig
 from fastinfluence.robust.denoising import DenoisingNet
-from fastinfluence.robust.loop import split_batches
+from fastinfluence.robust.loop import Trainer
 
 
 class ConvDenoiser(nn.Module):
@@ -69,37 +71,51 @@ class DenoisedClassifier(nn.Module):
         return self.classifier(self.denoiser(x))
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """A random order of ``n`` indices in batches (:func:`~fastinfluence.robust.loop.
-    split_batches`: no train-mode BatchNorm step on a single image)."""
-    return split_batches(torch.randperm(n, generator=generator), batch_size)
+class ReformerTrainer(Trainer):
+    """MagNet's reformer on the shared loop: ``MSE(reformer(clip(x + N(0, noise²))), x)`` per
+    batch, the noise drawn from the loop's generator (fresh per step)."""
+
+    def __init__(self, reformer: ConvDenoiser, config: TrainConfig, noise: float) -> None:
+        super().__init__(reformer, config)
+        self.noise = noise
+
+    def batch_loss(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(x.shape, generator=self.generator).to(x.device)
+        return F.mse_loss(self.model((x + self.noise * noise).clamp(0, 1)), x)
+
+
+def denoiser_config(epochs: int, lr: float, batch_size: int, seed: int) -> TrainConfig:
+    """The shared loop's settings for a denoiser: Adam, no flips (an adversarial image and its
+    clean partner must stay aligned), batches as :func:`~fastinfluence.robust.loop.
+    split_batches` makes them."""
+    return TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, flip=False)
 
 
 def train_reformer(reformer: ConvDenoiser, images: torch.Tensor, *, epochs: int = 10,
                    noise: float = 0.1, lr: float = 1e-3, batch_size: int = 64,
                    seed: int = 0) -> list[float]:
     """Train MagNet's reformer on clean images: minimise ``MSE(reformer(x + N(0, noise²)), x)``
-    (the noisy input clipped to ``[0, 1]``, fresh noise per step). Returns the mean loss per
-    epoch; the reformer is left in eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    device = next(reformer.parameters()).device
-    optimizer = torch.optim.Adam(reformer.parameters(), lr=lr)
-    losses = []
-    reformer.train()
-    for _ in range(epochs):
-        total = 0.0
-        batches = _batches(len(images), batch_size, generator)
-        for index in batches:
-            x = images[index]
-            noisy = (x + noise * torch.randn(x.shape, generator=generator)).clamp(0, 1)
-            loss = F.mse_loss(reformer(noisy.to(device)), x.to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
-        losses.append(total / len(batches))
-    reformer.eval()
-    return losses
+    (the noisy input clipped to ``[0, 1]``, fresh noise per step) with
+    :class:`ReformerTrainer`. Returns the mean loss per epoch; the reformer is left in eval
+    mode."""
+    trainer = ReformerTrainer(reformer, denoiser_config(epochs, lr, batch_size, seed), noise)
+    return trainer.fit_unlabelled(images)
+
+
+class GuidedDenoiserTrainer(Trainer):
+    """HGD on the shared loop: trained on adversarial images, the loss of batch ``B`` is the
+    mean ``|f(denoiser(x*_B)) − f(x_B)|`` against the frozen classifier's features ``f`` of
+    the clean partners ``x_B``."""
+
+    def __init__(self, denoiser: ConvDenoiser, config: TrainConfig, classifier: DenoisingNet,
+                 clean: torch.Tensor) -> None:
+        super().__init__(denoiser, config)
+        self.classifier, self.clean = classifier, clean
+
+    def batch_loss(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.classifier.parts(self.clean[index].to(x.device))[1]
+        return F.l1_loss(self.classifier.parts(self.model(x))[1], target)
 
 
 def train_guided_denoiser(denoiser: ConvDenoiser, classifier: DenoisingNet,
@@ -112,33 +128,16 @@ def train_guided_denoiser(denoiser: ConvDenoiser, classifier: DenoisingNet,
     if adversarial.shape != clean.shape:
         raise ValueError(f"adversarial {tuple(adversarial.shape)} and clean "
                          f"{tuple(clean.shape)} images must have the same shape")
-    generator = torch.Generator().manual_seed(seed)
-    device = next(denoiser.parameters()).device
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=lr)
     was_training = classifier.training
     flags = [(p, p.requires_grad) for p in classifier.parameters()]
     classifier.eval()
     for parameter, _ in flags:
         parameter.requires_grad_(False)
-    losses = []
     try:
-        denoiser.train()
-        for _ in range(epochs):
-            total = 0.0
-            batches = _batches(len(clean), batch_size, generator)
-            for index in batches:
-                with torch.no_grad():
-                    target = classifier.parts(clean[index].to(device))[1]
-                features = classifier.parts(denoiser(adversarial[index].to(device)))[1]
-                loss = F.l1_loss(features, target)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach())
-            losses.append(total / len(batches))
+        trainer = GuidedDenoiserTrainer(denoiser, denoiser_config(epochs, lr, batch_size, seed),
+                                        classifier, clean)
+        return trainer.fit_unlabelled(adversarial)
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
         classifier.train(was_training)
-        denoiser.eval()
-    return losses

@@ -290,6 +290,24 @@ class Trainer:
         """Method-specific results added to :attr:`TrainResult.extras`."""
         return {}
 
+    def fit_unlabelled(self, images: torch.Tensor) -> list[float]:
+        """Train a model that is not a classifier (a denoiser) on ``images`` alone for
+        ``config.epochs`` epochs: the batches, flips and optimiser steps of :meth:`fit`, on
+        ``batch_loss(x_B, y_B, B)`` whose ``y_B`` carries no information (zeros), without
+        the epoch hooks, BatchNorm recalibration, evaluation or checkpoints (which all
+        presume a classifier). Returns the mean loss of every epoch; the model is left in
+        eval mode.
+        """
+        if self._fitted:
+            raise RuntimeError(f"this {type(self).__name__} has already been fitted")
+        self._fitted = True
+        self.train_data = check_split((images, torch.zeros(len(images), dtype=torch.long)),
+                                      "images")
+        self.model.to(self.device)
+        losses = [self._train_epoch() for _ in range(self.config.epochs)]
+        self.model.eval()
+        return losses
+
     def _train_epoch(self) -> float:
         assert self.train_data is not None
         x_all, y_all = self.train_data

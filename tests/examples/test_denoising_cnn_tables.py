@@ -106,8 +106,9 @@ def test_interrupted_run_resumes_to_the_same_rows(tables, finished, tmp_path, mo
 
 def test_chest_arguments_select_table_2(tables):
     args = tables.parse_args(["--dataset", "chest"])
-    assert args.tables == [2, 5] and str(args.out).endswith("_chest")
-    rows = tables.table_rows(tables.settings_from(args))
+    settings = tables.settings_from(args)
+    assert settings.tables == [2, 5] and str(args.out).endswith("_chest")
+    rows = tables.table_rows(settings)
     assert [row.label for row in rows if row.table == 2] == [
         "NA", "λ_n = 1", "λ_a = 10", "λ_n = 1, λ_a = 10"]
     with pytest.raises(SystemExit):

@@ -48,8 +48,8 @@ def test_every_method_and_sweep_ran_and_is_reported(finished):
             assert 0 <= r["metrics"]["auc"] <= 1 and 0 <= r["metrics"]["patient_accuracy"] <= 1
     plain = [r for r in runs if r["kind"] == "plain"]
     for r in plain:
-        assert len(r["max_probability_by_epoch"]) == 2
-        # theta 0.5: every training spectrum is certain at every epoch
+        # theta 0.5: every training spectrum is certain from the first epoch on
+        assert set(r["certain_epoch"]["0.5"]) == {1}
         assert r["certain_summary"]["0.5"]["2"]["size"] == r["train_summary"]["size"]
         assert r["influence-helpful"]["scoring"] == "fused-tangent"
         assert r["influence-self"]["scoring"] == "head-closed-form"
@@ -159,13 +159,13 @@ def test_the_basis_is_a_setting_and_older_outs_read_as_multiplet(table2, finishe
         "density-matrix")
 
 
-def test_paired_lines_compare_each_row_with_plain_on_the_same_seed_and_fold(table2):
+def test_paired_table_compares_each_row_with_plain_on_the_same_seed_and_fold(table2):
     def run(seed, fold, auc):
         return {"seed": seed, "fold": fold, "metrics": {"auc": auc}}
 
     rows = [("Plain ResCNN", [run(0, 0, 0.5), run(0, 1, 0.8), run(1, 0, 0.6)]),
             ("Other", [run(0, 0, 0.7), run(0, 1, 0.7), run(1, 0, 0.602), run(1, 1, 0.9)])]
-    lines = table2.paired_lines(rows)
+    lines = table2.paired_table(rows).splitlines()
     assert lines[2] == "| Other | 3 | +0.034 ± 0.125 | 1 / 1 / 1 |"
 
 

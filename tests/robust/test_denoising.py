@@ -213,9 +213,57 @@ def test_invalid_settings_are_refused():
     assert isinstance(ImageDecoder(8, 3, 2)(torch.rand(1, 8, 4, 4)), torch.Tensor)
 
 
-def test_denoiser_batches_never_hold_a_single_image():
-    from fastinfluence.robust.input_denoisers import _batches
+def plain_denoiser_loop(model, loss_of, images, epochs, batch_size, seed):
+    """The oracle: Adam steps on ``loss_of(model, index, generator)`` over shuffled batches
+    (a last batch of one joined to the one before), written out by hand."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    model.train()
+    for _ in range(epochs):
+        batches = list(torch.randperm(len(images), generator=generator).split(batch_size))
+        if len(batches[-1]) == 1:
+            batches[-2:] = [torch.cat(batches[-2:])]
+        total = 0.0
+        for index in batches:
+            loss = loss_of(model, index, generator)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+        losses.append(total / len(batches))
+    return losses
 
-    batches = _batches(17, 8, torch.Generator().manual_seed(0))
-    assert [len(b) for b in batches] == [8, 9]
-    assert sorted(torch.cat(batches).tolist()) == list(range(17))
+
+def test_reformer_and_hgd_take_the_plain_loops_steps_on_the_shared_trainer():
+    x, _ = colour_split(17, 3, size=16)  # 17 = 8 + 9: the last batch of one is joined
+    adversarial = (x + 0.03 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+                   ).clamp(0, 1)
+    classifier = tiny_resnet(decoder=False).eval()
+
+    def reformer_loss(model, index, generator):
+        noisy = (x[index] + 0.1 * torch.randn(x[index].shape, generator=generator)).clamp(0, 1)
+        return F.mse_loss(model(noisy), x[index])
+
+    def hgd_loss(model, index, generator):
+        with torch.no_grad():
+            target = classifier.parts(x[index])[1]
+        return F.l1_loss(classifier.parts(model(adversarial[index]))[1], target)
+
+    for residual, train, loss_of in (
+            (False, lambda m: train_reformer(m, x, epochs=2, batch_size=8, seed=5),
+             reformer_loss),
+            (True, lambda m: train_guided_denoiser(m, classifier, x, adversarial, epochs=2,
+                                                   batch_size=8, seed=5), hgd_loss)):
+        torch.manual_seed(1)
+        ours, oracle = ConvDenoiser(3, 4, residual), ConvDenoiser(3, 4, residual)
+        oracle.load_state_dict(ours.state_dict())
+        if residual:  # a zero output layer would make every step the same: perturb it
+            for model in (ours, oracle):
+                torch.manual_seed(2)
+                nn.init.normal_(model.layers[-1].weight, std=0.01)
+        assert train(ours) == plain_denoiser_loop(oracle, loss_of, x, 2, 8, 5)
+        for (name, value), expected in zip(ours.state_dict().items(),
+                                           oracle.state_dict().values(), strict=True):
+            assert torch.equal(value, expected), name
+        assert not ours.training
