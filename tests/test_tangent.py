@@ -699,7 +699,7 @@ class TinyEncoder(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.embed = nn.Embedding(11, 6, padding_idx=0)
+        self.embed = nn.Embedding(11, 6)
         self.norm = nn.LayerNorm(6)
         self.up = nn.Linear(6, 8)
         self.down = nn.Linear(8, 6)
@@ -723,14 +723,11 @@ def test_embedding_matches_jvp(which, k):
         "affine"]
 
 
-def test_layers_without_kfac_factors_are_refused_by_name():
-    model = TinyEncoder().double()
-    tokens = torch.randint(0, 11, (12, 4), generator=torch.Generator().manual_seed(23))
-    labels = torch.randint(0, 3, (12,))
-    data = (tokens, labels)
-    with pytest.raises(ValueError, match=r"holds \['embed.weight'\] \(Embedding 'embed': an "
-                                         r"Embedding is a Linear over one-hot inputs"):
-        fi.Influence(model, data, data, params=["embed", "head"], hessian="kfac")
-    with pytest.raises(ValueError, match=r"\(LayerNorm 'final': its weight scales each "
-                                         r"feature"):
-        fi.Influence(model, data, data, params=["final", "head"], hessian="ekfac")
+def test_an_embedding_with_a_padding_index_is_left_to_jvp():
+    """Autograd gives the padding row no gradient; forward mode (``jvp`` too) moves it."""
+    model = nn.Sequential(nn.Embedding(5, 3, padding_idx=0), nn.Flatten(),
+                          nn.Linear(6, 2)).double()
+    tokens = torch.tensor([[0, 1], [2, 3]])
+    program, reason = TangentProgram.compile(model, tokens, state(model),
+                                             [n for n, _ in model.named_parameters()])
+    assert program is None and "padding_idx" in reason

@@ -68,12 +68,15 @@ class KroneckerLayer:
     @property
     def out_features(self) -> int:
         """Rows of the layer's matrix view (output channels)."""
-        return self.module.weight.shape[0]
+        weight = self.module.weight
+        return weight.shape[1] if self.rule.transposed else weight.shape[0]
 
     @property
     def in_features(self) -> int:
         """Columns of the layer's matrix view, the bias column included."""
-        return self.module.weight[0].numel() + int(bool(self.bias))
+        weight = self.module.weight
+        columns = weight.shape[0] if self.rule.transposed else weight[0].numel()
+        return columns + int(bool(self.bias))
 
 
 def kronecker_layers(fmodel: FunctionalModel) -> list[KroneckerLayer]:
@@ -93,7 +96,8 @@ def kronecker_layers(fmodel: FunctionalModel) -> list[KroneckerLayer]:
             continue
         rule = found[1]
         weight = canonical[id(module.weight)]
-        bias = canonical[id(module.bias)] if module.bias is not None else ""
+        bias_tensor = getattr(module, "bias", None)  # an Embedding has none
+        bias = canonical[id(bias_tensor)] if bias_tensor is not None else ""
         if weight in covered or bias in covered:
             raise ValueError(f"K-FAC does not support parameters shared between layers "
                              f"({module_name!r} reuses {weight!r})")
@@ -114,9 +118,9 @@ def kronecker_layers(fmodel: FunctionalModel) -> list[KroneckerLayer]:
         kinds = [kind.__name__ for kind, entry in registered().items()
                  if entry.kfac is not None and not isinstance(entry.kfac, NotCovered)]
         raise ValueError(
-            f"hessian='kfac'/'ekfac' covers the parameters of {' and '.join(kinds)} layers; "
-            f"the selection also holds {others[:6]}{_why_not(fmodel.model, others[0])}: select "
-            f"the {'/'.join(kinds)} modules by name"
+            f"hessian='kfac'/'ekfac' covers the parameters of layers with K-FAC factors "
+            f"({', '.join(kinds)}); the selection also holds {others[:6]}"
+            f"{_why_not(fmodel.model, others[0])}: select the {'/'.join(kinds)} modules by name"
         )
     return layers
 
@@ -208,7 +212,11 @@ class KroneckerCurvature:
         """The rows of ``vectors`` as the layer's ``[k, out, in (+1)]`` matrices."""
         start = layer.offsets[0]
         size = layer.module.weight.numel()
-        weight = vectors[:, start:start + size].reshape(len(vectors), layer.out_features, -1)
+        weight = vectors[:, start:start + size]
+        if layer.rule.transposed:
+            weight = weight.reshape(len(vectors), -1, layer.out_features).transpose(1, 2)
+        else:
+            weight = weight.reshape(len(vectors), layer.out_features, -1)
         if not layer.bias:
             return weight
         bias = vectors[:, layer.offsets[1]:layer.offsets[1] + layer.out_features]
@@ -217,8 +225,10 @@ class KroneckerCurvature:
     def _write(self, layer: KroneckerLayer, matrix: torch.Tensor, out: torch.Tensor) -> None:
         start = layer.offsets[0]
         size = layer.module.weight.numel()
-        columns = layer.module.weight[0].numel()
-        out[:, start:start + size] = matrix[:, :, :columns].reshape(len(out), -1)
+        weight = matrix[:, :, :layer.in_features - int(bool(layer.bias))]
+        if layer.rule.transposed:
+            weight = weight.transpose(1, 2)
+        out[:, start:start + size] = weight.reshape(len(out), -1)
         if layer.bias:
             out[:, layer.offsets[1]:layer.offsets[1] + layer.out_features] = matrix[:, :, -1]
 

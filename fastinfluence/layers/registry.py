@@ -162,11 +162,14 @@ def add_tangents(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor
 class KroneckerRule:
     """How K-FAC reads a layer ``y_t = W a_t (+ b)`` at positions ``t`` into its factors
     (:mod:`fastinfluence.hessian.kfac`): the weight's first axis is the output, the rest
-    flattened is the input ``a_t``.
+    flattened is the input ``a_t`` — or, with ``transposed``, the weight is stored
+    ``[in, out]`` (an Embedding's ``[num_embeddings, dim]``).
 
     Subclasses give the input patches ``a_t`` and the output gradients per position from what
     a forward hook sees (the module's first input, the gradient of its output).
     """
+
+    transposed: bool = False
 
     def check(self, module: nn.Module) -> str | None:
         """Why K-FAC cannot factor this module (``None``: it can)."""
