@@ -723,6 +723,21 @@ def test_embedding_matches_jvp(which, k):
         "affine"]
 
 
+def test_influence_scores_through_the_added_layers_by_the_fused_pass():
+    """The new layers end to end: ``Influence`` takes the fused pass on a GroupNorm / GELU /
+    LayerNorm network and its scores are the per-sample-gradient ones."""
+    _, train, val = make_problem("cnn", n_train=16, n_val=4)
+    model = randomise_norms(nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.GELU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64, 6), nn.LayerNorm(6), nn.GELU("tanh"), nn.Linear(6, 3),
+    ).double(), torch.Generator().manual_seed(24))
+    influence = fi.Influence(model, train, val, params="all", hessian="gauss-newton")
+    assert influence.report.scoring == "fused-tangent", influence.report.scoring_reason
+    plist = list(model.parameters())
+    expected = -(reference.per_sample_grads(model, plist, *train) @ influence.ihvp)
+    torch.testing.assert_close(influence.scores(), expected, rtol=1e-9, atol=1e-11)
+
+
 def test_an_embedding_with_a_padding_index_is_left_to_jvp():
     """Autograd gives the padding row no gradient; forward mode (``jvp`` too) moves it."""
     model = nn.Sequential(nn.Embedding(5, 3, padding_idx=0), nn.Flatten(),
