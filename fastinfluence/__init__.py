@@ -16,6 +16,7 @@ from fastinfluence.hessian.solvers import (
     SolveReport,
     WoodburyConfig,
 )
+from fastinfluence.layers import layer_rules, register_layer
 from fastinfluence.scoring import Influence, InfluenceReport, score
 from fastinfluence.sharded_output import SettingsMismatchError, read_output
 
@@ -33,6 +34,8 @@ __all__ = [
     "SolveReport",
     "WoodburyConfig",
     "info",
+    "layer_rules",
     "read_output",
+    "register_layer",
     "score",
 ]

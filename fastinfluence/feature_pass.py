@@ -6,10 +6,12 @@ is nearly all of its cost. :func:`head_feature_pass` runs that pass on a ``torch
 the network, loaded with the weight snapshot of the :class:`~fastinfluence.functional.
 FunctionalModel`, in which:
 
-* every convolution followed by an eval-mode BatchNorm (with running statistics) becomes one
-  convolution with the BatchNorm folded in: ``W' = W·γ/√(σ² + ε)`` per output channel and
-  ``b' = (b − μ)·γ/√(σ² + ε) + β`` (``torch.nn.utils.fusion.fuse_conv_bn_eval``), which saves a
-  read and a write of every such convolution's output;
+* every convolution or Linear followed by an eval-mode BatchNorm (with running statistics)
+  that the layer registry folds into it (:mod:`fastinfluence.layers`, ``folds_into``) becomes
+  one layer with the BatchNorm folded in: ``W' = W·a`` per output channel and ``b' = b·a + c``
+  with ``a = γ/√(σ² + ε)``, ``c = β − μa`` (:func:`fastinfluence.layers.norm.fold`, the fold
+  the fused tangent pass runs too), which saves a read and a write of every such layer's
+  output;
 * on CPU in float32, 4-D inputs and the copy's weights are channels-last, the layout oneDNN's
   convolutions are fastest in (on other devices and dtypes the layout is kept: not measured).
 
@@ -22,15 +24,18 @@ and why (``Influence.report.feature_pass``).
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from fastinfluence.functional import FunctionalModel
 from fastinfluence.labelled_data import Inputs, first_samples, map_inputs, model_arguments
+from fastinfluence.layers.norm import folded_copy
+from fastinfluence.layers.registry import folds
+from fastinfluence.layers.tracing import trace
 
 __all__ = ["FeaturePass", "head_feature_pass"]
 
@@ -38,8 +43,6 @@ MODULE = "module"
 """The description of the plain pass (``FunctionalModel.logits``), followed by the reason."""
 CHECK_SAMPLES = 2
 """Samples of the first batch on which the copy's output is compared with the model's."""
-_CONV_BATCHNORM = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d),
-                   (nn.Conv3d, nn.BatchNorm3d))
 
 
 class FeaturePass:
@@ -120,10 +123,9 @@ def _fx_copy(fmodel: FunctionalModel) -> tuple[fx.GraphModule, str, list[str], b
     whether inputs go channels-last; or why there is no copy."""
     model, head = fmodel.model, fmodel.selection.head
     head_name = next(name for name, module in model.named_modules() if module is head)
-    try:
-        traced = fx.symbolic_trace(model)
-    except Exception as error:  # noqa: BLE001 - any tracing failure means the plain pass
-        return f"the model does not trace with torch.fx ({type(error).__name__})"
+    traced = trace(model)
+    if isinstance(traced, str):  # any tracing failure means the plain pass
+        return traced
     tensors = fmodel.tensors(fmodel.theta)
     own = dict(traced.named_parameters()) | dict(traced.named_buffers())
     if head_name not in dict(traced.named_modules()) or not set(own) <= set(tensors):
@@ -137,40 +139,41 @@ def _fx_copy(fmodel: FunctionalModel) -> tuple[fx.GraphModule, str, list[str], b
         snapshot[id(tensor)] = value
     graph_module = copy.deepcopy(traced, snapshot).to(device=fmodel.device)
     changes = []
-    folded = _fold_batchnorm(graph_module)
-    if folded:
-        changes.append(f"{folded} Conv-BatchNorm pair{'s' * (folded != 1)} folded")
+    for kind, count in _fold_batchnorm(graph_module).items():
+        changes.append(f"{count} {kind}-BatchNorm pair{'s' * (count != 1)} folded")
     channels_last = (fmodel.device.type == "cpu" and fmodel.dtype == torch.float32
                      and any(isinstance(m, nn.Conv2d) for m in graph_module.modules()))
     if channels_last:
         graph_module = graph_module.to(memory_format=torch.channels_last)
         changes.append("channels-last")
     if not changes:
-        return ("nothing to fold or convert (no eval-mode Conv-BatchNorm pair, no CPU float32 "
-                "Conv2d)")
+        return ("nothing to fold or convert (no eval-mode Conv/Linear-BatchNorm pair, no CPU "
+                "float32 Conv2d)")
     return graph_module, head_name, changes, channels_last
 
 
-def _fold_batchnorm(graph_module: fx.GraphModule) -> int:
-    """Fold each eval-mode BatchNorm that alone reads an eval-mode convolution into it, in
-    place; the number folded."""
+def _fold_batchnorm(graph_module: fx.GraphModule) -> Counter[str]:
+    """Fold each eval-mode BatchNorm that alone reads an eval-mode layer it folds into (the
+    layer registry's ``folds_into``, with matching channels) into it, in place; the number
+    folded per kind of layer (``"Conv"``, ``"Linear"``)."""
     modules = dict(graph_module.named_modules())
-    folded = 0
+    folded: Counter[str] = Counter()
     for node in list(graph_module.graph.nodes):
         source = node.args[0] if node.op == "call_module" and node.args else None
         if not (isinstance(source, fx.Node) and source.op == "call_module"
                 and len(source.users) == 1):
             continue
-        conv, norm = modules[source.target], modules[node.target]
-        pair = any(type(conv) is c and type(norm) is b for c, b in _CONV_BATCHNORM)
-        if (not pair or conv.training or norm.training or norm.running_mean is None
-                or _has_hooks(conv) or _has_hooks(norm)):
+        affine, norm = modules[source.target], modules[node.target]
+        if (not folds(norm, affine) or affine.training or norm.training
+                or norm.running_mean is None or norm.num_features != affine.weight.shape[0]
+                or _has_hooks(affine) or _has_hooks(norm)):
             continue
         owner, _, attribute = source.target.rpartition(".")
-        setattr(graph_module.get_submodule(owner), attribute, fuse_conv_bn_eval(conv, norm))
+        setattr(graph_module.get_submodule(owner), attribute, folded_copy(affine, norm))
         node.replace_all_uses_with(source)
         graph_module.graph.erase_node(node)
-        folded += 1
+        kind = type(affine).__name__
+        folded["Conv" if kind.startswith("Conv") else kind] += 1
     graph_module.recompile()
     return folded
 

@@ -6,10 +6,11 @@
   such a link reaches is added to the site under ``_repo/<its repository path>`` and the link is
   rewritten to it. A Markdown file reached this way becomes a page of the site itself, and its
   own links are followed the same way.
-* **Layer registry.** ``<!-- layer-registry -->`` in a page is replaced by a table of the rules
-  the fused tangent pass registers (``MODULE_RULES``, ``FUNCTION_RULES``, ``METHOD_RULES`` of
-  ``fastinfluence/tangent.py``), read from the source with :mod:`ast`, so the docs build needs
-  no torch. A registry this reader cannot find is a build error.
+* **Layer registry.** ``<!-- layer-registry -->`` in a page is replaced by a table of the layer
+  registry (``fastinfluence/layers/``): every ``register_layer(...)`` of the family files, with
+  its tangent rule, K-FAC factor rule (or why not) and inference fold, read from the source
+  with :mod:`ast`, so the docs build needs no torch. A registry this reader cannot find is a
+  build error.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ REPO_PREFIX = "_repo"
 LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 REGISTRY_MARK = "<!-- layer-registry -->"
-REGISTRIES = {"MODULE_RULES": "module", "FUNCTION_RULES": "function",
-              "METHOD_RULES": "tensor method"}
+REGISTER = "register_layer"
+LAYERS = ("fastinfluence", "layers")
+NOT_FAMILIES = {"__init__.py", "registry.py", "tracing.py"}
 
 
 def _repo_root(config) -> Path:
@@ -106,38 +108,89 @@ def on_page_markdown(markdown: str, page, config, files: Files) -> str:
     return markdown
 
 
-def _registry_entries(tree: ast.Module) -> dict[str, list[tuple[str, str]]]:
-    """Each registry's (key, rule) pairs: its dict literal, then ``NAME[key] = rule`` lines."""
-    entries: dict[str, list[tuple[str, str]]] = {}
-    for node in tree.body:
-        if isinstance(node, ast.AnnAssign | ast.Assign):
-            targets = [node.target] if isinstance(node, ast.AnnAssign) else node.targets
-            for target in targets:
-                if (isinstance(target, ast.Name) and target.id in REGISTRIES
-                        and isinstance(node.value, ast.Dict)):
-                    entries[target.id] = [(ast.unparse(k), ast.unparse(v))
-                                          for k, v in zip(node.value.keys, node.value.values,
-                                                          strict=True)]
-                elif (isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name)
-                        and target.value.id in entries):
-                    entries[target.value.id].append((ast.unparse(target.slice),
-                                                     ast.unparse(node.value)))
-    return entries
+def _text(node: ast.expr, constants: dict[str, ast.expr]) -> str | None:
+    """A string literal (or a module-level name bound to one), else None."""
+    if isinstance(node, ast.Name) and node.id in constants:
+        node = constants[node.id]
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    return None
+
+
+def _kfac_cell(node: ast.expr | None, constants: dict[str, ast.expr]) -> str:
+    """``yes (`Rule`)``, ``not covered: <why>`` or ``—`` (nothing registered)."""
+    if node is None:
+        return "—"
+    if isinstance(node, ast.Name) and node.id in constants:
+        node = constants[node.id]
+    if isinstance(node, ast.Call) and ast.unparse(node.func) == "NotCovered" and node.args:
+        reason = _text(node.args[0], constants)
+        return f"not covered: {reason}" if reason else "not covered"
+    rule = ast.unparse(node.func if isinstance(node, ast.Call) else node)
+    return f"yes (`{rule}`)"
+
+
+def _registrations(path: Path) -> list[tuple[ast.Call, str | None]]:
+    """The ``register_layer(...)`` calls of a family file, each with the tangent rule it
+    decorates or is applied to (``None``: it registers no tangent rule)."""
+    found: list[tuple[ast.Call, str | None]] = []
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ClassDef):
+            for decorator in node.decorator_list:
+                if isinstance(decorator, ast.Call) and ast.unparse(decorator.func) == REGISTER:
+                    found.append((decorator, node.name))
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            call = node.value
+            if isinstance(call.func, ast.Call) and ast.unparse(call.func.func) == REGISTER:
+                found.append((call.func, ast.unparse(call.args[0]) if call.args else None))
+            elif ast.unparse(call.func) == REGISTER:
+                found.append((call, None))
+    return found
+
+
+def registry_rows(root: Path) -> dict[str, dict[str, str]]:
+    """Per registered key (as written: ``nn.Conv2d``, ``F.gelu``, ``'relu'``): its kind,
+    family, tangent rule, K-FAC cell and fold cell, in the order the family files (sorted)
+    register them."""
+    rows: dict[str, dict[str, str]] = {}
+    for path in sorted(root.joinpath(*LAYERS).glob("*.py")):
+        if path.name in NOT_FAMILIES:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        constants = {target.id: node.value for node in tree.body if isinstance(node, ast.Assign)
+                     for target in node.targets if isinstance(target, ast.Name)}
+        for call, rule in _registrations(path):
+            keywords = {keyword.arg: keyword.value for keyword in call.keywords}
+            for key in call.args:
+                shown = ast.unparse(key)
+                row = rows.setdefault(shown, {
+                    "kind": ("tensor method" if isinstance(key, ast.Constant)
+                             else "module" if shown.startswith("nn.") else "function"),
+                    "family": path.stem, "tangent": "—", "kfac": "—", "fold": "—"})
+                if rule is not None:
+                    row["tangent"] = f"`{rule}`"
+                if "kfac" in keywords:
+                    row["kfac"] = _kfac_cell(keywords["kfac"], constants)
+                if "folds_into" in keywords:
+                    targets = keywords["folds_into"]
+                    names = targets.elts if isinstance(targets, ast.Tuple | ast.List) else [targets]
+                    row["fold"] = "into " + ", ".join(f"`{ast.unparse(n)}`" for n in names)
+    return rows
 
 
 def layer_registry_table(root: Path) -> str:
-    """A Markdown table of the tangent pass's registered rules."""
-    source = root / "fastinfluence" / "tangent.py"
-    entries = _registry_entries(ast.parse(source.read_text(encoding="utf-8")))
-    missing = [name for name in REGISTRIES if name not in entries]
-    if missing:
+    """A Markdown table of the layer registry: per key, its tangent rule, K-FAC factors and
+    inference fold."""
+    rows = registry_rows(root)
+    if not rows:
         # A warning fails `mkdocs build --strict`: the page would otherwise go stale silently.
-        log.warning("layer registry: %s not found as dict literals in %s; update "
-                    "scripts/docs_hooks.py", ", ".join(missing), source)
+        log.warning("layer registry: no %s(...) calls found in %s; update "
+                    "scripts/docs_hooks.py", REGISTER, root.joinpath(*LAYERS))
         return "*(layer registry not found at build time)*"
-    rows = ["| kind | registered for | rule |", "|---|---|---|"]
-    for name, kind in REGISTRIES.items():
-        for key, rule in entries[name]:
-            shown = key.strip("'\"") if name == "METHOD_RULES" else key
-            rows.append(f"| {kind} | `{shown}` | `{rule}` |")
-    return "\n".join(rows)
+    lines = ["| registered for | kind | family | fused tangent rule | K-FAC factors | "
+             "BatchNorm fold |", "|---|---|---|---|---|---|"]
+    for key, row in rows.items():
+        shown = f"Tensor.{key.strip(chr(39) + chr(34))}" if row["kind"] == "tensor method" else key
+        lines.append(f"| `{shown}` | {row['kind']} | `{row['family']}.py` | {row['tangent']} | "
+                     f"{row['kfac']} | {row['fold']} |")
+    return "\n".join(lines)

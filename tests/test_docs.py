@@ -126,15 +126,30 @@ def test_the_site_navigation_lists_every_page_of_docs():
     assert nav == pages, f"in nav only: {nav - pages}; in docs/ only: {pages - nav}"
 
 
-def test_the_generated_layer_table_lists_every_registered_rule():
-    from fastinfluence import tangent
+def test_the_generated_layer_table_lists_every_registered_layer():
+    """The docs' table, read from the source without torch, says what the live registry
+    holds: every key, whether it has a tangent rule, its K-FAC cell and its fold."""
+    from fastinfluence.layers import NotCovered, registered
 
     spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "scripts/docs_hooks.py")
     hooks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hooks)
-    rows = hooks.layer_registry_table(ROOT).splitlines()[2:]
-    assert len(rows) == sum(map(len, (tangent.MODULE_RULES, tangent.FUNCTION_RULES,
-                                      tangent.METHOD_RULES)))
-    shown = {row.split("|")[2].strip().strip("`").rsplit(".", 1)[-1] for row in rows}
-    registered = {*(kind.__name__ for kind in tangent.MODULE_RULES), *tangent.METHOD_RULES}
-    assert registered <= shown, f"missing from the docs' layer table: {registered - shown}"
+    rows = hooks.registry_rows(ROOT)
+    entries = registered()
+    assert len(rows) == len(entries)
+    assert len(hooks.layer_registry_table(ROOT).splitlines()) == len(entries) + 2
+    methods = {key.strip("'\"") for key, row in rows.items() if row["kind"] == "tensor method"}
+    assert methods == {key for key in entries if isinstance(key, str)}
+    for key, entry in entries.items():
+        if not isinstance(key, type):
+            continue
+        row = rows[f"nn.{key.__name__}"]
+        assert (row["tangent"] != "—") == (entry.tangent is not None), key
+        if isinstance(entry.kfac, NotCovered):
+            assert row["kfac"] == f"not covered: {entry.kfac.reason}", key
+        elif entry.kfac is not None:
+            assert row["kfac"] == f"yes (`{type(entry.kfac).__name__}`)", key
+        else:
+            assert row["kfac"] == "—", key
+        folds = ", ".join(f"`nn.{kind.__name__}`" for kind in entry.folds_into)
+        assert row["fold"] == (f"into {folds}" if folds else "—"), key

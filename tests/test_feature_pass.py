@@ -47,8 +47,14 @@ def module_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 @pytest.mark.parametrize("make, shape, folded", [
-    (lambda: PaperCNN(32), (6, 1, 32, 32), 5),
-    (lambda: ResCNN1d(width=2, blocks=4), (6, 1, 64), 11),  # input, 4 × 2 blocks, 2 shortcuts
+    (lambda: PaperCNN(32), (6, 1, 32, 32), "5 Conv-BatchNorm pairs"),
+    # input, 4 × 2 blocks, 2 shortcuts
+    (lambda: ResCNN1d(width=2, blocks=4), (6, 1, 64), "11 Conv-BatchNorm pairs"),
+    # the registry's fold: BatchNorm1d into a Linear too (not into the one of 3-d input,
+    # whose BatchNorm normalises positions, not the Linear's outputs: its channels differ)
+    (lambda: nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(3), nn.Flatten(), nn.Linear(12, 6),
+                           nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)),
+     (6, 3, 5), "1 Linear-BatchNorm pair"),
 ])
 def test_folded_copy_equals_the_model_in_float64(make, shape, folded):
     torch.manual_seed(0)
@@ -57,7 +63,7 @@ def test_folded_copy_equals_the_model_in_float64(make, shape, folded):
     feature_pass = head_feature_pass(functional(model, x[:2]))
     features, output = feature_pass(x)
     expected_features, expected_output = module_features(model, x)
-    assert feature_pass.description == f"fx copy: {folded} Conv-BatchNorm pairs folded"
+    assert feature_pass.description == f"fx copy: {folded} folded"
     torch.testing.assert_close(features, expected_features, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(output, expected_output, rtol=1e-12, atol=1e-12)
 
@@ -127,7 +133,7 @@ def test_a_model_that_does_not_trace_runs_as_it_is():
     model = randomised(Branching()).double()
     x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
     feature_pass = head_feature_pass(functional(model, x[:2]))
-    assert feature_pass.description.startswith("module: the model does not trace")
+    assert feature_pass.description.startswith("module: torch.fx could not trace the model")
     torch.testing.assert_close(feature_pass(x), module_features(model, x))
 
 

@@ -9,15 +9,20 @@ from problems import make_problem
 from torch import nn
 
 import fastinfluence as fi
-from fastinfluence import reference, tangent
+from fastinfluence import layers, reference
+from fastinfluence.layers import registry
 from fastinfluence.models import PaperCNN
 from fastinfluence.tangent import TangentProgram
 
 
 def randomise_norms(model: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters (defaults hide folding errors)."""
+    """Non-trivial BatchNorm statistics and affine parameters of every normalisation (the
+    defaults γ = 1, β = 0 hide folding errors and a missing γ in a tangent)."""
     with torch.no_grad():
         for module in model.modules():
+            if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and module.weight is not None:
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator))
             if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 c = module.num_features
                 module.running_mean.copy_(torch.randn(c, generator=generator))
@@ -100,10 +105,16 @@ def twin(model: nn.Module, names: list[str], x: torch.Tensor, directions: list[d
     return torch.stack(out)
 
 
-def compare(model: nn.Module, shape: tuple, names: list[str], k: int, seed: int) -> TangentProgram:
+def compare(model: nn.Module, shape: tuple, names: list[str], k: int, seed: int,
+            tokens: int | None = None) -> TangentProgram:
+    """The compiled program's outputs and tangents against the model and ``jvp`` in float64,
+    on 5 random inputs of ``shape`` (indices below ``tokens`` when it is given)."""
     generator = torch.Generator().manual_seed(seed)
     model = randomise_norms(model.double(), generator)
-    x = torch.randn(5, *shape, generator=generator, dtype=torch.float64)
+    if tokens is None:
+        x = torch.randn(5, *shape, generator=generator, dtype=torch.float64)
+    else:
+        x = torch.randint(0, tokens, (5, *shape), generator=generator)
     program, reason = TangentProgram.compile(model, x, state(model), names)
     assert program is not None, reason
     params = dict(model.named_parameters())
@@ -237,7 +248,7 @@ class DataDependent(nn.Module):
 @pytest.mark.parametrize(
     ("model", "shape", "reason"),
     [
-        (nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 3)), (4,), "GELU"),
+        (nn.Sequential(nn.Linear(4, 4), nn.SiLU(), nn.Linear(4, 3)), (4,), "SiLU"),
         (TwoHeads(), (4,), "does not return one computed tensor"),
         (Broadcast(), (4,), "(broadcasting) is not supported"),
         (TwoInputs(), (4,), "takes 2 inputs"),
@@ -271,10 +282,10 @@ def test_influence_reports_the_scoring_pass_and_both_passes_agree():
     expected = -(reference.per_sample_grads(model, plist, *train) @ fused.ihvp)
     torch.testing.assert_close(fused.scores(), expected, rtol=1e-9, atol=1e-11)
 
-    gelu = nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.GELU(), nn.Linear(6, 3)).double()
-    slow = fi.Influence(gelu, train, val, params="all", hessian="gauss-newton")
-    assert slow.report.scoring == "torch.func.jvp" and "GELU" in slow.report.scoring_reason
-    expected = -(reference.per_sample_grads(gelu, list(gelu.parameters()), *train) @ slow.ihvp)
+    silu = nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.SiLU(), nn.Linear(6, 3)).double()
+    slow = fi.Influence(silu, train, val, params="all", hessian="gauss-newton")
+    assert slow.report.scoring == "torch.func.jvp" and "SiLU" in slow.report.scoring_reason
+    expected = -(reference.per_sample_grads(silu, list(silu.parameters()), *train) @ slow.ihvp)
     torch.testing.assert_close(slow.scores(), expected, rtol=1e-9, atol=1e-11)
 
     test = (train[0][:4], train[1][:4])
@@ -345,7 +356,7 @@ def tanh_model() -> tuple[nn.Module, torch.Tensor, dict, list[str]]:
 
 def test_a_wrong_rule_is_caught_by_the_numerical_check(monkeypatch):
     model, x, tensors, names = tanh_model()
-    rule = tangent.MODULE_RULES[nn.Tanh]
+    rule = layers.layer_rules(nn.Tanh).tangent
     run = rule.run
 
     def off_by_a_little(step, at, x, dx):
@@ -364,7 +375,7 @@ def test_an_exception_in_a_rule_falls_back_with_the_reason(monkeypatch):
     def broken(step, at, x, dx):
         raise RuntimeError("no kernel for this input")
 
-    monkeypatch.setattr(tangent.MODULE_RULES[nn.Tanh], "run", broken)
+    monkeypatch.setattr(layers.layer_rules(nn.Tanh).tangent, "run", broken)
     program, reason = TangentProgram.compile(model, x, tensors, names)
     assert program is None
     assert reason == ("numerical check against torch.func.jvp raised RuntimeError: no kernel "
@@ -492,32 +503,34 @@ def test_values_with_several_readers_are_neither_folded_nor_swapped():
         "affine", "relu", "maxpool", "norm", "add", "avgpool", "add", "flatten", "affine"]
 
 
-class LeakyReLURule(tangent.Rule):
-    """The module docstring's example of a new rule, verbatim."""
-
-    kind = "leaky_relu"
-
-    def configure(self, site):
-        return {"slope": site.module.negative_slope}
-
-    def run(self, step, at, x, dx):
-        slope = step.options["slope"]
-        y = F.leaky_relu(x, slope)
-        if dx is None:
-            return y, None
-        factor = torch.full_like(x, slope).masked_fill_(x > 0, 1.0)
-        return y, tangent.per_direction(dx, x, at.k, factor)
-
-
-def test_a_new_layer_is_one_rule(monkeypatch):
+def test_a_new_layer_is_one_registration(monkeypatch):
+    """The registry's documented example (``register_layer``'s docstring), verbatim."""
     model = nn.Sequential(nn.Linear(4, 6), nn.LeakyReLU(0.3), nn.Linear(6, 3))
     names = [n for n, _ in model.named_parameters()]
     x = torch.randn(3, 4, dtype=torch.float64)
     program, reason = TangentProgram.compile(model.double(), x, state(model), names)
     assert program is None and "1 (LeakyReLU) is not supported" in reason
-    monkeypatch.setitem(tangent.MODULE_RULES, nn.LeakyReLU, LeakyReLURule())
+    monkeypatch.setattr(registry, "_REGISTRY", registry.registered())  # undone after the test
+    Rule, per_direction, register_layer = layers.Rule, layers.per_direction, fi.register_layer
+
+    @register_layer(nn.LeakyReLU)
+    class LeakyReLURule(Rule):
+        kind = "leaky_relu"
+
+        def configure(self, site):
+            return {"slope": site.module.negative_slope}
+
+        def run(self, step, at, x, dx):
+            slope = step.options["slope"]
+            y = F.leaky_relu(x, slope)
+            if dx is None:
+                return y, None
+            factor = torch.full_like(x, slope).masked_fill_(x > 0, 1.0)
+            return y, per_direction(dx, x, at.k, factor)
+
     program = compare(model, (4,), names, 2, seed=11)
     assert [step.kind for step in program.steps] == ["affine", "leaky_relu", "affine"]
+    assert fi.layer_rules(nn.LeakyReLU).tangent.kind == "leaky_relu"
 
 
 def near_tie_model(windows: int = 256) -> tuple[nn.Module, torch.Tensor]:
@@ -567,7 +580,7 @@ def test_the_check_catches_a_rule_error_below_float32_rounding_in_a_float32_mode
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     names = [n for n, _ in model.named_parameters()]
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(8))
-    rule = tangent.MODULE_RULES[nn.Tanh]
+    rule = layers.layer_rules(nn.Tanh).tangent
     run = rule.run
 
     def off_by_a_millionth(step, at, x, dx):
@@ -585,7 +598,7 @@ def test_a_rule_that_fails_only_in_the_callers_precision_falls_back(monkeypatch)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     names = [n for n, _ in model.named_parameters()]
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(8))
-    rule = tangent.MODULE_RULES[nn.Tanh]
+    rule = layers.layer_rules(nn.Tanh).tangent
     run = rule.run
 
     def float64_only(step, at, x, dx):
@@ -622,3 +635,114 @@ def test_mrs_rescnn_matches_jvp(which):
     program = compare(model, (1, 40), names, 2, seed=14)
     kinds = [step.kind for step in program.steps]
     assert kinds.count("add") == 3 and kinds.count("pad") == 7 and "avgpool" in kinds
+
+
+class GELUFunctional(nn.Module):
+    """``F.gelu`` in both of its forms, in a residual branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + F.gelu(self.inner(x), approximate="tanh")
+        return self.head(F.gelu(h))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_gelu_matches_jvp(approximate, k):
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.GELU(approximate),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 5), nn.GELU(approximate),
+                          nn.Linear(5, 3))
+    program = compare(model, (2, 6, 6), [n for n, _ in model.named_parameters()], k, seed=15)
+    assert [step.kind for step in program.steps].count("gelu") == 2
+    functional = GELUFunctional()
+    program = compare(functional, (6,), [n for n, _ in functional.named_parameters()], k,
+                      seed=16)
+    assert [step.kind for step in program.steps] == ["affine", "gelu", "add", "gelu", "affine"]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("k", [1, 3])
+def test_layer_norm_matches_jvp(affine, k):
+    """Over the last axis of a sequence, and over the last two axes."""
+    model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6, elementwise_affine=affine),
+                          nn.Tanh(), nn.LayerNorm((4, 6), elementwise_affine=affine),
+                          nn.Flatten(), nn.Linear(24, 3))
+    names = [n for n, _ in model.named_parameters()]
+    program = compare(model, (4, 5), names, k, seed=17)
+    assert [step.kind for step in program.steps].count("layernorm") == 2
+    compare(model, (4, 5), [n for n in names if n.startswith(("1.", "3."))] or names[:2], k,
+            seed=18)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_group_norm_matches_jvp(k):
+    """On 2-d images (a group of several channels, channels-last on CPU) and 1-d signals
+    (one channel per group, no affine parameters)."""
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 3 * 3, 3))
+    names = [n for n, _ in model.named_parameters()]
+    program = compare(model, (2, 6, 6), names, k, seed=19)
+    assert "groupnorm" in [step.kind for step in program.steps]
+    compare(model, (2, 6, 6), ["1.weight", "1.bias"], k, seed=20)
+    signal = nn.Sequential(nn.Conv1d(1, 4, 3), nn.GroupNorm(4, 4, affine=False), nn.Flatten(),
+                           nn.Linear(4 * 6, 2))
+    compare(signal, (1, 8), [n for n, _ in signal.named_parameters()], k, seed=21)
+
+
+class TinyEncoder(nn.Module):
+    """Token embeddings, a pre-norm feed-forward block with a residual add, a final LayerNorm
+    and a dense head over the flattened positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.norm = nn.LayerNorm(6)
+        self.up = nn.Linear(6, 8)
+        self.down = nn.Linear(8, 6)
+        self.final = nn.LayerNorm(6)
+        self.head = nn.Linear(4 * 6, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        h = h + self.down(F.gelu(self.up(self.norm(h))))
+        return self.head(torch.flatten(self.final(h), 1))
+
+
+@pytest.mark.parametrize("which", ["all", "embedding"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_embedding_matches_jvp(which, k):
+    model = TinyEncoder()
+    names = [n for n, _ in model.named_parameters() if which == "all" or n.startswith("embed")]
+    program = compare(model, (4,), names, k, seed=22, tokens=11)
+    assert [step.kind for step in program.steps] == [
+        "embedding", "layernorm", "affine", "gelu", "affine", "add", "layernorm", "flatten",
+        "affine"]
+
+
+def test_influence_scores_through_the_added_layers_by_the_fused_pass():
+    """The new layers end to end: ``Influence`` takes the fused pass on a GroupNorm / GELU /
+    LayerNorm network and its scores are the per-sample-gradient ones."""
+    _, train, val = make_problem("cnn", n_train=16, n_val=4)
+    model = randomise_norms(nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.GELU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64, 6), nn.LayerNorm(6), nn.GELU("tanh"), nn.Linear(6, 3),
+    ).double(), torch.Generator().manual_seed(24))
+    influence = fi.Influence(model, train, val, params="all", hessian="gauss-newton")
+    assert influence.report.scoring == "fused-tangent", influence.report.scoring_reason
+    plist = list(model.parameters())
+    expected = -(reference.per_sample_grads(model, plist, *train) @ influence.ihvp)
+    torch.testing.assert_close(influence.scores(), expected, rtol=1e-9, atol=1e-11)
+
+
+def test_an_embedding_with_a_padding_index_is_left_to_jvp():
+    """Autograd gives the padding row no gradient; forward mode (``jvp`` too) moves it."""
+    model = nn.Sequential(nn.Embedding(5, 3, padding_idx=0), nn.Flatten(),
+                          nn.Linear(6, 2)).double()
+    tokens = torch.tensor([[0, 1], [2, 3]])
+    program, reason = TangentProgram.compile(model, tokens, state(model),
+                                             [n for n, _ in model.named_parameters()])
+    assert program is None and "padding_idx" in reason

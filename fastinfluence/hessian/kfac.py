@@ -1,8 +1,10 @@
 """K-FAC and EK-FAC: Kronecker-factored Gauss-Newton curvature with a closed-form inverse.
 
-For a Linear or Conv2d layer with input patches ``a_t`` (a trailing 1 for the bias) and
-output gradients ``g_t`` at positions ``t`` (one position for a Linear on ``[batch, features]``;
-every output pixel of a convolution), the layer's block of the Gauss-Newton matrix is
+For a layer ``y_t = W a_t (+ b)`` — a Linear or Conv2d, or any layer type the layer
+registry (:mod:`fastinfluence.layers`) gives a K-FAC rule — with input patches ``a_t`` (a
+trailing 1 for the bias) and output gradients ``g_t`` at positions ``t`` (one position for a
+Linear on ``[batch, features]``; every output pixel of a convolution), the layer's block of
+the Gauss-Newton matrix is
 
     ``G = mean_i Σ_c vec(Σ_t g_itc a_itᵀ) vec(Σ_t g_itc a_itᵀ)ᵀ``,
 
@@ -29,11 +31,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastinfluence.functional import FunctionalModel
 from fastinfluence.labelled_data import LabelledData
+from fastinfluence.layers.registry import KroneckerRule, NotCovered, kfac_rule, registered
 from fastinfluence.progress import progress_bar
 
 KRONECKER_CURVATURES = ("kfac", "ekfac")
@@ -41,22 +43,24 @@ KRONECKER_CURVATURES = ("kfac", "ekfac")
 
 @dataclass
 class KroneckerLayer:
-    """One Linear or Conv2d layer of θ_S and its factors.
+    """One layer of θ_S that the layer registry's K-FAC rules cover, and its factors.
 
     Attributes:
         name: the module's name; ``weight``/``bias`` are the parameter names (``bias`` ``""``
             without one).
         module: the layer.
         offsets: where its weight and bias sit in the flat θ_S (``-1`` for no bias).
+        rule: how its input patches and output gradients are read.
         activations: ``A`` ``[in (+1), in (+1)]``; ``gradients``: ``S`` ``[out, out]``.
         eigen: after :meth:`KroneckerCurvature.fit`, ``(Q_A, Q_S, eigenvalues [out, in (+1)])``.
     """
 
     name: str
-    module: nn.Linear | nn.Conv2d
+    module: nn.Module
     weight: str
     bias: str
     offsets: tuple[int, int]
+    rule: KroneckerRule
     activations: torch.Tensor | None = None
     gradients: torch.Tensor | None = None
     eigen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -64,17 +68,20 @@ class KroneckerLayer:
     @property
     def out_features(self) -> int:
         """Rows of the layer's matrix view (output channels)."""
-        return self.module.weight.shape[0]
+        weight = self.module.weight
+        return weight.shape[1] if self.rule.transposed else weight.shape[0]
 
     @property
     def in_features(self) -> int:
         """Columns of the layer's matrix view, the bias column included."""
-        return self.module.weight[0].numel() + int(bool(self.bias))
+        weight = self.module.weight
+        columns = weight.shape[0] if self.rule.transposed else weight[0].numel()
+        return columns + int(bool(self.bias))
 
 
 def kronecker_layers(fmodel: FunctionalModel) -> list[KroneckerLayer]:
-    """The Linear/Conv2d layers whose parameters make up θ_S, or a ValueError naming what
-    else the selection holds."""
+    """The layers whose parameters make up θ_S, each with its registered K-FAC rule
+    (:mod:`fastinfluence.layers`), or a ValueError naming what else the selection holds."""
     selection = fmodel.selection
     offsets, start = {}, 0
     for name, shape in zip(selection.names, selection.shapes, strict=True):
@@ -84,10 +91,13 @@ def kronecker_layers(fmodel: FunctionalModel) -> list[KroneckerLayer]:
     covered: set[str] = set()
     layers = []
     for module_name, module in fmodel.model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        found = kfac_rule(module)
+        if found is None or isinstance(found[1], NotCovered):
             continue
+        rule = found[1]
         weight = canonical[id(module.weight)]
-        bias = canonical[id(module.bias)] if module.bias is not None else ""
+        bias_tensor = getattr(module, "bias", None)  # an Embedding has none
+        bias = canonical[id(bias_tensor)] if bias_tensor is not None else ""
         if weight in covered or bias in covered:
             raise ValueError(f"K-FAC does not support parameters shared between layers "
                              f"({module_name!r} reuses {weight!r})")
@@ -97,20 +107,32 @@ def kronecker_layers(fmodel: FunctionalModel) -> list[KroneckerLayer]:
             continue
         if bias and bias not in offsets:
             raise ValueError(f"K-FAC needs both the weight and the bias of {module_name!r}")
-        if isinstance(module, nn.Conv2d) and (module.groups != 1
-                                              or module.padding_mode != "zeros"):
-            raise ValueError(f"K-FAC supports Conv2d with groups=1 and zero padding only "
-                             f"({module_name!r})")
+        reason = rule.check(module)
+        if reason is not None:
+            raise ValueError(f"{reason} ({module_name!r})")
         covered.update({weight, bias} - {""})
         layers.append(KroneckerLayer(module_name, module, weight, bias,
-                                     (offsets[weight], offsets[bias] if bias else -1)))
+                                     (offsets[weight], offsets[bias] if bias else -1), rule))
     others = [name for name in selection.names if name not in covered]
     if others:
+        kinds = [kind.__name__ for kind, entry in registered().items()
+                 if entry.kfac is not None and not isinstance(entry.kfac, NotCovered)]
         raise ValueError(
-            f"hessian='kfac'/'ekfac' covers the parameters of Linear and Conv2d layers; the "
-            f"selection also holds {others[:6]}: select the Linear/Conv2d modules by name"
+            f"hessian='kfac'/'ekfac' covers the parameters of layers with K-FAC factors "
+            f"({', '.join(kinds)}); the selection also holds {others[:6]}"
+            f"{_why_not(fmodel.model, others[0])}: select the {'/'.join(kinds)} modules by name"
         )
     return layers
+
+
+def _why_not(model: nn.Module, parameter: str) -> str:
+    """`` (<type> '<module>': <why K-FAC declines it>)`` for the module that owns
+    ``parameter``."""
+    owner_name, _, attribute = parameter.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    found = kfac_rule(owner)
+    reason = "no K-FAC rule is registered for it" if found is None else found[1].check(owner)
+    return f" ({type(owner).__name__} {owner_name!r}: {reason})"
 
 
 class KroneckerCurvature:
@@ -190,7 +212,11 @@ class KroneckerCurvature:
         """The rows of ``vectors`` as the layer's ``[k, out, in (+1)]`` matrices."""
         start = layer.offsets[0]
         size = layer.module.weight.numel()
-        weight = vectors[:, start:start + size].reshape(len(vectors), layer.out_features, -1)
+        weight = vectors[:, start:start + size]
+        if layer.rule.transposed:
+            weight = weight.reshape(len(vectors), -1, layer.out_features).transpose(1, 2)
+        else:
+            weight = weight.reshape(len(vectors), layer.out_features, -1)
         if not layer.bias:
             return weight
         bias = vectors[:, layer.offsets[1]:layer.offsets[1] + layer.out_features]
@@ -199,8 +225,10 @@ class KroneckerCurvature:
     def _write(self, layer: KroneckerLayer, matrix: torch.Tensor, out: torch.Tensor) -> None:
         start = layer.offsets[0]
         size = layer.module.weight.numel()
-        columns = layer.module.weight[0].numel()
-        out[:, start:start + size] = matrix[:, :, :columns].reshape(len(out), -1)
+        weight = matrix[:, :, :layer.in_features - int(bool(layer.bias))]
+        if layer.rule.transposed:
+            weight = weight.transpose(1, 2)
+        out[:, start:start + size] = weight.reshape(len(out), -1)
         if layer.bias:
             out[:, layer.offsets[1]:layer.offsets[1] + layer.out_features] = matrix[:, :, -1]
 
@@ -240,12 +268,13 @@ class KroneckerCurvature:
                 )
             roots, _ = fmodel.loss_hessian_roots(logits.detach(), y)  # its PSD part
             names = [layer.name for layer in self.layers]
+            by_name = {layer.name: layer for layer in self.layers}
             grads: dict[str, list[torch.Tensor]] = {name: [] for name in names}
             for column in roots:
                 pieces = torch.autograd.grad(logits, [outputs[n] for n in names], column,
                                              retain_graph=True)
                 for name, piece in zip(names, pieces, strict=True):
-                    grads[name].append(_positions(piece))
+                    grads[name].append(by_name[name].rule.positions(piece))
             patches = {layer.name: self._patches(layer, inputs[layer.name].detach())
                        for layer in self.layers}
             yield patches, {name: torch.stack(values) for name, values in grads.items()}
@@ -263,22 +292,8 @@ class KroneckerCurvature:
 
     @staticmethod
     def _patches(layer: KroneckerLayer, x: torch.Tensor) -> torch.Tensor:
-        module = layer.module
-        if isinstance(module, nn.Conv2d):
-            unfolded = F.unfold(x, module.kernel_size, module.dilation, module.padding,
-                                module.stride)
-            patches = unfolded.transpose(1, 2)
-        else:
-            patches = x.reshape(len(x), -1, x.shape[-1])
+        patches = layer.rule.patches(layer.module, x)
         if layer.bias:
             ones = patches.new_ones(*patches.shape[:2], 1)
             patches = torch.cat([patches, ones], dim=2)
         return patches
-
-
-def _positions(gradient: torch.Tensor) -> torch.Tensor:
-    """A layer's output gradient as ``[B, T, out]`` (positions ``T`` between batch and
-    channels for a convolution; the middle dimensions of a Linear)."""
-    if gradient.ndim == 4:
-        return gradient.flatten(2).transpose(1, 2)
-    return gradient.reshape(len(gradient), -1, gradient.shape[-1])

@@ -34,6 +34,53 @@ def test_one_linear_layer_with_squared_error_is_exact_gauss_newton(hessian, bias
     torch.testing.assert_close(inf.ihvp, s, rtol=1e-10, atol=1e-12)
 
 
+class AsIndices(nn.Module):
+    """Token ids given as floating-point numbers (as the float64 oracle takes inputs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.long()
+
+
+@pytest.mark.parametrize("hessian", ["kfac", "ekfac"])
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_one_embedding_with_squared_error_is_exact_gauss_newton(hessian, padding_idx):
+    """An Embedding is a Linear over one-hot inputs (weight ``Wᵀ``): on one position with a
+    constant output Hessian its factors are exact; a padding token has no gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(AsIndices(), nn.Embedding(6, 3, padding_idx=padding_idx),
+                          nn.Flatten()).double()
+    tokens = torch.randint(0, 6, (25, 1)).double()
+    Y = torch.randn(25, 3, dtype=torch.float64)
+    inf = fi.Influence(model, (tokens, Y), (tokens[:6], Y[:6]), params="all", loss_fn=mse,
+                       hessian=hessian, damping=0.1)
+    plist = list(model.parameters())
+    matrix = reference.gauss_newton(model, plist, tokens, Y, loss_fn=mse)
+    torch.testing.assert_close(inf.backend.dense(), matrix, rtol=1e-10, atol=1e-12)
+    gradient = reference.mean_loss_grad(model, plist, tokens[:6], Y[:6], loss_fn=mse)
+    s = torch.linalg.solve(matrix + 0.1 * torch.eye(len(matrix), dtype=matrix.dtype), gradient)
+    torch.testing.assert_close(inf.ihvp, s, rtol=1e-10, atol=1e-12)
+
+
+def test_layers_without_kfac_factors_are_refused_by_name():
+    """The refusal names the layer and quotes the registry's reason."""
+    model = nn.Sequential(nn.Embedding(11, 6), nn.LayerNorm(6), nn.Flatten(),
+                          nn.Linear(24, 3)).double()
+    tokens = torch.randint(0, 11, (12, 4), generator=torch.Generator().manual_seed(23))
+    data = (tokens, torch.randint(0, 3, (12,)))
+    with pytest.raises(ValueError, match=r"the selection also holds \['1.weight', '1.bias'\] "
+                                         r"\(LayerNorm '1': its weight scales each feature"):
+        fi.Influence(model, data, data, params="all", hessian="kfac")
+    signal = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(16, 3)).double()
+    data = (torch.randn(12, 1, 10, dtype=torch.float64), torch.randint(0, 3, (12,)))
+    with pytest.raises(ValueError, match=r"\(Conv1d '0': K-FAC's factors are implemented for "
+                                         r"Conv2d"):
+        fi.Influence(signal, data, data, params="all", hessian="ekfac")
+    large = nn.Sequential(nn.Embedding(5000, 2), nn.Flatten()).double()
+    data = (torch.randint(0, 5000, (12, 1)), torch.randn(12, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"5000 embeddings exceed 4096"):
+        fi.Influence(large, data, data, params="all", loss_fn=mse, hessian="kfac")
+
+
 def layer_jacobians(model: nn.Module, layer: nn.Module, x: torch.Tensor):
     """The layer's input and the Jacobian of the logits w.r.t. its output, for one sample,
     by adding a zero perturbation to the output and differentiating along it."""
@@ -172,7 +219,7 @@ def test_scores_correlate_with_exact_gauss_newton_scores(seed):
 
 def test_selections_kfac_cannot_factor_are_refused_clearly():
     model, train, val = make_problem("cnn", seed=1)
-    with pytest.raises(ValueError, match="Linear and Conv2d"):
+    with pytest.raises(ValueError, match=r"layers with K-FAC factors \(Linear, Conv2d"):
         fi.Influence(model, train, val, params="all", hessian="kfac")
 
     class Tied(nn.Module):

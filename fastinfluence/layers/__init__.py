@@ -1,0 +1,46 @@
+"""The layer registry: per layer type, its fused-tangent rule, its K-FAC factor rule and its
+inference fold (:mod:`fastinfluence.layers.registry`), one file per layer family.
+
+Adding a layer is one registration in its family's file (or in user code, before scoring)::
+
+    from fastinfluence.layers import Rule, per_direction, register_layer
+
+    @register_layer(nn.LeakyReLU)
+    class LeakyReLURule(Rule):
+        ...
+
+The fused tangent pass (:mod:`fastinfluence.tangent`), K-FAC/EK-FAC
+(:mod:`fastinfluence.hessian.kfac`) and the head's feature pass
+(:mod:`fastinfluence.feature_pass`) all read it.
+"""
+
+# The families register on import (conv imports linear first: K-FAC's messages list Linear,
+# then Conv2d).
+from fastinfluence.layers import activation, conv, embedding, linear, norm, pooling, shape  # noqa: F401
+from fastinfluence.layers.registry import (
+    KroneckerRule,
+    LayerRules,
+    NotCovered,
+    Point,
+    Rule,
+    Site,
+    Step,
+    layer_rules,
+    per_direction,
+    register_layer,
+    registered,
+)
+
+__all__ = [
+    "KroneckerRule",
+    "LayerRules",
+    "NotCovered",
+    "Point",
+    "Rule",
+    "Site",
+    "Step",
+    "layer_rules",
+    "per_direction",
+    "register_layer",
+    "registered",
+]
