@@ -141,6 +141,23 @@ def test_precision_at_k_counts_the_flips_among_the_first_k():
     assert entry == {"k": 4, "flipped_found": 2, "precision": 0.5, "chance_precision": 0.2}
 
 
+def test_result_says_when_no_label_was_flipped(tmp_path):
+    """A split too small for the noise rate to flip any label: no detection numbers (they
+    are undefined without flipped samples), and the result says why."""
+    scores = {name: torch.arange(10.0) for name in DETECTORS}
+    flipped = torch.zeros(10, dtype=torch.bool)
+    orders = {name: torch.argsort(scores[name], descending=True)
+              for name in ("self_influence", "val_influence")}
+    majority = {"class": 1, "class_name": "glioma", "val_accuracy": 0.5}
+    result = demo._result(0.7, 3, majority, orders, 4, scores, flipped)
+    assert result["detection"] is None and result["n_flipped"] == 0
+    assert result["top_k"]["self_influence"]["flipped_found"] == 0
+    lines = demo._result_lines(result, tmp_path / "figure.png")
+    assert lines[0].startswith("result: validation accuracy 0.70, where guessing scores 0.33 "
+                               "and always answering glioma")
+    assert "0 of 10 training labels were flipped" in lines[1]
+
+
 def test_image_size_48_is_rejected_at_argument_parsing(no_data_generation, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--image-size", "48", "--no-progress"])
