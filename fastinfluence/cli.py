@@ -48,9 +48,9 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--label-noise", type=float, default=defaults.label_noise,
                       help="fraction of each training class whose label is flipped")
     demo.add_argument("--slices", type=int, default=defaults.n_slices,
-                      help="slices to generate; None: the generator's default (600)")
+                      help="slices to generate")
     demo.add_argument("--patients", type=int, default=defaults.n_patients,
-                      help="patients to generate; None: the generator's default (120)")
+                      help="patients to generate")
     demo.add_argument("--out", type=Path, default=defaults.out,
                       help="PNG path; summary.json is written next to it")
     demo.add_argument("--progress", action=argparse.BooleanOptionalAction,

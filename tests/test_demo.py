@@ -1,8 +1,11 @@
 """``python -m fastinfluence demo``: a smoke test on a tiny setting (1 epoch, 32², 60 slices),
-its early refusals (bad options, no matplotlib) and its precision@k line."""
+its plain-words result against a recomputation from the run's scores, and its early refusals
+(bad options, no matplotlib)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import sys
@@ -12,6 +15,7 @@ import torch
 
 from fastinfluence import demo
 from fastinfluence.cli import main
+from fastinfluence.robust import DETECTORS
 
 
 @pytest.fixture
@@ -24,67 +28,134 @@ def no_data_generation(monkeypatch):
     monkeypatch.setattr(demo, "make_brain_tumour", generate)
 
 
-def test_demo_writes_figure_and_consistent_summary(tmp_path, capsys):
-    out = tmp_path / "demo" / "influence.png"
-    status = main([
-        "demo", "--epochs", "1", "--image-size", "32", "--slices", "60", "--patients", "12",
-        "--label-noise", "0.25", "--out", str(out), "--no-progress", "--device", "cpu",
-    ])
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """One tiny demo run through the CLI (1 epoch, 32², 60 slices): its printed report,
+    figure path and summary."""
+    out = tmp_path_factory.mktemp("demo") / "influence.png"
+    capture = io.StringIO()
+    with contextlib.redirect_stdout(capture):
+        status = main([
+            "demo", "--epochs", "1", "--image-size", "32", "--slices", "60", "--patients",
+            "12", "--label-noise", "0.25", "--out", str(out), "--no-progress", "--device",
+            "cpu",
+        ])
     assert status == 0
-    printed = capsys.readouterr().out
+    return capture.getvalue(), out, json.loads(out.with_name("summary.json").read_text())
+
+
+def test_demo_writes_figure_and_consistent_summary(small_run):
+    printed, out, summary = small_run
     summary_path = out.with_name("summary.json")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 5_000
     assert str(out) in printed and str(summary_path) in printed
-    assert "precision@" in printed and "most harmful" in printed
-    assert "val and test accuracy are not comparable" in printed
+    assert "highest self-influence" in printed and "most harmful" in printed
 
-    summary = json.loads(summary_path.read_text())
     sizes = summary["sizes"]
-    scores = torch.tensor(summary["scores"])
+    scores = {name: torch.tensor(values, dtype=torch.float64)
+              for name, values in summary["scores"].items()}
     flipped = torch.tensor(summary["flipped"])
-    assert sizes["train"] + sizes["val"] + sizes["test"] == 60
-    assert len(scores) == len(flipped) == sizes["train"]
-    assert torch.isfinite(scores).all() and scores.abs().max() > 0
+    assert sizes["train"] + sizes["val"] == 60
+    assert set(scores) == set(DETECTORS)
+    for values in scores.values():
+        assert len(values) == sizes["train"] and torch.isfinite(values).all()
     assert int(flipped.sum()) == sizes["flipped"] > 0
 
-    # The listed samples are the extremes of the scores, in order, with the right flags.
-    k = len(summary["most_harmful"])
-    assert k == min(8, sizes["train"])
-    order = torch.argsort(scores, descending=True)
-    harmful = [row["score"] for row in summary["most_harmful"]]
-    helpful = [row["score"] for row in summary["most_helpful"]]
-    assert harmful == sorted(harmful, reverse=True) and math.isclose(harmful[0], scores.max())
-    assert helpful == sorted(helpful) and math.isclose(helpful[0], scores.min())
-    for row in summary["most_harmful"] + summary["most_helpful"]:
-        assert row["flipped"] == bool(flipped[row["index"]])
-        assert (row["label"] != row["true_label"]) == row["flipped"]
-
-    # precision@k: the flipped fraction of the k largest scores; chance: the flipped fraction.
-    chance = sizes["flipped"] / len(flipped)
-    for entry in summary["precision_at_k"]:
-        top = order[: entry["k"]]
-        assert entry["flipped_found"] == int(flipped[top].sum())
-        assert math.isclose(entry["precision"], entry["flipped_found"] / entry["k"])
-        assert math.isclose(entry["chance_precision"], chance)
-        assert f"precision@{entry['k']} " in printed
-    assert f"chance level {chance:.2f}" in printed
-    assert "clean" in summary["accuracy_note"] and "noise" in summary["accuracy_note"]
+    # The listed samples are the largest scores of their ranking, in order, with the right
+    # flags.
+    k = min(8, sizes["train"])
+    for key, rows in (("self_influence", summary["most_suspect"]),
+                      ("val_influence", summary["most_harmful"])):
+        listed = [row[key] for row in rows]
+        assert len(rows) == k
+        assert listed == sorted(listed, reverse=True)
+        assert math.isclose(listed[0], scores[key].max())
+        for row in rows:
+            assert row["flipped"] == bool(flipped[row["index"]])
+            assert (row["label"] != row["true_label"]) == row["flipped"]
+            assert math.isclose(row["self_influence"], scores["self_influence"][row["index"]])
+            assert math.isclose(row["val_influence"], scores["val_influence"][row["index"]])
 
     influence = summary["influence"]
     assert influence["path"] == "head-closed-form" and influence["solve"]["converged"]
     assert set(influence["seconds"]) >= {"solve", "scores"}
-    assert all(0 <= value <= 1 for value in summary["accuracy"].values())
 
 
-def test_precision_line_states_the_precision_and_its_chance_level():
+def _auc_by_pairs(scores: torch.Tensor, flipped: torch.Tensor) -> float:
+    """ROC-AUC by its definition: over every (flipped, true) pair, 1 when the flipped sample
+    scores higher, 1/2 on a tie."""
+    pairs = scores[flipped][:, None] - scores[~flipped][None, :]
+    return float(((pairs > 0).double() + 0.5 * (pairs == 0).double()).mean())
+
+
+def test_demo_result_is_computed_from_the_run(small_run):
+    """The plain-words result recomputed from the run's own scores and flip mask: flips in
+    each ranking's top k against k·(flipped fraction), the fraction flipped among each
+    ranking's top n_flipped, ROC-AUC, the validation accuracy against the most common training
+    label's, and the printed lines state exactly those numbers."""
+    printed, out, summary = small_run
+    result = summary["result"]
+    flipped = torch.tensor(summary["flipped"])
+    n_train, n_flipped = len(flipped), int(flipped.sum())
+    assert (result["n_train"], result["n_flipped"]) == (n_train, n_flipped)
+    k = len(summary["most_suspect"])
+    chance = n_flipped / n_train
+    assert set(result["top_k"]) == {"self_influence", "val_influence"}
+    for name, entry in result["top_k"].items():
+        scores = torch.tensor(summary["scores"][name], dtype=torch.float64)
+        found = int(flipped[torch.argsort(scores, descending=True)[:k]].sum())
+        assert entry["k"] == k and entry["flipped_found"] == found
+        assert math.isclose(entry["expected_by_chance"], k * chance)
+        assert (f"{found} of the {k} training samples with the highest "
+                f"{demo.RANKING_NAMES[name]} carry a planted flipped label; a random pick of "
+                f"{k} would hold {k * chance:.1f} ({found / (k * chance):.1f}x chance)"
+                ) in printed
+    assert set(result["detection"]) == set(DETECTORS)
+    for name, metrics in result["detection"].items():
+        scores = torch.tensor(summary["scores"][name], dtype=torch.float64)
+        top = torch.argsort(scores, descending=True)[:n_flipped]
+        if name != "loop":  # LoOP probabilities can tie at the cut (counted by their share)
+            assert math.isclose(metrics["precision"], float(flipped[top].double().mean()))
+        assert math.isclose(metrics["auc"], _auc_by_pairs(scores, flipped))
+        assert (f"{demo.RANKING_NAMES[name]}: {metrics['precision']:.0%} flipped, ROC-AUC "
+                f"{metrics['auc']:.2f}") in printed
+    labels = {name: torch.tensor(values) for name, values in summary["labels"].items()}
+    assert math.isclose(result["val_accuracy"],
+                        float((labels["val_predicted"] == labels["val"]).double().mean()))
+    majority = int(torch.bincount(labels["train_given"]).argmax())
+    assert result["majority"]["class"] == majority
+    assert math.isclose(result["majority"]["val_accuracy"],
+                        float((labels["val"] == majority).double().mean()))
+    assert math.isclose(result["uniform_guess"], 1 / 3)
+    assert f"validation accuracy {result['val_accuracy']:.3f}" in printed
+    assert (f"result: validation accuracy {result['val_accuracy']:.2f}, where guessing scores "
+            f"0.33 and always answering {result['majority']['class_name']}") in printed
+    assert f"figure: {out}" in printed
+
+
+def test_precision_at_k_counts_the_flips_among_the_first_k():
     flipped = torch.tensor([True, False, False, True, False, False, False, False, False, False])
-    harmful_order = torch.tensor([3, 1, 0, 2, 4, 5, 6, 7, 8, 9])
-    entry = demo._precision_at(4, harmful_order, flipped)  # samples 3, 1, 0, 2: two flipped
+    order = torch.tensor([3, 1, 0, 2, 4, 5, 6, 7, 8, 9])
+    entry = demo._precision_at(4, order, flipped)  # samples 3, 1, 0, 2: two flipped
     assert entry == {"k": 4, "flipped_found": 2, "precision": 0.5, "chance_precision": 0.2}
-    line = demo._precision_line(entry)
-    assert "precision@4" in line and "0.50 (2 of 4)" in line
-    assert "chance level 0.20" in line and "2.5x chance" in line
+
+
+def test_result_says_when_no_label_was_flipped(tmp_path):
+    """A split too small for the noise rate to flip any label: no detection numbers (they
+    are undefined without flipped samples), and the result says why."""
+    scores = {name: torch.arange(10.0) for name in DETECTORS}
+    flipped = torch.zeros(10, dtype=torch.bool)
+    orders = {name: torch.argsort(scores[name], descending=True)
+              for name in ("self_influence", "val_influence")}
+    majority = {"class": 1, "class_name": "glioma", "val_accuracy": 0.5}
+    result = demo._result(0.7, 3, majority, orders, 4, scores, flipped)
+    assert result["detection"] is None and result["n_flipped"] == 0
+    assert result["top_k"]["self_influence"]["flipped_found"] == 0
+    lines = demo._result_lines(result, tmp_path / "figure.png")
+    assert lines[0].startswith("result: validation accuracy 0.70, where guessing scores 0.33 "
+                               "and always answering glioma")
+    assert "0 of 10 training labels were flipped" in lines[1]
 
 
 def test_image_size_48_is_rejected_at_argument_parsing(no_data_generation, capsys):

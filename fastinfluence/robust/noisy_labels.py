@@ -24,7 +24,7 @@ from fastinfluence.robust.config import (
     TrainConfig,
 )
 from fastinfluence.robust.loop import Split, Trainer, check_split
-from fastinfluence.scoring import Influence
+from fastinfluence.scoring import Influence, InfluenceReport
 
 # -- OUSM -----------------------------------------------------------------------------------
 
@@ -158,23 +158,33 @@ def penultimate_features(
     """The input of ``model``'s last ``nn.Linear`` (its penultimate features, pooled when
     the model pools), for ``images`` in eval mode, ``[n, d]`` on the CPU. The model's
     ``training`` flag is restored."""
+    return _features_and_outputs(model, images, batch_size, device)[0]
+
+
+def _features_and_outputs(
+    model: nn.Module, images: torch.Tensor, batch_size: int,
+    device: torch.device | str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`penultimate_features` and the model's outputs, from one eval-mode pass."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(f"model {type(model).__name__} has no nn.Linear layer")
     device = next(model.parameters()).device if device is None else torch.device(device)
     captured: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
     handle = linears[-1].register_forward_pre_hook(
         lambda _module, inputs: captured.append(inputs[0].flatten(1).cpu())
     )
     was_training = model.training
     model.eval()
     try:
-        for part in images.split(batch_size):
-            model(part.to(device))
+        with torch.no_grad():
+            for part in images.split(batch_size):
+                outputs.append(model(part.to(device)).cpu())
     finally:
         handle.remove()
         model.train(was_training)
-    return torch.cat(captured)
+    return torch.cat(captured), torch.cat(outputs)
 
 
 def loop_weights(
@@ -467,10 +477,13 @@ class MislabelScores:
             (``I(z)`` on the clean validation loss, > 0 harmful).
         scoring: the influence computation's ``report.scoring`` (and ``report.path``), e.g.
             ``"head-closed-form"``.
+        report: the influence computation's whole report (solver, residual, seconds per
+            stage).
     """
 
     scores: dict[str, torch.Tensor]
     scoring: str
+    report: InfluenceReport
 
 
 def mislabel_scores(
@@ -495,10 +508,8 @@ def mislabel_scores(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            logits = torch.cat([model(part.to(device)).cpu() for part in x.split(batch_size)])
+        features, logits = _features_and_outputs(model, x, batch_size, device)
         losses = F.cross_entropy(logits.double(), y, reduction="none")
-        features = penultimate_features(model, x, batch_size, device)
         outliers = local_outlier_probability(features, y, extent=extent,
                                              n_neighbors=n_neighbors)
         influence = Influence(model, (x, y), check_split(val, "val"), params="last",
@@ -514,4 +525,5 @@ def mislabel_scores(
         scores={"loss": losses, "loop": outliers, "self_influence": self_influence,
                 "val_influence": harmful},
         scoring=scoring,
+        report=influence.report,
     )

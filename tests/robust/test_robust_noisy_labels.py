@@ -368,6 +368,7 @@ def test_mislabel_scores_by_their_definitions(model, splits, head_influence):
     assert model.training
     assert set(found.scores) == set(DETECTORS)
     assert found.scoring == "head-closed-form"
+    assert found.report.path == "head-closed-form" and found.report.solve.converged
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(found.scores["loss"],
