@@ -22,7 +22,7 @@
    labels framed in red) and a JSON summary.
 
 The defaults (64², 480 slices of 96 patients, 10 % flips, 2 epochs of Adam at batch 16) take
-about as long on one CPU thread as the earlier 32² demo, whose model did not learn. On seeds
+about 15 % more CPU time (one thread) than the earlier 32² demo, whose model did not learn. On seeds
 0/1/2 the validation accuracy is 0.65/0.45/0.76 (always the most common class: 0.40/0.27/
 0.44), and 6/7/8 of the 8 highest self-influences are planted flips (chance: 0.8).
 Self-influence is the headline ranking because it finds the flips on every seed tried, while
