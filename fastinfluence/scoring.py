@@ -523,7 +523,7 @@ def _check_arguments(
             f"unknown keyword argument(s) {unknown} of score/Influence; its keywords are "
             f"{list(KEYWORDS)} and the solvers' options {sorted(options)}"
         )
-    check_options(solver_options)
+    check_options(solver_options, solver)
     if not any(True for _ in model.parameters()):
         raise ValueError("the model has no parameters: there is nothing to take influence over")
 

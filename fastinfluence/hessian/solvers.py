@@ -181,14 +181,28 @@ def make_config(solver: str, options: dict, dtype: torch.dtype
     return with_default_tol(config_type(**options), dtype)
 
 
-def check_options(options: dict) -> None:
+AUTO_CHOICES = ("direct", "cg")
+"""The solvers ``solver="auto"`` picks from."""
+
+
+def check_options(options: dict, solver: str) -> None:
     """Check each option's value against every config that has a field of its name (before
-    ``solver="auto"`` is resolved, any of them may be built), raising the config's
+    ``solver="auto"`` is resolved, any of them may be built), and that ``solver`` can take it
+    (``"auto"``: one of :data:`AUTO_CHOICES` does), raising the config's
     ``TypeError``/``ValueError``; names no config has are left to the caller."""
+    candidates = AUTO_CHOICES if solver == "auto" else (solver,)
+    accepted = sorted({f.name for kind in candidates if kind in CONFIGS
+                       for f in fields(CONFIGS[kind])})
     for name, value in options.items():
-        for config_type in CONFIGS.values():
-            if name in {f.name for f in fields(config_type)}:
-                config_type(**{name: value})
+        owners = [kind for kind, config_type in CONFIGS.items()
+                  if name in {f.name for f in fields(config_type)}]
+        if owners and name not in accepted:
+            picks = f" (it picks {' or '.join(AUTO_CHOICES)})" if solver == "auto" else ""
+            raise TypeError(f"unknown option(s) [{name!r}] for solver={solver!r}{picks}; it "
+                            f"accepts {accepted} ({name!r} is an option of "
+                            f"solver={' or '.join(owners)})")
+        for kind in owners:
+            CONFIGS[kind](**{name: value})
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from fastinfluence.hessian.solvers import (
     LiSSAConfig,
     NotPositiveDefiniteError,
     _StallDetector,
+    check_options,
     make_config,
     make_solver,
     power_iteration,
@@ -302,3 +303,17 @@ def test_a_float32_solve_at_its_rounding_floor_does_not_warn():
     with pytest.warns(RuntimeWarning, match="cg solve did not reach tol=0.0001"):
         cut = fi.Influence(model32, train32, val32, params="all", solver="cg", max_iter=1)
     assert not cut.report.solve.converged
+
+
+def test_option_values_are_checked_before_the_solver_is_chosen():
+    check_options({"tol": 1e-3, "max_iter": 10}, "auto")
+    with pytest.raises(TypeError, match="tol must be a finite number > 0, got 'abc'"):
+        check_options({"tol": "abc"}, "auto")
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        check_options({"chunk": 0}, "auto")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['depth'\] for solver='auto' "
+                                        r"\(it picks direct or cg\)"):
+        check_options({"depth": 10}, "auto")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['max_iter'\] for "
+                                        r"solver='direct'; it accepts \['chunk', 'tol'\]"):
+        check_options({"max_iter": 10}, "direct")
