@@ -6,7 +6,8 @@ Every solve returns a :class:`SolveReport` with the *true* relative residual
 ``‖(H + λI)x − b‖ / ‖b‖`` measured after the solve; a solve that misses its tolerance warns.
 
 The iterative solvers' default tolerance (``tol=None``) depends on the compute dtype
-(:func:`default_tol`): a float32 solve's true residual stalls between 1e-6 and 1e-5.
+(:func:`default_tol`): a float32 solve's true residual stalls at a rounding floor (1e-7–5e-6
+on ordinary problems).
 """
 
 from __future__ import annotations
@@ -31,16 +32,16 @@ def default_tol(dtype: torch.dtype) -> float:
     float32 (the only compute dtypes: half-precision models are solved in float32).
 
     The true relative residual ``‖(H + λI)x − b‖/‖b‖`` of a float32 solve stalls at a rounding
-    floor of a few to ~70 float32 epsilons however long CG runs (CG with ``tol=1e-12``,
-    ``max_iter=300``, damping 0.01 / 0.001): 1.4e-6 / 2.8e-6 on a logistic regression of
-    sklearn's digits (``params="last"``), 2.4e-6 / 2.6e-6 on a 50,000-sample one, 5.2e-7 /
-    3.0e-6 on an MLP on the digits (``params="all"``), 6.2e-7 / 8.7e-6 on the benchmark's 32²
-    PaperCNN (``params="all"``, Gauss-Newton). ``1e-6``, the float64 default, sits on that floor
-    (a solve then warns that it missed ``tol`` after converging as far as float32 can);
-    ``1e-4`` keeps a margin of more than 10 over these floors. Badly conditioned float32
-    problems stall higher and still warn, rightly: the same CNN after 50 Adam steps
-    (``benchmarks/default_curvature.py``) stops at 2–5e-4, and its ``s`` is then 1.5e-4 from the
-    float64 solve's (more damping, or float64, is the remedy).
+    floor however long CG runs. ``python benchmarks/float32_tolerance.py --threads 2`` (CG with
+    ``tol=1e-12``, damping 0.01 / 0.001; ``benchmarks/results/float32_tolerance.json``) measured
+    8.7e-7 / 4.6e-6 on a logistic regression of scikit-learn's digits (``params="last"``),
+    1.4e-6 / 1.4e-6 on a 50,000-sample one, 4.8e-7 / 2.4e-6 on an MLP on the digits
+    (``params="all"``), 1.2e-7 / 3.4e-7 on an untrained 32² paper CNN (Gauss-Newton,
+    ``params="all"``). ``1e-6``, the float64 default, sits on these floors (a solve then warns
+    that it missed ``tol`` after converging as far as float32 can); ``1e-4`` keeps a margin of
+    20 over the highest. Badly conditioned float32 problems stall higher and still warn,
+    rightly: the same CNN after 50 Adam steps stops at 5.4e-4 / 7.4e-3 (more damping, or
+    float64, is the remedy).
     """
     return 1e-6 if dtype == torch.float64 else 1e-4
 
