@@ -28,9 +28,18 @@ PINNED=(
     huggingface_hub==2.4.0
 )
 # Common packages they also import: kept at the environment's versions, installed if missing.
+# With --no-deps nothing comes in by itself, so this is the whole closure of what the peers
+# import, checked by installing into a fresh venv that holds only torch: matplotlib's own
+# dependencies (captum.influence imports matplotlib), pandas' and scikit-learn's (pyDVL).
+# Declared by a peer but not imported by the modules bench_peers.py uses, so left out:
+# torchvision (Kronfluence), cvxpy (pyDVL), hf-xet and httpx2 (huggingface_hub).
 COMMON=(
     matplotlib numpy packaging tqdm pandas scikit-learn scipy joblib typing-extensions jinja2
     markupsafe urllib3 zipp importlib-metadata pyyaml filelock fsspec
+    # matplotlib
+    pillow python-dateutil six tzdata pyparsing cycler kiwisolver fonttools contourpy
+    # scikit-learn
+    threadpoolctl narwhals
 )
 
 if [[ "${1:-}" == "--download" ]]; then
@@ -70,7 +79,10 @@ fi
 import importlib
 
 failed = []
-for module in ("captum.influence", "pydvl.influence.torch", "kronfluence"):
+# Every peer module bench_peers.py imports.
+for module in ("captum.influence", "captum.influence._core.arnoldi_influence_function",
+               "pydvl.influence", "pydvl.influence.torch", "kronfluence.analyzer",
+               "kronfluence.arguments", "kronfluence.task"):
     try:
         importlib.import_module(module)
         print(f"import {module}: ok")

@@ -5,12 +5,16 @@ called with ``--model-kwargs``) and ``--checkpoint`` (a ``state_dict``, or a dic
 under ``"state_dict"`` or ``"model"``, read with ``weights_only=True``). Data is a ``.pt``
 file (a tensor, an ``(X, y)`` pair or a dict with ``x``/``y``), a ``.npy`` array with its labels
 in ``--train-labels``/``--val-labels``, or an image folder (one subfolder per class, sorted
-names → labels 0, 1, ...). The result goes to ``--out`` as resumable chunks
-(:mod:`fastinfluence.sharded_output`); a rerun with the same settings finishes what is missing.
+names → labels 0, 1, ...). ``--loss`` and ``--output`` name, in the same ``module:callable``
+form, the per-sample loss ``loss(output, y) -> [batch]`` and the selector of the tensor it reads
+from the model's output (defaults: cross-entropy on the output itself). The result goes to
+``--out`` as resumable chunks (:mod:`fastinfluence.sharded_output`); a rerun with the same
+settings finishes what is missing.
 
 Under ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set) the process group is initialised (gloo on
 CPU, NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``) before the ``Influence`` is built and
-destroyed at the end; only rank 0 writes and prints.
+destroyed at the end; only rank 0 writes and prints, warnings included (every rank runs the
+same solves, so the others would repeat them).
 
 Every input error (:class:`CommandError`) is found before the influence work starts.
 """
@@ -21,7 +25,8 @@ import argparse
 import importlib
 import json
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fastinfluence._optional import require
+from fastinfluence.params import select_parameters
 from fastinfluence.sharded_output import DEFAULT_CHUNK_SIZE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -66,6 +72,8 @@ class ScoreConfig:
     image_mode: str = "RGB"
     image_size: int | None = None
     progress: bool = True
+    loss: str | None = None
+    output: str | None = None
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -90,22 +98,32 @@ def json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def build_model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
-    """Call the factory named by ``spec`` (``pkg.module:callable``) with ``kwargs``."""
+def import_callable(spec: str, option: str) -> Callable[..., Any]:
+    """The callable named by ``spec`` (``pkg.module:callable``, dotted attributes allowed), or a
+    :class:`CommandError` naming ``option``."""
     module_name, separator, attribute = spec.partition(":")
     if not separator or not module_name or not attribute:
-        raise CommandError(f"--model must be pkg.module:callable, got {spec!r}")
+        raise CommandError(f"{option} must be pkg.module:callable, got {spec!r}")
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as error:
-        raise CommandError(f"--model: cannot import module {module_name!r}: {error}") from error
+        raise CommandError(f"{option}: cannot import module {module_name!r}: {error}") from error
     for part in attribute.split("."):
         if not hasattr(target, part):
-            raise CommandError(f"--model: module {module_name!r} has no attribute {attribute!r}")
+            raise CommandError(f"{option}: module {module_name!r} has no attribute {attribute!r}")
         target = getattr(target, part)
     if not callable(target):
-        raise CommandError(f"--model: {spec} is not callable")
-    model = target(**kwargs)
+        raise CommandError(f"{option}: {spec} is not callable")
+    return target
+
+
+def build_model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Call the factory named by ``spec`` (``pkg.module:callable``) with ``kwargs``."""
+    factory = import_callable(spec, "--model")
+    try:
+        model = factory(**kwargs)
+    except TypeError as error:  # the keywords do not fit the factory's signature
+        raise CommandError(f"--model-kwargs: {spec}(**{kwargs!r}) failed: {error}") from error
     if not isinstance(model, nn.Module):
         raise CommandError(
             f"--model: {spec}(**model_kwargs) returned {type(model).__name__}, not a "
@@ -266,31 +284,75 @@ def load_data(path: Path, labels: Path | None, option: str, mode: str,
     return inputs, targets
 
 
-def check_model_takes(model: nn.Module, data: Any, option: str, device: torch.device) -> None:
-    """Run ``model`` on two samples of ``data``, raising naming the data when it fails."""
+CALL_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError)
+"""What a model, output selector or loss raises on inputs it cannot take."""
+
+
+def check_model_takes(model: nn.Module, data: Any, option: str, device: torch.device,
+                      output: Callable[[Any], Any] | None = None,
+                      loss: Callable[[Any, torch.Tensor], Any] | None = None) -> None:
+    """Run ``model`` on two samples of ``data``, then ``output`` and ``loss`` on its output
+    and their labels; raise naming the data, ``--output`` or ``--loss`` when one fails or the
+    loss does not hold one value per sample."""
     if isinstance(data, tuple):
-        inputs = data[0][:2]
+        inputs, labels = data[0][:2], data[1][:2]
     else:
-        inputs = torch.stack([torch.as_tensor(data[i][0]) for i in range(min(2, len(data)))])
+        try:
+            samples = [data[i] for i in range(min(2, len(data)))]
+        except (OSError, ValueError) as error:  # Pillow: an unreadable file, a bad mode
+            raise CommandError(f"{option}: cannot read its first samples: {error}") from error
+        inputs = torch.stack([torch.as_tensor(sample[0]) for sample in samples])
+        labels = torch.as_tensor([sample[1] for sample in samples])
     first = next(model.parameters())
     if inputs.is_floating_point():
         inputs = inputs.to(first.dtype)
-    try:
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        try:
             try:
-                model(inputs.to(device))
-            finally:
-                model.train(was_training)
-    except (RuntimeError, ValueError, TypeError, IndexError) as error:
-        raise CommandError(f"{option}: the model cannot take these inputs (two samples of "
-                           f"shape {tuple(inputs.shape)}, dtype {inputs.dtype}): {error}"
-                           ) from error
+                result = model(inputs.to(device))
+            except CALL_ERRORS as error:
+                raise CommandError(
+                    f"{option}: the model cannot take these inputs (two samples of shape "
+                    f"{tuple(inputs.shape)}, dtype {inputs.dtype}): {error}") from error
+            if output is not None:
+                try:
+                    result = output(result)
+                except CALL_ERRORS as error:
+                    raise CommandError(f"--output: cannot select from the model's output on "
+                                       f"{option}: {error}") from error
+            if loss is not None:
+                try:
+                    values = loss(result, labels.to(device))
+                except CALL_ERRORS as error:
+                    raise CommandError(f"--loss: fails on two samples of {option}: {error}"
+                                       ) from error
+                if not isinstance(values, torch.Tensor) or values.shape != (len(labels),):
+                    shape = (tuple(values.shape) if isinstance(values, torch.Tensor)
+                             else type(values).__name__)
+                    raise CommandError(f"--loss must return one loss per sample, shape "
+                                       f"({len(labels)},) on two samples of {option}; got "
+                                       f"{shape} (use reduction='none')")
+        finally:
+            model.train(was_training)
 
 
 def _params(text: str) -> str | list[str]:
     return text if text in ("last", "all") else [name for name in text.split(",") if name]
+
+
+def _check_device(device: str) -> None:
+    """``--device`` must name a device of this machine."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise CommandError(f"--device: {error}") from error
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: CUDA is not available on this machine")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise CommandError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                           "CUDA device(s)")
 
 
 def _distributed_device(requested: str | None) -> tuple[bool, str | None]:
@@ -313,11 +375,23 @@ def run_score(config: ScoreConfig) -> dict[str, Any]:
     """Check every input, then score and write to ``config.out``; returns a summary (what,
     samples, whether ``s`` was reused, the report's path/solver/hessian, the process group
     when distributed)."""
+    from fastinfluence.hessian.solvers import check_options
     from fastinfluence.scoring import Influence, _check_arguments, _check_chunking
     from fastinfluence.sharded_output import SettingsMismatchError, is_writer
 
     if config.what not in WHAT:
         raise CommandError(f"--what must be one of {WHAT}, got {config.what!r}")
+    for name, value in config.options.items():
+        try:
+            check_options({name: value}, config.solver)
+        except (TypeError, ValueError) as error:
+            raise CommandError(f"--option {name}={value}: {error}") from error
+    if config.device is not None:
+        _check_device(config.device)
+    if config.image_size is not None and config.image_size < 1:
+        raise CommandError(f"--image-size must be a positive integer, got {config.image_size}")
+    loss = None if config.loss is None else import_callable(config.loss, "--loss")
+    output = None if config.output is None else import_callable(config.output, "--output")
     model = build_model(config.model, config.model_kwargs)
     try:
         _check_arguments(model, config.solver, config.hessian, config.damping,
@@ -325,6 +399,12 @@ def run_score(config: ScoreConfig) -> dict[str, Any]:
         _check_chunking(config.out, config.chunk_size)
     except (TypeError, ValueError) as error:
         raise CommandError(str(error)) from error
+    params = _params(config.params)
+    if isinstance(params, list):  # names resolve without running the model
+        try:
+            select_parameters(model, params)
+        except (TypeError, ValueError) as error:
+            raise CommandError(f"--params: {str(error).removeprefix('params: ')}") from error
     load_checkpoint(model, config.checkpoint)
     train = load_data(config.train, config.train_labels, "--train", config.image_mode,
                       config.image_size)
@@ -334,19 +414,24 @@ def run_score(config: ScoreConfig) -> dict[str, Any]:
     try:
         compute_device = torch.device(device) if device else next(model.parameters()).device
         model.to(compute_device)
-        check_model_takes(model, train, "--train", compute_device)
-        check_model_takes(model, val, "--val", compute_device)
-        try:
-            influence = Influence(
-                model, train, val, params=_params(config.params), solver=config.solver,
-                damping=config.damping, hessian=config.hessian, batch_size=config.batch_size,
-                device=compute_device, progress=config.progress and is_writer(),
-                out=config.out, **config.options,
-            )
-            query = influence.scores if config.what == "scores" else influence.self_influence
-            result = query(out=config.out, chunk_size=config.chunk_size)
-        except SettingsMismatchError as error:
-            raise CommandError(f"--out: {error}") from error
+        check_model_takes(model, train, "--train", compute_device, output, loss)
+        check_model_takes(model, val, "--val", compute_device, output, loss)
+        with warnings.catch_warnings():
+            if not is_writer():
+                warnings.simplefilter("ignore")
+            try:
+                influence = Influence(
+                    model, train, val, loss_fn=loss, params=params,
+                    solver=config.solver, damping=config.damping, hessian=config.hessian,
+                    batch_size=config.batch_size, device=compute_device,
+                    progress=config.progress and is_writer(), output=output, out=config.out,
+                    **config.options,
+                )
+                query = (influence.scores if config.what == "scores"
+                         else influence.self_influence)
+                result = query(out=config.out, chunk_size=config.chunk_size)
+            except SettingsMismatchError as error:
+                raise CommandError(f"--out: {error}") from error
         report = influence.report
         distributed = torch.distributed
         if started:  # no rank tears the group down while a peer still talks to it
@@ -390,6 +475,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, ...; None: where the model is built (cuda:LOCAL_RANK "
                         "under torchrun when CUDA is available)")
+    parser.add_argument("--loss", default=None,
+                        help="pkg.module:callable, the per-sample loss loss(output, y) -> "
+                        "[batch]; default: cross-entropy on the logits")
+    parser.add_argument("--output", default=None,
+                        help="pkg.module:callable picking the tensor the loss reads from the "
+                        "model's output (e.g. of a dict); default: the output itself")
     parser.add_argument("--option", type=parse_option, action="append", default=[],
                         metavar="KEY=VALUE", help="solver option, e.g. tol=1e-8 (repeatable)")
     parser.add_argument("--image-mode", default="RGB",

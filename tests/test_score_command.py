@@ -5,6 +5,7 @@ environment."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_models import tiny_image_model, tiny_mlp
+from cli_models import halved, squared_error, tiny_image_model, tiny_mlp
 from problems import relative_error
 
 import fastinfluence as fi
@@ -171,6 +172,65 @@ def test_other_input_errors_come_before_work(saved, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_option_values_of_the_wrong_type_are_usage_errors(saved, tmp_path, capsys):
+    _, _, _, paths = saved
+    out = tmp_path / "out"
+    message = error_of(capsys, arguments(paths, out, "--option", "tol=abc"))
+    assert "--option tol=abc: tol must be a finite number > 0, got 'abc'" in message
+    assert "Traceback" not in message
+    message = error_of(capsys, arguments(paths, out, "--option", "max_iter=1.5"))
+    assert "--option max_iter=1.5: max_iter must be an integer >= 1, got 1.5" in message
+    message = error_of(capsys, arguments(paths, out, "--model-kwargs", '{"width": 4}'))
+    assert "--model-kwargs: cli_models:tiny_mlp(**{'width': 4}) failed" in message
+    assert "'width'" in message
+    message = error_of(capsys, arguments(paths, out, "--option", "scale=2"))  # with --solver cg
+    assert "--option scale=2: unknown option(s) ['scale'] for solver='cg'" in message
+    message = error_of(capsys, arguments(paths, out, "--params", "0,bogus"))
+    assert "--params: no module or parameter named 'bogus'" in message
+    assert "--device: " in error_of(capsys, arguments(paths, out, "--device", "abacus"))
+    assert not out.exists()
+
+
+def test_loss_and_output_selector_from_the_command_line(saved, tmp_path, capsys):
+    model, train, val, paths = saved
+    out = tmp_path / "out"
+    chosen = ("--loss", "cli_models:squared_error", "--output", "cli_models:halved")
+    assert main(arguments(paths, out, *chosen)) == 0
+    influence = fi.Influence(model, train, val, loss_fn=squared_error, output=halved,
+                             params="all", damping=0.5, solver="cg", tol=1e-12, max_iter=500)
+    assert relative_error(read_output(out, "scores"), influence.scores()) <= 1e-12
+    default = fi.Influence(model, train, val, params="all", damping=0.5, solver="cg",
+                           tol=1e-12, max_iter=500)
+    assert relative_error(influence.scores(), default.scores()) > 0.1  # they were used
+
+    other = tmp_path / "other"
+    message = error_of(capsys, arguments(paths, other, "--loss", "cli_models:absent"))
+    assert "--loss: module 'cli_models' has no attribute 'absent'" in message
+    message = error_of(capsys, arguments(paths, other, "--output", "cli_models"))
+    assert "--output must be pkg.module:callable, got 'cli_models'" in message
+    message = error_of(capsys, arguments(paths, other, "--loss", "cli_models:mean_squared_error"))
+    assert "--loss must return one loss per sample, shape (2,) on two samples of --train; " \
+        "got ()" in message
+    message = error_of(capsys, arguments(paths, other, "--output", "cli_models:tiny_mlp"))
+    assert "--output: cannot select from the model's output on --train" in message
+    assert not other.exists()
+
+
+def test_progress_is_one_line_per_stage_when_stderr_is_not_a_terminal(saved, tmp_path, capsys):
+    _, _, _, paths = saved
+    argv = arguments(paths, tmp_path / "out")
+    argv.remove("--no-progress")
+    assert main(argv) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines, "no progress at all"
+    stages = [re.fullmatch(r"(.+): (\d+) in \d+\.\d s", line) for line in lines]
+    assert all(stages), lines
+    # the solve, its true-residual check, the scores (30 samples in chunks of 7); the products
+    # inside each CG iteration are stages of the solve and write nothing
+    assert [stage[1] for stage in stages] == ["CG", "Hessian-vector product", "scores chunks"]
+    assert stages[-1][2] == "5"
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -200,14 +260,17 @@ def test_torchrun_with_two_ranks_writes_once(saved, tmp_path):
     out = tmp_path / "out"
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    # CG capped at 3 iterations: every rank runs the same solve, which warns once, on rank 0.
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "fastinfluence", *arguments(paths, out)],
+         "-m", "fastinfluence", *arguments(paths, out, "--option", "max_iter=3")],
         env=environment, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("scores of 30 samples written") == 1  # rank 0 alone reports
+    assert run.stderr.count("cg solve did not reach tol=1e-12") == 1, run.stderr[-3000:]
     assert "torch.distributed gloo, 2 rank(s)" in run.stdout
     assert not list(out.glob("*.tmp"))
-    influence = fi.Influence(model, train, val, params="all", damping=0.5, solver="cg",
-                             tol=1e-12, max_iter=500)
+    with pytest.warns(RuntimeWarning, match="cg solve did not reach"):
+        influence = fi.Influence(model, train, val, params="all", damping=0.5, solver="cg",
+                                 tol=1e-12, max_iter=3)
     assert relative_error(read_output(out, "scores"), influence.scores()) <= 1e-12

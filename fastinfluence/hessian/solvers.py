@@ -4,6 +4,10 @@
 ``(H + λI)^{-1} b`` and nothing else. LiSSA's ``scale`` is an internal step size, not damping.
 Every solve returns a :class:`SolveReport` with the *true* relative residual
 ``‖(H + λI)x − b‖ / ‖b‖`` measured after the solve; a solve that misses its tolerance warns.
+
+The iterative solvers' default tolerance (``tol=None``) depends on the compute dtype
+(:func:`default_tol`): a float32 solve's true residual stalls at a rounding floor (1e-7–5e-6
+on ordinary problems).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import math
 import numbers
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -23,6 +27,30 @@ from fastinfluence.hessian.kfac import KRONECKER_CURVATURES
 from fastinfluence.progress import progress_bar
 
 SOLVERS = ("direct", "cg", "lissa", "woodbury", "auto")
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """The tolerance of CG and LiSSA when none is given: ``1e-6`` in float64, ``1e-4`` in
+    float32 (the only compute dtypes: half-precision models are solved in float32).
+
+    The true relative residual ``‖(H + λI)x − b‖/‖b‖`` of a float32 solve stalls at a rounding
+    floor however long CG runs. ``python benchmarks/float32_tolerance.py --threads 2`` (CG with
+    ``tol=1e-12``, damping 0.01 / 0.001; ``benchmarks/results/float32_tolerance.json``) measured
+    8.7e-7 / 4.6e-6 on a logistic regression of scikit-learn's digits (``params="last"``),
+    1.4e-6 / 1.4e-6 on a 50,000-sample one, 4.8e-7 / 2.4e-6 on an MLP on the digits
+    (``params="all"``), 1.2e-7 / 3.4e-7 on an untrained 32² paper CNN (Gauss-Newton,
+    ``params="all"``). ``1e-6``, the float64 default, sits on these floors (a solve then warns
+    that it missed ``tol`` after converging as far as float32 can); ``1e-4`` keeps a margin of
+    20 over the highest. Badly conditioned float32 problems stall higher and still warn,
+    rightly: the same CNN after 50 Adam steps stops at 5.4e-4 / 7.4e-3 (more damping, or
+    float64, is the remedy).
+    """
+    return 1e-6 if dtype == torch.float64 else 1e-4
+
+
+def with_default_tol(config, dtype: torch.dtype):
+    """``config`` with ``tol=None`` replaced by :func:`default_tol` of ``dtype``."""
+    return config if config.tol is not None else replace(config, tol=default_tol(dtype))
 
 
 class NotPositiveDefiniteError(ValueError):
@@ -56,15 +84,18 @@ class CGConfig:
 
     Attributes:
         max_iter: most iterations (each is one Hessian-vector product over the data).
-        tol: stop when every column's relative residual ``‖r‖/‖b‖`` is below this.
+        tol: stop when every column's relative residual ``‖r‖/‖b‖`` is below this;
+            ``None``: :func:`default_tol` of the compute dtype (1e-6 in float64, 1e-4 in
+            float32).
     """
 
     max_iter: int = 500
-    tol: float = 1e-6
+    tol: float | None = None
 
     def __post_init__(self) -> None:
         _require_integer(self, "max_iter", minimum=1)
-        _require_positive_finite(self, "tol")
+        if self.tol is not None:
+            _require_positive_finite(self, "tol")
 
 
 @dataclass(frozen=True)
@@ -86,6 +117,7 @@ class LiSSAConfig:
         tol: stop a repeat when ``‖h_{t+1} − h_t‖ ≤ tol·‖b‖`` for every column ``b``. A
             full-batch repeat also stops when that step has stalled (a tolerance below the
             rounding floor, see :class:`_StallDetector`), reported as not converged.
+            ``None``: :func:`default_tol` of the compute dtype.
         seed: seeds the minibatch sampling and the power iteration.
         power_iters: most power-iteration steps for the automatic scale.
     """
@@ -94,7 +126,7 @@ class LiSSAConfig:
     repeats: int = 1
     scale: float | None = None
     minibatch_size: int | None = None
-    tol: float = 1e-6
+    tol: float | None = None
     seed: int = 0
     power_iters: int = 30
 
@@ -105,7 +137,8 @@ class LiSSAConfig:
             _require_positive_finite(self, "scale")
         if self.minibatch_size is not None:
             _require_integer(self, "minibatch_size", minimum=1)
-        _require_positive_finite(self, "tol")
+        if self.tol is not None:
+            _require_positive_finite(self, "tol")
         _require_integer(self, "seed", minimum=0)
         _require_integer(self, "power_iters", minimum=1)
 
@@ -137,9 +170,10 @@ CONFIGS = {"direct": DirectConfig, "cg": CGConfig, "lissa": LiSSAConfig,
            "woodbury": WoodburyConfig}
 
 
-def make_config(solver: str, options: dict
+def make_config(solver: str, options: dict, dtype: torch.dtype
                 ) -> DirectConfig | CGConfig | LiSSAConfig | WoodburyConfig:
-    """Build the config of ``solver`` from keyword options, naming any unknown option."""
+    """Build the config of ``solver`` from keyword options, naming any unknown option; a
+    default ``tol`` is resolved for the compute ``dtype``."""
     config_type = CONFIGS[solver]
     known = {f.name for f in fields(config_type)}
     unknown = sorted(set(options) - known)
@@ -147,7 +181,31 @@ def make_config(solver: str, options: dict
         raise TypeError(
             f"unknown option(s) {unknown} for solver={solver!r}; it accepts {sorted(known)}"
         )
-    return config_type(**options)
+    return with_default_tol(config_type(**options), dtype)
+
+
+AUTO_CHOICES = ("direct", "cg")
+"""The solvers ``solver="auto"`` picks from."""
+
+
+def check_options(options: dict, solver: str) -> None:
+    """Check each option's value against every config that has a field of its name (before
+    ``solver="auto"`` is resolved, any of them may be built), and that ``solver`` can take it
+    (``"auto"``: one of :data:`AUTO_CHOICES` does), raising the config's
+    ``TypeError``/``ValueError``; names no config has are left to the caller."""
+    candidates = AUTO_CHOICES if solver == "auto" else (solver,)
+    accepted = sorted({f.name for kind in candidates if kind in CONFIGS
+                       for f in fields(CONFIGS[kind])})
+    for name, value in options.items():
+        owners = [kind for kind, config_type in CONFIGS.items()
+                  if name in {f.name for f in fields(config_type)}]
+        if owners and name not in accepted:
+            picks = f" (it picks {' or '.join(AUTO_CHOICES)})" if solver == "auto" else ""
+            raise TypeError(f"unknown option(s) [{name!r}] for solver={solver!r}{picks}; it "
+                            f"accepts {accepted} ({name!r} is an option of "
+                            f"solver={' or '.join(owners)})")
+        for kind in owners:
+            CONFIGS[kind](**{name: value})
 
 
 @dataclass(frozen=True)
@@ -192,7 +250,7 @@ class Solver:
     def __init__(self, operator: CurvatureBackend, damping: float, config, progress: bool):
         self.operator = operator
         self.damping = damping
-        self.config = config
+        self.config = with_default_tol(config, operator.dtype)
         self.progress = progress
         # The first solve's report counts the products taken while the solver was built
         # (the explicit matrix, LiSSA's power iteration).

@@ -3,12 +3,16 @@ rounding is the point), and the solver configs' argument checks."""
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+import warnings
 
 import pytest
 import torch
+from problems import make_problem
 
+import fastinfluence as fi
 from fastinfluence.hessian.solvers import (
     CGConfig,
     DirectConfig,
@@ -16,6 +20,7 @@ from fastinfluence.hessian.solvers import (
     LiSSAConfig,
     NotPositiveDefiniteError,
     _StallDetector,
+    check_options,
     make_config,
     make_solver,
     power_iteration,
@@ -134,11 +139,12 @@ def test_minibatch_as_large_as_the_data_is_the_full_batch_recursion(make_operato
 def test_an_unconverged_solve_reports_its_true_residual_and_warns(make_operator, rhs, solver,
                                                                  config):
     operator = make_operator()
+    solver = make_solver(solver, operator, DAMPING, config)
     with pytest.warns(RuntimeWarning, match="did not reach"):
-        solution, report = make_solver(solver, operator, DAMPING, config).solve(rhs)
+        solution, report = solver.solve(rhs)
     assert not report.converged
     residual = true_relative_residual(operator, solution, rhs, DAMPING)
-    assert residual > config.tol
+    assert residual > solver.config.tol
     assert report.relative_residual == pytest.approx(residual, rel=1e-10)
 
 
@@ -266,5 +272,48 @@ def test_config_numbers_of_other_numeric_types_are_stored_as_python_numbers():
 
 def test_make_config_names_unknown_options():
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['depth'\]"):
-        make_config("cg", {"depth": 3})
-    assert make_config("lissa", {"depth": 7}) == LiSSAConfig(depth=7)
+        make_config("cg", {"depth": 3}, torch.float64)
+    assert make_config("lissa", {"depth": 7}, torch.float64) == LiSSAConfig(depth=7, tol=1e-6)
+
+
+def test_the_default_tolerance_follows_the_compute_dtype():
+    assert CGConfig().tol is None and LiSSAConfig().tol is None
+    assert make_config("cg", {}, torch.float64).tol == 1e-6
+    assert make_config("lissa", {}, torch.float32).tol == 1e-4
+    assert make_config("cg", {"tol": 1e-7}, torch.float32).tol == 1e-7  # a given tol is kept
+    assert make_config("direct", {}, torch.float32).tol == DirectConfig().tol
+
+
+def test_a_float32_solve_at_its_rounding_floor_does_not_warn():
+    """A float32 CNN whose CG solve stops at a true residual of 1.5e-6, on the rounding floor:
+    under the float64 default of 1e-6 it warned; under float32's own it converges, and ``s``
+    agrees with the float64 solve. A solve cut short still warns."""
+    model, train, val = make_problem("cnn", seed=0, n_train=200, n_val=20)
+    expected = fi.Influence(model, train, val, params="all", solver="cg", tol=1e-10).ihvp
+
+    model32 = copy.deepcopy(model).float()
+    train32, val32 = (train[0].float(), train[1]), (val[0].float(), val[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        influence = fi.Influence(model32, train32, val32, params="all", solver="cg")
+    assert influence.solver.config.tol == 1e-4
+    assert influence.report.solve.converged
+    assert relative_error(influence.ihvp, expected) <= 1e-3
+
+    with pytest.warns(RuntimeWarning, match="cg solve did not reach tol=0.0001"):
+        cut = fi.Influence(model32, train32, val32, params="all", solver="cg", max_iter=1)
+    assert not cut.report.solve.converged
+
+
+def test_option_values_are_checked_before_the_solver_is_chosen():
+    check_options({"tol": 1e-3, "max_iter": 10}, "auto")
+    with pytest.raises(TypeError, match="tol must be a finite number > 0, got 'abc'"):
+        check_options({"tol": "abc"}, "auto")
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        check_options({"chunk": 0}, "auto")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['depth'\] for solver='auto' "
+                                        r"\(it picks direct or cg\)"):
+        check_options({"depth": 10}, "auto")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['max_iter'\] for "
+                                        r"solver='direct'; it accepts \['chunk', 'tol'\]"):
+        check_options({"max_iter": 10}, "direct")
