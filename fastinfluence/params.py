@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fastinfluence.labelled_data import Inputs, model_arguments
+from fastinfluence.modes import eval_mode
 
 ParamsSpec = str | Sequence[str] | Sequence[nn.Parameter]
 
@@ -160,9 +161,6 @@ def _names_of_last_module(
 
 def _last_to_run(model: nn.Module, owners: dict[str, nn.Module], example: Inputs) -> str:
     """The name of the module in ``owners`` whose forward finishes last on ``example``."""
-    # functional imports this module (ParameterSelection), so its eval_mode is imported here.
-    from fastinfluence.functional import eval_mode
-
     finished: list[str] = []
     hooks = [module.register_forward_hook(lambda *_args, name=name: finished.append(name))
              for name, module in owners.items()]

@@ -313,8 +313,9 @@ def run_score(config: ScoreConfig) -> dict[str, Any]:
     """Check every input, then score and write to ``config.out``; returns a summary (what,
     samples, whether ``s`` was reused, the report's path/solver/hessian, the process group
     when distributed)."""
+    from fastinfluence.errors import SettingsMismatchError
     from fastinfluence.scoring import Influence, _check_arguments, _check_chunking
-    from fastinfluence.sharded_output import SettingsMismatchError, is_writer
+    from fastinfluence.sharded_output import is_writer
 
     if config.what not in WHAT:
         raise CommandError(f"--what must be one of {WHAT}, got {config.what!r}")

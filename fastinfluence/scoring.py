@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from fastinfluence import distributed
-from fastinfluence.functional import FunctionalModel, LossFn, OutputFn, eval_mode
+from fastinfluence.errors import SettingsMismatchError
+from fastinfluence.functional import FunctionalModel, LossFn, OutputFn
 from fastinfluence.hessian.backends import (
     CURVATURES,
     HEAD_CLOSED_FORM,
@@ -44,13 +45,13 @@ from fastinfluence.hessian.solvers import (
     make_solver,
 )
 from fastinfluence.labelled_data import DataLike, LabelledData, cast_inputs, first_samples
+from fastinfluence.modes import eval_mode
 from fastinfluence.params import ParamsSpec, select_parameters
 from fastinfluence.progress import progress_bar
 from fastinfluence.sample_independence import check_sample_independence
 from fastinfluence.sharded_output import (
     DEFAULT_CHUNK_SIZE,
     OutputDirectory,
-    SettingsMismatchError,
     callable_fingerprints,
     data_fingerprint,
     model_fingerprint,

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from fastinfluence.errors import SettingsMismatchError
 from fastinfluence.labelled_data import LabelledData, named_inputs
 
 if TYPE_CHECKING:
@@ -68,11 +69,6 @@ float32 GPUs may compute convolutions in TF32 (about 1e-3). Changes of a callabl
 code are caught exactly by its state digest instead."""
 DESCRIBE_DEPTH = 6
 """How deep :func:`describe_callable` follows references (closures, attributes, containers)."""
-
-
-class SettingsMismatchError(ValueError):
-    """An output directory holds output of other settings; the message names each
-    difference."""
 
 
 def is_writer(group: Any | None = None) -> bool:

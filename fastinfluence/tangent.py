@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fastinfluence.functional import eval_mode
+from fastinfluence.modes import eval_mode
 
 Tensors = dict[str, torch.Tensor]
 Options = Mapping[str, Any]

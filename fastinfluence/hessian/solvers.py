@@ -18,19 +18,12 @@ import torch
 
 from fastinfluence import ops
 from fastinfluence.distributed import DistributedBackend
+from fastinfluence.errors import DivergenceError, NotPositiveDefiniteError
 from fastinfluence.hessian.backends import HEAD_CLOSED_FORM, CurvatureBackend
 from fastinfluence.hessian.kfac import KRONECKER_CURVATURES
 from fastinfluence.progress import progress_bar
 
 SOLVERS = ("direct", "cg", "lissa", "woodbury", "auto")
-
-
-class NotPositiveDefiniteError(ValueError):
-    """``H + λI`` has a non-positive eigenvalue, so the inverse-HVP is not defined as asked."""
-
-
-class DivergenceError(RuntimeError):
-    """LiSSA's iterates grew without bound."""
 
 
 @dataclass(frozen=True)
