@@ -29,7 +29,7 @@ class ParameterSelection:
     head: nn.Linear | None
     """The ``nn.Linear`` whose weight (and bias, if it has one) are exactly the selection
     (whether the closed form applies to it, tied weights included, is decided by
-    :func:`fastinfluence.hessian.backends.probe_model`)."""
+    :func:`fastinfluence.hessian.probe.probe_model`)."""
     shared: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Each selected tensor the model lists under several names (tied weights): its name in
     ``names`` → its other names."""
@@ -209,7 +209,7 @@ def _linear_head(model: nn.Module, names: Sequence[str]) -> nn.Linear | None:
     """The ``nn.Linear`` (or subclass) whose weight and bias are exactly the parameters named
     ``names``, if there is one. Matched by identity, so a tied parameter selected under another
     module's name still finds it (whether the closed form then applies is decided by
-    :func:`fastinfluence.hessian.backends.probe_model`)."""
+    :func:`fastinfluence.hessian.probe.probe_model`)."""
     named = dict(model.named_parameters(remove_duplicate=False))
     selected = [id(named[n]) for n in names]
     for module in model.modules():

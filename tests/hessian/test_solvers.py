@@ -57,7 +57,18 @@ def test_direct_quadratic_form_is_the_inverse_quadratic_form(make_operator, rhs)
     operator = make_operator()
     solver = make_solver("direct", operator, DAMPING, DirectConfig())
     expected = (rhs * exact_solution(operator, rhs, DAMPING)).sum(dim=1)
-    assert torch.allclose(solver.quadratic_form(rhs), expected, rtol=1e-12, atol=0)
+    values, report = solver.quadratic_form(rhs)
+    assert torch.allclose(values, expected, rtol=1e-12, atol=0)
+    assert report is None  # from the Cholesky factor, without a solve
+
+
+def test_an_iterative_quadratic_form_solves_and_reports(make_operator, rhs):
+    operator = make_operator()
+    solver = make_solver("cg", operator, DAMPING, CGConfig(tol=1e-12))
+    expected = (rhs * exact_solution(operator, rhs, DAMPING)).sum(dim=1)
+    values, report = solver.quadratic_form(rhs)
+    assert torch.allclose(values, expected, rtol=1e-10, atol=0)
+    assert report.solver == "cg" and report.converged
 
 
 @pytest.mark.parametrize("columns", [1, 3])
