@@ -547,13 +547,14 @@ def _require_positive_finite(config, name: str) -> None:
 Config = DirectConfig | CGConfig | LiSSAConfig | WoodburyConfig
 
 REGISTRY: dict[str, tuple[type[Solver], type[Config]]] = {
-    "direct": (DirectSolver, DirectConfig),
-    "cg": (CGSolver, CGConfig),
-    "lissa": (LiSSASolver, LiSSAConfig),
-    "woodbury": (WoodburySolver, WoodburyConfig),
+    solver.name: (solver, config) for solver, config in (
+        (DirectSolver, DirectConfig), (CGSolver, CGConfig), (LiSSASolver, LiSSAConfig),
+        (WoodburySolver, WoodburyConfig),
+    )
 }
-"""The solvers: name → solver class and its config class. The one list of solver names: the
-``solver=`` choices, the solver options accepted and the CLI's help are read from it."""
+"""The solvers: name (each class's ``name``) → solver class and its config class. The one list
+of solvers: the ``solver=`` choices, the solver options accepted and the CLI's help are read
+from it; a new solver is one line here."""
 AUTO = "auto"
 SOLVERS = (*REGISTRY, AUTO)
 """The values of ``solver=``: every registered solver, and ``"auto"`` (:func:`choose_solver`)."""

@@ -148,3 +148,17 @@ def test_first_solve_reports_the_products_that_built_the_solver():
     assert inf.report.solve.hessian_products == -(-inf.report.num_params // 16)
     inf.pairwise((val[0][:2], val[1][:2]))
     assert inf.report.query_solve.hessian_products == 0
+
+
+def test_optional_capabilities_are_declared_and_others_refused():
+    from fastinfluence.errors import NotSupportedError
+
+    exact, *_ = build("mlp", "all", "exact")
+    gauss_newton, *_ = build("mlp", "all", "gauss-newton")
+    assert exact.capabilities == frozenset()
+    assert gauss_newton.capabilities == {Capability.FACTOR_ROWS}
+    assert gauss_newton.factor_rows(4).shape == (18 * 3, gauss_newton.dim)
+    for call in (lambda: exact.factor_rows(4), lambda: exact.closed_form_inverse(None, 0.1),
+                 lambda: gauss_newton.lissa_recursion(None, 0.1, 1.0, 1, 2, 0)):
+        with pytest.raises(NotSupportedError, match="does not offer"):
+            call()

@@ -3,6 +3,7 @@ rounding is the point), and the solver configs' argument checks."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -279,3 +280,34 @@ def test_make_config_names_unknown_options():
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['depth'\]"):
         make_config("cg", {"depth": 3})
     assert make_config("lissa", {"depth": 7}) == LiSSAConfig(depth=7)
+
+
+def test_the_registry_is_the_one_list_of_solvers(make_operator, capsys):
+    """Every solver name, config and option the API and the CLI accept comes from REGISTRY."""
+    import fastinfluence.hessian.solvers as solvers
+    from fastinfluence.cli import main
+
+    assert solvers.SOLVERS == (*solvers.REGISTRY, "auto")
+    options = set()
+    for name, (solver_class, config_class) in solvers.REGISTRY.items():
+        assert solver_class.name == name and solvers.CONFIGS[name] is config_class
+        options |= {f.name for f in dataclasses.fields(config_class)}
+    assert solvers.SOLVER_OPTIONS == options
+    built = solvers.make_solver("cg", make_operator(), DAMPING, solvers.make_config("cg", {}))
+    assert type(built) is solvers.REGISTRY["cg"][0]
+    with pytest.raises(SystemExit):
+        main(["score", "--help"])
+    assert ", ".join(solvers.SOLVERS) in " ".join(capsys.readouterr().out.split())
+
+
+def test_auto_picks_direct_for_small_or_closed_form_curvatures(make_operator):
+    from fastinfluence.hessian.protocol import Capability
+    from fastinfluence.hessian.solvers import DIRECT_MAX_DIM, choose_solver
+
+    operator = make_operator()  # p = 12, a network-sized limit of 512
+    assert choose_solver("auto", operator) == "direct"
+    assert choose_solver("lissa", operator) == "lissa"
+    operator.dim = DIRECT_MAX_DIM["network"] + 1
+    assert choose_solver("auto", operator) == "cg"
+    operator.capabilities = frozenset({Capability.CLOSED_FORM_INVERSE})
+    assert choose_solver("auto", operator) == "direct"
