@@ -125,6 +125,7 @@ class DistributedBackend(CurvatureBackend):
         self.local_count = local_count
         self.num_samples = total
         self.name = inner.name
+        self.curvature = inner.curvature
         self.scoring = inner.scoring
         self.scoring_reason = inner.scoring_reason
         self.positive_semidefinite = inner.positive_semidefinite

@@ -215,16 +215,15 @@ class Influence:
             self._make_solver = lambda: make_solver(solver, self.backend, self.damping, config,
                                                     progress)
             self._solver: Solver | None = None
-            curvature = "exact" if self.backend.name == HEAD_CLOSED_FORM else self.backend.name
             self._session = OutputSession(self.fmodel, self.train, self.val, {
                 "params": list(self.selection.names), "damping": self.damping,
-                "hessian": curvature, "solver": solver, "solver_config": asdict(config),
-                "dtype": str(self.fmodel.dtype),
+                "hessian": self.backend.curvature, "solver": solver,
+                "solver_config": asdict(config), "dtype": str(self.fmodel.dtype),
             }, self.group, progress)
             saved = self._solve_or_reuse(out, seconds)
         self._ihvp, self._solve_report, reused = saved
-        self.report = _new_report(self.backend, probe.head_reason, solver, curvature,
-                                  self.fmodel.dtype, self.group, self.selection)
+        self.report = _new_report(self.backend, probe.head_reason, solver, self.fmodel.dtype,
+                                  self.group, self.selection)
         self.report.solve, self.report.reused_ihvp, self.report.seconds = (
             self._solve_report, reused, seconds)
 
@@ -366,14 +365,14 @@ class Influence:
 
 
 def _new_report(backend: CurvatureBackend, head_reason: str | None, solver: str,
-                curvature: str, dtype: torch.dtype, group: Any | None,
+                dtype: torch.dtype, group: Any | None,
                 selection: ParameterSelection) -> InfluenceReport:
     """The report of an :class:`Influence` built on ``backend`` (its solve added after)."""
     return InfluenceReport(
         path=HEAD_CLOSED_FORM if backend.name == HEAD_CLOSED_FORM else "autograd",
         path_reason=head_reason,
         solver=solver,
-        hessian=curvature,
+        hessian=backend.curvature,
         num_params=backend.dim,
         world_size=1 if group is None else distributed.Shards.of(group).world,
         dtype=dtype,

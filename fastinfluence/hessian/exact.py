@@ -12,7 +12,7 @@ class ExactHessianBackend(NetworkBackend):
     reverse-over-reverse (``vjp`` of ``grad``, equal since ``H`` is symmetric) for models
     without forward-mode derivatives."""
 
-    name = "exact"
+    name = curvature = "exact"
     positive_semidefinite = False
 
     def _batch_product(self, x, y, vectors):

@@ -17,7 +17,7 @@ class GaussNewtonBackend(NetworkBackend):
     """``C = Jᵀ(∂²l/∂z²)J``: ``J V`` by the fused tangent pass or ``jvp`` (by the transpose of
     a ``vjp`` without forward mode), then ``Jᵀ`` by ``vjp``."""
 
-    name = "gauss-newton"
+    name = curvature = "gauss-newton"
     capabilities = frozenset({Capability.FACTOR_ROWS})
 
     @property

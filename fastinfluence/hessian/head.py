@@ -24,6 +24,7 @@ class HeadBackend(CurvatureBackend):
     """
 
     name = HEAD_CLOSED_FORM
+    curvature = "exact"
     scoring = HEAD_CLOSED_FORM
     positive_semidefinite = True
     capabilities = frozenset({Capability.MINIBATCH_LISSA})

@@ -29,7 +29,7 @@ class KroneckerBackend(NetworkBackend):
         eigen_corrected: bool = False,
     ) -> None:
         super().__init__(fmodel, train, example, progress)
-        self.name = "ekfac" if eigen_corrected else "kfac"
+        self.name = self.curvature = "ekfac" if eigen_corrected else "kfac"
         self.factors = KroneckerCurvature(fmodel, train, eigen_corrected, progress)
 
     def matvec(self, vectors: torch.Tensor) -> torch.Tensor:

@@ -53,8 +53,10 @@ class CurvatureBackend:
     """The curvature, gradients and directional derivatives of one model, loss and θ_S.
 
     Attributes:
-        name: the curvature: ``"head-closed-form"``, ``"exact"``, ``"gauss-newton"``,
+        name: the backend: ``"head-closed-form"``, ``"exact"``, ``"gauss-newton"``,
             ``"kfac"`` or ``"ekfac"``.
+        curvature: the ``hessian=`` curvature it computes (the closed-form head's is
+            ``"exact"``, which equals its Gauss-Newton matrix).
         scoring: how directional derivatives are taken (``"head-closed-form"``,
             ``"fused-tangent"``, ``"torch.func.jvp"`` or ``"reverse-mode"``).
         scoring_reason: why a faster way of scoring was not used (``None`` when none was
@@ -70,6 +72,7 @@ class CurvatureBackend:
     """
 
     name: str
+    curvature: str
     scoring: str
     scoring_reason: str | None = None
     feature_pass: str | None = None
