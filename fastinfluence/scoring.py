@@ -46,6 +46,7 @@ from fastinfluence.modes import eval_mode
 from fastinfluence.output_session import OutputSession
 from fastinfluence.params import ParameterSelection, ParamsSpec, select_parameters
 from fastinfluence.sample_independence import check_sample_independence
+from fastinfluence.sharded_output import OutputDirectory
 
 CPU_ACTIVATION_BUDGET = 16 * 2**20
 """On CPU the default batch keeps the largest activation under 16 MiB: glibc serves blocks
@@ -53,6 +54,8 @@ above 32 MiB with fresh ``mmap`` pages, and their page faults took 1.9 s of 2.0 
 scoring 128 samples of 64² in one batch (32 per batch: 2× faster; 128²: 8 per batch)."""
 MAX_DEFAULT_BATCH = 256
 """The default batch size off CPU, and the largest default on CPU."""
+Solved = tuple[torch.Tensor, SolveReport, bool]
+"""``s``, the report of its solve, and whether it was reused from ``out``."""
 KEYWORDS = ("loss_fn", "params", "solver", "damping", "hessian", "batch_size", "device",
             "progress", "output", "process_group", "out")
 """The keywords of :class:`Influence` and :func:`score` besides the solver options."""
@@ -220,7 +223,15 @@ class Influence:
                 "hessian": self.backend.curvature, "solver": solver,
                 "solver_config": asdict(config), "dtype": str(self.fmodel.dtype),
             }, self.group, progress)
-            saved = self._solve_or_reuse(out, seconds)
+            directory, saved = self._saved_ihvp(out, seconds)
+            if saved is None:  # solved here, so that a solve's warning names the caller's line
+                with _timed(seconds, "gradient"):
+                    val_gradient = self.backend.mean_gradient(self.val)
+                with _timed(seconds, "solve"):
+                    solution, solve = self.solver.solve(val_gradient[None])
+                saved = solution[0], solve, False
+                if directory is not None:
+                    directory.save_ihvp(solution[0], solve.as_dict())
         self._ihvp, self._solve_report, reused = saved
         self.report = _new_report(self.backend, probe.head_reason, solver, self.fmodel.dtype,
                                   self.group, self.selection)
@@ -334,25 +345,18 @@ class Influence:
             self.report.query_solve = report
         return values
 
-    def _solve_or_reuse(self, out: str | os.PathLike | None, seconds: dict[str, float]
-                        ) -> tuple[torch.Tensor, SolveReport, bool]:
-        """``s``, its solve report, and whether it was reused from ``out`` (else solved, and
-        saved there). Every rank decides here, before its first collective, whether to solve:
-        no rank can have saved this run's ``s`` yet, so all ranks see the same files."""
-        directory = None
-        if out is not None:
-            with _timed(seconds, "fingerprint"):
-                directory = self._session.open(out)
-                saved = self._session.saved_ihvp(directory, out, self.backend.dim)
-            if saved is not None:
-                return (*saved, True)
-        with _timed(seconds, "gradient"):
-            val_gradient = self.backend.mean_gradient(self.val)
-        with _timed(seconds, "solve"):
-            solution, report = self.solver.solve(val_gradient[None])
-        if directory is not None:
-            directory.save_ihvp(solution[0], report.as_dict())
-        return solution[0], report, False
+    def _saved_ihvp(self, out: str | os.PathLike | None, seconds: dict[str, float]
+                    ) -> tuple[OutputDirectory | None, Solved | None]:
+        """The directory ``out`` (``None`` without it) and ``s`` with its solve report reused
+        from there (``None`` when it is to be solved). Every rank decides here, before its
+        first collective, whether to solve: no rank can have saved this run's ``s`` yet, so
+        all ranks see the same files."""
+        if out is None:
+            return None, None
+        with _timed(seconds, "fingerprint"):
+            directory = self._session.open(out)
+            saved = self._session.saved_ihvp(directory, out, self.backend.dim)
+        return directory, None if saved is None else (*saved, True)
 
     def _wrap(self, data: DataLike, name: str) -> LabelledData:
         wrapped = LabelledData(data, name, self.batch_size)

@@ -229,7 +229,7 @@ class OutputDirectory:
         damage = self.damage(entry["file"])
         if damage is not None:
             warnings.warn(f"{self.path / entry['file']} is damaged ({damage}); solving s again",
-                          stacklevel=3)
+                          stacklevel=5)
             return None
         return np.load(self.path / entry["file"], allow_pickle=False), entry["report"]
 
@@ -269,7 +269,7 @@ class OutputDirectory:
         chunks = ChunkedOutput(self, kind, num_rows, row_shape, dtype, chunk_size)
         for index, damage in sorted(chunks.damaged.items()):
             warnings.warn(f"{chunks.file(index)} is damaged ({damage}); computing it again",
-                          stacklevel=4)
+                          stacklevel=5)
         return chunks
 
 
