@@ -24,7 +24,8 @@ from torch import nn
 
 import fastinfluence as fi
 from fastinfluence.functional import FunctionalModel
-from fastinfluence.hessian.backends import probe_model, select_backend
+from fastinfluence.hessian.probe import probe_model
+from fastinfluence.hessian.selection import select_backend
 from fastinfluence.labelled_data import LabelledData
 from fastinfluence.models import PaperCNN
 from fastinfluence.params import select_parameters

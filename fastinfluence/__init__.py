@@ -7,18 +7,17 @@ Sign and damping conventions: see :mod:`fastinfluence.scoring` and docs/design.m
 """
 
 from fastinfluence._extension import info
+from fastinfluence.errors import DivergenceError, NotPositiveDefiniteError, SettingsMismatchError
 from fastinfluence.hessian.solvers import (
     CGConfig,
     DirectConfig,
-    DivergenceError,
     LiSSAConfig,
-    NotPositiveDefiniteError,
     SolveReport,
     WoodburyConfig,
 )
 from fastinfluence.layers import layer_rules, register_layer
 from fastinfluence.scoring import Influence, InfluenceReport, score
-from fastinfluence.sharded_output import SettingsMismatchError, read_output
+from fastinfluence.sharded_output import read_output
 
 __version__ = "0.1.0"
 

@@ -11,7 +11,8 @@ of one process:
   numbers, and the solvers run the same iterations everywhere (LiSSA draws its minibatches
   from one seed: the same global indices on every rank, each rank evaluating its own);
 * per-sample results (scores, per-sample gradients, perturbation maps) are computed on each
-  rank's shard of the data asked for and gathered in the data's order, on every rank.
+  rank's shard of the data asked for and gathered in the data's order, on every rank
+  (:class:`DistributedBackend` wraps the process's backend, so callers never shard by hand).
 
 Replicated on every rank: the model snapshot, ``s`` and the solver's state. Not distributed
 yet: K-FAC/EK-FAC factors (refused) and the closed-form head's native minibatch LiSSA: the
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fastinfluence.hessian.backends import CurvatureBackend
+from fastinfluence.hessian.protocol import Capability, CurvatureBackend
 from fastinfluence.labelled_data import LabelledData
 
 
@@ -93,7 +94,7 @@ class DistributedBackend(CurvatureBackend):
         shards: how the samples are split.
     """
 
-    lissa_recursion = None
+    capabilities = frozenset()  # no optional capability spans the ranks yet
 
     def __init__(
         self,
@@ -115,7 +116,7 @@ class DistributedBackend(CurvatureBackend):
             inner = build(self.local_train or train.subset(torch.arange(1)))
             local_count = 0 if self.local_train is None else len(self.local_train)
             total = len(train)
-        if inner.closed_form_inverse is not None:
+        if inner.offers(Capability.CLOSED_FORM_INVERSE):
             raise ValueError(
                 f"hessian={inner.name!r} is not distributed yet (its factors are per process): "
                 "use 'gauss-newton' or 'exact' with several ranks"
@@ -124,6 +125,7 @@ class DistributedBackend(CurvatureBackend):
         self.local_count = local_count
         self.num_samples = total
         self.name = inner.name
+        self.curvature = inner.curvature
         self.scoring = inner.scoring
         self.scoring_reason = inner.scoring_reason
         self.positive_semidefinite = inner.positive_semidefinite
@@ -165,6 +167,12 @@ class DistributedBackend(CurvatureBackend):
         rows = None if local is None else self.inner.per_sample_gradients(local)
         like = torch.empty(1, self.dim, dtype=self.dtype, device=self.device)
         return self.shards.gather(rows, len(data), like)
+
+    def perturbation(self, data: LabelledData, direction: torch.Tensor) -> torch.Tensor:
+        local = self.shards.local(data)
+        maps = None if local is None else self.inner.perturbation(local, direction)
+        like = torch.empty(1, *data.tensors[0].shape[1:], dtype=self.dtype, device=self.device)
+        return self.shards.gather(maps, len(data), like)
 
     def restrict(self, indices: torch.Tensor) -> DistributedBackend:
         """The curvature over the training samples at global ``indices`` (the same on every

@@ -32,18 +32,6 @@ def cross_entropy_per_sample(logits: torch.Tensor, targets: torch.Tensor) -> tor
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, then restore each one's own ``training`` flag."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
-
-
-@contextlib.contextmanager
 def differentiable_attention() -> Iterator[None]:
     """Attention on kernels that have every derivative the engine takes.
 

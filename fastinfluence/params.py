@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fastinfluence.labelled_data import Inputs, model_arguments
+from fastinfluence.modes import eval_mode
 
 ParamsSpec = str | Sequence[str] | Sequence[nn.Parameter]
 
@@ -28,7 +29,7 @@ class ParameterSelection:
     head: nn.Linear | None
     """The ``nn.Linear`` whose weight (and bias, if it has one) are exactly the selection
     (whether the closed form applies to it, tied weights included, is decided by
-    :func:`fastinfluence.hessian.backends.probe_model`)."""
+    :func:`fastinfluence.hessian.probe.probe_model`)."""
     shared: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Each selected tensor the model lists under several names (tied weights): its name in
     ``names`` → its other names."""
@@ -160,9 +161,6 @@ def _names_of_last_module(
 
 def _last_to_run(model: nn.Module, owners: dict[str, nn.Module], example: Inputs) -> str:
     """The name of the module in ``owners`` whose forward finishes last on ``example``."""
-    # functional imports this module (ParameterSelection), so its eval_mode is imported here.
-    from fastinfluence.functional import eval_mode
-
     finished: list[str] = []
     hooks = [module.register_forward_hook(lambda *_args, name=name: finished.append(name))
              for name, module in owners.items()]
@@ -211,7 +209,7 @@ def _linear_head(model: nn.Module, names: Sequence[str]) -> nn.Linear | None:
     """The ``nn.Linear`` (or subclass) whose weight and bias are exactly the parameters named
     ``names``, if there is one. Matched by identity, so a tied parameter selected under another
     module's name still finds it (whether the closed form then applies is decided by
-    :func:`fastinfluence.hessian.backends.probe_model`)."""
+    :func:`fastinfluence.hessian.probe.probe_model`)."""
     named = dict(model.named_parameters(remove_duplicate=False))
     selected = [id(named[n]) for n in names]
     for module in model.modules():

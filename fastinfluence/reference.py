@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastinfluence.functional import eval_mode
+from fastinfluence.modes import eval_mode
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

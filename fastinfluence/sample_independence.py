@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from fastinfluence.functional import FunctionalModel, eval_mode
+from fastinfluence.functional import FunctionalModel
 from fastinfluence.labelled_data import (
     Inputs,
     LabelledData,
@@ -23,6 +23,7 @@ from fastinfluence.labelled_data import (
     map_inputs,
     named_inputs,
 )
+from fastinfluence.modes import eval_mode
 
 Event = tuple[str, list[torch.Tensor], list[torch.Tensor]]
 """One module call: its name, the tensors of its inputs and of its output."""

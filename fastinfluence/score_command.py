@@ -375,9 +375,10 @@ def run_score(config: ScoreConfig) -> dict[str, Any]:
     """Check every input, then score and write to ``config.out``; returns a summary (what,
     samples, whether ``s`` was reused, the report's path/solver/hessian, the process group
     when distributed)."""
+    from fastinfluence.errors import SettingsMismatchError
     from fastinfluence.hessian.solvers import check_options
     from fastinfluence.scoring import Influence, _check_arguments, _check_chunking
-    from fastinfluence.sharded_output import SettingsMismatchError, is_writer
+    from fastinfluence.sharded_output import is_writer
 
     if config.what not in WHAT:
         raise CommandError(f"--what must be one of {WHAT}, got {config.what!r}")
@@ -450,6 +451,8 @@ def run_score(config: ScoreConfig) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``score`` on ``parser``."""
+    from fastinfluence.hessian.solvers import SOLVERS
+
     parser.add_argument("--model", required=True,
                         help="pkg.module:callable returning the torch.nn.Module")
     parser.add_argument("--model-kwargs", type=json_object, default={},
@@ -468,7 +471,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="last, all, or comma-separated module names")
     parser.add_argument("--damping", type=float, default=0.01, help="λ in H + λI")
     parser.add_argument("--hessian", default="auto", help="auto, exact, gauss-newton, ...")
-    parser.add_argument("--solver", default="auto", help="auto, direct, cg, lissa, woodbury")
+    parser.add_argument("--solver", default="auto", help=", ".join(SOLVERS))
     parser.add_argument("--batch-size", type=int, default=None, help="samples per batch")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
                         help="samples per output chunk file")

@@ -14,60 +14,49 @@ Conventions (Koh & Liang 2017; Eqs. 3, 7, 8 of the ISR/ISP paper, Van, Carey & W
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import functools
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from fastinfluence import distributed
-from fastinfluence.functional import FunctionalModel, LossFn, OutputFn, eval_mode
-from fastinfluence.hessian.backends import (
-    CURVATURES,
-    HEAD_CLOSED_FORM,
-    CurvatureBackend,
-    probe_model,
-    select_backend,
-)
+from fastinfluence.fingerprints import data_fingerprint
+from fastinfluence.functional import FunctionalModel, LossFn, OutputFn
+from fastinfluence.hessian.probe import probe_model
+from fastinfluence.hessian.protocol import HEAD_CLOSED_FORM, CurvatureBackend
+from fastinfluence.hessian.selection import CURVATURES, select_backend
 from fastinfluence.hessian.solvers import (
-    CONFIGS,
+    SOLVER_OPTIONS,
     SOLVERS,
-    DirectSolver,
     Solver,
     SolveReport,
     check_options,
+    choose_solver,
     make_config,
     make_solver,
 )
 from fastinfluence.labelled_data import DataLike, LabelledData, cast_inputs, first_samples
-from fastinfluence.params import ParamsSpec, select_parameters
-from fastinfluence.progress import progress_bar
+from fastinfluence.modes import eval_mode
+from fastinfluence.output_session import OutputSession
+from fastinfluence.params import ParameterSelection, ParamsSpec, select_parameters
 from fastinfluence.sample_independence import check_sample_independence
-from fastinfluence.sharded_output import (
-    DEFAULT_CHUNK_SIZE,
-    OutputDirectory,
-    SettingsMismatchError,
-    callable_fingerprints,
-    data_fingerprint,
-    model_fingerprint,
-    to_numpy,
-)
+from fastinfluence.sharded_output import OutputDirectory
 
-DIRECT_MAX_DIM = {HEAD_CLOSED_FORM: 1024, "network": 512}
-"""``solver="auto"`` picks the direct solver up to these sizes of θ_S, CG above. Measured on the
-paper CNN's head (512 samples, 2 CPU threads): direct 7 ms vs CG 2 ms at p = 771, 172 ms vs
-2 ms at p = 3,075 (Cholesky is cubic in p); a network's explicit Hessian costs p products."""
 CPU_ACTIVATION_BUDGET = 16 * 2**20
 """On CPU the default batch keeps the largest activation under 16 MiB: glibc serves blocks
 above 32 MiB with fresh ``mmap`` pages, and their page faults took 1.9 s of 2.0 s when
 scoring 128 samples of 64² in one batch (32 per batch: 2× faster; 128²: 8 per batch)."""
 MAX_DEFAULT_BATCH = 256
 """The default batch size off CPU, and the largest default on CPU."""
+Solved = tuple[torch.Tensor, SolveReport, bool]
+"""``s``, the report of its solve, and whether it was reused from ``out``."""
 KEYWORDS = ("loss_fn", "params", "solver", "damping", "hessian", "batch_size", "device",
             "progress", "output", "process_group", "out")
 """The keywords of :class:`Influence` and :func:`score` besides the solver options."""
@@ -196,12 +185,9 @@ class Influence:
     ) -> None:
         _check_arguments(model, solver, hessian, damping, batch_size, solver_options)
         _check_chunking(out, None)
-        self.model = model
+        self.model, self.out, self.progress = model, out, progress
         self.group = distributed.process_group(process_group)
         self.damping = float(damping)
-        self.progress = progress
-        self.batch_size = batch_size
-        self.out = out
         self.train = LabelledData(train, "train", batch_size)
         self.val = LabelledData(val, "val", batch_size)
         first = next(model.parameters())
@@ -212,59 +198,46 @@ class Influence:
         self.fmodel = FunctionalModel(model, self.selection, loss_fn,
                                       torch.device(first.device if device is None else device),
                                       output)
-
         with eval_mode(model):
             example = cast_inputs(model_example, self.fmodel.device, self.fmodel.dtype)
             probe = probe_model(self.fmodel, example, hessian)
             check_sample_independence(self.fmodel, example, self.train)
             self.num_classes = probe.num_classes
-            if batch_size is None:
-                self.batch_size = self._default_batch_size(probe.sample_bytes)
-                self.train.batch_size = self.val.batch_size = self.batch_size
-            if self.fmodel.uses_cross_entropy:
-                self.train.check_labels(self.num_classes)
-                self.val.check_labels(self.num_classes)
-            start = time.perf_counter()
-            self.backend: CurvatureBackend = distributed.wrap(
-                lambda data: select_backend(self.fmodel, probe, data, example, hessian,
-                                            progress),
-                self.train, self.group,
-            )
-            self.report = self._new_report(probe.head_reason, solver)
-            self.report.seconds["curvature"] = time.perf_counter() - start
-            self._solver_config = make_config(self.report.solver, solver_options,
-                                              self.fmodel.dtype)
+            self.batch_size = batch_size or _default_batch_size(self.fmodel, probe.sample_bytes)
+            self.train.batch_size = self.val.batch_size = self.batch_size
+            for data in (self.train, self.val):
+                self._check_labels(data)
+            seconds: dict[str, float] = {}
+            with _timed(seconds, "curvature"):
+                self.backend: CurvatureBackend = distributed.wrap(
+                    lambda data: select_backend(self.fmodel, probe, data, example, hessian,
+                                                progress),
+                    self.train, self.group,
+                )
+            solver = choose_solver(solver, self.backend)
+            config = make_config(solver, solver_options, self.fmodel.dtype)
+            self._make_solver = lambda: make_solver(solver, self.backend, self.damping, config,
+                                                    progress)
             self._solver: Solver | None = None
-            # What changes s besides model and data: the options of the fingerprint ("auto"
-            # resolved, so that naming the curvature or solver it chose changes nothing);
-            # loss_fn and output are added by _settings, which probes them.
-            self._options = {
+            self._session = OutputSession(self.fmodel, self.train, self.val, {
                 "params": list(self.selection.names), "damping": self.damping,
-                "hessian": self.report.hessian,
-                "solver": self.report.solver, "solver_config": asdict(self._solver_config),
-                "dtype": str(self.fmodel.dtype),
-            }
-            self._settings_cache: dict[str, Any] | None = None
-            directory = saved = None
-            if out is not None:
-                # Every rank decides here, before its first collective, whether to solve: no
-                # rank can have saved this run's s yet, so all ranks see the same files.
-                start = time.perf_counter()
-                directory = OutputDirectory(out, self._settings(), self.group)
-                saved = directory.load_ihvp()
-                self.report.seconds["fingerprint"] = time.perf_counter() - start
-            if saved is not None:
-                self._ihvp = self._load_ihvp(*saved)
-            else:
-                start = time.perf_counter()
-                val_gradient = self.backend.mean_gradient(self.val)
-                self.report.seconds["gradient"] = time.perf_counter() - start
-                start = time.perf_counter()
-                solution, self.report.solve = self.solver.solve(val_gradient[None])
-                self.report.seconds["solve"] = time.perf_counter() - start
-                self._ihvp = solution[0]
+                "hessian": self.backend.curvature, "solver": solver,
+                "solver_config": asdict(config), "dtype": str(self.fmodel.dtype),
+            }, self.group, progress)
+            directory, saved = self._saved_ihvp(out, seconds)
+            if saved is None:  # solved here, so that a solve's warning names the caller's line
+                with _timed(seconds, "gradient"):
+                    val_gradient = self.backend.mean_gradient(self.val)
+                with _timed(seconds, "solve"):
+                    solution, solve = self.solver.solve(val_gradient[None])
+                saved = solution[0], solve, False
                 if directory is not None:
-                    directory.save_ihvp(self._ihvp, self.report.solve.as_dict())
+                    directory.save_ihvp(solution[0], solve.as_dict())
+        self._ihvp, self._solve_report, reused = saved
+        self.report = _new_report(self.backend, probe.head_reason, solver, self.fmodel.dtype,
+                                  self.group, self.selection)
+        self.report.solve, self.report.reused_ihvp, self.report.seconds = (
+            self._solve_report, reused, seconds)
 
     @property
     def ihvp(self) -> torch.Tensor:
@@ -277,8 +250,7 @@ class Influence:
         direct solver's explicit matrix costs ``p`` products)."""
         if self._solver is None:
             with eval_mode(self.model):
-                self._solver = make_solver(self.report.solver, self.backend, self.damping,
-                                           self._solver_config, self.progress)
+                self._solver = self._make_solver()
         return self._solver
 
     # -- public queries -------------------------------------------------------------------
@@ -295,17 +267,10 @@ class Influence:
             chunk_size: samples per chunk file (default 4096; only with ``out``).
         """
         _check_chunking(out, chunk_size)
-        start = time.perf_counter()
         target = self.train if data is None else self._wrap(data, "data")
-        with eval_mode(self.model):
-            if out is None:
-                result = self._scores_of(target)
-            else:
-                result = self._chunked("scores", out, chunk_size, target,
-                                       {"data": data_fingerprint(target)}, (),
-                                       lambda rows: self._scores_of(target.subset(rows)))
-        self.report.seconds["scores"] = time.perf_counter() - start
-        return result
+        with _timed(self.report.seconds, "scores"):
+            return self._query("scores", target, out, chunk_size, (), lambda part: (
+                -self.backend.directional(part, self._ihvp[None])[:, 0]))
 
     def pairwise(self, test: DataLike, out: str | os.PathLike | None = None,
                  chunk_size: int | None = None) -> torch.Tensor:
@@ -316,22 +281,16 @@ class Influence:
         test solve is repeated on a resumed run unless every chunk is finished)."""
         _check_chunking(out, chunk_size)
         test_data = self._wrap(test, "test")
-        solved: list[torch.Tensor] = []
 
+        @functools.cache
         def directions() -> torch.Tensor:
-            if not solved:
-                gradients = self.backend.per_sample_gradients(test_data)
-                solution, self.report.query_solve = self.solver.solve(gradients)
-                solved.append(solution)
-            return solved[0]
+            gradients = self.backend.per_sample_gradients(test_data)
+            solution, self.report.query_solve = self.solver.solve(gradients)
+            return solution
 
-        with eval_mode(self.model):
-            if out is None:
-                return -self.backend.directional(self.train, directions())
-            return self._chunked(
-                "pairwise", out, chunk_size, self.train, {"test": data_fingerprint(test_data)},
-                (len(test_data),),
-                lambda rows: -self.backend.directional(self.train.subset(rows), directions()))
+        return self._query("pairwise", self.train, out, chunk_size, (len(test_data),),
+                           lambda part: -self.backend.directional(part, directions()),
+                           test=test_data)
 
     def self_influence(self, data: DataLike | None = None, out: str | os.PathLike | None = None,
                        chunk_size: int | None = None) -> torch.Tensor:
@@ -342,12 +301,8 @@ class Influence:
         the direct solver's agree to rounding)."""
         _check_chunking(out, chunk_size)
         target = self.train if data is None else self._wrap(data, "data")
-        with eval_mode(self.model):
-            if out is None:
-                return self._self_influence_of(target)
-            return self._chunked("self-influence", out, chunk_size, target,
-                                 {"data": data_fingerprint(target)}, (),
-                                 lambda rows: self._self_influence_of(target.subset(rows)))
+        return self._query("self-influence", target, out, chunk_size, (),
+                           self._self_influence_of)
 
     def perturbation(self, x: torch.Tensor, y: torch.Tensor, out: str | os.PathLike | None = None,
                      chunk_size: int | None = None) -> torch.Tensor:
@@ -361,156 +316,110 @@ class Influence:
         ``chunk_size`` as for :meth:`scores`, chunks over samples of ``x``. A model of several
         inputs is refused: ``x`` is one tensor (docs/design.md §2).
         """
-        if isinstance(x, (tuple, list, Mapping)):
-            raise TypeError(
-                f"perturbation takes x as one input tensor, got a {type(x).__name__} of inputs: "
-                "to perturb one input of a model of several, build the Influence on a module "
-                "that takes that input alone as a tensor (e.g. the others concatenated into it "
-                "and split inside forward)"
-            )
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            kind = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(
-                f"perturbation needs floating-point inputs x, got {kind}: the gradient with "
-                "respect to integer inputs (such as token ids) is not defined"
-            )
+        _check_perturbed_inputs(x)
         _check_chunking(out, chunk_size)
         data = self._wrap((x, y), "x")
-        with eval_mode(self.model):
-            if out is None:
-                maps = self._perturbation_of(data)
-            else:
-                maps = self._chunked("perturbation", out, chunk_size, data,
-                                     {"data": data_fingerprint(data)}, tuple(x.shape[1:]),
-                                     lambda rows: self._perturbation_of(data.subset(rows)))
+        maps = self._query("perturbation", data, out, chunk_size, tuple(x.shape[1:]),
+                           lambda part: self.backend.perturbation(part, self._ihvp))
         return maps.to(device=x.device, dtype=x.dtype)
 
     # -- the queries' work, on whole data sets or chunks ----------------------------------
 
-    def _scores_of(self, data: LabelledData) -> torch.Tensor:
-        return -self.backend.directional(data, self._ihvp[None])[:, 0]
+    def _query(self, kind: str, samples: LabelledData, out: str | os.PathLike | None,
+               chunk_size: int | None, row_shape: tuple[int, ...],
+               compute: Callable[[LabelledData], torch.Tensor],
+               test: LabelledData | None = None) -> torch.Tensor:
+        """``compute(samples)`` in eval mode; with ``out``, chunk by chunk through the output
+        session, described by the fingerprint of ``samples`` (of ``test`` when given)."""
+        with eval_mode(self.model):
+            if out is None:
+                return compute(samples)
+            description = ({"data": data_fingerprint(samples)} if test is None
+                           else {"test": data_fingerprint(test)})
+            return self._session.chunked(kind, out, chunk_size, samples, description, row_shape,
+                                         lambda rows: compute(samples.subset(rows)),
+                                         self._ihvp, self._solve_report)
 
     def _self_influence_of(self, data: LabelledData) -> torch.Tensor:
-        gradients = self.backend.per_sample_gradients(data)
-        if isinstance(self.solver, DirectSolver):
-            return self.solver.quadratic_form(gradients)
-        solutions, self.report.query_solve = self.solver.solve(gradients)
-        return (gradients * solutions).sum(dim=1)
+        values, report = self.solver.quadratic_form(self.backend.per_sample_gradients(data))
+        if report is not None:
+            self.report.query_solve = report
+        return values
 
-    def _perturbation_of(self, data: LabelledData) -> torch.Tensor:
-        """The maps of ``data``'s samples; with several ranks each rank takes its shard and
-        the maps are gathered in order."""
-        fmodel = self.fmodel
-        shards = None if self.group is None else distributed.Shards.of(self.group)
-        local = data if shards is None else shards.local(data)
-        maps = []
-        for inputs, targets in ([] if local is None else
-                                local.batches(fmodel.device, fmodel.dtype)):
-            inputs = inputs.detach().requires_grad_(True)
-            theta = fmodel.theta.detach().requires_grad_(True)
-            total = fmodel.losses(theta, inputs, targets).sum()
-            (gradient,) = torch.autograd.grad(total, theta, create_graph=True)
-            (input_gradient,) = torch.autograd.grad(gradient @ self._ihvp, inputs)
-            maps.append(-input_gradient)
-        result = torch.cat(maps) if maps else None
-        if shards is None:
-            return result
-        row_shape = data.tensors[0].shape[1:]
-        like = torch.empty(1, *row_shape, dtype=fmodel.dtype, device=fmodel.device)
-        return shards.gather(result, len(data), like)
-
-    def _chunked(
-        self,
-        kind: str,
-        out: str | os.PathLike,
-        chunk_size: int | None,
-        samples: LabelledData,
-        description: dict[str, Any],
-        row_shape: tuple[int, ...],
-        compute: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        """Output ``kind``, one row per sample of ``samples``, chunk by chunk through ``out``:
-        finished chunks are read back, the others computed by ``compute(row_indices)`` and
-        written as they finish (on rank 0 only; every rank runs the same loop)."""
-        if chunk_size is None:
-            chunk_size = DEFAULT_CHUNK_SIZE
-        directory = OutputDirectory(out, self._settings(), self.group)
-        ihvp_sha256 = hashlib.sha256(to_numpy(self._ihvp).tobytes()).hexdigest()
-        saved = directory.manifest["ihvp"]
-        if saved is None:
-            directory.save_ihvp(self._ihvp, self.report.solve.as_dict())
-        elif saved["sha256"] != ihvp_sha256:
-            raise SettingsMismatchError(
-                f"out={str(out)!r} holds another s = (H + λI)^(-1)∇L(val) for the same settings "
-                "(solved elsewhere, e.g. on another device); build the Influence with "
-                "out=<that directory> to reuse the saved s, or use another directory"
-            )
-        chunks = directory.output(kind, {**description, "ihvp_sha256": ihvp_sha256},
-                                  len(samples), row_shape, self._ihvp.dtype, chunk_size)
-        for index in progress_bar(range(chunks.num_chunks), self.progress, f"{kind} chunks"):
-            if index not in chunks.finished:
-                chunks.write(index, compute(chunks.rows(index)))
-        return chunks.read().to(self.fmodel.device)
-
-    def _settings(self) -> dict[str, Any]:
-        """The fingerprint of model, training and validation data and options that ``s`` and
-        every output depend on (computed once, from the snapshot, before any solve)."""
-        if self._settings_cache is None:
-            fmodel = self.fmodel
-            self._settings_cache = {
-                "model": model_fingerprint(self.model, fmodel.tensors(fmodel.theta),
-                                           fmodel.model_dtype),
-                "train": data_fingerprint(self.train),
-                "val": data_fingerprint(self.val),
-                "options": {**self._options, **callable_fingerprints(fmodel, self.train)},
-            }
-        return self._settings_cache
-
-    def _load_ihvp(self, array: Any, report: dict[str, Any]) -> torch.Tensor:
-        """``s`` read from ``out``, checked to fit θ_S; the report says it was reused."""
-        if array.shape != (self.backend.dim,):
-            raise ValueError(
-                f"the s saved in out={str(self.out)!r} has shape {array.shape}, expected "
-                f"({self.backend.dim},): the file was changed; delete it to solve again"
-            )
-        self.report.solve = SolveReport(**report)
-        self.report.reused_ihvp = True
-        return torch.from_numpy(array).to(device=self.fmodel.device, dtype=self.fmodel.dtype)
-
-    # -- construction ---------------------------------------------------------------------
-
-    def _new_report(self, head_reason: str | None, solver: str) -> InfluenceReport:
-        backend = self.backend
-        on_head = backend.name == HEAD_CLOSED_FORM
-        if solver == "auto":
-            limit = DIRECT_MAX_DIM[HEAD_CLOSED_FORM if on_head else "network"]
-            closed_form = backend.closed_form_inverse is not None
-            solver = "direct" if closed_form or backend.dim <= limit else "cg"
-        return InfluenceReport(
-            path=HEAD_CLOSED_FORM if on_head else "autograd",
-            path_reason=head_reason,
-            solver=solver,
-            hessian="exact" if on_head else backend.name,
-            num_params=backend.dim,
-            world_size=1 if self.group is None else distributed.Shards.of(self.group).world,
-            dtype=self.fmodel.dtype,
-            scoring=backend.scoring,
-            scoring_reason=backend.scoring_reason,
-            feature_pass=backend.feature_pass,
-            shared_parameters=dict(self.selection.shared),
-        )
-
-    def _default_batch_size(self, sample_bytes: int) -> int:
-        if self.fmodel.device.type != "cpu":
-            return MAX_DEFAULT_BATCH
-        fitting = max(1, CPU_ACTIVATION_BUDGET // max(sample_bytes, 1))
-        return min(MAX_DEFAULT_BATCH, 2 ** (fitting.bit_length() - 1))
+    def _saved_ihvp(self, out: str | os.PathLike | None, seconds: dict[str, float]
+                    ) -> tuple[OutputDirectory | None, Solved | None]:
+        """The directory ``out`` (``None`` without it) and ``s`` with its solve report reused
+        from there (``None`` when it is to be solved). Every rank decides here, before its
+        first collective, whether to solve: no rank can have saved this run's ``s`` yet, so
+        all ranks see the same files."""
+        if out is None:
+            return None, None
+        with _timed(seconds, "fingerprint"):
+            directory = self._session.open(out)
+            saved = self._session.saved_ihvp(directory, out, self.backend.dim)
+        return directory, None if saved is None else (*saved, True)
 
     def _wrap(self, data: DataLike, name: str) -> LabelledData:
         wrapped = LabelledData(data, name, self.batch_size)
-        if self.fmodel.uses_cross_entropy:
-            wrapped.check_labels(self.num_classes)
+        self._check_labels(wrapped)
         return wrapped
+
+    def _check_labels(self, data: LabelledData) -> None:
+        if self.fmodel.uses_cross_entropy:
+            data.check_labels(self.num_classes)
+
+
+def _new_report(backend: CurvatureBackend, head_reason: str | None, solver: str,
+                dtype: torch.dtype, group: Any | None,
+                selection: ParameterSelection) -> InfluenceReport:
+    """The report of an :class:`Influence` built on ``backend`` (its solve added after)."""
+    return InfluenceReport(
+        path=HEAD_CLOSED_FORM if backend.name == HEAD_CLOSED_FORM else "autograd",
+        path_reason=head_reason,
+        solver=solver,
+        hessian=backend.curvature,
+        num_params=backend.dim,
+        world_size=1 if group is None else distributed.Shards.of(group).world,
+        dtype=dtype,
+        scoring=backend.scoring,
+        scoring_reason=backend.scoring_reason,
+        feature_pass=backend.feature_pass,
+        shared_parameters=dict(selection.shared),
+    )
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    """Record the wall time of the block in ``seconds[stage]`` (when it finishes)."""
+    start = time.perf_counter()
+    yield
+    seconds[stage] = time.perf_counter() - start
+
+
+def _default_batch_size(fmodel: FunctionalModel, sample_bytes: int) -> int:
+    """:data:`MAX_DEFAULT_BATCH` off CPU; on CPU the largest power of two whose largest
+    activation fits :data:`CPU_ACTIVATION_BUDGET`."""
+    if fmodel.device.type != "cpu":
+        return MAX_DEFAULT_BATCH
+    fitting = max(1, CPU_ACTIVATION_BUDGET // max(sample_bytes, 1))
+    return min(MAX_DEFAULT_BATCH, 2 ** (fitting.bit_length() - 1))
+
+
+def _check_perturbed_inputs(x: Any) -> None:
+    """``x`` of :meth:`Influence.perturbation` must be one floating-point tensor."""
+    if isinstance(x, (tuple, list, Mapping)):
+        raise TypeError(
+            f"perturbation takes x as one input tensor, got a {type(x).__name__} of inputs: "
+            "to perturb one input of a model of several, build the Influence on a module "
+            "that takes that input alone as a tensor (e.g. the others concatenated into it "
+            "and split inside forward)"
+        )
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        kind = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(
+            f"perturbation needs floating-point inputs x, got {kind}: the gradient with "
+            "respect to integer inputs (such as token ids) is not defined"
+        )
 
 
 def _check_arguments(
@@ -534,12 +443,11 @@ def _check_arguments(
     if batch_size is not None and (isinstance(batch_size, bool)
                                    or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    options = {f.name for config in CONFIGS.values() for f in fields(config)}
-    unknown = sorted(set(solver_options) - options)
+    unknown = sorted(set(solver_options) - SOLVER_OPTIONS)
     if unknown:
         raise TypeError(
             f"unknown keyword argument(s) {unknown} of score/Influence; its keywords are "
-            f"{list(KEYWORDS)} and the solvers' options {sorted(options)}"
+            f"{list(KEYWORDS)} and the solvers' options {sorted(SOLVER_OPTIONS)}"
         )
     check_options(solver_options, solver)
     if not any(True for _ in model.parameters()):

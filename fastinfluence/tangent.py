@@ -47,7 +47,6 @@ from dataclasses import replace
 import torch
 from torch import fx, nn
 
-from fastinfluence.functional import eval_mode
 from fastinfluence.layers.linear import Affine
 from fastinfluence.layers.norm import BatchNorm
 from fastinfluence.layers.pooling import MaxPool2d
@@ -64,6 +63,7 @@ from fastinfluence.layers.registry import (
 )
 from fastinfluence.layers.shape import Identity
 from fastinfluence.layers.tracing import trace
+from fastinfluence.modes import eval_mode
 
 CHECK_SAMPLES = 2
 """How many samples of the example the one-time numerical check runs on."""

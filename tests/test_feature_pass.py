@@ -9,7 +9,7 @@ from torch import nn
 import fastinfluence as fi
 from fastinfluence.feature_pass import FeaturePass, _module_pass, head_feature_pass
 from fastinfluence.functional import FunctionalModel
-from fastinfluence.hessian import backends
+from fastinfluence.hessian import head
 from fastinfluence.models.cnn import PaperCNN
 from fastinfluence.models.rescnn import ResCNN1d
 from fastinfluence.params import select_parameters
@@ -161,7 +161,7 @@ def test_influence_reports_the_feature_pass_and_scores_as_with_the_module(monkey
     assert influence.report.feature_pass == "fx copy: 5 Conv-BatchNorm pairs folded"
     scores = influence.scores(train)
     # the slow twin: the same engine reading the features through the model itself
-    monkeypatch.setattr(backends, "head_feature_pass", lambda fmodel: FeaturePass(
+    monkeypatch.setattr(head, "head_feature_pass", lambda fmodel: FeaturePass(
         _module_pass(fmodel), None, "module: forced"))
     plain = fi.Influence(model, train, val, params="last")
     assert plain.report.feature_pass == "module: forced"

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from problems import make_problem
 
-from fastinfluence.functional import FunctionalModel, eval_mode
+from fastinfluence.functional import FunctionalModel
+from fastinfluence.modes import eval_mode
 from fastinfluence.params import select_parameters
 
 

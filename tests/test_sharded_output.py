@@ -18,7 +18,7 @@ import torch
 from problems import make_problem, relative_error
 
 import fastinfluence as fi
-from fastinfluence import sharded_output
+from fastinfluence import fingerprints, sharded_output
 from fastinfluence.hessian.solvers import Solver
 
 TESTS = Path(__file__).parent
@@ -451,7 +451,7 @@ def scaled(scale):
 
 
 def test_the_state_of_a_callable_tells_apart_what_changes_it():
-    describe = sharded_output.describe_callable
+    describe = fingerprints.describe_callable
     alike = [lambda out: out * 2, lambda out: out * 2]  # two lambdas written alike
     assert describe(alike[0]) == describe(alike[1])
     assert describe(scaled(np.float32(2.0))) == describe(scaled(np.float32(2.0)))

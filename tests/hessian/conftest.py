@@ -2,7 +2,8 @@
 
 The solvers see an operator only through ``dim``, ``dtype``, ``device``, ``passes``,
 ``num_samples``, ``positive_semidefinite``, ``matvec``, ``dense``, ``subsample`` and the
-optional hooks ``closed_form_inverse`` / ``lissa_recursion`` (``None``: not offered).
+optional capabilities it declares (none here: a
+:class:`~fastinfluence.hessian.protocol.CurvatureBackend` declares none by default).
 ``DenseOperator`` provides exactly these, with ``H = mean_i S_i`` over per-sample symmetric
 matrices ``S_i`` so that subsampling means what it means for a training set.
 """
@@ -12,12 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastinfluence.hessian.protocol import CurvatureBackend
 
-class DenseOperator:
+
+class DenseOperator(CurvatureBackend):
     """``H = mean_i S_i`` for per-sample symmetric ``S_i`` [n, p, p]; products ``V ↦ V H``."""
 
-    closed_form_inverse = None
-    lissa_recursion = None
+    name = "dense"
 
     def __init__(self, per_sample: torch.Tensor, positive_semidefinite: bool = True) -> None:
         self.per_sample = per_sample

@@ -11,19 +11,19 @@ from problems import LSTMClassifier, make_problem
 import fastinfluence as fi
 from fastinfluence import reference
 from fastinfluence.functional import FunctionalModel
-from fastinfluence.hessian.backends import (
-    ExactHessianBackend,
-    GaussNewtonBackend,
-    HeadBackend,
-    NetworkBackend,
-    probe_model,
-    select_backend,
-)
+from fastinfluence.hessian.differentiation import ForwardMode, FusedTangent, ReverseMode
+from fastinfluence.hessian.exact import ExactHessianBackend
+from fastinfluence.hessian.gauss_newton import GaussNewtonBackend
+from fastinfluence.hessian.head import HeadBackend
+from fastinfluence.hessian.network import NetworkBackend
+from fastinfluence.hessian.probe import probe_model
+from fastinfluence.hessian.protocol import Capability
+from fastinfluence.hessian.selection import select_backend
 from fastinfluence.labelled_data import LabelledData
 from fastinfluence.params import select_parameters
 
 
-def build(kind: str, params: str, hessian: str, *, modes=None, seed: int = 0):
+def build(kind: str, params: str, hessian: str, *, differentiation=None, seed: int = 0):
     """A backend on a float64 test problem, the selected parameters and the data."""
     model, train, val = make_problem(kind, seed=seed, n_train=18, n_val=5)
     selection = select_parameters(model, params)
@@ -34,14 +34,14 @@ def build(kind: str, params: str, hessian: str, *, modes=None, seed: int = 0):
         backend = HeadBackend(fmodel, data)
     else:
         kind_of = ExactHessianBackend if hessian == "exact" else GaussNewtonBackend
-        backend = kind_of(fmodel, data, example, modes=modes)
+        backend = kind_of(fmodel, data, example, differentiation=differentiation)
     plist = [dict(model.named_parameters())[n] for n in selection.names]
     return backend, model, plist, data, train, val
 
 
 FORWARD = None  # let the backend choose: the fused tangent pass where it compiles
-JVP_ONLY = (None, True, "forced by the test")
-REVERSE_ONLY = (None, False, "forced by the test")
+JVP_ONLY = ForwardMode("forced by the test")
+REVERSE_ONLY = ReverseMode("forced by the test")
 CASES = [
     ("logistic", "last", "head", FORWARD),
     ("cnn", "last", "head", FORWARD),
@@ -62,9 +62,10 @@ def twin_curvature(hessian: str, model, plist, X, y) -> torch.Tensor:
     return reference.hessian(model, plist, X, y)
 
 
-@pytest.mark.parametrize(("kind", "params", "hessian", "modes"), CASES)
-def test_backend_matches_its_textbook_twin(kind, params, hessian, modes):
-    backend, model, plist, data, train, val = build(kind, params, hessian, modes=modes)
+@pytest.mark.parametrize(("kind", "params", "hessian", "differentiation"), CASES)
+def test_backend_matches_its_textbook_twin(kind, params, hessian, differentiation):
+    backend, model, plist, data, train, val = build(kind, params, hessian,
+                                                    differentiation=differentiation)
     generator = torch.Generator().manual_seed(1)
     vectors = torch.randn(3, backend.dim, generator=generator, dtype=torch.float64)
     matrix = twin_curvature(hessian, model, plist, *train)
@@ -97,18 +98,19 @@ def test_subsample_is_the_curvature_of_the_drawn_samples(kind, params, hessian):
     torch.testing.assert_close(part.matvec(vectors), vectors @ matrix, rtol=1e-9, atol=1e-11)
 
 
-def test_head_lissa_hook_runs_minibatch_recursions_only():
+def test_head_declares_and_runs_minibatch_lissa_recursions():
     backend, *_ = build("cnn", "last", "head")
     rhs = torch.randn(2, backend.dim, dtype=torch.float64)
-    assert backend.lissa_recursion(rhs, 0.1, 2.0, 10, None, 0) is None
+    assert backend.capabilities == {Capability.MINIBATCH_LISSA}
     estimate = backend.lissa_recursion(rhs, 0.1, 2.0, 10, 8, 0)
     assert estimate.shape == rhs.shape and bool(torch.isfinite(estimate).all())
 
 
 def test_network_backends_take_the_fused_pass_where_it_compiles():
     backend, *_ = build("cnn", "all", "gauss-newton")
-    assert backend.scoring == "fused-tangent" and backend.tangent_program is not None
-    forced, *_ = build("cnn", "all", "gauss-newton", modes=REVERSE_ONLY)
+    assert backend.scoring == "fused-tangent"
+    assert isinstance(backend.differentiation, FusedTangent)
+    forced, *_ = build("cnn", "all", "gauss-newton", differentiation=REVERSE_ONLY)
     assert forced.scoring == "reverse-mode" and forced.scoring_reason == "forced by the test"
 
 
@@ -146,3 +148,17 @@ def test_first_solve_reports_the_products_that_built_the_solver():
     assert inf.report.solve.hessian_products == -(-inf.report.num_params // 16)
     inf.pairwise((val[0][:2], val[1][:2]))
     assert inf.report.query_solve.hessian_products == 0
+
+
+def test_optional_capabilities_are_declared_and_others_refused():
+    from fastinfluence.errors import NotSupportedError
+
+    exact, *_ = build("mlp", "all", "exact")
+    gauss_newton, *_ = build("mlp", "all", "gauss-newton")
+    assert exact.capabilities == frozenset()
+    assert gauss_newton.capabilities == {Capability.FACTOR_ROWS}
+    assert gauss_newton.factor_rows(4).shape == (18 * 3, gauss_newton.dim)
+    for call in (lambda: exact.factor_rows(4), lambda: exact.closed_form_inverse(None, 0.1),
+                 lambda: gauss_newton.lissa_recursion(None, 0.1, 1.0, 1, 2, 0)):
+        with pytest.raises(NotSupportedError, match="does not offer"):
+            call()

@@ -4,6 +4,7 @@ rounding is the point), and the solver configs' argument checks."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -62,7 +63,18 @@ def test_direct_quadratic_form_is_the_inverse_quadratic_form(make_operator, rhs)
     operator = make_operator()
     solver = make_solver("direct", operator, DAMPING, DirectConfig())
     expected = (rhs * exact_solution(operator, rhs, DAMPING)).sum(dim=1)
-    assert torch.allclose(solver.quadratic_form(rhs), expected, rtol=1e-12, atol=0)
+    values, report = solver.quadratic_form(rhs)
+    assert torch.allclose(values, expected, rtol=1e-12, atol=0)
+    assert report is None  # from the Cholesky factor, without a solve
+
+
+def test_an_iterative_quadratic_form_solves_and_reports(make_operator, rhs):
+    operator = make_operator()
+    solver = make_solver("cg", operator, DAMPING, CGConfig(tol=1e-12))
+    expected = (rhs * exact_solution(operator, rhs, DAMPING)).sum(dim=1)
+    values, report = solver.quadratic_form(rhs)
+    assert torch.allclose(values, expected, rtol=1e-10, atol=0)
+    assert report.solver == "cg" and report.converged
 
 
 @pytest.mark.parametrize("columns", [1, 3])
@@ -317,3 +329,35 @@ def test_option_values_are_checked_before_the_solver_is_chosen():
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['max_iter'\] for "
                                         r"solver='direct'; it accepts \['chunk', 'tol'\]"):
         check_options({"max_iter": 10}, "direct")
+
+
+def test_the_registry_is_the_one_list_of_solvers(make_operator, capsys):
+    """Every solver name, config and option the API and the CLI accept comes from REGISTRY."""
+    import fastinfluence.hessian.solvers as solvers
+    from fastinfluence.cli import main
+
+    assert solvers.SOLVERS == (*solvers.REGISTRY, "auto")
+    options = set()
+    for name, (solver_class, config_class) in solvers.REGISTRY.items():
+        assert solver_class.name == name and solvers.CONFIGS[name] is config_class
+        options |= {f.name for f in dataclasses.fields(config_class)}
+    assert solvers.SOLVER_OPTIONS == options
+    config = solvers.make_config("cg", {}, torch.float64)
+    built = solvers.make_solver("cg", make_operator(), DAMPING, config)
+    assert type(built) is solvers.REGISTRY["cg"][0]
+    with pytest.raises(SystemExit):
+        main(["score", "--help"])
+    assert ", ".join(solvers.SOLVERS) in " ".join(capsys.readouterr().out.split())
+
+
+def test_auto_picks_direct_for_small_or_closed_form_curvatures(make_operator):
+    from fastinfluence.hessian.protocol import Capability
+    from fastinfluence.hessian.solvers import DIRECT_MAX_DIM, choose_solver
+
+    operator = make_operator()  # p = 12, a network-sized limit of 512
+    assert choose_solver("auto", operator) == "direct"
+    assert choose_solver("lissa", operator) == "lissa"
+    operator.dim = DIRECT_MAX_DIM["network"] + 1
+    assert choose_solver("auto", operator) == "cg"
+    operator.capabilities = frozenset({Capability.CLOSED_FORM_INVERSE})
+    assert choose_solver("auto", operator) == "direct"

@@ -10,7 +10,7 @@ from problems import make_problem, relative_error
 import fastinfluence as fi
 from fastinfluence import reference
 from fastinfluence.distributed import DistributedBackend, Shards
-from fastinfluence.hessian.backends import GaussNewtonBackend
+from fastinfluence.hessian.gauss_newton import GaussNewtonBackend
 from fastinfluence.hessian.solvers import _gram, make_solver
 
 
