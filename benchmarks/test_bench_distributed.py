@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
 from bench_distributed import main
 
 
+@pytest.mark.slow
 def test_distributed_benchmark_runs_and_ranks_agree(tmp_path):
     out = tmp_path / "distributed.json"
     report = main(["--ranks", "1", "2", "--size", "32", "--n-train", "12", "--n-val", "4",

@@ -71,6 +71,7 @@ def test_reference_lissa_head(benchmark, problem):
     assert torch.isfinite(h).all()
 
 
+@pytest.mark.slow
 def test_report_script_runs(tmp_path):
     out = tmp_path / "report.json"
     small = ["--n-train", "16", "--n-val", "4", "--repeats", "1"]
@@ -88,6 +89,7 @@ def test_report_script_runs(tmp_path):
     assert result["all"]["engine_scoring_reason"] is None
 
 
+@pytest.mark.slow
 def test_report_script_runs_the_resnet(tmp_path):
     small = ["--n-train", "8", "--n-val", "4", "--repeats", "1", "--params", "all"]
     resnet = ["--models", "resnet18", "--resnet-width", "4"]

@@ -66,6 +66,7 @@ def _methods(report):
     return entry["methods"]
 
 
+@pytest.mark.slow
 def test_fastinfluence_matches_the_exact_reference(report):
     methods = _methods(report)
     for method in ("reference", "fastinfluence"):
@@ -135,6 +136,7 @@ def test_exact_reference_matches_explicit_gauss_newton():
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_method_cap_reports_over_cap_and_skips_larger_sizes(tmp_path):
     """A cap no worker can meet (its interpreter alone takes longer): fastinfluence is
     reported over cap on 32², not started on 64²; the reference is exempt and runs."""
@@ -229,6 +231,7 @@ def test_runs_on_cuda(tmp_path):
     assert fast["status"] == "ok" and fast["pearson"] > 0.999 and fast["peak_gpu_mib"] > 0
 
 
+@pytest.mark.slow
 def test_woodbury_variant_is_exact_on_all(tmp_path):
     """``--fi-all woodbury`` solves the Gauss-Newton system exactly, as the reference does."""
     report = main(["--sizes", "32", "--n-train", "8", "--n-val", "2", "--rounds", "1",

@@ -9,12 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 APPLICATIONS = ("fastinfluence.robust", "fastinfluence.datasets", "fastinfluence.models")
 EXTRAS_ONLY = ("nilearn", "h5py", "PIL", "nibabel", "pydicom", "matplotlib", "sklearn", "art")
 ENGINE_ENTRY_POINTS = ("fastinfluence.scoring", "fastinfluence.score_command")
 
 
+@pytest.mark.slow
 def test_scoring_and_the_score_command_load_no_application():
     """A whole run of ``score`` on a network, in a fresh interpreter, loads no application
     module and no package of the applications' extras."""

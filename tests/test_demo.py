@@ -17,6 +17,8 @@ from fastinfluence import demo
 from fastinfluence.cli import main
 from fastinfluence.robust import DETECTORS
 
+pytestmark = pytest.mark.slow  # trains the model it scores
+
 
 @pytest.fixture
 def no_data_generation(monkeypatch):

@@ -99,6 +99,7 @@ def single_process() -> dict:
     return {name: run_case(*case) for name, case in CASES.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_give_the_single_process_results(world, tmp_path, single_process):
     ranks = spawn(world, tmp_path)

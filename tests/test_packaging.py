@@ -20,6 +20,7 @@ needs_source_tree = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 @needs_source_tree
 def test_sdist_has_every_native_source_pins_the_build_torch_and_builds_quietly(tmp_path):
     # The PEP 517 hook that `pip` and `python -m build --no-isolation` call.
@@ -88,6 +89,7 @@ def test_setup_script_installs_numpy_with_torch_then_the_dev_and_datasets_extras
     assert "FASTINFLUENCE_REQUIRE_NATIVE=1" in (ROOT / ".ci/run").read_text()
 
 
+@pytest.mark.slow
 def test_datasets_import_without_optional_dependencies_and_name_the_extra(tmp_path):
     # A fresh interpreter in which nilearn, h5py, Pillow and matplotlib cannot be imported.
     code = textwrap.dedent(f"""

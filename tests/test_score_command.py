@@ -237,6 +237,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_runs_under_a_torchrun_environment(saved, tmp_path):
     model, train, val, paths = saved
     out = tmp_path / "out"
@@ -255,6 +256,7 @@ def test_runs_under_a_torchrun_environment(saved, tmp_path):
     assert relative_error(read_output(out, "scores"), influence.scores()) <= 1e-12
 
 
+@pytest.mark.slow
 def test_torchrun_with_two_ranks_writes_once(saved, tmp_path):
     model, train, val, paths = saved
     out = tmp_path / "out"

@@ -232,6 +232,7 @@ influence.scores(out=out, chunk_size=6)
 """
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_files(tmp_path):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(

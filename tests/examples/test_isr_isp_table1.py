@@ -11,6 +11,9 @@ import pytest
 import torch
 from example_loader import load_example
 
+pytestmark = pytest.mark.slow  # trains and writes whole example runs
+
+
 TINY = ["--n-slices", "36", "--n-patients", "12", "--image-size", "32", "--epochs", "2",
         "--pretrain-epochs", "1", "--trials", "1", "--denoiser-epochs", "1",
         "--patch-size", "32", "--threads", "1", "--no-progress"]

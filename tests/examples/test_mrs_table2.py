@@ -9,6 +9,8 @@ import shutil
 import pytest
 from example_loader import load_example
 
+pytestmark = pytest.mark.slow  # trains and writes whole example runs
+
 # theta 0.5 makes every training spectrum "certain", so every mixing run has partners
 TINY = ["--n-spectra", "100", "--n-patients", "16", "--width", "2", "--folds", "4",
         "--run-folds", "0", "--epochs", "2", "--final-epochs", "1", "--source-epoch", "2",

@@ -8,6 +8,9 @@ import pytest
 import torch
 from example_loader import load_example
 
+pytestmark = pytest.mark.slow  # trains and writes whole example runs
+
+
 TINY = ["--n-images", "60", "--image-size", "32", "--width", "8", "--epochs", "2",
         "--warmup-epochs", "1", "--reweight-start", "1", "--estimation-epochs", "1",
         "--n-neighbors", "3", "--reference-epochs", "1", "--gammas", "0", "0.2",

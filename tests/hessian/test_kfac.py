@@ -243,6 +243,7 @@ def test_selections_kfac_cannot_factor_are_refused_clearly():
             z, t, reduction="none"), hessian="kfac", solver="lissa", minibatch_size=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hessian", ["kfac", "ekfac"])
 def test_float32_factors_of_few_samples_decompose(hessian):
     """Fewer samples than a factor's size make it rank-deficient: float32 eigh of the paper

@@ -32,6 +32,7 @@ def test_cli_info_prints_the_report(capsys):
     assert "fastinfluence._C:" in text and "head_lissa" in text
 
 
+@pytest.mark.slow
 def test_python_m_fastinfluence_info_runs():
     result = subprocess.run(
         [sys.executable, "-m", "fastinfluence", "info", "--json"],
@@ -77,6 +78,7 @@ def test_extension_built_for_another_torch_release_is_not_loaded_and_says_why(mo
         ops.lissa_update_(torch.ones(3), torch.ones(3), torch.ones(3), 0.0, 1.0)
 
 
+@pytest.mark.slow
 def test_require_native_turns_an_unloadable_extension_into_an_import_error():
     # A fresh interpreter in which `import fastinfluence._C` fails.
     code = (
