@@ -153,3 +153,24 @@ def test_the_generated_layer_table_lists_every_registered_layer():
             assert row["kfac"] == "—", key
         folds = ", ".join(f"`nn.{kind.__name__}`" for kind in entry.folds_into)
         assert row["fold"] == (f"into {folds}" if folds else "—"), key
+
+
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", flags=re.MULTILINE | re.DOTALL)
+
+
+def test_the_readmes_code_runs_on_a_small_network():
+    """The README's Python blocks run as written, in order, given the names a reader brings:
+    a CNN and its data as ``(X, y)`` pairs."""
+    import torch
+    from problems import make_problem
+
+    blocks = PYTHON_BLOCK.findall((ROOT / "README.md").read_text())
+    assert blocks, "the README has no Python example"
+    model, train, val = make_problem("cnn", n_train=24, n_val=6)
+    names = {"model": model, "train": train, "val": val, "X_train": train[0],
+             "y_train": train[1], "X_val": val[0], "y_val": val[1], "x": train[0][:3],
+             "y": train[1][:3], "test": (val[0][:2], val[1][:2])}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), names)
+    assert names["scores"].shape == (24,) and torch.isfinite(names["scores"]).all()
+    assert names["inf"].report.path == "head-closed-form"
