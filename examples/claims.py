@@ -1,0 +1,349 @@
+"""The papers' pages' claims, computed from the committed runs (``examples/results/*/runs.json``).
+
+Each claim function reads the runs it needs and returns a :class:`Claim`: its numbers, and the
+phrases that state them on the documentation pages (``docs/papers/*.md``). ``--check`` fails when
+a page lacks one of those phrases, so a rerun that changes a ``runs.json`` fails until the page
+says what the new runs show (``tests/examples/test_claims.py`` runs the same check).
+
+    python examples/claims.py            # every claim's numbers and phrases
+    python examples/claims.py --check    # exit 1 when a page lacks a phrase
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "examples" / "results"
+PAPERS = ROOT / "docs" / "papers"
+
+
+@dataclass
+class Claim:
+    """One claim of the pages: ``numbers`` from the runs, and ``phrases``: page name (under
+    ``docs/papers``) → the exact phrases (whitespace aside) that page must contain."""
+
+    name: str
+    numbers: dict[str, Any]
+    phrases: dict[str, list[str]]
+
+
+def load_runs(results: Path, folder: str) -> dict[str, Any]:
+    """``runs.json`` of one committed results folder."""
+    return json.loads((results / folder / "runs.json").read_text())
+
+
+def signed(value: float, digits: int = 1) -> str:
+    """``+1.6`` / ``−0.3`` (the pages' minus sign); a value that rounds to zero is ``0.0``."""
+    text = f"{value:+.{digits}f}"
+    if float(text) == 0:
+        return f"{0:.{digits}f}"
+    return text.replace("-", "−")
+
+
+def percent(value: float, digits: int = 1) -> str:
+    return f"{100 * value:.{digits}f} %"
+
+
+# -- MRS: influence-based distillation against the softmax set --------------------------------
+
+FEW_TUMOUR = 0.1
+"""A selection whose tumour-labelled share is under this is listed (with the sensitivity of
+the network mixed from it): it can hardly teach the tumour class."""
+
+
+def pair_name(pair: tuple[int, int]) -> str:
+    return f"seed {pair[0]} fold {pair[1]}"
+
+def mrs_influence_distillation(results: Path = RESULTS) -> Claim:
+    """The influence selections against the softmax set of the same size (θ, E of the CPU
+    default), per (seed, fold) pair. Only tumour-labelled spectra can be mislabelled (the
+    simulator labels a tumour patient's whole hemisphere tumour; ``make_mrs``), so the fair
+    comparison is the mislabelled fraction *of the tumour-labelled spectra* of a selection. A
+    selection without one class ("one-class") trains a network that cannot learn that class;
+    it is listed and left out of the per-pair comparison of that fraction, as are the pairs
+    where the softmax set has no tumour-labelled spectrum. Selections whose tumour share is
+    under :data:`FEW_TUMOUR` are listed with the sensitivity of the network mixed from them,
+    and the influence-helpful row's AUC against the plain ResCNN is given with and without
+    them."""
+    saved = load_runs(results, "mrs_table2")
+    settings = saved["settings"]
+    main = {"alpha": settings["alpha"], "factor": settings["factor"],
+            "source_epoch": settings["source_epoch"], "strategy": "both",
+            "threshold": settings["thresholds"][0]}
+    runs: dict[tuple[int, int], dict[str, dict]] = {}
+    for run in saved["runs"]:
+        options = run.get("options", {})
+        if run["kind"] == "mixing" and all(options.get(k) == v for k, v in main.items()):
+            runs.setdefault((run["seed"], run["fold"]), {})[options["selection"]] = run
+    pairs = sorted(runs)
+    softmax = {pair: runs[pair]["softmax"]["certain_summary"] for pair in pairs}
+
+    def of_tumour(summary: dict) -> float:
+        return summary["mislabelled"] / summary["per_class"][1]
+
+    def pooled(summaries: list[dict]) -> float:
+        return (sum(s["mislabelled"] for s in summaries)
+                / sum(s["per_class"][1] for s in summaries))
+
+    def healthy_share(summaries: list[dict]) -> str:
+        shares = [100 * s["per_class"][0] / s["size"] for s in summaries]
+        return (f"{min(shares):.0f}–{max(shares):.0f} % "
+                f"(median {statistics.median(shares):.0f} %)")
+
+    numbers: dict[str, Any] = {"pairs": len(pairs), "softmax": {
+        "mislabelled_of_tumour_pooled": pooled(list(softmax.values()))}}
+    rows = [f"| softmax, θ = {main['threshold']:g}, E = {main['source_epoch']} | – | – | "
+            f"{percent(pooled(list(softmax.values())))} | – | "
+            f"{healthy_share(list(softmax.values()))} |"]
+    flagged = []
+    for selection in ("influence-helpful", "influence-self"):
+        chosen = {pair: runs[pair][selection] for pair in pairs}
+        summaries = {pair: run["certain_summary"] for pair, run in chosen.items()}
+        one_class = [p for p in pairs if min(summaries[p]["per_class"]) == 0]
+        comparable = [p for p in pairs if p not in one_class and softmax[p]["per_class"][1]]
+        fewer_in_total = sum(summaries[p]["mislabelled"] < softmax[p]["mislabelled"]
+                             for p in pairs)
+        cleaner_of_tumour = sum(of_tumour(summaries[p]) < of_tumour(softmax[p])
+                                for p in comparable)
+        mean_of_tumour = (statistics.mean(of_tumour(summaries[p]) for p in comparable),
+                          statistics.mean(of_tumour(softmax[p]) for p in comparable))
+        few_tumour = [p for p in pairs
+                      if summaries[p]["per_class"][1] < FEW_TUMOUR * summaries[p]["size"]]
+        numbers[selection] = {
+            "fewer_mislabelled_in_total": fewer_in_total,
+            "smaller_mislabelled_fraction_of_tumour": cleaner_of_tumour,
+            "comparable_pairs": len(comparable),
+            "mislabelled_of_tumour_pooled": pooled(list(summaries.values())),
+            "mislabelled_of_tumour_mean_per_pair_vs_softmax": mean_of_tumour,
+            "one_class": [pair_name(p) for p in one_class],
+            "few_tumour": {pair_name(p): (summaries[p]["per_class"],
+                                          chosen[p]["metrics"]["sensitivity"])
+                           for p in few_tumour}}
+        rows.append(f"| {selection} | {fewer_in_total} of {len(pairs)} | "
+                    f"{cleaner_of_tumour} of {len(comparable)} | "
+                    f"{percent(pooled(list(summaries.values())))} | "
+                    f"{percent(mean_of_tumour[0])} / {percent(mean_of_tumour[1])} | "
+                    f"{healthy_share(list(summaries.values()))} |")
+        flagged += [f"{selection} on {pair_name(p)}: "
+                    f"{summaries[p]['per_class'][0]} healthy, {summaries[p]['per_class'][1]} "
+                    f"tumour, sensitivity {chosen[p]['metrics']['sensitivity']:.2f}"
+                    for p in few_tumour]
+    plain = {(run["seed"], run["fold"]): run["metrics"]["auc"] for run in saved["runs"]
+             if run["kind"] == "plain"}
+    helpful = numbers["influence-helpful"]
+    kept = [p for p in pairs if pair_name(p) not in helpful["few_tumour"]]
+    for name, chosen_pairs in (("all", pairs), ("without_few_tumour", kept)):
+        differences = [runs[p]["influence-helpful"]["metrics"]["auc"] - plain[p]
+                       for p in chosen_pairs]
+        helpful[f"auc_minus_plain_{name}"] = (statistics.mean(differences),
+                                              statistics.pstdev(differences), len(differences))
+    flagged += [f"AUC − plain ResCNN {signed(mean, 3)} ± {std:.3f} over {n} pairs"
+                for mean, std, n in (helpful["auc_minus_plain_all"],
+                                     helpful["auc_minus_plain_without_few_tumour"])]
+    summary = [f"{numbers[s]['fewer_mislabelled_in_total']} of {len(pairs)}"
+               for s in ("influence-helpful", "influence-self")]
+    summary.append(f"{percent(numbers['influence-helpful']['mislabelled_of_tumour_pooled'])} "
+                   f"of its tumour-labelled spectra mislabelled against "
+                   f"{percent(numbers['softmax']['mislabelled_of_tumour_pooled'])}")
+    return Claim("mrs_influence_distillation", numbers,
+                 {"mrs.md": rows + flagged, "index.md": summary})
+
+
+# -- Denoising CNNs, Table 1: the gains at ε = 8 -----------------------------------------------
+
+DENOISING_COLUMNS = ("clean", "fgsm4", "fgsm8", "ifgsm4", "ifgsm8", "cw")
+
+
+def table1_order(label: str, table1: list[dict]) -> tuple[bool, bool, float, float]:
+    """The page's row order: NA, the λ_n rows, the λ_a rows, then both (each by weight), read
+    from the run key ``resnet18:n<λ_n>a<λ_a>``."""
+    key = next(run["key"] for run in table1 if run["label"] == label)
+    lambda_n, lambda_a = map(float, re.fullmatch(r"resnet18:n([\d.]+)a([\d.]+)", key).groups())
+    return lambda_n > 0 and lambda_a > 0, lambda_a > 0, lambda_n, lambda_a
+
+
+def denoising_table1_eps8(results: Path = RESULTS) -> Claim:
+    """Every Table 1 row (ResNet-18 on SKIN4) as the page's table prints it (final-epoch test
+    accuracy, %, mean ± population std over the trials, one decimal), and each defence's gain
+    on NA of the same trial at FGSM 8 and I-FGSM 8: the defences that gain in every trial on
+    both, and those that lose somewhere, with their per-trial gains."""
+    saved = load_runs(results, "denoising_cnn_tables")
+    table1 = [run for run in saved["runs"] if run["table"] == 1]
+    labels = sorted(dict.fromkeys(run["label"] for run in table1),
+                    key=lambda label: table1_order(label, table1))
+    trials = sorted({run["trial"] for run in table1})
+    accuracy = {(run["label"], run["trial"]): run["accuracy"] for run in table1}
+    rows = []
+    for label in labels:
+        cells = []
+        for column in DENOISING_COLUMNS:
+            values = [100 * accuracy[label, t][column] for t in trials]
+            cells.append(f"{statistics.mean(values):.1f} ± {statistics.pstdev(values):.1f}")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    gains: dict[str, list[tuple[float, float]]] = {}
+    for label in labels:
+        if label == "NA":
+            continue
+        gains[label] = [tuple(100 * (accuracy[label, t][c] - accuracy["NA", t][c])
+                              for c in ("fgsm8", "ifgsm8")) for t in trials]
+    always = [label for label, per_trial in gains.items()
+              if all(g > 0 for trial in per_trial for g in trial)]
+    not_always = [label for label in gains if label not in always]
+
+    def per_trial(label: str) -> str:
+        return "; ".join(f"trial {t}: {signed(f)} / {signed(i)}"
+                         for t, (f, i) in zip(trials, gains[label], strict=True))
+
+    spread = [100 * (max(accuracy["NA", t][c] for t in trials)
+                     - min(accuracy["NA", t][c] for t in trials)) for c in ("fgsm8", "ifgsm8")]
+    phrases = [*rows,
+               f"NA's own accuracy at ε = 8 differs by {spread[0]:.1f} / {spread[1]:.1f} points "
+               "between the trials",
+               "gain on NA at ε = 8 (FGSM 8 and IFGSM 8) in both trials: " + "; ".join(always),
+               *(f"{label} ({per_trial(label)})" for label in not_always)]
+    numbers = {"rows": rows, "gains_fgsm8_ifgsm8": gains, "na_spread_fgsm8_ifgsm8": spread,
+               "gain_in_every_trial": always, "not_in_every_trial": not_always}
+    summary = [f"{len(always)} of {len(gains)} defences gain at ε = 8 in both trials"]
+    return Claim("denoising_table1_eps8", numbers, {"denoising-cnn.md": phrases,
+                                                     "index.md": summary})
+
+
+# -- OUSM + LoOP: detection precision, and the paper's methods at 20 % -----------------------
+
+def detection_precision(saved: dict[str, Any], key: str) -> list[int]:
+    """Precision at the noise count (%, mean over trials, rounded as ``table.md``) of one
+    ranking of the plain ResNet, per noisy γ."""
+    gammas = [g for g in saved["settings"]["gammas"] if g > 0]
+    return [round(100 * statistics.mean(
+        run["method_summary"]["detection"][key]["precision"] for run in saved["runs"]
+        if run["method"] == "resnet" and run["gamma"] == gamma)) for gamma in gammas]
+
+
+def skin_flip_detection(results: Path = RESULTS) -> Claim:
+    """Precision at the noise count of influence on the clean validation loss against the plain
+    loss (the plain ResNet before OUSM starts), with the paper's loss-ranked flips and with
+    random flips; and how many clean validation labels the influence rows use."""
+    numbers: dict[str, Any] = {}
+    phrases = []
+    for folder, noise in (("ousm_table1", "loss-ranked"), ("ousm_table1_symmetric", "random")):
+        saved = load_runs(results, folder)
+        influence = detection_precision(saved, "val_influence@warm-up")
+        loss = detection_precision(saved, "loss@warm-up")
+        numbers[noise] = {"influence_on_clean_val": influence, "loss": loss}
+        phrases.append(f"{noise} flips: influence on the clean validation loss "
+                       f"{' / '.join(map(str, influence))} %, the loss "
+                       f"{' / '.join(map(str, loss))} %")
+    validation = load_runs(results, "ousm_table1")["meta"]["images"]["val"]
+    numbers["validation_labels"] = validation
+    phrases.append(f"{validation} clean validation labels")
+    random = numbers["random"]
+    summary = [f"random flips: {' / '.join(map(str, random['influence_on_clean_val']))} % "
+               f"against {' / '.join(map(str, random['loss']))} %",
+               f"{validation} clean validation labels"]
+    return Claim("skin_flip_detection", numbers,
+                 {"skin-noisy-labels.md": phrases, "index.md": summary})
+
+
+SKIN_PAPER_METHODS = {"forward": "forward", "ousm": "OUSM", "ousm_loop": "OUSM + LoOP"}
+
+
+def skin_paper_methods_at(results: Path = RESULTS, gamma: float = 0.2) -> Claim:
+    """Each paper method minus the plain ResNet of the same trial at noise ``gamma`` (points,
+    mean over trials; trials better), at the final epoch and at the best-validation epoch."""
+    saved = load_runs(results, "ousm_table1")
+    runs = [run for run in saved["runs"] if run["gamma"] == gamma]
+    plain = {run["trial"]: run for run in runs if run["method"] == "resnet"}
+    numbers: dict[str, Any] = {}
+    phrases = []
+    for which, words in (("final", "final epoch"), ("at_best_val", "best-validation epoch")):
+        parts, numbers[which] = [], {}
+        for method, name in SKIN_PAPER_METHODS.items():
+            differences = [100 * (run[which] - plain[run["trial"]][which]) for run in runs
+                           if run["method"] == method]
+            better = sum(d > 0 for d in differences)
+            numbers[which][method] = (statistics.mean(differences), better, len(differences))
+            parts.append(f"{name} {signed(statistics.mean(differences))} "
+                         f"({better}/{len(differences)})")
+        phrases.append(f"{words}: " + ", ".join(parts))
+    return Claim(f"skin_paper_methods_at_{100 * gamma:g}", numbers,
+                 {"skin-noisy-labels.md": phrases, "index.md": phrases})
+
+
+# -- ISR/ISP, Figure 1: |δ| on the tumour ------------------------------------------------------
+
+def isp_tumour_ratio(results: Path = RESULTS) -> Claim:
+    """ISP's mean |δ| on tumour pixels over its mean on every other pixel of the perturbed
+    images (``delta_tumour_to_rest_ratio``), over the Table 1 ISP runs, all and per noise. The
+    denominator holds the air around the head too; the runs save neither δ nor a head mask, so
+    the ratio against the rest of the head cannot be computed from them."""
+    saved = load_runs(results, "isr_isp_table1")
+    runs = [run for run in saved["runs"] if run["method"] == "isp"]
+    ratios = [run["method_summary"]["delta_tumour_to_rest_ratio"] for run in runs]
+    numbers: dict[str, Any] = {"runs": len(ratios), "mean": statistics.mean(ratios),
+                               "range": (min(ratios), max(ratios))}
+    for noise in ("gaussian", "rician"):
+        numbers[noise] = statistics.mean(run["method_summary"]["delta_tumour_to_rest_ratio"]
+                                         for run in runs if run["noise"] == noise)
+    phrases = [f"{numbers['mean']:.2f}× that on every other pixel, the air around the head "
+               f"included ({len(ratios)} ISP runs, {min(ratios):.2f}–{max(ratios):.2f}×; "
+               f"Gaussian {numbers['gaussian']:.2f}×, Rician {numbers['rician']:.2f}×)"]
+    summary = [f"{numbers['mean']:.2f}× against every other pixel, air included"]
+    return Claim("isp_tumour_ratio", numbers, {"isr-isp.md": phrases, "index.md": summary})
+
+
+CLAIMS: tuple[Callable[[Path], Claim], ...] = (
+    mrs_influence_distillation, denoising_table1_eps8, skin_flip_detection,
+    skin_paper_methods_at, isp_tumour_ratio)
+
+
+def page_text(path: Path) -> str:
+    """A page with every run of whitespace made one space (phrases may wrap)."""
+    return re.sub(r"\s+", " ", path.read_text())
+
+
+def missing_phrases(results: Path = RESULTS, papers: Path = PAPERS) -> list[str]:
+    """``page: phrase`` for every phrase of every claim that its page lacks."""
+    missing = []
+    for compute in CLAIMS:
+        claim = compute(results)
+        for page, phrases in claim.phrases.items():
+            text = page_text(papers / page)
+            missing += [f"{page}: {phrase}" for phrase in phrases
+                        if re.sub(r"\s+", " ", phrase) not in text]
+    return missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when a page lacks a phrase of a claim")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--papers", type=Path, default=PAPERS)
+    args = parser.parse_args(argv)
+    if args.check:
+        missing = missing_phrases(args.results, args.papers)
+        for line in missing:
+            print(f"missing: {line}")
+        print(f"{len(missing)} phrases missing" if missing else "every claim's phrases found")
+        return 1 if missing else 0
+    for compute in CLAIMS:
+        claim = compute(args.results)
+        print(f"## {claim.name}\n{json.dumps(claim.numbers, indent=1, ensure_ascii=False)}")
+        for page, phrases in claim.phrases.items():
+            for phrase in phrases:
+                print(f"- {page}: {phrase}")
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
