@@ -124,7 +124,7 @@ def kfac_twin(model: nn.Module, layer: nn.Module, X: torch.Tensor, y=None, loss_
             curvature = torch.diag(probs) - torch.outer(probs, probs)
         else:
             curvature = torch.autograd.functional.hessian(
-                lambda z, index=index: loss_fn(z.reshape(1, *logits.shape),
+                lambda z, index=index, shape=logits.shape: loss_fn(z.reshape(1, *shape),
                                                y[index:index + 1])[0], logits.reshape(-1))
         if isinstance(layer, nn.Conv2d):
             patches = F.unfold(inputs, layer.kernel_size, layer.dilation, layer.padding,
