@@ -66,6 +66,9 @@ MODULES = {  # a block's attention and feed-forward layers, and the head
 }
 
 
+LAST = {"bert": "classifier", "vit": "classifier", "gpt2": "lm_head"}
+
+
 def loss_of(name: str):
     return sequence_cross_entropy() if name == "gpt2" else None
 
@@ -81,9 +84,8 @@ def check(name, params, hessian, solver):
     options = {"tol": 1e-10} if solver in ("cg", "lissa") else {}
     inf = fi.Influence(model, train, val, params=params, hessian=hessian, solver=solver,
                        damping=DAMPINGS[name], output=logits, loss_fn=loss_of(name), **options)
-    names = [n for n, _ in model.named_modules() if n and not list(_.children())]
     plist = (list(twin.parameters()) if params == "all" else
-             selected(twin, params if isinstance(params, list) else [names[-1]]))
+             selected(twin, params if isinstance(params, list) else [LAST[name]]))
     expected, s = oracle_scores(twin, packed_train, packed_val, hessian, DAMPINGS[name], plist,
                                 loss_of(name))
     tolerance = ({"rtol": 1e-6, "atol": 1e-8} if solver == "lissa"
