@@ -194,17 +194,21 @@ class FunctionalModel:
     ) -> tuple[torch.Tensor, bool]:
         """Columns ``r_c`` ``[C, batch, C]`` with ``Σ_c r_c r_cᵀ = ∂²l/∂z²`` per sample (for a
         loss non-convex in ``z``: of its positive semi-definite part), and whether the loss is
-        convex there (no eigenvalue below ``-1e-6`` of the largest)."""
+        convex there (no eigenvalue below ``-1e-6`` of the largest). A per-sample output of
+        several axes (a language model's ``[batch, T, V]``) is one vector of ``C = T·V``
+        entries: the columns are then ``[C, batch, T, V]``."""
         if self.uses_cross_entropy:  # diag(p) − ppᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ
             probs = torch.softmax(logits, dim=-1)
             eye = torch.eye(probs.shape[1], dtype=probs.dtype, device=probs.device)
             roots = probs.sqrt()[:, :, None] * (eye[None] - probs[:, None, :])
             return roots.permute(1, 0, 2), True
-        outputs = logits.shape[-1]
+        shape = logits.shape[1:]
+        outputs = shape.numel()
         identity = torch.eye(outputs, dtype=logits.dtype, device=logits.device)
-        hessians = self.loss_hessian_vp(logits, y, identity[:, None].expand(-1, len(y), -1))
+        directions = identity.view(outputs, 1, *shape).expand(-1, len(y), *shape)
+        hessians = self.loss_hessian_vp(logits, y, directions).reshape(outputs, len(y), -1)
         hessians = hessians.transpose(0, 1)  # [batch, C, C]: column c of sample i is [c, i]
         values, vectors = torch.linalg.eigh((hessians + hessians.mT) / 2)
         convex = not bool((values < -1e-6 * values.abs().amax().clamp_min(1)).any())
         roots = vectors * values.clamp_min(0).sqrt()[:, None, :]
-        return roots.permute(2, 0, 1), convex
+        return roots.permute(2, 0, 1).reshape(outputs, len(y), *shape), convex

@@ -286,6 +286,7 @@ class Influence:
         def directions() -> torch.Tensor:
             gradients = self.backend.per_sample_gradients(test_data)
             solution, self.report.query_solve = self.solver.solve(gradients)
+            self.report.scoring_reason = self.backend.scoring_reason  # a per-sample loop's note
             return solution
 
         return self._query("pairwise", self.train, out, chunk_size, (len(test_data),),
@@ -342,6 +343,7 @@ class Influence:
 
     def _self_influence_of(self, data: LabelledData) -> torch.Tensor:
         values, report = self.solver.quadratic_form(self.backend.per_sample_gradients(data))
+        self.report.scoring_reason = self.backend.scoring_reason  # a per-sample loop's note
         if report is not None:
             self.report.query_solve = report
         return values

@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 APPLICATIONS = ("fastinfluence.robust", "fastinfluence.datasets", "fastinfluence.models")
-EXTRAS_ONLY = ("nilearn", "h5py", "PIL", "nibabel", "pydicom", "matplotlib", "sklearn", "art")
+EXTRAS_ONLY = ("nilearn", "h5py", "PIL", "nibabel", "pydicom", "matplotlib", "sklearn", "art",
+               "transformers")  # the last: the Hugging Face tests' (K-FAC reads it if loaded)
 ENGINE_ENTRY_POINTS = ("fastinfluence.scoring", "fastinfluence.score_command")
 
 
@@ -28,6 +29,7 @@ model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Lin
 data = (torch.randn(12, 4), torch.randint(0, 3, (12,)))
 fi.score(model, data, data, params="all")
 fi.score(model, data, data)
+fi.score(model, data, data, params="all", hessian="kfac")
 loaded = [m for m in sys.modules
           if m.startswith({APPLICATIONS!r}) or m.split(".")[0] in {EXTRAS_ONLY!r}]
 print(sorted(loaded))

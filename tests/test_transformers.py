@@ -19,15 +19,18 @@ from fastinfluence import reference
 DAMPING = 1.0
 
 
-def oracle_scores(model: nn.Module, train, val, curvature: str, damping: float = DAMPING):
+def oracle_scores(model: nn.Module, train, val, curvature: str, damping: float = DAMPING,
+                  plist=None, loss_fn=None):
     """``−∇l(z)ᵀ(C + λI)⁻¹∇L(val)`` with ``C`` the explicit Hessian or Gauss-Newton matrix
-    (double backward needs SDPA's math kernel, which the oracle names itself)."""
-    plist = list(model.parameters())
+    of ``plist`` (default: every parameter) (double backward needs SDPA's math kernel, which
+    the oracle names itself)."""
+    plist = list(model.parameters()) if plist is None else plist
     with sdpa_kernel(SDPBackend.MATH):
         matrix = (reference.hessian if curvature == "exact" else reference.gauss_newton)(
-            model, plist, *train)
-    s = reference.ihvp_direct(matrix, reference.mean_loss_grad(model, plist, *val), damping)
-    return -(reference.per_sample_grads(model, plist, *train) @ s), s
+            model, plist, *train, loss_fn=loss_fn)
+    s = reference.ihvp_direct(matrix, reference.mean_loss_grad(model, plist, *val, loss_fn),
+                              damping)
+    return -(reference.per_sample_grads(model, plist, *train, loss_fn) @ s), s
 
 
 @pytest.mark.parametrize(("hessian", "solver"), [

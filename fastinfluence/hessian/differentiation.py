@@ -16,11 +16,12 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
 from fastinfluence.functional import ATTENTION_NOTE, AttentionCalls, FunctionalModel
-from fastinfluence.labelled_data import Inputs, first_samples, map_inputs
+from fastinfluence.labelled_data import Inputs, first_samples, input_length, map_inputs
 from fastinfluence.tangent import TangentProgram
 
 FUSED_TANGENT = "fused-tangent"
@@ -47,13 +48,43 @@ def without_batching_fallback_notes(method: Callable) -> Callable:
     return quiet
 
 
-def per_sample_gradients(fmodel: FunctionalModel, x: Inputs, y: torch.Tensor) -> torch.Tensor:
-    """``∇l(z)`` of each sample of the batch ``(x, y)``, ``[n, p]`` (``vmap`` of ``grad``)."""
+VMAP_CONTROL_FLOW = "vmap: It looks like you're"
+"""The start of ``vmap``'s error for a function that branches on a tensor's value."""
+
+SAMPLE_LOOP_NOTE = ("per-sample gradients and Jacobians ran sample by sample: the model "
+                    "branches on tensor values (as Hugging Face's attention-mask code does), "
+                    "which torch.func.vmap cannot batch")
+"""What ``report.scoring_reason`` says when :func:`per_sample` looped."""
+
+
+def per_sample(function: Callable, theta: torch.Tensor, x: Inputs, *rest: torch.Tensor,
+               on_loop: Callable[[], None] | None = None) -> Any:
+    """``function(theta, x_i, *rest_i)`` for every sample ``i``, stacked: one ``vmap`` over
+    the samples, or — for a model whose forward branches on tensor values, which ``vmap``
+    cannot batch — a loop over them (the same numbers, slower; ``on_loop()`` is called)."""
+    try:
+        return torch.func.vmap(function, in_dims=(None, 0, *[0] * len(rest)))(theta, x, *rest)
+    except RuntimeError as error:
+        if not str(error).startswith(VMAP_CONTROL_FLOW):
+            raise
+    if on_loop is not None:
+        on_loop()
+    results = [function(theta, map_inputs(lambda t, i=i: t[i], x), *[r[i] for r in rest])
+               for i in range(input_length(x, "x"))]
+    if isinstance(results[0], tuple):
+        return tuple(torch.stack(parts) for parts in zip(*results, strict=True))
+    return torch.stack(results)
+
+
+def per_sample_gradients(fmodel: FunctionalModel, x: Inputs, y: torch.Tensor,
+                         on_loop: Callable[[], None] | None = None) -> torch.Tensor:
+    """``∇l(z)`` of each sample of the batch ``(x, y)``, ``[n, p]`` (``vmap`` of ``grad``, or
+    a loop: :func:`per_sample`)."""
 
     def single(theta: torch.Tensor, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         return fmodel.losses(theta, map_inputs(lambda t: t[None], x), y[None])[0]
 
-    return torch.func.vmap(torch.func.grad(single), in_dims=(None, 0, 0))(fmodel.theta, x, y)
+    return per_sample(torch.func.grad(single), fmodel.theta, x, y, on_loop=on_loop)
 
 
 class Differentiation:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastinfluence.hessian.differentiation import without_batching_fallback_notes
+from fastinfluence.hessian.differentiation import per_sample, without_batching_fallback_notes
 from fastinfluence.hessian.network import NetworkBackend
 from fastinfluence.hessian.protocol import Capability
 from fastinfluence.labelled_data import Inputs, map_inputs
@@ -44,7 +44,8 @@ class GaussNewtonBackend(NetworkBackend):
     @without_batching_fallback_notes
     def factor_rows(self, chunk_size: int) -> torch.Tensor:
         """``B`` ``[n·C, p]`` with ``BᵀB = C``: the rows ``R_iᵀ J_i / √n`` of every training
-        sample, ``J_i = ∂z_i/∂θ`` ``[C, p]`` (reverse mode, one row per output) and
+        sample, ``J_i = ∂z_i/∂θ`` ``[C, p]`` (``C`` the entries of a sample's output, ``T·V``
+        for a language model's ``[T, V]``) (reverse mode, one row per output) and
         ``R_i R_iᵀ = ∂²l/∂z_i²`` (a root of the loss's output Hessian, which must be PSD),
         ``chunk_size`` samples per vectorised Jacobian. For the Woodbury solver."""
         fmodel = self.fmodel
@@ -53,8 +54,10 @@ class GaussNewtonBackend(NetworkBackend):
             logits = fmodel.logits(theta, map_inputs(lambda t: t[None], x))[0]
             return logits, logits.detach()  # the logits come back with their Jacobian
 
-        jacobian = torch.func.vmap(torch.func.jacrev(logits_of, has_aux=True),
-                                   in_dims=(None, 0))
+        def jacobian(theta: torch.Tensor, x: Inputs):
+            return per_sample(torch.func.jacrev(logits_of, has_aux=True), theta, x,
+                              on_loop=self.note_sample_loop)
+
         blocks = []
         batches = self.train.batches(self.device, self.dtype)
         for x, y in progress_bar(batches, self.progress, "Gauss-Newton rows",
@@ -69,10 +72,7 @@ class GaussNewtonBackend(NetworkBackend):
         """``R_iᵀ J_i`` of the samples ``x``, stacked ``[len(x)·C, p]``."""
         fmodel = self.fmodel
         J, logits = jacobian(fmodel.theta, x)
-        if J.dim() != 3:
-            raise ValueError("the Woodbury solver needs outputs of shape [batch, C]; got "
-                             f"per-sample outputs of shape {tuple(J.shape[1:-1])}: use "
-                             "solver='cg' (its products take any output shape)")
+        J = J.reshape(len(J), -1, J.shape[-1])  # an output of several axes as one vector
         with torch.no_grad():
             roots, convex = fmodel.loss_hessian_roots(logits, y)  # [C, batch, C]
             if not convex:
@@ -80,4 +80,5 @@ class GaussNewtonBackend(NetworkBackend):
                                  "output (its Hessian there has a negative eigenvalue): use "
                                  "solver='direct', which factors G + λI itself and says "
                                  "whether it is positive definite")
+            roots = roots.reshape(len(roots), len(J), -1)
             return torch.einsum("cbo,bop->bcp", roots, J).reshape(-1, J.shape[-1])

@@ -35,6 +35,7 @@ from torch import nn
 
 from fastinfluence.functional import FunctionalModel
 from fastinfluence.labelled_data import LabelledData
+from fastinfluence.layers.huggingface import register_loaded
 from fastinfluence.layers.registry import KroneckerRule, NotCovered, kfac_rule, registered
 from fastinfluence.progress import progress_bar
 
@@ -82,6 +83,7 @@ class KroneckerLayer:
 def kronecker_layers(fmodel: FunctionalModel) -> list[KroneckerLayer]:
     """The layers whose parameters make up θ_S, each with its registered K-FAC rule
     (:mod:`fastinfluence.layers`), or a ValueError naming what else the selection holds."""
+    register_loaded()
     selection = fmodel.selection
     offsets, start = {}, 0
     for name, shape in zip(selection.names, selection.shapes, strict=True):
@@ -249,8 +251,9 @@ class KroneckerCurvature:
             finally:
                 for hook in hooks:
                     hook.remove()
-            if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-                raise ValueError("K-FAC needs [batch, outputs] model outputs")
+            if not isinstance(logits, torch.Tensor) or logits.ndim < 2:
+                raise ValueError("K-FAC needs [batch, ...] model outputs (pick a tensor with "
+                                 "output=)")
             unseen = [layer.name for layer in self.layers if layer.name not in inputs]
             if unseen:
                 raise ValueError(

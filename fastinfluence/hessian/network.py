@@ -8,6 +8,7 @@ import torch
 
 from fastinfluence.functional import FunctionalModel
 from fastinfluence.hessian.differentiation import (
+    SAMPLE_LOOP_NOTE,
     Differentiation,
     choose_differentiation,
     per_sample_gradients,
@@ -95,6 +96,13 @@ class NetworkBackend(CurvatureBackend):
 
     @without_batching_fallback_notes
     def per_sample_gradients(self, data: LabelledData) -> torch.Tensor:
-        rows = [per_sample_gradients(self.fmodel, x, y)
+        rows = [per_sample_gradients(self.fmodel, x, y, on_loop=self.note_sample_loop)
                 for x, y in data.batches(self.fmodel.device, self.fmodel.dtype)]
         return torch.cat(rows)
+
+    def note_sample_loop(self) -> None:
+        """Say in ``scoring_reason`` that per-sample work ran sample by sample
+        (:func:`~.differentiation.per_sample`)."""
+        if SAMPLE_LOOP_NOTE not in (self.scoring_reason or ""):
+            self.scoring_reason = "; ".join(filter(None, [self.scoring_reason,
+                                                          SAMPLE_LOOP_NOTE]))

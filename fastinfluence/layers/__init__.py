@@ -15,8 +15,17 @@ The fused tangent pass (:mod:`fastinfluence.tangent`), K-FAC/EK-FAC
 """
 
 # The families register on import (conv imports linear first: K-FAC's messages list Linear,
-# then Conv2d).
-from fastinfluence.layers import activation, conv, embedding, linear, norm, pooling, shape  # noqa: F401
+# then Conv2d); huggingface registers transformers' Conv1D once transformers is loaded.
+from fastinfluence.layers import (  # noqa: F401
+    activation,
+    conv,
+    embedding,
+    huggingface,
+    linear,
+    norm,
+    pooling,
+    shape,
+)
 from fastinfluence.layers.registry import (
     KroneckerRule,
     LayerRules,

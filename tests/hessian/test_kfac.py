@@ -104,22 +104,35 @@ def layer_jacobians(model: nn.Module, layer: nn.Module, x: torch.Tensor):
     return seen["input"], jacobian, logits
 
 
-def kfac_twin(model: nn.Module, layer: nn.Module, X: torch.Tensor):
+def out_features(layer: nn.Module) -> int:
+    """Output channels: a Linear's or Conv2d's weight is ``[out, ...]``, a Hugging Face
+    ``Conv1D``'s ``[in, out]``."""
+    return layer.nf if hasattr(layer, "nf") else layer.weight.shape[0]
+
+
+def kfac_twin(model: nn.Module, layer: nn.Module, X: torch.Tensor, y=None, loss_fn=None):
     """``A = mean_i Σ_t a_it a_itᵀ`` and ``S = mean_i Σ_t B_itᵀ H_i B_it / T`` with the
-    softmax-CE output Hessian ``H_i = diag(p_i) − p_i p_iᵀ``, sample by sample (positions ``t``:
-    a convolution's output pixels, a Linear's sequence positions)."""
+    softmax-CE output Hessian ``H_i = diag(p_i) − p_i p_iᵀ`` (or, given ``loss_fn`` and ``y``,
+    its Hessian in the flattened output, e.g. a language model's ``[T·V]`` logits), sample by
+    sample (positions ``t``: a convolution's output pixels, a Linear's sequence positions)."""
     A = S = 0
-    for x in X:
+    for index, x in enumerate(X):
         inputs, jacobian, logits = layer_jacobians(model, layer, x)
-        probs = torch.softmax(logits, dim=0)
-        curvature = torch.diag(probs) - torch.outer(probs, probs)
+        jacobian = jacobian.reshape(logits.numel(), *jacobian.shape[logits.ndim:])
+        if loss_fn is None:
+            probs = torch.softmax(logits, dim=0)
+            curvature = torch.diag(probs) - torch.outer(probs, probs)
+        else:
+            curvature = torch.autograd.functional.hessian(
+                lambda z, index=index, shape=logits.shape: loss_fn(z.reshape(1, *shape),
+                                               y[index:index + 1])[0], logits.reshape(-1))
         if isinstance(layer, nn.Conv2d):
             patches = F.unfold(inputs, layer.kernel_size, layer.dilation, layer.padding,
                                layer.stride)[0].T
             per_position = jacobian[:, 0].flatten(2).permute(2, 0, 1)  # [T, classes, out]
         else:  # positions T: a Linear on [1, T, features] (a sequence), T = 1 on [1, features]
             patches = inputs.reshape(-1, inputs.shape[-1])
-            per_position = jacobian[:, 0].reshape(len(jacobian), -1, layer.out_features)
+            per_position = jacobian[:, 0].reshape(len(jacobian), -1, out_features(layer))
             per_position = per_position.transpose(0, 1)
         if layer.bias is not None:
             patches = torch.cat([patches, torch.ones(len(patches), 1, dtype=X.dtype)], dim=1)
@@ -130,13 +143,15 @@ def kfac_twin(model: nn.Module, layer: nn.Module, X: torch.Tensor):
 
 def flat_order(layer: nn.Module) -> torch.Tensor:
     """Positions of the flat (weight, then bias) parameters in the ``[out, in (+1)]`` matrix
-    view, row-major."""
-    out = layer.weight.shape[0]
-    columns = layer.weight[0].numel() + int(layer.bias is not None)
+    view, row-major (a ``Conv1D``'s ``[in, out]`` weight is the view's transpose)."""
+    out = out_features(layer)
+    columns = layer.weight.numel() // out + int(layer.bias is not None)
     index = torch.arange(out * columns).reshape(out, columns)
+    weight = index[:, :columns - int(layer.bias is not None)]
+    weight = weight.T if hasattr(layer, "nf") else weight
     if layer.bias is None:
-        return index.reshape(-1)
-    return torch.cat([index[:, :-1].reshape(-1), index[:, -1]])
+        return weight.reshape(-1)
+    return torch.cat([weight.reshape(-1), index[:, -1]])
 
 
 def cnn_problem():
@@ -144,16 +159,16 @@ def cnn_problem():
     return model, train, val, [model[0], model[5]]
 
 
-def expected_blocks(model, layers, X, y, corrected: bool) -> torch.Tensor:
+def expected_blocks(model, layers, X, y, corrected: bool, loss_fn=None) -> torch.Tensor:
     """The block-diagonal K-FAC (or EK-FAC) matrix in the flat θ_S order."""
     blocks = []
     for layer in layers:
-        A, S = kfac_twin(model, layer, X)
+        A, S = kfac_twin(model, layer, X, y, loss_fn)
         order = flat_order(layer)
         kronecker = torch.kron(S, A)[order][:, order]
         if corrected:  # EK-FAC: the exact Gauss-Newton block's variances in K-FAC's eigenbasis
             basis = torch.kron(torch.linalg.eigh(S)[1], torch.linalg.eigh(A)[1])[order]
-            exact = reference.gauss_newton(model, list(layer.parameters()), X, y)
+            exact = reference.gauss_newton(model, list(layer.parameters()), X, y, loss_fn)
             values = torch.diagonal(basis.T @ exact @ basis)
             kronecker = basis @ torch.diag(values) @ basis.T
         blocks.append(kronecker)
@@ -186,6 +201,68 @@ def test_a_transformers_linear_layers_match_the_per_sample_twin(hessian):
     inf = fi.Influence(model, train, val, params=names, hessian=hessian, damping=0.05)
     expected = expected_blocks(model, layers, *train, corrected=hessian == "ekfac")
     torch.testing.assert_close(inf.backend.dense(), expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("hessian", ["kfac", "ekfac"])
+def test_a_bert_classifiers_attention_linears_match_the_per_sample_twin(hessian):
+    """Hugging Face BERT's query/key/value/output Linears run on every token position."""
+    pytest.importorskip("transformers")
+    from hf_models import bert, classes, logits, packed_tokens, tokens
+
+    model = bert()
+    (x, packed), y = tokens(6, 1), classes(6, 3)
+    names = [f"bert.encoder.layer.0.attention.{name}"
+             for name in ("self.query", "self.key", "self.value", "output.dense")]
+    inf = fi.Influence(model, (x, y), (x, y), params=[*names, "classifier"], hessian=hessian,
+                       damping=0.05, output=logits)
+    layers = [model.get_submodule(name) for name in [*names, "classifier"]]
+    expected = expected_blocks(packed_tokens(model), layers, packed, y,
+                               corrected=hessian == "ekfac")
+    torch.testing.assert_close(inf.backend.dense(), expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("hessian", ["kfac", "ekfac"])
+def test_gpt2s_conv1d_layers_per_token_match_the_per_sample_twin(hessian):
+    """GPT-2's ``Conv1D`` (weight ``[in, out]``) and ``lm_head`` under the per-sequence loss:
+    the output Hessian is the loss's in all ``T·V`` logits, positions ``t`` are tokens."""
+    pytest.importorskip("transformers")
+    from hf_models import gpt2, language_labels, logits, packed_tokens, tokens
+
+    from fastinfluence.losses import sequence_cross_entropy
+
+    model = gpt2()
+    x, packed = tokens(4, 1)
+    y = language_labels(x)
+    loss_fn = sequence_cross_entropy()
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+             "transformer.h.0.mlp.c_fc", "lm_head"]
+    inf = fi.Influence(model, (x, y), (x, y), params=names, hessian=hessian, damping=0.05,
+                       output=logits, loss_fn=loss_fn)
+    layers = [model.get_submodule(name) for name in names]
+    expected = expected_blocks(packed_tokens(model), layers, packed, y,
+                               corrected=hessian == "ekfac", loss_fn=loss_fn)
+    torch.testing.assert_close(inf.backend.dense(), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_hugging_face_layers_kfac_cannot_factor_are_refused_by_name():
+    pytest.importorskip("transformers")
+    from hf_models import bert, classes, gpt2, language_labels, logits, tokens, vit
+
+    from fastinfluence.losses import sequence_cross_entropy
+
+    x, _ = tokens(4, 1)
+    with pytest.raises(ValueError, match=r"\(LayerNorm 'bert.embeddings.LayerNorm': its "):
+        fi.Influence(bert(), (x, classes(4, 3)), (x, classes(4, 3)), params="all",
+                     hessian="kfac", output=logits)
+    images = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"holds \['vit.embeddings.cls_token'.*no K-FAC rule"):
+        fi.Influence(vit(), (images, classes(4, 3)), (images, classes(4, 3)), params="all",
+                     hessian="ekfac", output=logits)
+    y = language_labels(x)
+    with pytest.raises(ValueError, match=r"shared between layers \('lm_head' reuses "
+                                         r"'transformer.wte.weight'\)"):
+        fi.Influence(gpt2(tied=True), (x, y), (x, y), params=["transformer.wte", "lm_head"],
+                     hessian="kfac", output=logits, loss_fn=sequence_cross_entropy())
 
 
 def test_attention_layers_kfac_cannot_factor_are_refused():
