@@ -130,12 +130,16 @@ def test_the_generated_layer_table_lists_every_registered_layer():
     """The docs' table, read from the source without torch, says what the live registry
     holds: every key, whether it has a tangent rule, its K-FAC cell and its fold."""
     from fastinfluence.layers import NotCovered, registered
+    from fastinfluence.layers.huggingface import CONV1D_MODULE
 
     spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "scripts/docs_hooks.py")
     hooks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hooks)
     rows = hooks.registry_rows(ROOT)
-    entries = registered()
+    # transformers' Conv1D is registered once transformers is loaded (another test may have
+    # loaded it); the page names it in a note, not in the table of torch's layers.
+    entries = {key: entry for key, entry in registered().items()
+               if getattr(key, "__module__", None) != CONV1D_MODULE}
     assert len(rows) == len(entries)
     assert len(hooks.layer_registry_table(ROOT).splitlines()) == len(entries) + 2
     methods = {key.strip("'\"") for key, row in rows.items() if row["kind"] == "tensor method"}
