@@ -26,7 +26,7 @@ in memory), so a resumed run draws the same figures as an uninterrupted one.
 The CPU default differs from the paper where 2 cores demand it (all flags): 600 slices of
 120 patients at 64² instead of 3,064 slices of 233 patients at 512², 12 epochs with T_pre = 3
 instead of 40 and 10, Adam lr 0.001 instead of 0.01 (unstable at 14 steps an epoch, see
-fastinfluence/datasets/README.md), BatchNorm statistics re-estimated on the training images
+docs/papers/data.md), BatchNorm statistics re-estimated on the training images
 after every epoch (``--no-recalibrate-bn`` turns it off), a 10-epoch N2V denoiser.
 """
 

@@ -3,7 +3,7 @@ embedded dermoscopy generator drawn from the ABCD cues, an embedded chest X-ray 
 projected from a real chest CT, an embedded 1H MR spectra simulator, real-format loaders
 (figshare brain tumour, ISIC 2017/2018, RSNA pneumonia, spectra tables), image and label
 noise, and patient-level splits and cross-validation folds. See
-``fastinfluence/datasets/README.md``."""
+``docs/papers/data.md``."""
 
 from fastinfluence.datasets.brain_tumour import BrainTumourData, make_brain_tumour
 from fastinfluence.datasets.chest_xray import ChestXrayData, make_chest_xray

@@ -279,7 +279,7 @@ def make_dermoscopy(
         seed: seeds everything.
         cue_separation: gap between the melanoma and nevus atypia distributions, in
             ``[0, 1]`` (0: same distribution; 1: nearly disjoint), and how typical the
-            keratoses' and BCCs' own cues are. The default is calibrated (datasets README).
+            keratoses' and BCCs' own cues are. The default is calibrated (docs/papers/data.md).
         artefacts: scales hair density, ruler and bubble frequency and illumination
             unevenness (0: none).
         paper_size: default sizes to the paper's (4,332 or, for SKIN4, 4,226 images of 224²).

@@ -47,7 +47,7 @@ class TrainConfig:
 
     The defaults are the paper's (``epochs=40``, Adam ``lr=0.01``, ``batch_size=32``). The
     embedded 64² brain-tumour data needs ``lr=1e-3``: at 0.01 eval-mode accuracy swings
-    between chance and ~75 % from epoch to epoch (``fastinfluence/datasets/README.md``,
+    between chance and ~75 % from epoch to epoch (``docs/papers/data.md``,
     calibration notes), so pass ``lr=1e-3`` there.
 
     Attributes:
@@ -63,7 +63,7 @@ class TrainConfig:
         recalibrate_bn: after every epoch, before evaluation (and so before the influence
             computation of ISR/ISP), replace the BatchNorm running statistics by their average
             over the un-augmented training images. Off by default (the paper does not); at
-            64² the running averages lag for the first ~60 steps (datasets README), which
+            64² the running averages lag for the first ~60 steps (docs/papers/data.md), which
             makes early eval-mode accuracies and early influence meaningless.
         progress: show a tqdm bar over the epochs.
         device: where to train (``None``: the model's device).
