@@ -9,6 +9,7 @@ precision.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -74,6 +75,44 @@ class AttentionCalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+class ConstantPaddingRows(TorchFunctionMode):
+    """While active, ``F.embedding(x, W, padding_idx=k)`` returns its padding positions as
+    constants: ``y_t = W[k]`` is detached where ``x_t = k`` (same values).
+
+    By ``nn.Embedding``'s definition the padding row gets no gradient (autograd's backward
+    skips it); torch's forward mode still moves ``y_t`` along ``W[k]``. Passes mixing the two
+    (Gauss-Newton's ``Jᵀ(∂²l/∂z²)J V`` with ``J V`` by ``jvp``, the exact Hessian's ``jvp`` of
+    ``grad``, scores by ``jvp``) would then disagree with autograd in the padding row. With the
+    positions detached, every derivative of every order in either mode is the module's: zero
+    along the padding row of this call. Detaching positions rather than the row keeps a weight
+    tied to another use (a language model's decoder) differentiable there.
+    """
+
+    SIGNATURE = inspect.signature(F.embedding)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is not F.embedding:
+            return out
+        arguments = self.SIGNATURE.bind(*args, **kwargs).arguments
+        padding_idx = arguments.get("padding_idx")
+        if padding_idx is None:
+            return out
+        if padding_idx < 0:  # as F.embedding reads it
+            padding_idx += arguments["weight"].shape[0]
+        padding = (arguments["input"] == padding_idx).unsqueeze(-1)
+        return torch.where(padding, out.detach(), out)
+
+
+def padding_embeddings(model: nn.Module, selected: set[int]) -> list[str]:
+    """The ``nn.Embedding`` modules of ``model`` with a ``padding_idx`` whose weight is among
+    the tensors ``selected`` (by ``id``): those :class:`ConstantPaddingRows` has work on."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None
+            and id(module.weight) in selected]
+
+
 class FunctionalModel:
     """Logits and per-sample losses as functions of a flat parameter vector θ_S.
 
@@ -111,6 +150,9 @@ class FunctionalModel:
                 tensor = tensor.to(self.dtype)
             return tensor.clone()
 
+        # Embeddings whose padding row must stay constant in forward mode (the mode costs a
+        # Python call per operation, so models without one run without it).
+        self.padding_embeddings = padding_embeddings(model, {id(named[n]) for n in selected})
         with torch.no_grad():
             self.theta = selection.flatten([snapshot(named[n]) for n in selection.names])
             self.fixed = {
@@ -132,11 +174,13 @@ class FunctionalModel:
         """The model's output at ``theta`` (through ``output`` when one is given) on the input
         ``x``: a tensor, or a tuple (positional) or dict (keyword) of tensors
         (:func:`~fastinfluence.labelled_data.model_arguments`). Attention runs under
-        :func:`differentiable_attention`: every derivative pass of the engine reads the model
+        :func:`differentiable_attention` and, for a model with :attr:`padding_embeddings`,
+        :class:`ConstantPaddingRows`: every derivative pass of the engine reads the model
         here, and under an outer ``torch.no_grad`` a ``torch.func`` transform still
         differentiates, so grad mode cannot tell the passes that do not."""
         args, kwargs = model_arguments(x)
-        with differentiable_attention():
+        padding = ConstantPaddingRows() if self.padding_embeddings else contextlib.nullcontext()
+        with differentiable_attention(), padding:
             out = torch.func.functional_call(self.model, self.tensors(theta), args, kwargs)
         return out if self.output is None else self.output(out)
 

@@ -112,20 +112,14 @@ def test_the_last_layer_scores_as_the_oracle(name, hessian):
     assert inf.report.path == ("autograd" if name == "gpt2" else "head-closed-form")
 
 
-PADDING_ROW = pytest.mark.xfail(strict=True, reason=(
-    "BERT's word embeddings have padding_idx=0: autograd (the oracle, CG's and Woodbury's "
-    "products) gives the padding row no gradient, torch's forward mode does, and the direct "
-    "solver's matrix is built with forward-mode products (left for an issue of its own)"))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("solver", ["direct", "cg", "woodbury"])
 @pytest.mark.parametrize("name", ["bert", "vit", "gpt2"])
-def test_every_parameter_scores_as_the_gauss_newton_oracle(name, solver, request):
+def test_every_parameter_scores_as_the_gauss_newton_oracle(name, solver):
     """``params="all"`` (p = 760–960): the Gauss-Newton oracle costs one backward pass per
-    output entry, the exact Hessian's one per parameter (the module lists above test it)."""
-    if (name, solver) == ("bert", "direct"):
-        request.applymarker(PADDING_ROW)
+    output entry, the exact Hessian's one per parameter (the module lists above test it).
+    BERT's word embeddings have ``padding_idx=0``: the direct solver's matrix, built with
+    forward-mode products, must leave the padding row as still as autograd does."""
     check(name, "all", "gauss-newton", solver)
 
 
