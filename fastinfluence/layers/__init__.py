@@ -29,6 +29,7 @@ from fastinfluence.layers.registry import (
     per_direction,
     register_layer,
     registered,
+    temporary_registrations,
 )
 
 __all__ = [
@@ -43,4 +44,5 @@ __all__ = [
     "per_direction",
     "register_layer",
     "registered",
+    "temporary_registrations",
 ]
