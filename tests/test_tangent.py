@@ -376,24 +376,23 @@ def test_an_exception_in_a_rule_falls_back_with_the_reason(monkeypatch):
 
     monkeypatch.setattr(layers.layer_rules(nn.Tanh).tangent, "run", broken)
     program, reason = TangentProgram.compile(model, x, tensors, names)
-    assert program is None
-    assert reason == ("numerical check against torch.func.jvp raised RuntimeError: no kernel "
-                      "for this input")
+    assert program is None  # the reason carries the rule's exception
+    assert "RuntimeError: no kernel for this input" in reason
 
 
 def test_tensors_that_cannot_be_resolved_fall_back_at_compile_time():
     model, x, tensors, names = tanh_model()
     missing = {n: v for n, v in tensors.items() if n != "2.bias"}
     program, reason = TangentProgram.compile(model, x, missing, names[:2])
-    assert program is None and reason == "2.bias (named '2.bias') is not in the tensors"
+    assert program is None and "'2.bias'" in reason  # the reason names the tensor
     program, reason = TangentProgram.compile(model, x, missing, names)
-    assert program is None and reason == "selected parameter '2.bias' is not in the tensors"
+    assert program is None and "'2.bias'" in reason
 
     del model[2].weight  # a plain tensor attribute: no parameter or buffer holds it
     model[2].weight = torch.randn(3, 5, dtype=torch.float64)
     tensors, names = state(model), [n for n, _ in model.named_parameters()]
     program, reason = TangentProgram.compile(model, x, tensors, names)
-    assert program is None and reason == "2.weight is not a parameter or buffer of the model"
+    assert program is None and "2.weight" in reason
 
 
 def test_compile_rejects_an_empty_example():
