@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -83,8 +85,10 @@ def test_float32_cpu_conv2d_runs_channels_last_and_matches():
 def test_training_mode_batchnorm_is_not_folded():
     model = randomised(PaperCNN(32)).double().train()
     x = torch.randn(4, 1, 32, 32, dtype=torch.float64)
+    expected = module_features(copy.deepcopy(model), x)  # batch statistics, not running ones
     feature_pass = head_feature_pass(functional(model, x[:2]))
     assert feature_pass.description.startswith("module: nothing to fold")
+    torch.testing.assert_close(feature_pass(x), expected)
 
 
 def test_the_copy_uses_the_snapshot_not_later_weights():
