@@ -23,7 +23,7 @@ def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 shape = module.running_mean.shape
                 module.running_mean.copy_(torch.randn(shape, generator=generator))
                 module.running_var.copy_(torch.rand(shape, generator=generator) * 2 + 0.3)
