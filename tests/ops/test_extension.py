@@ -34,8 +34,14 @@ def test_info_reports_extension_versions_and_ops():
 
 def test_cli_info_prints_the_report(capsys):
     assert main(["info"]) == 0
-    text = capsys.readouterr().out
-    assert "fastinfluence._C:" in text and "head_lissa" in text
+    lines = capsys.readouterr().out.splitlines()
+    report = fi.info()
+    state = "loaded" if report["extension_loaded"] else "NOT loaded"
+    assert lines[0].startswith(f"fastinfluence._C: {state}")
+    for op, devices in report["ops"].items():  # one line per op: where it runs natively
+        (line,) = [line for line in lines if line.split()[:1] == [op]]
+        assert line.split()[1:] == ([f"{d}," for d in devices[:-1]] + devices[-1:]
+                                    or ["twin", "only"])
 
 
 @pytest.mark.slow
