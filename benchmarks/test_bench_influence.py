@@ -6,6 +6,7 @@ case once, as a plain test: the benchmark script cannot rot unnoticed.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import float32_accuracy
@@ -48,8 +49,26 @@ def test_score(benchmark, problem, params, options):
         hessian="gauss-newton",
         **options,
     )
-    assert scores.shape == (len(train[0]),)
-    assert torch.isfinite(scores).all()
+    assert scores.shape == (len(train[0]),) and torch.isfinite(scores).all()
+    if params == "last":  # exact (the head's closed form): the float64 oracle's scores
+        oracle = float64(model)
+        expected = reference.influence_scores(oracle, selected_parameters(oracle, "last"),
+                                              float64(train), float64(val), 0.01)
+        assert relative_error(scores, expected) < 1e-4
+    # params="all" stops CG at 5 iterations (timing only); its values against the oracle:
+    # test_report_script_runs (the script's reference_loop_rel_error) and tests/test_scoring.py
+
+
+def float64(value):
+    """A float64 copy of a model, or of a data pair (labels kept)."""
+    if isinstance(value, torch.nn.Module):
+        return copy.deepcopy(value).double()
+    x, y = value
+    return x.double(), y
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected).norm() / expected.norm())
 
 
 @pytest.mark.parametrize("method", ["loop", "vmap"])
@@ -60,15 +79,30 @@ def test_reference_scoring(benchmark, problem, method):
     scores = _run(
         benchmark, reference.scores_from_ihvp, model, params, *train, s, per_sample=method
     )
-    assert scores.shape == (len(train[0]),)
+    # -sᵀ∇l(z_i), one sample at a time through autograd
+    expected = torch.stack([
+        -torch.cat([g.flatten() for g in torch.autograd.grad(
+            torch.nn.functional.cross_entropy(model(x[None]), label[None]), params)]) @ s
+        for x, label in zip(*train, strict=True)])
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_reference_lissa_head(benchmark, problem):
     model, train, val = problem
     params = selected_parameters(model, "last")
     v = reference.mean_loss_grad(model, params, *val)
-    h = _run(benchmark, reference.lissa, model, params, *train, v, 0.01, depth=10, batch_size=32)
-    assert torch.isfinite(h).all()
+    damping, scale, depth = 0.01, 10.0, 10
+    h = _run(benchmark, reference.lissa, model, params, *train, v, damping, scale=scale,
+             depth=depth, batch_size=32)
+    # batch_size = n_train: every step uses the whole set, so the recursion is deterministic
+    # h_j = v + (I - (H + λI)/scale) h_{j-1}, h_0 = v, with the explicit Hessian
+    H = reference.hessian(model, params, *train)
+    identity = torch.eye(len(v), dtype=H.dtype)
+    step = identity - (H + damping * identity) / scale
+    expected = v.clone()
+    for _ in range(depth):
+        expected = v + step @ expected
+    torch.testing.assert_close(h, expected / scale, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.slow

@@ -108,6 +108,8 @@ def test_demo_result_is_computed_from_the_run(small_run):
         scores = torch.tensor(summary["scores"][name], dtype=torch.float64)
         found = int(flipped[torch.argsort(scores, descending=True)[:k]].sum())
         assert entry["k"] == k and entry["flipped_found"] == found
+        assert math.isclose(entry["precision"], found / k)  # precision@k, against chance:
+        assert math.isclose(entry["chance_precision"], chance)
         assert math.isclose(entry["expected_by_chance"], k * chance)
         assert (f"{found} of the {k} training samples with the highest "
                 f"{demo.RANKING_NAMES[name]} carry a planted flipped label; a random pick of "
@@ -136,28 +138,23 @@ def test_demo_result_is_computed_from_the_run(small_run):
     assert f"figure: {out}" in printed
 
 
-def test_precision_at_k_counts_the_flips_among_the_first_k():
-    flipped = torch.tensor([True, False, False, True, False, False, False, False, False, False])
-    order = torch.tensor([3, 1, 0, 2, 4, 5, 6, 7, 8, 9])
-    entry = demo._precision_at(4, order, flipped)  # samples 3, 1, 0, 2: two flipped
-    assert entry == {"k": 4, "flipped_found": 2, "precision": 0.5, "chance_precision": 0.2}
-
-
 def test_result_says_when_no_label_was_flipped(tmp_path):
-    """A split too small for the noise rate to flip any label: no detection numbers (they
-    are undefined without flipped samples), and the result says why."""
-    scores = {name: torch.arange(10.0) for name in DETECTORS}
-    flipped = torch.zeros(10, dtype=torch.bool)
-    orders = {name: torch.argsort(scores[name], descending=True)
-              for name in ("self_influence", "val_influence")}
-    majority = {"class": 1, "class_name": "glioma", "val_accuracy": 0.5}
-    result = demo._result(0.7, 3, majority, orders, 4, scores, flipped)
+    """Without a flipped label (label noise 0) there are no detection numbers (undefined
+    without flipped samples), and the result says why."""
+    out = tmp_path / "influence.png"
+    capture = io.StringIO()
+    with contextlib.redirect_stdout(capture):
+        status = main(["demo", "--epochs", "1", "--image-size", "32", "--slices", "100",
+                       "--patients", "12", "--label-noise", "0", "--out", str(out),
+                       "--no-progress", "--device", "cpu"])
+    assert status == 0
+    result = json.loads(out.with_name("summary.json").read_text())["result"]
     assert result["detection"] is None and result["n_flipped"] == 0
-    assert result["top_k"]["self_influence"]["flipped_found"] == 0
-    lines = demo._result_lines(result, tmp_path / "figure.png")
-    assert lines[0].startswith("result: validation accuracy 0.70, where guessing scores 0.33 "
-                               "and always answering glioma")
-    assert "0 of 10 training labels were flipped" in lines[1]
+    assert all(entry["flipped_found"] == entry["precision"] == 0
+               for entry in result["top_k"].values())
+    printed = capture.getvalue()
+    assert "result: validation accuracy" in printed
+    assert f"0 of {result['n_train']} training labels were flipped" in printed
 
 
 def test_image_size_48_is_rejected_at_argument_parsing(no_data_generation, capsys):

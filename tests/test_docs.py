@@ -176,5 +176,10 @@ def test_the_readmes_code_runs_on_a_small_network():
              "y": train[1][:3], "test": (val[0][:2], val[1][:2])}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), names)
-    assert names["scores"].shape == (24,) and torch.isfinite(names["scores"]).all()
     assert names["inf"].report.path == "head-closed-form"
+    # fi.score's defaults (the last layer, λ = 0.01) against the float64 oracle
+    from fastinfluence import reference
+
+    head = list([m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].parameters())
+    expected = reference.influence_scores(model, head, train, val, 0.01)
+    torch.testing.assert_close(names["scores"], expected, rtol=1e-8, atol=1e-10)

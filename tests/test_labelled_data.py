@@ -3,6 +3,8 @@ errors; and the engine's results on each form against plain ``(X, y)`` tensors."
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -350,15 +352,25 @@ def test_iterable_data_is_refused_by_the_engine():
         fi.Influence(model, train, DataLoader(Stream(*val), batch_size=4))
 
 
-def test_a_loader_with_workers_is_read_in_order_by_its_workers():
+class ReaderPids(TensorDataset):
+    """``(x, y)`` with the id of the process that read the sample appended to ``x``."""
+
+    def __getitem__(self, index):
+        x, y = super().__getitem__(index)
+        return torch.cat([x, x.new_tensor([os.getpid()])]), y
+
+
+def test_a_loader_with_workers_is_read_in_order_by_its_persistent_workers():
     x, y = pairs()
-    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, num_workers=2,
+    loader = DataLoader(ReaderPids(x, y), batch_size=4, shuffle=True, num_workers=2,
                         persistent_workers=True, prefetch_factor=3)
     wrapped = LabelledData(loader, "train")
+    readers = []
     for _ in range(2):
         next(wrapped.batches(CPU, torch.float64))  # an abandoned pass, as a probe makes
         got_x, got_y, _ = read(wrapped)
-        assert torch.equal(got_x, x) and torch.equal(got_y, y)
-    sequential = wrapped._loader()
-    assert sequential.num_workers == 2 and sequential.prefetch_factor == 3
-    assert sequential.persistent_workers and sequential is wrapped._loader()
+        assert torch.equal(got_x[:, :-1], x) and torch.equal(got_y, y)
+        readers.append(set(got_x[:, -1].tolist()))
+    # both workers read, in other processes, and the same two read the second pass
+    assert len(readers[0]) == 2 and os.getpid() not in readers[0]
+    assert readers[1] == readers[0]

@@ -95,7 +95,15 @@ def test_an_lstm_scores_in_reverse_mode_and_says_why():
     expected = -(reference.per_sample_grads(double, list(double.parameters()), X.double(), y)
                  @ inf.ihvp.double())
     torch.testing.assert_close(inf.scores().double(), expected, rtol=1e-4, atol=1e-6)
-    assert inf.self_influence().shape == (16,)
+    # self-influence ∇l(z)ᵀ(G + λI)^{-1}∇l(z) through the same reverse-mode path
+    assert inf.report.hessian == "gauss-newton"
+    plist = list(double.parameters())
+    gradients = reference.per_sample_grads(double, plist, X.double(), y)
+    damped = reference.gauss_newton(double, plist, X.double(), y) + 0.1 * torch.eye(
+        len(gradients.T), dtype=torch.float64)
+    expected_self = (gradients * torch.linalg.solve(damped, gradients.T).T).sum(dim=1)
+    torch.testing.assert_close(inf.self_influence().double(), expected_self, rtol=1e-3,
+                               atol=1e-5)
 
 
 def test_half_precision_models_are_scored_in_float32():

@@ -9,6 +9,7 @@ from problems import LSTMClassifier, make_problem, with_running_statistics
 from torch import nn
 
 import fastinfluence as fi
+from fastinfluence import reference
 from fastinfluence.functional import FunctionalModel
 from fastinfluence.labelled_data import LabelledData
 from fastinfluence.models import PaperCNN, ResCNN1d, resnet18
@@ -97,7 +98,12 @@ def test_ordinary_float32_models_pass_the_check(name, model, example):
 def test_ordinary_models_score_as_before_and_come_back_unchanged():
     model, train, val = make_problem("cnn", n_train=6, n_val=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    influence = fi.Influence(model, train, val, params="all", batch_size=1)
-    assert influence.scores().shape == (len(train[0]),)
+    influence = fi.Influence(model, train, val, params="all", hessian="gauss-newton",
+                             solver="direct", damping=0.1, batch_size=1)
+    plist = list(model.parameters())
+    solution = reference.ihvp_direct(reference.gauss_newton(model, plist, *train),
+                                     reference.mean_loss_grad(model, plist, *val), 0.1)
+    expected = -reference.per_sample_grads(model, plist, *train) @ solution
+    torch.testing.assert_close(influence.scores(), expected, rtol=1e-8, atol=1e-10)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

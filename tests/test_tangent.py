@@ -10,7 +10,6 @@ from torch import nn
 
 import fastinfluence as fi
 from fastinfluence import layers, reference
-from fastinfluence.layers import registry
 from fastinfluence.models import PaperCNN
 from fastinfluence.tangent import TangentProgram
 
@@ -377,24 +376,23 @@ def test_an_exception_in_a_rule_falls_back_with_the_reason(monkeypatch):
 
     monkeypatch.setattr(layers.layer_rules(nn.Tanh).tangent, "run", broken)
     program, reason = TangentProgram.compile(model, x, tensors, names)
-    assert program is None
-    assert reason == ("numerical check against torch.func.jvp raised RuntimeError: no kernel "
-                      "for this input")
+    assert program is None  # the reason carries the rule's exception
+    assert "RuntimeError: no kernel for this input" in reason
 
 
 def test_tensors_that_cannot_be_resolved_fall_back_at_compile_time():
     model, x, tensors, names = tanh_model()
     missing = {n: v for n, v in tensors.items() if n != "2.bias"}
     program, reason = TangentProgram.compile(model, x, missing, names[:2])
-    assert program is None and reason == "2.bias (named '2.bias') is not in the tensors"
+    assert program is None and "'2.bias'" in reason  # the reason names the tensor
     program, reason = TangentProgram.compile(model, x, missing, names)
-    assert program is None and reason == "selected parameter '2.bias' is not in the tensors"
+    assert program is None and "'2.bias'" in reason
 
     del model[2].weight  # a plain tensor attribute: no parameter or buffer holds it
     model[2].weight = torch.randn(3, 5, dtype=torch.float64)
     tensors, names = state(model), [n for n, _ in model.named_parameters()]
     program, reason = TangentProgram.compile(model, x, tensors, names)
-    assert program is None and reason == "2.weight is not a parameter or buffer of the model"
+    assert program is None and "2.weight" in reason
 
 
 def test_compile_rejects_an_empty_example():
@@ -503,34 +501,41 @@ def test_values_with_several_readers_are_neither_folded_nor_swapped():
         "affine", "relu", "maxpool", "norm", "add", "avgpool", "add", "flatten", "affine"]
 
 
-def test_a_new_layer_is_one_registration(monkeypatch):
-    """The registry's documented example (``register_layer``'s docstring), verbatim."""
+def test_a_new_layer_is_one_registration():
+    """The registry's documented example (``register_layer``'s docstring), verbatim, inside
+    ``temporary_registrations``: the rule runs in the block and is gone after it."""
     model = nn.Sequential(nn.Linear(4, 6), nn.LeakyReLU(0.3), nn.Linear(6, 3))
     names = [n for n, _ in model.named_parameters()]
     x = torch.randn(3, 4, dtype=torch.float64)
     program, reason = TangentProgram.compile(model.double(), x, state(model), names)
     assert program is None and "1 (LeakyReLU) is not supported" in reason
-    monkeypatch.setattr(registry, "_REGISTRY", registry.registered())  # undone after the test
     Rule, per_direction, register_layer = layers.Rule, layers.per_direction, fi.register_layer
+    relu_rule = fi.layer_rules(nn.ReLU)
 
-    @register_layer(nn.LeakyReLU)
-    class LeakyReLURule(Rule):
-        kind = "leaky_relu"
+    with layers.temporary_registrations():
 
-        def configure(self, site):
-            return {"slope": site.module.negative_slope}
+        @register_layer(nn.LeakyReLU)
+        class LeakyReLURule(Rule):
+            kind = "leaky_relu"
 
-        def run(self, step, at, x, dx):
-            slope = step.options["slope"]
-            y = F.leaky_relu(x, slope)
-            if dx is None:
-                return y, None
-            factor = torch.full_like(x, slope).masked_fill_(x > 0, 1.0)
-            return y, per_direction(dx, x, at.k, factor)
+            def configure(self, site):
+                return {"slope": site.module.negative_slope}
 
-    program = compare(model, (4,), names, 2, seed=11)
-    assert [step.kind for step in program.steps] == ["affine", "leaky_relu", "affine"]
-    assert fi.layer_rules(nn.LeakyReLU).tangent.kind == "leaky_relu"
+            def run(self, step, at, x, dx):
+                slope = step.options["slope"]
+                y = F.leaky_relu(x, slope)
+                if dx is None:
+                    return y, None
+                factor = torch.full_like(x, slope).masked_fill_(x > 0, 1.0)
+                return y, per_direction(dx, x, at.k, factor)
+
+        register_layer(nn.ReLU)(LeakyReLURule)  # replaces an aspect: restored on exit
+        program = compare(model, (4,), names, 2, seed=11)
+        assert [step.kind for step in program.steps] == ["affine", "leaky_relu", "affine"]
+
+    assert fi.layer_rules(nn.LeakyReLU) is None and fi.layer_rules(nn.ReLU) == relu_rule
+    program, reason = TangentProgram.compile(model, x, state(model), names)
+    assert program is None and "1 (LeakyReLU) is not supported" in reason
 
 
 def near_tie_model(windows: int = 256) -> tuple[nn.Module, torch.Tensor]:

@@ -38,6 +38,7 @@ from fastinfluence.layers.registry import (
     per_direction,
     register_layer,
     registered,
+    temporary_registrations,
 )
 
 __all__ = [
@@ -52,4 +53,5 @@ __all__ = [
     "per_direction",
     "register_layer",
     "registered",
+    "temporary_registrations",
 ]

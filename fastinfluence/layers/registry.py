@@ -13,14 +13,16 @@ has a :class:`LayerRules` entry with up to three aspects:
   it alone reads their output (the fused pass and the head's inference copy,
   :mod:`fastinfluence.feature_pass`, both fold with :func:`fastinfluence.layers.norm.fold`).
 
-:func:`register_layer` adds aspects; :func:`layer_rules` reads an entry. The families'
+:func:`register_layer` adds aspects; :func:`layer_rules` reads an entry;
+:func:`temporary_registrations` undoes the registrations made inside a block. The families'
 registrations live in one file each (``fastinfluence/layers/linear.py``, ``conv.py``, ...).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -281,6 +283,26 @@ def layer_rules(key: Key) -> LayerRules | None:
 def registered() -> dict[Key, LayerRules]:
     """Every entry, in registration order (a copy)."""
     return dict(_REGISTRY)
+
+
+@contextmanager
+def temporary_registrations() -> Iterator[None]:
+    """Undo, on leaving the block, every :func:`register_layer` call made inside it: the
+    registry is restored to its entries at entry (a replaced aspect comes back, a new key goes).
+
+    For trying a rule out, or a test that registers a layer::
+
+        with temporary_registrations():
+            register_layer(nn.LeakyReLU)(LeakyReLURule)
+            ...  # scored with the rule
+        # nn.LeakyReLU is unsupported again
+    """
+    saved = dict(_REGISTRY)
+    try:
+        yield
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
 
 
 def kfac_rule(module: nn.Module) -> tuple[type[nn.Module], KroneckerRule] | None:

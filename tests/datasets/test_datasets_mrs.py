@@ -179,9 +179,33 @@ def test_csv_and_npy_round_trip(tmp_path, spectra):
         load_mrs_spectra(path, patient_column="subject")
 
 
-def test_class_mean_figure(tmp_path, spectra):
+def test_class_mean_figure_plots_each_group_s_mean(tmp_path, spectra, monkeypatch):
+    figure_module = pytest.importorskip("matplotlib.figure")
+    saved = []
+    save = figure_module.Figure.savefig
+
+    def recorded(figure, *args, **kwargs):
+        saved.append(figure)
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(figure_module.Figure, "savefig", recorded)
     path = save_mrs_class_means(spectra, tmp_path / "means.png", dpi=30)
-    assert path.stat().st_size > 5000
+    assert path.stat().st_size > 5000 and len(saved) == 1
+    x = standardise(spectra.spectra)[:, 0].numpy()
+    labels, tissue = spectra.labels.numpy(), spectra.tissue_labels.numpy()
+    groups = [  # panel by label, then by tissue (simulated data have it)
+        [labels == 0, labels == 1],
+        [(tissue == 0) & (labels == 0), (tissue == 0) & (labels == 1), tissue == 1],
+    ]
+    axes = saved[0].axes
+    assert len(axes) == 2
+    for axis, members in zip(axes, groups, strict=True):
+        lines, names = axis.get_legend_handles_labels()
+        assert len(lines) == len(members)
+        for line, name, member in zip(lines, names, members, strict=True):
+            assert name.endswith(f"(n={member.sum()})")
+            np.testing.assert_allclose(line.get_xdata(), spectra.ppm)
+            np.testing.assert_allclose(line.get_ydata(), x[member].mean(axis=0), rtol=1e-6)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

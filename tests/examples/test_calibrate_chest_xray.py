@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -23,4 +24,11 @@ def test_tiny_calibration_run(monkeypatch, capsys):
     example.main()
     out = capsys.readouterr().out
     assert "40 films of 16^2" in out and "epoch  2" in out
-    assert "final-epoch test recall: Normal" in out and "final test accuracy" in out
+    # the per-class recalls, weighted by the test class counts, are the final test accuracy
+    counts = [int(c) for c in re.search(r"test class counts \[([\d, ]+)\]", out)[1].split(",")]
+    recall_line = re.search(r"final-epoch test recall: (.*)", out)[1]
+    recalls = [float(part.rsplit(" ", 1)[1]) for part in recall_line.split(", ")]
+    assert recall_line.startswith("Normal") and len(recalls) == len(counts)
+    accuracy = float(re.search(r"final test accuracy ([\d.]+);", out)[1])
+    weighted = sum(r * c for r, c in zip(recalls, counts, strict=True) if c) / sum(counts)
+    assert abs(weighted - accuracy) <= 1e-3

@@ -99,11 +99,23 @@ def test_subsample_is_the_curvature_of_the_drawn_samples(kind, params, hessian):
 
 
 def test_head_declares_and_runs_minibatch_lissa_recursions():
-    backend, *_ = build("cnn", "last", "head")
-    rhs = torch.randn(2, backend.dim, dtype=torch.float64)
+    """On 18 copies of one sample every minibatch's Hessian is the full one, so the
+    minibatch recursion h_j = v + (1 − λ/s)h_{j−1} − H h_{j−1}/s, h_0 = v, is known exactly."""
+    model, train, _ = make_problem("cnn", seed=0, n_train=1, n_val=1)
+    x, y = train[0].repeat(18, 1, 1, 1), train[1].repeat(18)
+    selection = select_parameters(model, "last")
+    fmodel = FunctionalModel(model, selection, None, torch.device("cpu"))
+    backend = HeadBackend(fmodel, LabelledData((x, y), "train", batch_size=7))
     assert backend.capabilities == {Capability.MINIBATCH_LISSA}
-    estimate = backend.lissa_recursion(rhs, 0.1, 2.0, 10, 8, 0)
-    assert estimate.shape == rhs.shape and bool(torch.isfinite(estimate).all())
+    rhs = torch.randn(2, backend.dim, dtype=torch.float64)
+    damping, scale, depth = 0.1, 2.0, 10
+    estimate = backend.lissa_recursion(rhs, damping, scale, depth, 8, 0)
+    plist = [dict(model.named_parameters())[n] for n in selection.names]
+    hessian = reference.hessian(model, plist, x, y)
+    expected = rhs.clone()
+    for _ in range(depth):
+        expected = rhs + (1 - damping / scale) * expected - expected @ hessian / scale
+    torch.testing.assert_close(estimate, expected / scale, rtol=1e-10, atol=1e-12)
 
 
 def test_network_backends_take_the_fused_pass_where_it_compiles():

@@ -190,25 +190,17 @@ def test_lissa_detects_divergence_from_a_too_small_scale(make_operator, rhs):
         make_solver("lissa", operator, DAMPING, config).solve(rhs)
 
 
-def test_full_batch_lissa_stops_when_the_residual_stalls(make_operator, rhs, monkeypatch):
+def test_full_batch_lissa_stops_when_the_residual_stalls(make_operator, rhs):
     """tol=1e-12 lies far below float32 rounding: without the stall stop this would take 10⁶
-    steps; with it, the solve returns the float32-accurate answer, reported unconverged."""
-    verdicts = []
-    stalled = _StallDetector.stalled
-
-    def recorded(detector, step, step_norm):
-        verdicts.append(stalled(detector, step, step_norm))
-        return verdicts[-1]
-
-    monkeypatch.setattr(_StallDetector, "stalled", recorded)
+    steps; with it, the solve returns the float32-accurate answer, reported unconverged (the
+    only other stops are the depth, tol and a divergence, which raises)."""
     operator = make_operator(dtype=torch.float32)
     config = LiSSAConfig(depth=10**6, tol=1e-12)
     start = time.perf_counter()
     with pytest.warns(RuntimeWarning, match="did not reach"):
         solution, report = make_solver("lissa", operator, DAMPING, config).solve(rhs.float())
     assert time.perf_counter() - start < 10
-    assert verdicts[-1] and not any(verdicts[:-1])
-    assert report.iterations == len(verdicts) < 20_000
+    assert 0 < report.iterations < 20_000
     assert not report.converged and report.relative_residual > config.tol
     assert relative_error(solution, exact_solution(operator, rhs, DAMPING)) < 1e-5
 

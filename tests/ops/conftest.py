@@ -3,13 +3,15 @@
 import pytest
 import torch
 
-from fastinfluence import _extension
+import fastinfluence as fi
+
+INFO = fi.info()
 
 requires_native = pytest.mark.skipif(
-    not _extension.loaded(), reason=f"fastinfluence._C not loaded: {_extension.LOAD_ERROR}"
+    not INFO["extension_loaded"], reason=f"fastinfluence._C not loaded: {INFO['extension_error']}"
 )
 requires_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and _extension.has_kernel("head_hvp", "cuda")),
+    not (torch.cuda.is_available() and "cuda" in INFO["ops"]["head_hvp"]),
     reason="needs a CUDA device and an extension built with CUDA kernels",
 )
 

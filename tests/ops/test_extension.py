@@ -1,6 +1,7 @@
 """fastinfluence.info(), `python -m fastinfluence info`, the warned twin fallback, the
 build-time torch check and FASTINFLUENCE_REQUIRE_NATIVE."""
 
+import json
 import os
 import re
 import subprocess
@@ -11,25 +12,36 @@ import warnings
 import pytest
 import torch
 
+import fastinfluence as fi
 from fastinfluence import _extension, ops
 from fastinfluence.cli import main
 
+# the native ops (fastinfluence.ops, less its switches)
+NATIVE_OPS = set(ops.__all__) - {"NATIVE_DEFAULT", "twins", "use_native"}
+
 
 def test_info_reports_extension_versions_and_ops():
-    report = _extension.info()
+    report = fi.info()
     assert report["torch"] == torch.__version__
     assert report["torch_cuda"] == torch.version.cuda
-    assert set(report["ops"]) == set(_extension.OPS)
-    assert report["extension_loaded"] == (_extension.LOAD_ERROR is None)
+    assert set(report["ops"]) == set(NATIVE_OPS)
+    assert report["extension_loaded"] == (report["extension_error"] is None)
     if report["extension_loaded"]:
         assert "cpu" in report["native_devices"]
         assert all("cpu" in devices for devices in report["ops"].values())
+        assert all(hasattr(torch.ops.fastinfluence, op) for op in NATIVE_OPS)
 
 
 def test_cli_info_prints_the_report(capsys):
     assert main(["info"]) == 0
-    text = capsys.readouterr().out
-    assert "fastinfluence._C:" in text and "head_lissa" in text
+    lines = capsys.readouterr().out.splitlines()
+    report = fi.info()
+    state = "loaded" if report["extension_loaded"] else "NOT loaded"
+    assert lines[0].startswith(f"fastinfluence._C: {state}")
+    for op, devices in report["ops"].items():  # one line per op: where it runs natively
+        (line,) = [line for line in lines if line.split()[:1] == [op]]
+        assert line.split()[1:] == ([f"{d}," for d in devices[:-1]] + devices[-1:]
+                                    or ["twin", "only"])
 
 
 @pytest.mark.slow
@@ -40,7 +52,7 @@ def test_python_m_fastinfluence_info_runs():
         text=True,
         check=True,
     )
-    assert '"extension_loaded"' in result.stdout
+    assert json.loads(result.stdout) == json.loads(json.dumps(fi.info()))
 
 
 def test_missing_extension_runs_twins_and_warns_once(monkeypatch):
@@ -55,7 +67,8 @@ def test_missing_extension_runs_twins_and_warns_once(monkeypatch):
         ops.lissa_update_(v, g, hv, 0.0, 1.0)
 
 
-def test_extension_built_for_another_torch_release_is_not_loaded_and_says_why(monkeypatch):
+def test_extension_built_for_another_torch_release_is_not_loaded_and_says_why(monkeypatch,
+                                                                             capsys):
     running = torch.__version__
     reason = _extension._load_native("2.0.1")
     assert reason == f"built against torch 2.0.1, running torch {running}"
@@ -72,7 +85,8 @@ def test_extension_built_for_another_torch_release_is_not_loaded_and_says_why(mo
     monkeypatch.setattr(_extension, "LOAD_ERROR", reason)
     monkeypatch.setattr(_extension, "BUILT_AGAINST_TORCH", "2.0.1")
     monkeypatch.setattr(_extension, "_warned", set())
-    text = _extension.format_info(_extension.info())
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
     assert f"NOT loaded (built against torch 2.0.1, running torch {running})" in text
     with pytest.warns(RuntimeWarning, match=re.escape(reason)):
         ops.lissa_update_(torch.ones(3), torch.ones(3), torch.ones(3), 0.0, 1.0)
@@ -83,7 +97,7 @@ def test_require_native_turns_an_unloadable_extension_into_an_import_error():
     # A fresh interpreter in which `import fastinfluence._C` fails.
     code = (
         "import sys; sys.modules['fastinfluence._C'] = None\n"
-        "from fastinfluence import _extension; print(_extension.LOAD_ERROR)\n"
+        "import fastinfluence; print(fastinfluence.info()['extension_error'])\n"
     )
     outcomes = {}
     for value in ("0", "1", "yes"):
@@ -103,5 +117,6 @@ def test_require_native_turns_an_unloadable_extension_into_an_import_error():
 @pytest.mark.skipif(os.environ.get("FASTINFLUENCE_REQUIRE_NATIVE") != "1",
                     reason="CI's check (FASTINFLUENCE_REQUIRE_NATIVE=1) of the installed build")
 def test_ci_build_loaded_and_recorded_the_torch_it_was_built_against():
-    assert _extension.loaded()
-    assert _extension.BUILT_AGAINST_TORCH == torch.__version__
+    report = fi.info()
+    assert report["extension_loaded"]
+    assert report["extension_built_against_torch"] == torch.__version__

@@ -77,7 +77,7 @@ def test_neighbour_loss_sends_no_gradient_into_the_clean_branch(monkeypatch):
         trainer = DenoisingTrainer(tiny_resnet(decoder=False),
                                    DenoisingConfig(lambda_n=lambda_n, lambda_a=0.0, seed=1))
         trainer.model.train()
-        trainer._epoch_terms = {name: [] for name in trainer.loss_terms}
+        trainer.before_epoch(0)
         x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
         x.requires_grad_(True)
         trainer.batch_loss(x, torch.arange(4) % 3, torch.arange(4)).backward()
@@ -135,16 +135,21 @@ def test_trainer_minimises_the_weighted_sum_of_the_three_losses(splits):
     trainer = DenoisingTrainer(model, config)
     x, y = splits[0]
     x = x.double()
-    trainer._epoch_terms = {name: [] for name in trainer.loss_terms}
+    trainer.before_epoch(0)
     loss = trainer.batch_loss(x, y, torch.arange(len(y)))
     noisy = noisy_copies(x, 2, 0.1, torch.Generator().manual_seed(5))
     clean_parts, noisy_parts = model.parts(x), model.parts(noisy)
     logits, features, reconstructions = (torch.cat(pair) for pair in
                                          zip(clean_parts, noisy_parts, strict=True))
-    expected = (F.cross_entropy(logits, y.repeat(3))
-                + 0.7 * F.mse_loss(features[16:], features[:16].detach().repeat(2, 1))
-                + 3.0 * F.mse_loss(reconstructions, x.repeat(3, 1, 1, 1)))
-    torch.testing.assert_close(loss, expected)
+    terms = {"L_c": F.cross_entropy(logits, y.repeat(3)),
+             "L_n": F.mse_loss(features[16:], features[:16].detach().repeat(2, 1)),
+             "L_a": F.mse_loss(reconstructions, x.repeat(3, 1, 1, 1))}
+    torch.testing.assert_close(loss, terms["L_c"] + 0.7 * terms["L_n"] + 3.0 * terms["L_a"])
+    # the epoch's mean of each term, as the run records them
+    recorded = trainer.extras()["loss_terms"]
+    assert recorded.keys() == terms.keys()
+    for name, value in terms.items():
+        assert recorded[name] == pytest.approx([float(value)], rel=1e-12)
 
 
 def test_auto_encoder_loss_falls_on_a_tiny_set(splits):
