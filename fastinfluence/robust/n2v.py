@@ -224,7 +224,7 @@ class Denoiser(nn.Module):
         ])
 
 
-def _random_patches(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+def random_patches(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     """One random ``size²`` crop of each image, randomly rotated by k·90° and mirrored."""
     n, _, height, width = images.shape
     tops = torch.randint(height - size + 1, (n,), generator=generator).tolist()
@@ -241,7 +241,7 @@ def _random_patches(images: torch.Tensor, size: int, generator: torch.Generator)
 class N2VDenoiserTrainer(Trainer):
     """The Noise2Void denoiser on the shared loop (:meth:`Trainer.fit_unlabelled`): the
     batch ``B`` of (whole) training images becomes one random patch per image
-    (:func:`_random_patches`), standardised by the denoiser's ``μ, σ``, and its loss is
+    (:func:`random_patches`), standardised by the denoiser's ``μ, σ``, and its loss is
     :func:`masked_mse` of the U-Net on :func:`blind_spot_mask` inputs; every draw comes from
     the loop's generator.
 
@@ -265,7 +265,7 @@ class N2VDenoiserTrainer(Trainer):
         self.n2v = config
 
     def batch_loss(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        patches = _random_patches(x, self.n2v.patch_size, self.generator)
+        patches = random_patches(x, self.n2v.patch_size, self.generator)
         standard = (patches - self.model.mean) / self.model.std
         masked, mask = blind_spot_mask(standard, self.n2v.mask_fraction, self.n2v.radius,
                                        self.generator)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -297,3 +300,16 @@ def test_one_dimensional_signals_train_and_flip_along_their_axis():
     y = torch.arange(100) % 2
     result = NaiveTrainer(model, TrainConfig(epochs=1, flip=False)).fit((x, y), (x, y), (x, y))
     assert len(result.history) == 1
+
+
+def test_every_training_loop_of_the_library_and_examples_is_the_shared_one():
+    """Optimiser steps are taken in ``Trainer`` alone: no module of the library or the
+    examples steps or zeroes an optimiser itself."""
+    root = Path(__file__).resolve().parents[2]
+    step = re.compile(r"\.step\(|\.zero_grad\(")
+    stepping = {
+        path.relative_to(root).as_posix()
+        for folder in ("fastinfluence", "examples") for path in (root / folder).rglob("*.py")
+        if step.search(path.read_text())
+    }
+    assert stepping == {"fastinfluence/robust/loop.py"}

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_split
 
 from fastinfluence.robust import N2VConfig, N2VTrainer, blind_spot_mask
 from fastinfluence.robust.n2v import (
     Denoiser,
     UNet,
-    _random_patches,
     masked_mse,
+    random_patches,
     train_denoiser,
 )
 
@@ -114,7 +113,7 @@ def plain_n2v_loop(images, config, generator):
         total, batches = 0.0, 0
         order = torch.randperm(len(images), generator=generator)
         for index in order.split(config.denoiser_batch_size):
-            patches = _random_patches(images[index], config.patch_size, generator)
+            patches = random_patches(images[index], config.patch_size, generator)
             standard = (patches - denoiser.mean) / denoiser.std
             masked, mask = blind_spot_mask(standard, config.mask_fraction, config.radius,
                                            generator)
