@@ -71,6 +71,11 @@ class TrainConfig:
             (``torch.optim.SGD``, the skin and denoising papers).
         momentum: SGD momentum (``0 <= momentum < 1``; only with ``optimizer="sgd"``).
         weight_decay: L2 penalty coefficient passed to the optimiser (>= 0).
+        join_single_batch: a last training batch of a single item joins the one before it
+            (:func:`~fastinfluence.robust.loop.split_batches`: train-mode BatchNorm cannot
+            take one item on a 1×1 map). Off: that item trains alone as one more step, for
+            models whose every BatchNorm sees several values per channel (N2V's U-Net on
+            patches keeps its published batches so).
     """
 
     epochs: int = 40
@@ -86,6 +91,7 @@ class TrainConfig:
     optimizer: str = "adam"
     momentum: float = 0.0
     weight_decay: float = 0.0
+    join_single_batch: bool = True
 
     def __post_init__(self) -> None:
         _check_int("epochs", self.epochs, 1)
@@ -93,7 +99,7 @@ class TrainConfig:
         _check_int("batch_size", self.batch_size, 1)
         _check_int("seed", self.seed, 0)
         _check_int("eval_batch_size", self.eval_batch_size, 1)
-        for name in ("flip", "recalibrate_bn", "progress"):
+        for name in ("flip", "recalibrate_bn", "progress", "join_single_batch"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.checkpoint is not None and not isinstance(self.checkpoint, (str, Path)):

@@ -96,10 +96,12 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(mask.to(x.device).view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
 
 
-def split_batches(items: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def split_batches(items: torch.Tensor, batch_size: int,
+                  join_single: bool = True) -> list[torch.Tensor]:
     """``items`` (indices or images) split along the first axis into batches of
     ``batch_size``, except that a last batch of a single item is joined to the one before it
-    (which then holds ``batch_size + 1``).
+    (which then holds ``batch_size + 1``) when ``join_single`` (otherwise it stays a batch
+    of one).
 
     A batch of one cannot pass train-mode BatchNorm where a layer's map is 1×1 (one value per
     channel: PyTorch raises, e.g. ResNet-18's last stage at 32²), and elsewhere its batch
@@ -108,7 +110,7 @@ def split_batches(items: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     are unchanged.
     """
     batches = list(items.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:
+    if join_single and len(batches) > 1 and len(batches[-1]) == 1:
         batches[-2:] = [torch.cat(batches[-2:])]
     return batches
 
@@ -183,8 +185,9 @@ class Trainer:
     """Base trainer: Adam or SGD, random flips, per-epoch evaluation, history and checkpoints.
 
     One epoch is ``before_epoch(e)``, then for every mini-batch ``B`` (indices into the
-    training set, shuffled by ``config.seed``; a last batch of one joins the one before, see
-    :func:`split_batches`) an optimiser step on ``batch_loss(x_B, y_B, B)``
+    training set, shuffled by the trainer's generator; a last batch of one joins the one
+    before unless ``config.join_single_batch`` is off, see :func:`split_batches`) an
+    optimiser step on ``batch_loss(x_B, y_B, B)``
     where ``x_B`` is flipped at random (when ``config.flip``), then ``after_epoch(e)``, then
     evaluation. Subclasses override the hooks;
     the base class minimises plain cross-entropy ``(1/|B|) Σ_{i∈B} l(z_i, θ)``.
@@ -192,12 +195,17 @@ class Trainer:
     Args:
         model: the classifier (trained in place; left in eval mode afterwards).
         config: the method's settings.
+        generator: the CPU random stream of the batch order, the flips and the method's own
+            draws (``self.generator``), advanced in place. ``None``: a new one seeded with
+            ``config.seed``. Pass another trainer's to continue its stream (N2V's denoiser
+            draws from the stream its classifier then trains on).
     """
 
     method = "naive"
     config_type: type[TrainConfig] = TrainConfig
 
-    def __init__(self, model: nn.Module, config: TrainConfig | None = None) -> None:
+    def __init__(self, model: nn.Module, config: TrainConfig | None = None, *,
+                 generator: torch.Generator | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         config = self.config_type() if config is None else config
@@ -212,7 +220,12 @@ class Trainer:
             torch.device(config.device) if config.device is not None
             else next(model.parameters()).device
         )
-        self.generator = torch.Generator().manual_seed(config.seed)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+            )
+        self.generator = (torch.Generator().manual_seed(config.seed) if generator is None
+                          else generator)
         self.optimizer = make_optimizer(model, config)
         self.train_data: Split | None = None
         self.val_data: Split | None = None
@@ -304,7 +317,9 @@ class Trainer:
         self.train_data = check_split((images, torch.zeros(len(images), dtype=torch.long)),
                                       "images")
         self.model.to(self.device)
-        losses = [self._train_epoch() for _ in range(self.config.epochs)]
+        losses = [self._train_epoch() for _ in tqdm(
+            range(self.config.epochs), desc=self.method, unit="epoch", leave=False,
+            disable=not self.config.progress)]
         self.model.eval()
         return losses
 
@@ -314,7 +329,8 @@ class Trainer:
         self.model.train()
         order = torch.randperm(len(x_all), generator=self.generator)
         total, batches = 0.0, 0
-        for index in split_batches(order, self.config.batch_size):
+        for index in split_batches(order, self.config.batch_size,
+                                   self.config.join_single_batch):
             x = x_all[index].to(self.device)
             if self.config.flip:
                 x = random_flip(x, self.generator)

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fastinfluence.robust.config import TrainConfig, _check_int, _check_positive
 from fastinfluence.robust.loop import (
@@ -225,7 +224,7 @@ class Denoiser(nn.Module):
         ])
 
 
-def _random_patches(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+def random_patches(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     """One random ``size²`` crop of each image, randomly rotated by k·90° and mirrored."""
     n, _, height, width = images.shape
     tops = torch.randint(height - size + 1, (n,), generator=generator).tolist()
@@ -239,13 +238,48 @@ def _random_patches(images: torch.Tensor, size: int, generator: torch.Generator)
     return torch.stack(patches)
 
 
+class N2VDenoiserTrainer(Trainer):
+    """The Noise2Void denoiser on the shared loop (:meth:`Trainer.fit_unlabelled`): the
+    batch ``B`` of (whole) training images becomes one random patch per image
+    (:func:`random_patches`), standardised by the denoiser's ``μ, σ``, and its loss is
+    :func:`masked_mse` of the U-Net on :func:`blind_spot_mask` inputs; every draw comes from
+    the loop's generator.
+
+    Args:
+        denoiser: the :class:`Denoiser` to train (its U-Net's parameters are optimised).
+        config: the N2V settings; the loop takes ``denoiser_epochs``, ``denoiser_lr`` (Adam)
+            and ``denoiser_batch_size`` from them, without flips (the patches are rotated
+            and mirrored already) and with a last batch of one trained alone.
+        generator: the random stream to draw from (continued in place).
+    """
+
+    method = "n2v denoiser"
+
+    def __init__(self, denoiser: Denoiser, config: N2VConfig,
+                 generator: torch.Generator) -> None:
+        super().__init__(denoiser, TrainConfig(
+            epochs=config.denoiser_epochs, lr=config.denoiser_lr,
+            batch_size=config.denoiser_batch_size, seed=config.seed, flip=False,
+            progress=config.progress, join_single_batch=False,
+        ), generator=generator)
+        self.n2v = config
+
+    def batch_loss(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        patches = random_patches(x, self.n2v.patch_size, self.generator)
+        standard = (patches - self.model.mean) / self.model.std
+        masked, mask = blind_spot_mask(standard, self.n2v.mask_fraction, self.n2v.radius,
+                                       self.generator)
+        return masked_mse(self.model.net(masked), standard, mask)
+
+
 def train_denoiser(
     images: torch.Tensor,
     config: N2VConfig,
     generator: torch.Generator,
     device: torch.device,
 ) -> tuple[Denoiser, list[float]]:
-    """Train a Noise2Void :class:`Denoiser` on ``images`` (``[n, C, H, W]``, noisy).
+    """Train a Noise2Void :class:`Denoiser` on ``images`` (``[n, C, H, W]``, noisy) with
+    :class:`N2VDenoiserTrainer`, drawing from ``generator``.
 
     Each epoch visits every image once, as one random patch per image, in batches; the loss
     is :func:`masked_mse` on :func:`blind_spot_mask` inputs. Returns the denoiser (eval mode)
@@ -259,26 +293,7 @@ def train_denoiser(
     denoiser = Denoiser(
         UNet(config.depth, config.channels, images.shape[1]), mean, max(std, 1e-6)
     ).to(device)
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=config.denoiser_lr)
-    losses = []
-    denoiser.train()
-    for _ in tqdm(range(config.denoiser_epochs), desc="n2v denoiser", unit="epoch",
-                  leave=False, disable=not config.progress):
-        total, batches = 0.0, 0
-        order = torch.randperm(len(images), generator=generator)
-        for index in order.split(config.denoiser_batch_size):
-            patches = _random_patches(images[index], config.patch_size, generator).to(device)
-            standard = (patches - denoiser.mean) / denoiser.std
-            masked, mask = blind_spot_mask(standard, config.mask_fraction, config.radius,
-                                           generator)
-            optimizer.zero_grad()
-            loss = masked_mse(denoiser.net(masked), standard, mask)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
-            batches += 1
-        losses.append(total / batches)
-    denoiser.eval()
+    losses = N2VDenoiserTrainer(denoiser, config, generator).fit_unlabelled(images)
     return denoiser, losses
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -121,6 +124,14 @@ def test_a_last_batch_of_one_joins_the_one_before(n, sizes):
     assert torch.equal(torch.cat(batches), order)  # same order, nothing dropped
 
 
+@pytest.mark.parametrize(("n", "sizes"), [(65, [32, 32, 1]), (1, [1])])
+def test_a_last_batch_of_one_stays_alone_when_not_joined(n, sizes):
+    order = torch.randperm(n)
+    batches = split_batches(order, 32, join_single=False)
+    assert [len(b) for b in batches] == sizes
+    assert torch.equal(torch.cat(batches), order)
+
+
 class BatchSizes(NaiveTrainer):
     """Records the size of every training batch."""
 
@@ -142,6 +153,38 @@ def test_last_training_image_alone_trains_with_batchnorm_on_a_1x1_map():
     trainer.sizes = []
     result = trainer.fit(images_32(33, 0), images_32(6, 1), images_32(6, 2))
     assert trainer.sizes == [33, 33] and len(result.history) == 2
+
+
+def test_a_last_image_trains_alone_when_the_config_says_so():
+    torch.manual_seed(0)
+    trainer = BatchSizes(PaperCNN(32), TrainConfig(epochs=2, batch_size=32,
+                                                   join_single_batch=False))
+    trainer.sizes = []
+    trainer.fit(images_32(33, 0), images_32(6, 1), images_32(6, 2))
+    assert trainer.sizes == [32, 1, 32, 1]
+
+
+def test_a_generator_passed_in_draws_the_batches_and_continues():
+    """The trainer draws from the stream it is given (and leaves it advanced): two trainers
+    on one stream take the batch orders a single stream yields in turn."""
+    stream = torch.Generator().manual_seed(7)
+    orders = []
+
+    class Orders(NaiveTrainer):
+        def batch_loss(self, x, y, index):
+            orders.append(index.clone())
+            return super().batch_loss(x, y, index)
+
+    for _ in range(2):
+        torch.manual_seed(0)
+        Orders(PaperCNN(32), TrainConfig(epochs=1, batch_size=64, flip=False),
+               generator=stream).fit(images_32(10, 0), images_32(6, 1), images_32(6, 2))
+    expected = torch.Generator().manual_seed(7)
+    assert [o.tolist() for o in orders] == [
+        torch.randperm(10, generator=expected).tolist() for _ in range(2)]
+    assert torch.equal(stream.get_state(), expected.get_state())
+    with pytest.raises(TypeError, match="generator"):
+        NaiveTrainer(PaperCNN(32), generator=7)
 
 
 def test_recalibration_joins_a_last_image_alone_to_the_batch_before():
@@ -257,3 +300,16 @@ def test_one_dimensional_signals_train_and_flip_along_their_axis():
     y = torch.arange(100) % 2
     result = NaiveTrainer(model, TrainConfig(epochs=1, flip=False)).fit((x, y), (x, y), (x, y))
     assert len(result.history) == 1
+
+
+def test_every_training_loop_of_the_library_and_examples_is_the_shared_one():
+    """Optimiser steps are taken in ``Trainer`` alone: no module of the library or the
+    examples steps or zeroes an optimiser itself."""
+    root = Path(__file__).resolve().parents[2]
+    step = re.compile(r"\.step\(|\.zero_grad\(")
+    stepping = {
+        path.relative_to(root).as_posix()
+        for folder in ("fastinfluence", "examples") for path in (root / folder).rglob("*.py")
+        if step.search(path.read_text())
+    }
+    assert stepping == {"fastinfluence/robust/loop.py"}

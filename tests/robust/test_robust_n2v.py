@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_split
 
 from fastinfluence.robust import N2VConfig, N2VTrainer, blind_spot_mask
-from fastinfluence.robust.n2v import UNet, masked_mse
+from fastinfluence.robust.n2v import (
+    Denoiser,
+    UNet,
+    masked_mse,
+    random_patches,
+    train_denoiser,
+)
 
 
 def test_masks_the_documented_fraction_from_the_neighbourhood_never_the_pixel_itself():
@@ -91,3 +98,49 @@ def test_every_named_test_set_is_denoised(model, splits):
     for name, (x, y) in (("clean", test), ("noisy", noisy)):
         denoised = (trainer.denoiser.denoise(x, config.eval_batch_size), y)
         assert result.final_test_accuracies[name] == trainer.accuracy(denoised)
+
+
+def plain_n2v_loop(images, config, generator):
+    """The oracle: the denoiser loop N2V ran before the shared loop took it over, written out
+    by hand (plain batches, a last batch of one trained alone; every draw from
+    ``generator``)."""
+    denoiser = Denoiser(UNet(config.depth, config.channels, images.shape[1]),
+                        float(images.mean()), max(float(images.std()), 1e-6))
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=config.denoiser_lr)
+    losses = []
+    denoiser.train()
+    for _ in range(config.denoiser_epochs):
+        total, batches = 0.0, 0
+        order = torch.randperm(len(images), generator=generator)
+        for index in order.split(config.denoiser_batch_size):
+            patches = random_patches(images[index], config.patch_size, generator)
+            standard = (patches - denoiser.mean) / denoiser.std
+            masked, mask = blind_spot_mask(standard, config.mask_fraction, config.radius,
+                                           generator)
+            optimizer.zero_grad()
+            loss = masked_mse(denoiser.net(masked), standard, mask)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            batches += 1
+        losses.append(total / batches)
+    denoiser.eval()
+    return denoiser, losses
+
+
+def test_denoiser_on_the_shared_loop_takes_the_plain_loops_steps_and_draws():
+    images = make_split(17, 3, size=16)[0]  # 17 = 8 + 8 + 1: the last batch of one trains alone
+    config = N2VConfig(denoiser_epochs=2, denoiser_batch_size=8, denoiser_lr=1e-2,
+                       patch_size=8, channels=2, depth=1, mask_fraction=0.05, radius=2)
+    ours_stream, oracle_stream = (torch.Generator().manual_seed(5) for _ in range(2))
+    torch.manual_seed(1)
+    ours, our_losses = train_denoiser(images, config, ours_stream, torch.device("cpu"))
+    torch.manual_seed(1)
+    oracle, oracle_losses = plain_n2v_loop(images, config, oracle_stream)
+    assert our_losses == oracle_losses
+    for (name, value), expected in zip(ours.state_dict().items(),
+                                       oracle.state_dict().values(), strict=True):
+        assert torch.equal(value, expected), name
+    assert not ours.training
+    # the stream continues where the oracle's does: the classifier then trains on the same draws
+    assert torch.equal(ours_stream.get_state(), oracle_stream.get_state())
