@@ -149,7 +149,7 @@ def test_trainer_minimises_the_weighted_sum_of_the_three_losses(splits):
     recorded = trainer.extras()["loss_terms"]
     assert recorded.keys() == terms.keys()
     for name, value in terms.items():
-        assert recorded[name] == pytest.approx([float(value)], rel=1e-12)
+        assert recorded[name] == pytest.approx([float(value.detach())], rel=1e-12)
 
 
 def test_auto_encoder_loss_falls_on_a_tiny_set(splits):
