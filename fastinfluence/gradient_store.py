@@ -53,6 +53,7 @@ from fastinfluence.labelled_data import DataLike, LabelledData, first_samples
 from fastinfluence.modes import eval_mode
 from fastinfluence.output_session import OutputSession
 from fastinfluence.params import ParamsSpec, select_parameters
+from fastinfluence.progress import progress_bar
 from fastinfluence.sharded_output import ChunkedOutput, OutputDirectory
 
 if TYPE_CHECKING:
@@ -137,8 +138,15 @@ class GradientStore:
         params: θ_S (as for :class:`~fastinfluence.Influence`; default ``"all"``). Every
             selected parameter must belong to a layer with a K-FAC rule (Linear, Conv2d,
             Embedding); others are refused by name.
-        damping, seed, dtype, chunk_size, batch_size: :class:`StoreConfig`.
-        loss_fn, output, device, progress: as for :class:`~fastinfluence.Influence`.
+        damping: ``λ`` in ``G_k + λI`` (:class:`StoreConfig`).
+        seed: the projections' seed.
+        dtype: the stored gradients' dtype: float32, float16 or float64.
+        chunk_size: training samples per chunk file.
+        batch_size: samples per pass.
+        loss_fn: as for :class:`~fastinfluence.Influence`.
+        output: as for :class:`~fastinfluence.Influence`.
+        device: as for :class:`~fastinfluence.Influence`.
+        progress: as for :class:`~fastinfluence.Influence`.
     """
 
     def __init__(self, model: nn.Module, train: DataLike, *, k: int,
@@ -151,7 +159,7 @@ class GradientStore:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(out, (str, os.PathLike)):
             raise TypeError(f"out must be a directory path, got {out!r}")
-        self.config = StoreConfig(k, seed, float(damping), dtype, chunk_size, batch_size)
+        self.config = StoreConfig(k, seed, damping, dtype, chunk_size, batch_size)
         self.model, self.out, self.progress = model, out, progress
         self.train = LabelledData(train, "train", batch_size)
         first = next(model.parameters())
@@ -176,7 +184,7 @@ class GradientStore:
             "store": {"params": list(self.selection.names), "k": k, "seed": seed,
                       "dtype": str(dtype), "model_dtype": str(self.fmodel.dtype)},
         }, None, progress)
-        self._cholesky: tuple[float, torch.Tensor] | None = None
+        self._cholesky: torch.Tensor | None = None
 
     # -- building ------------------------------------------------------------------------
 
@@ -187,7 +195,7 @@ class GradientStore:
         todo = sorted(set(range(gradients.num_chunks))
                       - (gradients.finished & curvature.finished))
         with eval_mode(self.model):
-            for index in todo:
+            for index in progress_bar(todo, self.progress, "gradient store chunks", len(todo)):
                 projected = self._project(self.train.subset(gradients.rows(index)),
                                           _gradient_and_root_columns)
                 factors = projected[1:].reshape(-1, self.dim).to(torch.float64)
@@ -237,17 +245,17 @@ class GradientStore:
         return chunks.read().sum(dim=0) / len(self.train)
 
     def _factor(self) -> torch.Tensor:
-        """The Cholesky factor of ``G_k + λI`` (computed once per damping)."""
-        damping = self.config.damping
-        if self._cholesky is None or self._cholesky[0] != damping:
+        """The Cholesky factor of ``G_k + λI`` (computed once after a build)."""
+        if self._cholesky is None:
+            damping = self.config.damping
             matrix = self.curvature()
             matrix.diagonal().add_(damping)
             factor, info = torch.linalg.cholesky_ex(matrix)
             if info != 0:
                 raise ValueError(f"G_k + λI is not positive definite (damping={damping}): "
                                  "raise damping")
-            self._cholesky = (damping, factor)
-        return self._cholesky[1]
+            self._cholesky = factor
+        return self._cholesky
 
     def project(self, data: DataLike) -> torch.Tensor:
         """``g̃ = P ∇l(z)`` ``[m, K]`` (float64) of each sample of ``data``."""
@@ -277,7 +285,8 @@ class GradientStore:
                 loss most) or, ``False``, the lowest (most helpful).
             exact: an :class:`~fastinfluence.Influence` on the same training set and θ_S:
                 the candidates' scores are replaced by its full-space
-                ``Influence.pairwise(queries, rows=...)`` and each list re-sorted.
+                ``Influence.pairwise(queries, rows=...)`` (at its own damping) and each list
+                re-sorted.
 
         Returns:
             ``(indices [m, top], scores [m, top])``, best first; only ``m·(chunk + top)``

@@ -43,6 +43,8 @@ def test_streaming_top_k_equals_a_full_sort_and_exact_rescoring_the_full_space(l
     exact = influence.pairwise(val).T
     torch.testing.assert_close(influence.pairwise(val, rows=torch.tensor([5, 2])).T,
                                exact[:, [5, 2]])
+    with pytest.raises(ValueError, match="rows="):
+        influence.pairwise(val, rows=torch.tensor([1]), out=tmp_path / "pairwise")
     rescored_indices, rescored = store.top_influences(val, top=6, largest=largest,
                                                       exact=influence)
     assert torch.equal(rescored_indices.sort(dim=1).values, indices.sort(dim=1).values)
