@@ -172,10 +172,11 @@ class GradientStore:
             self.layers: list[KroneckerLayer] = kronecker_layers(self.fmodel)
         except ValueError as error:
             raise ValueError(f"GradientStore projects the layers K-FAC reads: {error}") from None
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)  # on the CPU: the same P on any device
+        place = {"device": self.fmodel.device, "dtype": self.fmodel.dtype}
         self.projections = [
-            (projection(k, layer.out_features, generator).to(self.fmodel.dtype),
-             projection(k, layer.in_features, generator).to(self.fmodel.dtype))
+            (projection(k, layer.out_features, generator).to(**place),
+             projection(k, layer.in_features, generator).to(**place))
             for layer in self.layers
         ]
         self.dim = sum(p_out.shape[0] * p_in.shape[0] for p_out, p_in in self.projections)
@@ -200,7 +201,7 @@ class GradientStore:
                                           _gradient_and_root_columns)
                 factors = projected[1:].reshape(-1, self.dim).to(torch.float64)
                 curvature.write(index, (factors.T @ factors)[None])
-                gradients.write(index, projected[0].to(self.config.dtype))
+                gradients.write(index, projected[0].to("cpu", self.config.dtype))
         self._cholesky = None
         return self
 
@@ -258,10 +259,11 @@ class GradientStore:
         return self._cholesky
 
     def project(self, data: DataLike) -> torch.Tensor:
-        """``g̃ = P ∇l(z)`` ``[m, K]`` (float64) of each sample of ``data``."""
+        """``g̃ = P ∇l(z)`` ``[m, K]`` (float64, on the CPU with the stored chunks) of each
+        sample of ``data``."""
         samples = LabelledData(data, "queries", self.config.batch_size)
         with eval_mode(self.model):
-            return self._project(samples, _loss_gradient_column)[0].to(torch.float64)
+            return self._project(samples, _loss_gradient_column)[0].to("cpu", torch.float64)
 
     def _solved_queries(self, queries: DataLike) -> torch.Tensor:
         """``(G_k + λI)^{-1} g̃_q`` ``[K, m]``."""
