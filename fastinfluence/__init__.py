@@ -8,6 +8,7 @@ Sign and damping conventions: see :mod:`fastinfluence.scoring` and docs/design.m
 
 from fastinfluence._extension import info
 from fastinfluence.errors import DivergenceError, NotPositiveDefiniteError, SettingsMismatchError
+from fastinfluence.gradient_store import GradientStore, StoreConfig
 from fastinfluence.hessian.solvers import (
     CGConfig,
     DirectConfig,
@@ -25,12 +26,14 @@ __all__ = [
     "CGConfig",
     "DirectConfig",
     "DivergenceError",
+    "GradientStore",
     "Influence",
     "InfluenceReport",
     "LiSSAConfig",
     "NotPositiveDefiniteError",
     "SettingsMismatchError",
     "SolveReport",
+    "StoreConfig",
     "WoodburyConfig",
     "info",
     "layer_rules",

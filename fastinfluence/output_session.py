@@ -34,7 +34,8 @@ class OutputSession:
     Args:
         fmodel: the model as a function of θ_S (its snapshot is fingerprinted).
         train: the training set.
-        val: the validation set.
+        val: the validation set (``None`` for output that depends on none: the gradient
+            store's).
         options: what changes ``s`` besides model and data (``"auto"`` resolved, so that naming
             the curvature or solver it chose changes nothing); the loss and output selector
             are added by :func:`~fastinfluence.fingerprints.callable_fingerprints`.
@@ -42,7 +43,7 @@ class OutputSession:
         progress: show a progress bar over chunks.
     """
 
-    def __init__(self, fmodel: FunctionalModel, train: LabelledData, val: LabelledData,
+    def __init__(self, fmodel: FunctionalModel, train: LabelledData, val: LabelledData | None,
                  options: dict[str, Any], group: Any | None, progress: bool) -> None:
         self.fmodel = fmodel
         self.train = train
@@ -61,7 +62,7 @@ class OutputSession:
                 "model": model_fingerprint(fmodel.model, fmodel.tensors(fmodel.theta),
                                            fmodel.model_dtype),
                 "train": data_fingerprint(self.train),
-                "val": data_fingerprint(self.val),
+                "val": None if self.val is None else data_fingerprint(self.val),
                 "options": {**self.options, **callable_fingerprints(fmodel, self.train)},
             }
         return self._settings

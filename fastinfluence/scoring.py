@@ -273,13 +273,20 @@ class Influence:
                 -self.backend.directional(part, self._ihvp[None])[:, 0]))
 
     def pairwise(self, test: DataLike, out: str | os.PathLike | None = None,
-                 chunk_size: int | None = None) -> torch.Tensor:
+                 chunk_size: int | None = None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """``I(z_i, z_j) = −∇l(z_j)ᵀ(H + λI)^{-1}∇l(z_i)`` for training ``z_i`` and test ``z_j``
         (Eq. 3); ``[n_train, n_test]``. Solves one inverse-HVP per test sample.
 
         ``out`` and ``chunk_size`` as for :meth:`scores`, chunks over training samples (the
-        test solve is repeated on a resumed run unless every chunk is finished)."""
+        test solve is repeated on a resumed run unless every chunk is finished). ``rows``:
+        score only these training samples (``[len(rows), n_test]``, not with ``out``), as the
+        gradient store's exact re-scoring of its top candidates does."""
         _check_chunking(out, chunk_size)
+        if rows is not None and out is not None:
+            raise ValueError("pairwise: rows= scores a few training samples in memory; it "
+                             "does not take out=")
+        train = self.train if rows is None else self.train.subset(torch.as_tensor(rows))
         test_data = self._wrap(test, "test")
 
         @functools.cache
@@ -289,7 +296,7 @@ class Influence:
             self.report.scoring_reason = self.backend.scoring_reason  # a per-sample loop's note
             return solution
 
-        return self._query("pairwise", self.train, out, chunk_size, (len(test_data),),
+        return self._query("pairwise", train, out, chunk_size, (len(test_data),),
                            lambda part: -self.backend.directional(part, directions()),
                            test=test_data)
 

@@ -16,7 +16,9 @@ A directory ``DIR`` holds, for one model, training set, validation set and set o
 * ``ihvp.npy`` — ``s = (H + λI)^{-1}∇L(D_val)``, reused by an ``Influence`` built on the same
   fingerprint instead of solving again;
 * ``<kind>-<index:05d>.npy`` — rows ``[index·chunk, (index+1)·chunk)`` of an output
-  (``scores``, ``self-influence``, ``pairwise``, ``perturbation``).
+  (``scores``, ``self-influence``, ``pairwise``, ``perturbation``; the gradient store's
+  ``projected-gradients``, and ``projected-curvature`` with one ``[k, k]`` row per chunk of
+  training samples).
 
 Every file is written under a temporary name in the same directory, flushed to disk, then
 renamed over its final name (``os.replace`` is atomic on POSIX), so a killed run leaves whole
@@ -53,7 +55,8 @@ and SHA-256 recorded (1 recorded their qualified names and no file checksums).""
 MANIFEST = "manifest.json"
 IHVP_FILE = "ihvp.npy"
 TEMPORARY_SUFFIX = ".tmp"
-OUTPUT_KINDS = ("scores", "self-influence", "pairwise", "perturbation")
+OUTPUT_KINDS = ("scores", "self-influence", "pairwise", "perturbation", "projected-gradients",
+                "projected-curvature")
 DEFAULT_CHUNK_SIZE = 4096
 """Rows per chunk file when ``chunk_size`` is not given."""
 
@@ -337,13 +340,17 @@ class ChunkedOutput:
             if index in self._in_memory:
                 result[start:stop] = self._in_memory[index]
                 continue
-            array = np.load(self.file(index), mmap_mode="r", allow_pickle=False)
-            expected = (len(rows), *self.row_shape)
-            if array.shape != expected:
-                raise ValueError(f"{self.file(index)} has shape {array.shape}, expected "
-                                 f"{expected}: the file was changed; delete it to recompute")
-            result.numpy()[start:stop] = array
+            result.numpy()[start:stop] = self.chunk(index)
         return result
+
+    def chunk(self, index: int) -> np.ndarray:
+        """Chunk ``index``'s file, memory-mapped, checked to have its rows' shape."""
+        array = np.load(self.file(index), mmap_mode="r", allow_pickle=False)
+        expected = (len(self.rows(index)), *self.row_shape)
+        if array.shape != expected:
+            raise ValueError(f"{self.file(index)} has shape {array.shape}, expected "
+                             f"{expected}: the file was changed; delete it to recompute")
+        return array
 
 
 def read_output(path: str | os.PathLike, kind: str) -> torch.Tensor:

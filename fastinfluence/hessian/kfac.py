@@ -28,6 +28,7 @@ equal the exact Gauss-Newton matrix.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -235,68 +236,85 @@ class KroneckerCurvature:
             out[:, layer.offsets[1]:layer.offsets[1] + layer.out_features] = matrix[:, :, -1]
 
     def _passes(self, data: LabelledData, progress: bool, what: str):
-        """Per batch: every layer's input patches ``[B, T, in (+1)]`` and the output gradients
-        of each column of the loss Hessian's square root, ``[C, B, T, out]``."""
-        fmodel = self.fmodel
-        batches = progress_bar(data.batches(fmodel.device, fmodel.dtype), progress, what,
-                               data.num_batches())
-        for x, y in batches:
-            inputs: dict[str, torch.Tensor] = {}
-            outputs: dict[str, torch.Tensor] = {}
-            hooks = [layer.module.register_forward_hook(self._capture(layer, inputs, outputs))
-                     for layer in self.layers]
-            try:
-                theta = fmodel.theta.detach().requires_grad_(True)
-                logits = fmodel.logits(theta, x)
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            if not isinstance(logits, torch.Tensor) or logits.ndim < 2:
-                raise ValueError("K-FAC needs [batch, ...] model outputs (pick a tensor with "
-                                 "output=)")
-            unseen = [layer.name for layer in self.layers if layer.name not in inputs]
-            if unseen:
-                raise ValueError(
-                    f"hessian='kfac'/'ekfac': the forward of {unseen[:6]} never ran (the model "
-                    "reads their weights directly, as nn.MultiheadAttention does its out_proj), "
-                    "so their factors cannot be taken: leave them out of params"
-                )
-            unbatched = [name for name, a in inputs.items() if len(a) != len(y)]
-            if unbatched:  # e.g. a sequence-first transformer's [L, B, d]: samples mixed in T
-                raise ValueError(
-                    f"hessian='kfac'/'ekfac' needs the samples on the first dimension of each "
-                    f"layer's input; {unbatched[:6]} read inputs of shape "
-                    f"{tuple(inputs[unbatched[0]].shape)} in a batch of {len(y)} (a "
-                    "sequence-first transformer? use batch_first=True)"
-                )
-            roots, _ = fmodel.loss_hessian_roots(logits.detach(), y)  # its PSD part
-            names = [layer.name for layer in self.layers]
-            by_name = {layer.name: layer for layer in self.layers}
-            grads: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-            for column in roots:
-                pieces = torch.autograd.grad(logits, [outputs[n] for n in names], column,
-                                             retain_graph=True)
-                for name, piece in zip(names, pieces, strict=True):
-                    grads[name].append(by_name[name].rule.positions(piece))
-            patches = {layer.name: self._patches(layer, inputs[layer.name].detach())
-                       for layer in self.layers}
-            yield patches, {name: torch.stack(values) for name, values in grads.items()}
+        """:func:`layer_passes` of this curvature's layers."""
+        return layer_passes(self.fmodel, self.layers, data, progress, what)
 
-    @staticmethod
-    def _capture(layer: KroneckerLayer, inputs: dict, outputs: dict):
-        def hook(_module, args, output) -> None:
-            if layer.name in inputs:  # the factors are of one call's inputs and outputs
-                raise ValueError(f"hessian='kfac'/'ekfac' needs each layer called once per "
-                                 f"forward; {layer.name!r} ran twice")
-            inputs[layer.name] = args[0]
-            outputs[layer.name] = output
 
-        return hook
+def hessian_root_columns(fmodel: FunctionalModel, logits: torch.Tensor,
+                         y: torch.Tensor) -> torch.Tensor:
+    """The columns ``r_c`` ``[C, B, ...]`` of the loss Hessian's square root in the model
+    output (its PSD part): K-FAC's output-gradient directions."""
+    return fmodel.loss_hessian_roots(logits.detach(), y)[0]
 
-    @staticmethod
-    def _patches(layer: KroneckerLayer, x: torch.Tensor) -> torch.Tensor:
-        patches = layer.rule.patches(layer.module, x)
-        if layer.bias:
-            ones = patches.new_ones(*patches.shape[:2], 1)
-            patches = torch.cat([patches, ones], dim=2)
-        return patches
+
+def layer_passes(fmodel: FunctionalModel, layers: list[KroneckerLayer], data: LabelledData,
+                 progress: bool, what: str,
+                 columns: Callable[[FunctionalModel, torch.Tensor, torch.Tensor], torch.Tensor]
+                 = hessian_root_columns):
+    """Per batch: every layer's input patches ``[B, T, in (+1)]`` and the output gradients
+    ``[C, B, T, out]`` of ``logits · r_c`` for each column ``r_c`` ``[B, ...]`` of
+    ``columns(fmodel, logits, y)`` (default: the loss Hessian's square root; the gradient
+    store also asks for ``∂l/∂z``), read through the layers' K-FAC rules by forward hooks on
+    one forward and one backward per column."""
+    batches = progress_bar(data.batches(fmodel.device, fmodel.dtype), progress, what,
+                           data.num_batches())
+    for x, y in batches:
+        inputs: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}
+        hooks = [layer.module.register_forward_hook(_capture(layer, inputs, outputs))
+                 for layer in layers]
+        try:
+            theta = fmodel.theta.detach().requires_grad_(True)
+            logits = fmodel.logits(theta, x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if not isinstance(logits, torch.Tensor) or logits.ndim < 2:
+            raise ValueError("K-FAC needs [batch, ...] model outputs (pick a tensor with "
+                             "output=)")
+        unseen = [layer.name for layer in layers if layer.name not in inputs]
+        if unseen:
+            raise ValueError(
+                f"hessian='kfac'/'ekfac': the forward of {unseen[:6]} never ran (the model "
+                "reads their weights directly, as nn.MultiheadAttention does its out_proj), "
+                "so their factors cannot be taken: leave them out of params"
+            )
+        unbatched = [name for name, a in inputs.items() if len(a) != len(y)]
+        if unbatched:  # e.g. a sequence-first transformer's [L, B, d]: samples mixed in T
+            raise ValueError(
+                f"hessian='kfac'/'ekfac' needs the samples on the first dimension of each "
+                f"layer's input; {unbatched[:6]} read inputs of shape "
+                f"{tuple(inputs[unbatched[0]].shape)} in a batch of {len(y)} (a "
+                "sequence-first transformer? use batch_first=True)"
+            )
+        directions = columns(fmodel, logits, y)
+        names = [layer.name for layer in layers]
+        by_name = {layer.name: layer for layer in layers}
+        grads: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        for column in directions:
+            pieces = torch.autograd.grad(logits, [outputs[n] for n in names], column,
+                                         retain_graph=True)
+            for name, piece in zip(names, pieces, strict=True):
+                grads[name].append(by_name[name].rule.positions(piece))
+        patches = {layer.name: _patches(layer, inputs[layer.name].detach())
+                   for layer in layers}
+        yield patches, {name: torch.stack(values) for name, values in grads.items()}
+
+
+def _capture(layer: KroneckerLayer, inputs: dict, outputs: dict):
+    def hook(_module, args, output) -> None:
+        if layer.name in inputs:  # the factors are of one call's inputs and outputs
+            raise ValueError(f"hessian='kfac'/'ekfac' needs each layer called once per "
+                             f"forward; {layer.name!r} ran twice")
+        inputs[layer.name] = args[0]
+        outputs[layer.name] = output
+
+    return hook
+
+
+def _patches(layer: KroneckerLayer, x: torch.Tensor) -> torch.Tensor:
+    patches = layer.rule.patches(layer.module, x)
+    if layer.bias:
+        ones = patches.new_ones(*patches.shape[:2], 1)
+        patches = torch.cat([patches, ones], dim=2)
+    return patches
