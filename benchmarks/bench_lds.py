@@ -34,7 +34,8 @@ papers that report it.
 
 **Methods** (fastinfluence ``params="all"``, every one at each ``--dampings`` value): ``gn``
 (exact Gauss-Newton, direct solve), ``exact`` (exact Hessian, direct solve; where ``H + λI``
-is not positive definite the method is reported as failed), ``kfac``, ``ekfac``; ``ensK``
+is not positive definite the method is reported as failed), ``kfac``, ``ekfac``; ``last``
+(``params="last"``: the MLP's output layer in closed form, the library's defaults); ``ensK``
 variants average a method's scores over ``K`` models trained with seeds ``0 … K−1`` (the MLP);
 ``kronfluence-ekfac`` and ``kronfluence-kfac`` where Kronfluence imports (run on a float32 copy
 of the model, its sign converted as in ``bench_peers.py``). Seconds are the method's wall time
@@ -60,6 +61,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -76,7 +78,7 @@ import fastinfluence
 
 HERE = Path(__file__).resolve().parent
 TASKS = ("digits-logreg", "digits-mlp")
-BASE_METHODS = ("gn", "exact", "kfac", "ekfac")
+BASE_METHODS = ("gn", "exact", "kfac", "ekfac", "last")
 PEER_METHODS = ("kronfluence-ekfac", "kronfluence-kfac")
 Data = tuple[torch.Tensor, torch.Tensor]
 
@@ -260,24 +262,25 @@ def retrained_targets(task: str, train: Data, query: Data, subsets: np.ndarray,
 
 def fastinfluence_scores(model: nn.Module, train: Data, query: Data, method: str,
                          damping: float) -> torch.Tensor:
-    """``Influence.pairwise`` over all parameters: ``[n_train, n_query]``, positive harmful."""
+    """``Influence.pairwise``: ``[n_train, n_query]``, positive harmful; over all parameters,
+    or for ``"last"`` over the last Linear layer (its closed form, the library's defaults)."""
     options: dict[str, Any] = {"gn": dict(hessian="gauss-newton", solver="direct"),
                                "exact": dict(hessian="exact", solver="direct"),
                                "kfac": dict(hessian="kfac"),
-                               "ekfac": dict(hessian="ekfac")}[method]
-    influence = fastinfluence.Influence(model, train, query, params="all", damping=damping,
-                                        **options)
+                               "ekfac": dict(hessian="ekfac"),
+                               "last": {}}[method]
+    influence = fastinfluence.Influence(model, train, query,
+                                        params="last" if method == "last" else "all",
+                                        damping=damping, **options)
     return influence.pairwise(query)
 
 
 def kronfluence_scores(model: nn.Module, train: Data, query: Data, strategy: str,
-                       damping: float, workdir: Path) -> torch.Tensor:
+                       damping: float) -> torch.Tensor:
     """Kronfluence's pairwise scores in fastinfluence's sign: its score is
     ``+∇l_qᵀ F_λ^{-1} ∇l_i`` (mean-loss factors, additive damping), so ``I = −score``."""
     from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
-    from torch.utils.data import TensorDataset
 
     class Classification(Task):
         def compute_train_loss(self, batch, model, sample=False):
@@ -292,13 +295,23 @@ def kronfluence_scores(model: nn.Module, train: Data, query: Data, strategy: str
             inputs, labels = batch
             return F.cross_entropy(model(inputs), labels, reduction="sum")
 
+    torch.manual_seed(0)  # the sampled labels of its Fisher: the same on every run
     single = copy.deepcopy(model).float()
     if isinstance(single, nn.Linear):  # Kronfluence tracks modules inside a model
         single = nn.Sequential(single)
     task = Classification()
     prepared = prepare_model(single, task)
-    analyzer = Analyzer(analysis_name="lds", model=prepared, task=task, cpu=True,
-                        disable_tqdm=True, disable_model_save=True, output_dir=str(workdir))
+    with tempfile.TemporaryDirectory() as workdir:  # Kronfluence writes factors and scores
+        analyzer = Analyzer(analysis_name="lds", model=prepared, task=task, cpu=True,
+                            disable_tqdm=True, disable_model_save=True, output_dir=workdir)
+        return _kronfluence_pairwise(analyzer, train, query, strategy, damping)
+
+
+def _kronfluence_pairwise(analyzer: Any, train: Data, query: Data, strategy: str,
+                          damping: float) -> torch.Tensor:
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from torch.utils.data import TensorDataset
+
     train_set = TensorDataset(train[0].float(), train[1])
     query_set = TensorDataset(query[0].float(), query[1])
     analyzer.fit_all_factors(factors_name=strategy, dataset=train_set, per_device_batch_size=256,
@@ -317,6 +330,8 @@ def method_names(task: str, args: argparse.Namespace) -> list[tuple[str, str, fl
     """``(name, method, damping, K)`` for every method run on ``task``."""
     runs = []
     for method in args.methods:
+        if method == "last" and task == "digits-logreg":
+            continue  # the logistic regression is one Linear layer: "last" is "all"
         for damping in args.dampings:
             ensembles = [1] if task == "digits-logreg" else args.ensembles
             for k in ensembles:
@@ -393,8 +408,7 @@ def bench_task(task: str, args: argparse.Namespace, log: Callable[[str], None],
             start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                parts = [kronfluence_scores(model, train, query, method.split("-")[1], damping,
-                                            args.cache / "kronfluence")
+                parts = [kronfluence_scores(model, train, query, method.split("-")[1], damping)
                          if method in PEER_METHODS else
                          fastinfluence_scores(model, train, query, method, damping)
                          for model in members[:k]]
@@ -428,7 +442,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mlp-iters", type=int, default=200, help="L-BFGS iterations, MLP")
     parser.add_argument("--target", choices=["loss", "margin"], default="loss")
     parser.add_argument("--methods", nargs="+", choices=BASE_METHODS + PEER_METHODS,
-                        default=list(BASE_METHODS + PEER_METHODS[:1]))
+                        default=list(BASE_METHODS + PEER_METHODS))
     parser.add_argument("--dampings", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1])
     parser.add_argument("--ensembles", type=int, nargs="+", default=[1, 5],
                         help="K models averaged (MLP)")
@@ -440,7 +454,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "lds_cpu.json")
     parser.add_argument("--plot", type=Path, default=HERE / "results" / "lds_cpu.png")
     parser.add_argument("--summary", type=Path, default=None, metavar="JSON",
-                        help="run nothing: print the markdown table of a saved report")
+                        help="run nothing: print the markdown table of a saved report (the "
+                             "docs page's table) and redraw its plot (the JSON's name, .png)")
     args = parser.parse_args(argv)
     for name in ("n_train", "n_query", "subsets", "threads"):
         if getattr(args, name) < 1:
@@ -463,8 +478,9 @@ def table(report: dict[str, Any]) -> str:
         for name, row in rows:
             method = name.split("@")[0]
             if "error" in row:
-                lines.append(f"| {task} | {method} | {name.split('@')[1]} | | failed: "
-                             f"{row['error'].splitlines()[0][:60]} | | | |")
+                reason = row["error"].splitlines()[0].split(" (")[0]  # details: in the JSON
+                lines.append(f"| {task} | {method} | {name.split('@')[1]} | | failed: {reason} "
+                             "| | | |")
                 continue
             loo = row.get("loo", {}).get("pearson_mean_over_queries")
             lines.append(f"| {task} | {row['method']} | {row['damping']:g} | {row['ensemble']} "
@@ -474,7 +490,8 @@ def table(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """LDS against seconds per method (log-x), one panel per task, 95 % intervals as bars."""
+    """LDS against seconds (log-x), one panel per task: one colour per method (and ensemble
+    size), its dampings joined by a line and labelled, 95 % intervals as bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -482,17 +499,26 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     tasks = list(report["tasks"])
     figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
-    for axis, task in zip(axes[0], tasks):
+    for axis, task in zip(axes[0], tasks, strict=True):
+        families: dict[str, list[dict[str, Any]]] = {}
         for name, row in report["tasks"][task]["methods"].items():
-            if row.get("lds") is None:
-                continue
-            low, high = row["ci"]
-            axis.errorbar(row["seconds"], row["lds"], yerr=[[row["lds"] - low], [high - row["lds"]]],
-                          fmt="o" if row["method"] in BASE_METHODS else "s", capsize=2)
-            axis.annotate(name, (row["seconds"], row["lds"]), fontsize=6)
+            if row.get("lds") is not None:
+                families.setdefault(name.split("@")[0], []).append(row)
+        for family, rows in families.items():
+            rows.sort(key=lambda row: row["damping"])
+            seconds = [row["seconds"] for row in rows]
+            lds = [row["lds"] for row in rows]
+            errors = [[row["lds"] - row["ci"][0] for row in rows],
+                      [row["ci"][1] - row["lds"] for row in rows]]
+            axis.errorbar(seconds, lds, yerr=errors, capsize=2, label=family, alpha=0.8,
+                          marker="s" if family.startswith("kronfluence") else "o")
+            for row in rows:
+                axis.annotate(f"{row['damping']:g}", (row["seconds"], row["lds"]), fontsize=6,
+                              xytext=(3, 3), textcoords="offset points")
         axis.set(xscale="log", xlabel="seconds (1 thread)", ylabel="LDS (Spearman, mean)",
-                 title=task)
+                 title=f"{task} (labels: damping)")
         axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -501,8 +527,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.summary is not None:
-        print(table(json.loads(args.summary.read_text())))
-        return {}
+        saved = json.loads(args.summary.read_text())
+        print(table(saved))
+        plot(saved, args.summary.with_suffix(".png"))
+        return saved
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {
         "config": {"argv": list(argv) if argv is not None else sys.argv[1:],
