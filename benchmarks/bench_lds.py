@@ -38,8 +38,11 @@ is not positive definite the method is reported as failed), ``kfac``, ``ekfac``;
 (``params="last"``: the MLP's output layer in closed form, the library's defaults); ``ensK``
 variants average a method's scores over ``K`` models trained with seeds ``0 … K−1`` (the MLP);
 ``kronfluence-ekfac`` and ``kronfluence-kfac`` where Kronfluence imports (run on a float32 copy
-of the model, its sign converted as in ``bench_peers.py``). Seconds are the method's wall time
-(fit + pairwise scores, training of ensemble members excluded), 1 thread.
+of the model, its sign converted as in ``bench_peers.py``); ``trak`` where ``traker`` imports
+(CPU Gaussian projector to ``--trak-proj-dim``, its ``lambda_reg`` swept over
+``--trak-lambdas``, its own ensembles over the same ``K`` models; its score, positive for a
+sample that raises the query's margin, negated). Seconds are the method's wall time (fit +
+pairwise scores, training of ensemble members excluded), 1 thread.
 
 **Cache.** Retrained targets go to ``--cache`` (one ``.npz`` per task, named by a hash of the
 settings that determine them, rewritten after every model): a stopped run resumes where it
@@ -57,6 +60,7 @@ import copy
 import datetime
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -79,7 +83,11 @@ import fastinfluence
 HERE = Path(__file__).resolve().parent
 TASKS = ("digits-logreg", "digits-mlp")
 BASE_METHODS = ("gn", "exact", "kfac", "ekfac", "last")
-PEER_METHODS = ("kronfluence-ekfac", "kronfluence-kfac")
+PEER_METHODS = ("kronfluence-ekfac", "kronfluence-kfac", "trak")
+PEER_MODULES = {"kronfluence-ekfac": "kronfluence", "kronfluence-kfac": "kronfluence",
+                "trak": "trak"}
+TRAK_BLOCK = 100
+"""traker's ``BasicProjector`` block size: a projection of at most one block fails at scoring."""
 Data = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -326,16 +334,47 @@ def _kronfluence_pairwise(analyzer: Any, train: Data, query: Data, strategy: str
     return -raw.T.double()
 
 
+def trak_scores(models: list[nn.Module], train: Data, query: Data, proj_dim: int,
+                lambda_reg: float) -> torch.Tensor:
+    """TRAK's scores over its own ensemble ``models`` (one ``load_checkpoint`` each, CPU
+    Gaussian projector to ``proj_dim``, float32, ``lambda_reg`` added to its ``ΦᵀΦ``), in
+    fastinfluence's sign:
+    TRAK's target is the query's margin and its score is positive for a sample that raises it,
+    so ``I = −score`` predicts the query loss."""
+    from trak import TRAKer
+
+    copies = [copy.deepcopy(model).float().eval() for model in models]
+    train_x, query_x = train[0].float(), query[0].float()
+    with tempfile.TemporaryDirectory() as workdir:
+        traker = TRAKer(model=copies[0], task="image_classification",
+                        train_set_size=len(train[1]), save_dir=workdir, device="cpu",
+                        proj_dim=proj_dim, use_half_precision=False, projector_seed=0,
+                        lambda_reg=lambda_reg, logging_level=logging.ERROR)
+        for k, model in enumerate(copies):
+            traker.load_checkpoint(model.state_dict(), model_id=k)
+            for rows in torch.arange(len(train[1])).split(256):
+                traker.featurize(batch=(train_x[rows], train[1][rows]), num_samples=len(rows))
+        traker.finalize_features()
+        for k, model in enumerate(copies):
+            traker.start_scoring_checkpoint(exp_name="lds", checkpoint=model.state_dict(),
+                                            model_id=k, num_targets=len(query[1]))
+            traker.score(batch=(query_x, query[1]), num_samples=len(query[1]))
+        scores = traker.finalize_scores(exp_name="lds")  # [n_train, n_query]
+    return -torch.as_tensor(np.asarray(scores), dtype=torch.float64)
+
+
 def method_names(task: str, args: argparse.Namespace) -> list[tuple[str, str, float, int]]:
-    """``(name, method, damping, K)`` for every method run on ``task``."""
+    """``(name, method, damping, K)`` for every method run on ``task`` (TRAK's "damping" is
+    its ``lambda_reg``, from ``--trak-lambdas``; it runs with its own ensembles, every
+    ``--ensembles`` size, on the MLP)."""
     runs = []
+    ensembles = [1] if task == "digits-logreg" else args.ensembles  # convex: one optimum
     for method in args.methods:
         if method == "last" and task == "digits-logreg":
             continue  # the logistic regression is one Linear layer: "last" is "all"
-        for damping in args.dampings:
-            ensembles = [1] if task == "digits-logreg" else args.ensembles
+        for damping in args.trak_lambdas if method == "trak" else args.dampings:
             for k in ensembles:
-                if k > 1 and method not in args.ensemble_methods:
+                if k > 1 and method not in (*args.ensemble_methods, "trak"):
                     continue
                 suffix = f"-ens{k}" if k > 1 else ""
                 runs.append((f"{method}{suffix}@{damping:g}", method, damping, k))
@@ -401,18 +440,21 @@ def bench_task(task: str, args: argparse.Namespace, log: Callable[[str], None],
     if loo is not None:
         entry["loo"] = {"removed": len(loo["removed"]), "seconds": loo["seconds"]}
     for name, method, damping, k in method_names(task, args):
-        if method in PEER_METHODS and not importable("kronfluence"):
-            entry["methods"][name] = {"error": "kronfluence is not installed"}
+        if method in PEER_MODULES and not importable(PEER_MODULES[method]):
+            entry["methods"][name] = {"error": f"{PEER_MODULES[method]} is not installed"}
             continue
         try:
             start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                parts = [kronfluence_scores(model, train, query, method.split("-")[1], damping)
-                         if method in PEER_METHODS else
-                         fastinfluence_scores(model, train, query, method, damping)
-                         for model in members[:k]]
-            scores = torch.stack(parts).mean(0)
+                if method == "trak":
+                    scores = trak_scores(members[:k], train, query, args.trak_proj_dim, damping)
+                else:
+                    scores = torch.stack([
+                        kronfluence_scores(model, train, query, method.split("-")[1], damping)
+                        if method in PEER_MODULES else
+                        fastinfluence_scores(model, train, query, method, damping)
+                        for model in members[:k]]).mean(0)
             seconds = time.perf_counter() - start
         except Exception as error:  # reported, never dropped (e.g. an indefinite H + λI)
             entry["methods"][name] = {"error": f"{type(error).__name__}: {error}"[:300]}
@@ -447,6 +489,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ensembles", type=int, nargs="+", default=[1, 5],
                         help="K models averaged (MLP)")
     parser.add_argument("--ensemble-methods", nargs="+", default=["gn", "ekfac"])
+    parser.add_argument("--trak-proj-dim", type=int, default=512,
+                        help="TRAK's projection dimension (below n_train)")
+    parser.add_argument("--trak-lambdas", type=float, nargs="+", default=[0, 1, 10, 100, 1000],
+                        help="TRAK's lambda_reg sweep (its own scale: added to the Gram "
+                             "matrix of its summed, 1/sqrt(p)-scaled features)")
     parser.add_argument("--loo", type=int, default=50,
                         help="removed samples for leave-one-out (logistic regression; 0: none)")
     parser.add_argument("--threads", type=int, default=1)
@@ -462,6 +509,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 < args.alpha < 1:
         parser.error("--alpha must be in (0, 1)")
+    if args.trak_proj_dim <= TRAK_BLOCK:
+        parser.error(f"--trak-proj-dim must be above {TRAK_BLOCK}: traker 0.3.2's CPU projector "
+                     "frees its matrix after featurizing when it is one block, and scoring "
+                     "then fails")
     if any(k < 1 for k in args.ensembles):
         parser.error("--ensembles must be >= 1")
     return args
@@ -511,7 +562,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             errors = [[row["lds"] - row["ci"][0] for row in rows],
                       [row["ci"][1] - row["lds"] for row in rows]]
             axis.errorbar(seconds, lds, yerr=errors, capsize=2, label=family, alpha=0.8,
-                          marker="s" if family.startswith("kronfluence") else "o")
+                          marker="o" if family.split("-")[0] in BASE_METHODS else "s")
             for row in rows:
                 axis.annotate(f"{row['damping']:g}", (row["seconds"], row["lds"]), fontsize=6,
                               xytext=(3, 3), textcoords="offset points")
