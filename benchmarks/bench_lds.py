@@ -59,6 +59,7 @@ import argparse
 import copy
 import datetime
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
@@ -381,7 +382,16 @@ def method_names(task: str, args: argparse.Namespace) -> list[tuple[str, str, fl
     return runs
 
 
+def installed_version(distribution: str) -> str | None:
+    """The installed version of ``distribution``, ``None`` when it is not installed."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def importable(module: str) -> bool:
+    """Whether ``module`` imports (a peer that does not is reported as not installed)."""
     try:
         __import__(module)
     except Exception:  # any import failure: the peer is reported as not installed
@@ -429,12 +439,13 @@ def bench_task(task: str, args: argparse.Namespace, log: Callable[[str], None],
     start = time.perf_counter()
     members = [train_model(task, train, seed, args)
                for seed in range(max(args.ensembles) if task == "digits-mlp" else 1)]
-    entry: dict[str, Any] = result.setdefault(task, {})
-    entry.update(n_train=args.n_train, n_query=args.n_query, subsets=args.subsets,
-                 parameters=sum(p.numel() for p in members[0].parameters()),
-                 retrain_seconds=targets["seconds"], cache=targets["cache"],
-                 retrained_now=int(targets["retrained"]),
-                 train_seconds=time.perf_counter() - start, methods=entry.get("methods", {}))
+    entry: dict[str, Any] = {
+        "n_train": args.n_train, "n_query": args.n_query, "subsets": args.subsets,
+        "parameters": sum(p.numel() for p in members[0].parameters()),
+        "retrain_seconds": targets["seconds"], "cache": targets["cache"],
+        "retrained_now": int(targets["retrained"]),
+        "train_seconds": time.perf_counter() - start, "methods": {}}
+    result[task] = entry
     loo = (leave_one_out(task, members[0], train, query, args)
            if task == "digits-logreg" and args.loo else None)
     if loo is not None:
@@ -445,8 +456,8 @@ def bench_task(task: str, args: argparse.Namespace, log: Callable[[str], None],
             continue
         try:
             start = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 if method == "trak":
                     scores = trak_scores(members[:k], train, query, args.trak_proj_dim, damping)
                 else:
@@ -462,7 +473,9 @@ def bench_task(task: str, args: argparse.Namespace, log: Callable[[str], None],
             continue
         summary = bootstrap_mean(lds_per_query(sign * scores, subsets, targets[args.target]),
                                  seed=args.seed)
-        summary.update(method=method, damping=damping, ensemble=k, seconds=seconds)
+        summary.update(method=method, damping=damping, ensemble=k, seconds=seconds,
+                       warnings=sorted({f"{w.category.__name__}: {w.message}"[:200]
+                                        for w in caught}))
         if loo is not None:
             summary["loo"] = loo_correlation(scores, loo, args.n_train)
         entry["methods"][name] = summary
@@ -588,7 +601,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "date": datetime.date.today().isoformat(), "target": args.target,
                    "threads": args.threads, "torch": torch.__version__,
                    "python": platform.python_version(), "machine": platform.machine(),
-                   "cpus": os.cpu_count(), "complete": False},
+                   "cpus": os.cpu_count(), "complete": False,
+                   "peers": {name: installed_version(name)
+                             for name in ("kronfluence", "traker", "dattri")}},
         "tasks": {}}
 
     def save() -> None:
