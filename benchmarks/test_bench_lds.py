@@ -161,3 +161,7 @@ def test_docs_table_is_the_committed_json():
     page = (ROOT / "docs/benchmarks/lds.md").read_text()
     assert table(report) in page
     assert re.search(rf"\b{report['config']['date']}\b", page)
+    # every LDS, interval end or LOO Pearson quoted in the prose is one of the table's
+    prose = page.replace(table(report), "")
+    quoted = set(re.findall(r"\b0\.\d{3}\b", prose))
+    assert quoted and quoted <= set(re.findall(r"\b0\.\d{3}\b", table(report))), quoted
