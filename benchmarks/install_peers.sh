@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the peer libraries benchmarked by bench_peers.py (captum, pyDVL, Kronfluence) into
+# Installs the peer libraries benchmarked by bench_peers.py (captum, pyDVL, Kronfluence) and
+# bench_lds.py (also TRAK and dattri's LDS metric) into
 # the benchmark environment, against its pinned torch: every package goes in with --no-deps,
 # so pip never resolves (and never replaces) torch; the non-torch dependencies they import are
 # listed explicitly below (found from each wheel's Requires-Dist and by trying the imports).
@@ -26,13 +27,16 @@ PINNED=(
     # Kronfluence (torchvision is declared but not imported by the modules used) and accelerate
     accelerate==1.16.0 einops==0.8.2 einconv==0.1.0 opt-einsum==3.4.0 safetensors==0.8.0
     huggingface_hub==2.4.0
+    # bench_lds.py: TRAK (its CPU projector) and dattri (its LDS metric, the test's oracle)
+    traker==0.3.2 dattri==0.3.0
 )
 # Common packages they also import: kept at the environment's versions, installed if missing.
 # With --no-deps nothing comes in by itself, so this is the whole closure of what the peers
 # import, checked by installing into a fresh venv that holds only torch: matplotlib's own
 # dependencies (captum.influence imports matplotlib), pandas' and scikit-learn's (pyDVL).
 # Declared by a peer but not imported by the modules bench_peers.py uses, so left out:
-# torchvision (Kronfluence), cvxpy (pyDVL), hf-xet and httpx2 (huggingface_hub).
+# torchvision (Kronfluence), cvxpy (pyDVL), hf-xet and httpx2 (huggingface_hub), pretty_midi
+# (dattri's music data sets).
 COMMON=(
     matplotlib numpy packaging tqdm pandas scikit-learn scipy joblib typing-extensions jinja2
     markupsafe urllib3 zipp importlib-metadata pyyaml filelock fsspec
@@ -79,10 +83,10 @@ fi
 import importlib
 
 failed = []
-# Every peer module bench_peers.py imports.
+# Every peer module bench_peers.py and bench_lds.py import.
 for module in ("captum.influence", "captum.influence._core.arnoldi_influence_function",
                "pydvl.influence", "pydvl.influence.torch", "kronfluence.analyzer",
-               "kronfluence.arguments", "kronfluence.task"):
+               "kronfluence.arguments", "kronfluence.task", "trak", "dattri.metric"):
     try:
         importlib.import_module(module)
         print(f"import {module}: ok")
