@@ -46,34 +46,36 @@ def test_preconditioned_cg_reaches_the_direct_solution(kind, hessian, preconditi
     assert plain.preconditioner is None and plain.preconditioner_passes == 0
 
 
+def squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((output - target) ** 2).sum(dim=1)
+
+
 def ill_conditioned_problem():
-    """An MLP trained to fit its data, on features of scales 10⁻²–10²."""
+    """A Tanh MLP with squared error on features of scales 10⁻¹–10¹: the ill-conditioning
+    sits in the input covariance, which K-FAC's activation factor holds (K-FAC is block
+    diagonal, so where the layers' blocks couple strongly, as in a deep linear network, it
+    can take more products than plain CG: docs/guide/curvature-and-solvers.md)."""
     generator = torch.Generator().manual_seed(3)
     torch.manual_seed(3)
-    scales = torch.logspace(-2, 2, 6, dtype=torch.float64)
+    scales = torch.logspace(-1, 1, 6, dtype=torch.float64)
     x = torch.randn(80, 6, generator=generator, dtype=torch.float64) * scales
-    y = (x[:, 0] * 50 + x[:, 5] / 50 > 0).long() + (x[:, 3] > 0).long()
-    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).double()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(200):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return model.eval(), (x, y), (x[:10], y[:10])
+    targets = torch.randn(80, 3, generator=generator, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).double().eval()
+    return model, (x, targets), (x[:10], targets[:10])
 
 
 @pytest.mark.parametrize("preconditioner", ["kfac", "ekfac"])
 def test_preconditioned_cg_takes_fewer_products_on_an_ill_conditioned_problem(preconditioner):
     model, train, val = ill_conditioned_problem()
     options = {"params": "all", "solver": "cg", "hessian": "gauss-newton", "damping": 1e-4,
-               "tol": 1e-8}
-    plain = fi.Influence(model, train, val, **options)
-    preconditioned = fi.Influence(model, train, val, preconditioner=preconditioner, **options)
-    assert plain.report.solve.converged and preconditioned.report.solve.converged
-    print(plain.report.solve, preconditioned.report.solve)
-    products = preconditioned.report.solve.hessian_products
-    assert products + preconditioned.report.solve.preconditioner_passes <= (
-        plain.report.solve.hessian_products)
+               "tol": 1e-8, "loss_fn": squared_error}
+    plain = fi.Influence(model, train, val, **options).report.solve
+    preconditioned = fi.Influence(model, train, val, preconditioner=preconditioner,
+                                  **options).report.solve
+    assert plain.converged and preconditioned.converged
+    # 381 products without; 158 (K-FAC) and 147 (EK-FAC) with, factor passes aside
+    assert preconditioned.hessian_products + preconditioned.preconditioner_passes < (
+        plain.hessian_products / 2)
 
 
 def test_bad_preconditioners_are_refused_before_any_work():
