@@ -31,7 +31,7 @@ from fastinfluence.fingerprints import data_fingerprint
 from fastinfluence.functional import FunctionalModel, LossFn, OutputFn
 from fastinfluence.hessian.probe import probe_model
 from fastinfluence.hessian.protocol import HEAD_CLOSED_FORM, CurvatureBackend
-from fastinfluence.hessian.selection import CURVATURES, select_backend
+from fastinfluence.hessian.selection import CURVATURES, curvature_sample, select_backend
 from fastinfluence.hessian.solvers import (
     SOLVER_OPTIONS,
     SOLVERS,
@@ -58,7 +58,7 @@ MAX_DEFAULT_BATCH = 256
 Solved = tuple[torch.Tensor, SolveReport, bool]
 """``s``, the report of its solve, and whether it was reused from ``out``."""
 KEYWORDS = ("loss_fn", "params", "solver", "damping", "hessian", "batch_size", "device",
-            "progress", "output", "process_group", "out")
+            "progress", "output", "process_group", "out", "curvature_samples", "curvature_seed")
 """The keywords of :class:`Influence` and :func:`score` besides the solver options."""
 
 
@@ -154,6 +154,11 @@ class Influence:
             ``s`` and its solve report are saved there, and an ``Influence`` built later with
             the same model, data and options loads ``s`` instead of solving
             (``report.reused_ihvp``); a directory of other settings is refused.
+        curvature_samples: build ``H`` (and K-FAC factors) from this many training samples,
+            drawn without replacement, seeded by ``curvature_seed``; scores still cover every
+            training sample (``None``, the default, or ``len(train)``: all of them, exactly;
+            :func:`~fastinfluence.hessian.selection.curvature_sample`).
+        curvature_seed: seeds the draw of ``curvature_samples`` (default 0).
         **solver_options: fields of the solver's config (:class:`~fastinfluence.CGConfig`,
             :class:`~fastinfluence.LiSSAConfig`, :class:`~fastinfluence.DirectConfig`,
             :class:`~fastinfluence.WoodburyConfig`).
@@ -181,6 +186,8 @@ class Influence:
         output: OutputFn | None = None,
         process_group: Any | None = None,
         out: str | os.PathLike | None = None,
+        curvature_samples: int | None = None,
+        curvature_seed: int = 0,
         **solver_options: Any,
     ) -> None:
         _check_arguments(model, solver, hessian, damping, batch_size, solver_options)
@@ -190,6 +197,8 @@ class Influence:
         self.damping = float(damping)
         self.train = LabelledData(train, "train", batch_size)
         self.val = LabelledData(val, "val", batch_size)
+        curvature_data, sample_settings = curvature_sample(self.train, curvature_samples,
+                                                           curvature_seed)
         first = next(model.parameters())
         # Two validation inputs: which module runs last, the probe, the fused pass's check.
         model_example = first_samples(next(iter(self.val.batches(first.device, first.dtype)))[0],
@@ -205,6 +214,7 @@ class Influence:
             self.num_classes = probe.num_classes
             self.batch_size = batch_size or _default_batch_size(self.fmodel, probe.sample_bytes)
             self.train.batch_size = self.val.batch_size = self.batch_size
+            curvature_data.batch_size = self.batch_size
             for data in (self.train, self.val):
                 self._check_labels(data)
             seconds: dict[str, float] = {}
@@ -212,7 +222,7 @@ class Influence:
                 self.backend: CurvatureBackend = distributed.wrap(
                     lambda data: select_backend(self.fmodel, probe, data, example, hessian,
                                                 progress),
-                    self.train, self.group,
+                    curvature_data, self.group,
                 )
             solver = choose_solver(solver, self.backend)
             config = make_config(solver, solver_options, self.fmodel.dtype)
@@ -223,6 +233,7 @@ class Influence:
                 "params": list(self.selection.names), "damping": self.damping,
                 "hessian": self.backend.curvature, "solver": solver,
                 "solver_config": asdict(config), "dtype": str(self.fmodel.dtype),
+                **sample_settings,
             }, self.group, progress)
             directory, saved = self._saved_ihvp(out, seconds)
             if saved is None:  # solved here, so that a solve's warning names the caller's line

@@ -114,6 +114,7 @@ def test_pairwise_with_every_chunk_finished_solves_nothing(tmp_path):
     ({"damping": 0.4}, "options.damping"),
     ({"params": "last"}, "options.params"),
     ({"solver": "cg"}, "options.solver"),
+    ({"curvature_samples": 30}, "options.curvature_samples"),
     ({"weights": True}, "model.sha256"),
     ({"train": True}, "train.sha256"),
 ])
@@ -131,6 +132,23 @@ def test_other_settings_are_refused(tmp_path, change, named):
     with pytest.raises(ValueError, match=named.replace(".", r"\.")) as refused:
         fi.Influence(model, train, val, out=tmp_path, **{**options, **change})
     assert "other settings" in str(refused.value)
+
+
+def test_a_curvature_subsample_is_part_of_the_settings(tmp_path):
+    """Another seed draws other samples for ``H``: refused; the same draw is reused; all ``n``
+    samples (``curvature_samples=n``) are the full curvature, the same settings as none."""
+    model, train, val = make_problem("mlp")
+    options = {"params": "all", **OPTIONS}
+    fi.Influence(model, train, val, out=tmp_path, curvature_samples=30, **options)
+    with pytest.raises(ValueError, match=r"options\.curvature_seed"):
+        fi.Influence(model, train, val, out=tmp_path, curvature_samples=30, curvature_seed=1,
+                     **options)
+    assert fi.Influence(model, train, val, out=tmp_path, curvature_samples=30,
+                        **options).report.reused_ihvp
+    full = tmp_path / "full"
+    fi.Influence(model, train, val, out=full, **options)
+    assert fi.Influence(model, train, val, out=full, curvature_samples=len(train[1]),
+                        **options).report.reused_ihvp
 
 
 def test_other_data_or_chunk_size_of_an_output_is_refused(tmp_path):

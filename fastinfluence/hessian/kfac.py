@@ -81,9 +81,11 @@ class KroneckerLayer:
         return columns + int(bool(self.bias))
 
 
-def kronecker_layers(fmodel: FunctionalModel) -> list[KroneckerLayer]:
+def kronecker_layers(fmodel: FunctionalModel, partial: bool = False) -> list[KroneckerLayer]:
     """The layers whose parameters make up θ_S, each with its registered K-FAC rule
-    (:mod:`fastinfluence.layers`), or a ValueError naming what else the selection holds."""
+    (:mod:`fastinfluence.layers`), or a ValueError naming what else the selection holds
+    (``partial``: the covered layers alone, whatever else θ_S holds, as a preconditioner
+    needs)."""
     register_loaded()
     selection = fmodel.selection
     offsets, start = {}, 0
@@ -117,7 +119,7 @@ def kronecker_layers(fmodel: FunctionalModel) -> list[KroneckerLayer]:
         layers.append(KroneckerLayer(module_name, module, weight, bias,
                                      (offsets[weight], offsets[bias] if bias else -1), rule))
     others = [name for name in selection.names if name not in covered]
-    if others:
+    if others and not partial:
         kinds = [kind.__name__ for kind, entry in registered().items()
                  if entry.kfac is not None and not isinstance(entry.kfac, NotCovered)]
         raise ValueError(
@@ -146,12 +148,14 @@ class KroneckerCurvature:
         train: the data the curvature is the mean over.
         eigen_corrected: EK-FAC's eigenvalues (a second pass) instead of K-FAC's.
         progress: tqdm bars for the passes.
+        partial: factor the covered layers of θ_S alone (:func:`kronecker_layers`); products
+            and inverses are then zero on the other parameters.
     """
 
     def __init__(self, fmodel: FunctionalModel, train: LabelledData, eigen_corrected: bool,
-                 progress: bool = False) -> None:
+                 progress: bool = False, partial: bool = False) -> None:
         self.fmodel = fmodel
-        self.layers = kronecker_layers(fmodel)
+        self.layers = kronecker_layers(fmodel, partial)
         self.eigen_corrected = eigen_corrected
         self.fit(train, progress)
 
@@ -203,7 +207,7 @@ class KroneckerCurvature:
         return self._apply(vectors, lambda values: 1.0 / (values + damping))
 
     def _apply(self, vectors: torch.Tensor, spectrum) -> torch.Tensor:
-        out = torch.empty_like(vectors)
+        out = torch.zeros_like(vectors)  # parameters outside the layers (partial) stay zero
         for layer in self.layers:
             basis_a, basis_s, values = layer.eigen
             matrix = self._matrix(layer, vectors)

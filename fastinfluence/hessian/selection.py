@@ -14,6 +14,11 @@
 
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
+import torch
+
 from fastinfluence.functional import FunctionalModel
 from fastinfluence.hessian.exact import ExactHessianBackend
 from fastinfluence.hessian.gauss_newton import GaussNewtonBackend
@@ -53,3 +58,32 @@ def select_backend(
                                 eigen_corrected=hessian == "ekfac")
     kind = GaussNewtonBackend if hessian == "gauss-newton" else ExactHessianBackend
     return kind(fmodel, train, example, progress)
+
+
+def curvature_sample(train: LabelledData, samples: Any, seed: Any
+                     ) -> tuple[LabelledData, dict[str, int]]:
+    """The training samples the curvature is the mean over, and what to fingerprint of them.
+
+    ``samples=None`` (or ``len(train)``): every training sample, in order, so the curvature is
+    the full one exactly and nothing is added to the fingerprint. ``samples=m < n``: ``m``
+    samples drawn without replacement by a ``torch.Generator`` seeded with ``seed`` (the same
+    ``m`` and ``seed`` draw the same samples on every run and every rank), in index order;
+    ``H`` (and K-FAC factors) are then the mean over them while scores still cover all ``n``.
+    """
+    for name, value, minimum in (("curvature_samples", samples, 1), ("curvature_seed", seed, 0)):
+        if value is None and name == "curvature_samples":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an integer >= {minimum}"
+                            f"{' or None' if name == 'curvature_samples' else ''}, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if samples is not None and samples > len(train):
+        raise ValueError(f"curvature_samples={samples} exceeds the {len(train)} training samples "
+                         "(draws are without replacement)")
+    if samples is None or samples == len(train):
+        return train, {}
+    generator = torch.Generator().manual_seed(int(seed))
+    indices = torch.randperm(len(train), generator=generator)[:int(samples)].sort().values
+    return train.subset(indices), {"curvature_samples": int(samples),
+                                   "curvature_seed": int(seed)}

@@ -24,6 +24,7 @@ from fastinfluence import ops
 from fastinfluence.distributed import DistributedBackend
 from fastinfluence.errors import DivergenceError, NotPositiveDefiniteError
 from fastinfluence.hessian.kfac import KRONECKER_CURVATURES
+from fastinfluence.hessian.preconditioner import PRECONDITIONERS, KroneckerPreconditioner
 from fastinfluence.hessian.protocol import HEAD_CLOSED_FORM, Capability, CurvatureBackend
 from fastinfluence.progress import progress_bar
 
@@ -72,22 +73,31 @@ class DirectConfig:
 
 @dataclass(frozen=True)
 class CGConfig:
-    """Conjugate gradients on ``H + λI``, on the operator's device.
+    """Conjugate gradients on ``H + λI``, on the operator's device, optionally preconditioned.
 
     Attributes:
         max_iter: most iterations (each is one Hessian-vector product over the data).
-        tol: stop when every column's relative residual ``‖r‖/‖b‖`` is below this;
-            ``None``: :func:`default_tol` of the compute dtype (1e-6 in float64, 1e-4 in
-            float32).
+        tol: stop when every column's relative residual ``‖r‖/‖b‖`` of the system
+            ``(H + λI)x = b`` (never of the preconditioned one) is below this; ``None``:
+            :func:`default_tol` of the compute dtype (1e-6 in float64, 1e-4 in float32).
+        preconditioner: ``None`` (plain CG), ``"kfac"`` or ``"ekfac"``: preconditioned CG
+            with ``(K + λI)^{-1}`` of the Kronecker-factored Gauss-Newton matrix ``K`` of the
+            same model and training samples, for ``hessian="gauss-newton"`` or ``"exact"``
+            (:mod:`fastinfluence.hessian.preconditioner`; its factors cost one pass over the
+            training samples, two for EK-FAC, counted in the first report).
     """
 
     max_iter: int = 500
     tol: float | None = None
+    preconditioner: str | None = None
 
     def __post_init__(self) -> None:
         _require_integer(self, "max_iter", minimum=1)
         if self.tol is not None:
             _require_positive_finite(self, "tol")
+        if self.preconditioner is not None and self.preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"preconditioner must be None or one of {PRECONDITIONERS}, got "
+                             f"{self.preconditioner!r}")
 
 
 @dataclass(frozen=True)
@@ -172,6 +182,10 @@ class SolveReport:
         converged: whether ``relative_residual`` met the solver's tolerance.
         seconds: wall time of the solve.
         scale: LiSSA's scale (``None`` for other solvers).
+        preconditioner: CG's preconditioner (``"kfac"``, ``"ekfac"``; ``None`` for none).
+        preconditioner_passes: passes over the training samples taken to fit it (in the
+            solver's first report; each costs about one Hessian-vector product per output
+            class, more than a product in a network with many classes).
     """
 
     solver: str
@@ -181,6 +195,8 @@ class SolveReport:
     converged: bool
     seconds: float
     scale: float | None = None
+    preconditioner: str | None = None
+    preconditioner_passes: int = 0
 
     def as_dict(self) -> dict:
         """The fields as a plain dictionary (for JSON)."""
@@ -223,6 +239,7 @@ class Solver:
             converged=residual <= self.config.tol,
             seconds=time.perf_counter() - start,
             scale=scale,
+            **self._preconditioning(),
         )
         if not report.converged:
             warnings.warn(
@@ -241,6 +258,10 @@ class Solver:
 
     def _solve(self, rhs: torch.Tensor) -> tuple[torch.Tensor, int, float | None]:
         raise NotImplementedError
+
+    def _preconditioning(self) -> dict:
+        """The report's preconditioner fields (none by default)."""
+        return {}
 
     def _apply(self, vectors: torch.Tensor) -> torch.Tensor:
         return self.operator.matvec(vectors) + self.damping * vectors
@@ -372,16 +393,43 @@ def _check_size(size: int, operator: CurvatureBackend, config: WoodburyConfig) -
 
 
 class CGSolver(Solver):
-    """Conjugate gradients, all columns at once (each iteration: one batched product)."""
+    """Conjugate gradients, all columns at once (each iteration: one batched product);
+    preconditioned CG with ``M^{-1}`` applied to each residual when the config names a
+    preconditioner (the identity otherwise, which is plain CG).
+
+    Per column: ``r₀ = b``, ``z₀ = M^{-1}r₀``, ``d₀ = z₀``; then ``α = rᵀz / dᵀ(H + λI)d``,
+    ``x += αd``, ``r −= α(H + λI)d``, ``z = M^{-1}r``, ``d = z + (r'ᵀz'/rᵀz) d``, until
+    ``‖r‖ ≤ tol·‖b‖``: ``r`` is the residual of the unpreconditioned system, so the stop is
+    the same with or without ``M``.
+    """
 
     name = "cg"
+
+    def __init__(self, operator: CurvatureBackend, damping: float, config: CGConfig,
+                 progress: bool = False):
+        super().__init__(operator, damping, config, progress)
+        self.preconditioner = None
+        self._fit_passes = 0
+        if config.preconditioner is not None:
+            self.preconditioner = KroneckerPreconditioner(operator, config.preconditioner,
+                                                          damping, progress)
+            self._fit_passes = self.preconditioner.passes
+
+    def _preconditioning(self) -> dict:
+        passes, self._fit_passes = self._fit_passes, 0  # counted in the first report only
+        return {"preconditioner": self.config.preconditioner, "preconditioner_passes": passes}
+
+    def _precondition(self, residual: torch.Tensor) -> torch.Tensor:
+        return residual if self.preconditioner is None else self.preconditioner(residual)
 
     def _solve(self, rhs):
         config: CGConfig = self.config
         solution = torch.zeros_like(rhs)
         residual = rhs.clone()
-        direction = residual.clone()
+        preconditioned = self._precondition(residual)
+        direction = preconditioned.clone()
         squared = (residual * residual).sum(dim=1)
+        inner = (residual * preconditioned).sum(dim=1)
         targets = (config.tol * rhs.norm(dim=1)) ** 2
         iterations = 0
         bar = progress_bar(range(config.max_iter), self.progress, "CG")
@@ -398,13 +446,16 @@ class CGSolver(Solver):
                     f"positive definite (damping λ={self.damping:g}): "
                     f"{_remedy(self.operator, 'more damping')}"
                 )
-            step = torch.where(active, squared / curvature.where(active, 1.0), 0.0)
+            step = torch.where(active, inner / curvature.where(active, 1.0), 0.0)
             solution += step[:, None] * direction
             residual -= step[:, None] * product
-            new_squared = (residual * residual).sum(dim=1)
-            ratio = torch.where(active, new_squared / squared.where(active, 1.0), 0.0)
-            direction = torch.where(active[:, None], residual + ratio[:, None] * direction, 0.0)
-            squared = torch.where(active, new_squared, squared)
+            preconditioned = self._precondition(residual)
+            new_inner = (residual * preconditioned).sum(dim=1)
+            ratio = torch.where(active, new_inner / inner.where(active, 1.0), 0.0)
+            direction = torch.where(active[:, None], preconditioned + ratio[:, None] * direction,
+                                    0.0)
+            inner = torch.where(active, new_inner, inner)
+            squared = torch.where(active, (residual * residual).sum(dim=1), squared)
         return solution, iterations, None
 
 
