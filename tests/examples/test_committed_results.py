@@ -20,6 +20,7 @@ COMMITTED = {
     "ousm_table1": ("ousm_table1", "ousm_table1_symmetric"),
     "mrs_table2": ("mrs_table2",),
     "denoising_cnn_tables": ("denoising_cnn_tables", "denoising_cnn_tables_chest"),
+    "gpt2_influence": ("gpt2_influence",),
 }
 
 
