@@ -21,7 +21,9 @@ tracks once ``Conv1D`` is rewritten as ``nn.Linear``, as Kronfluence's own GPT-2
 Each method runs once, in this process, after every import (``--rounds`` for the median of
 more); seconds are fit (curvature, factors, the solve) and scoring. Agreement is Pearson,
 Spearman and relative error (``bench_peers.compare``) against the exact scores, and between
-the two EK-FACs. Run it in an environment with Kronfluence and ``transformers``::
+the two EK-FACs. Run it in an environment with Kronfluence (``benchmarks/install_peers.sh``)
+and ``transformers`` (``pip install transformers==5.25.0``: it does not depend on torch, so pip
+leaves the pinned torch alone; the committed run used it)::
 
     PYTHONPATH=. python benchmarks/bench_peers_gpt2.py --threads 1 \\
         --out benchmarks/results/peers_gpt2_cpu.json
