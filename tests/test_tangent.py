@@ -100,7 +100,9 @@ def twin(model: nn.Module, names: list[str], x: torch.Tensor, directions: list[d
             return torch.func.functional_call(model, {**primal, **selected}, (x,))
 
         chosen = {n: primal[n] for n in names}
-        out.append(torch.func.jvp(logits, (chosen,), ({n: direction[n] for n in names},))[1])
+        with fi.functional.differentiable_attention():  # torch's fused attention has no jvp
+            out.append(torch.func.jvp(logits, (chosen,),
+                                      ({n: direction[n] for n in names},))[1])
     return torch.stack(out)
 
 
@@ -751,3 +753,92 @@ def test_an_embedding_with_a_padding_index_is_left_to_jvp():
     program, reason = TangentProgram.compile(model, tokens, state(model),
                                              [n for n, _ in model.named_parameters()])
     assert program is None and "padding_idx" in reason
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention by ``F.scaled_dot_product_attention`` on ``[B, L, E]``, in a
+    residual branch, then a transpose, a flatten and a head."""
+
+    def __init__(self, scale: float | None = None) -> None:
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.scale = scale
+        self.head = nn.Linear(4 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attended = F.scaled_dot_product_attention(self.query(x), self.key(x), self.value(x),
+                                                  scale=self.scale)
+        return self.head(torch.flatten((x + attended).transpose(1, 2), 1))
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+@pytest.mark.parametrize("k", [1, 3])
+def test_scaled_dot_product_attention_matches_jvp(scale, k):
+    model = SelfAttention(scale)
+    program = compare(model, (5, 4), [n for n, _ in model.named_parameters()], k, seed=31)
+    assert [step.kind for step in program.steps] == [
+        "affine", "affine", "affine", "attention", "add", "transpose", "flatten", "affine"]
+
+
+def tiny_vit() -> nn.Module:
+    return fi.models.vit_tiny(3, image_size=8, patch=4, dim=8, depth=2, heads=2)
+
+
+@pytest.mark.parametrize("which", ["all", "attention", "tokens"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_vision_transformer_matches_jvp(which, k):
+    """A ViT: strided patch embedding, class token and positions, pre-norm blocks of
+    ``nn.MultiheadAttention`` and a GELU MLP, the class token's head."""
+    model = tiny_vit()
+    prefix = {"all": "", "attention": "blocks.1.attention", "tokens": "tokens"}[which]
+    names = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
+    program = compare(model, (1, 8, 8), names, k, seed=32)
+    kinds = [step.kind for step in program.steps]
+    assert kinds[:4] == ["affine", "flatten", "transpose", "class_token"]
+    assert kinds.count("multihead_attention") == 2 and kinds[-2:] == ["getitem", "affine"]
+
+
+class CrossAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x.relu(), x, need_weights=False)[0]
+
+
+class MaskedAttention(nn.Module):
+    def __init__(self, batch_first: bool = True, **call) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=batch_first)
+        self.call = call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x, **self.call)[0]
+
+
+class Weights(MaskedAttention):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x)[1]
+
+
+class Causal(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(x, x, x, is_causal=True)
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (CrossAttention(), "must take 1 computed value"),
+        (MaskedAttention(batch_first=False, need_weights=False), "batch_first=False"),
+        (Weights(), "attention weights"),
+        (Causal(), "causal"),
+    ],
+)
+def test_unsupported_attention_says_why(model, reason):
+    model = model.double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    program, why = TangentProgram.compile(model, x, state(model),
+                                          list(dict(model.named_parameters())))
+    assert program is None and reason in why
