@@ -51,6 +51,13 @@ class Sliced(Functional):
         return self.head(torch.sigmoid(self.norm(self.conv(x))).flatten(1)[:, :16])
 
 
+class SlicedBatch(Functional):
+    """Indexing the batch: samples dropped (``x[:, ...]`` keeps them, :class:`Sliced`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.sigmoid(self.norm(self.conv(x))).flatten(1)[1:])
+
+
 MODELS = {
     "paper-cnn": (lambda: PaperCNN(image_size=32, channels=(4, 4, 6, 6, 6)), (1, 32, 32)),
     "conv-chain": (
@@ -69,6 +76,7 @@ MODELS = {
         (2, 9, 9),
     ),
     "functional": (Functional, (2, 4, 4)),
+    "sliced": (Sliced, (2, 4, 4)),
     "mlp": (
         lambda: nn.Sequential(
             nn.Linear(7, 6),
@@ -261,7 +269,7 @@ class DataDependent(nn.Module):
          (1, 5, 5), "padding_mode"),
         (nn.Sequential(nn.Flatten(0)), (4,), "batch dimension"),
         (nn.Sequential(nn.Linear(4, 4), nn.Flatten(-2)), (4,), "batch dimension"),
-        (Sliced(), (2, 4, 4), "not supported"),
+        (SlicedBatch(), (2, 4, 4), "keeps the batch whole"),
     ],
 )
 def test_unsupported_models_say_why(model, shape, reason):

@@ -17,7 +17,6 @@ from fastinfluence.layers.registry import (
     Options,
     Rule,
     Site,
-    Step,
     add_tangents,
     register_layer,
 )
@@ -151,11 +150,10 @@ def _linear_tangent(
     ``None`` when all three are."""
     dy = None if dx is None else F.linear(dx, weight)
     k = None if dx is None else len(dx)
-    if dweight is not None:
+    if dweight is not None:  # one product with k·out outputs for all directions
         k = len(dweight)
-        transposed = dweight.transpose(-2, -1).reshape(k, *(1,) * (x.ndim - 2),
-                                                       *dweight.shape[:0:-1])
-        dy = add_tangents(dy, x.unsqueeze(0) @ transposed)
+        term = F.linear(x, dweight.reshape(-1, dweight.shape[-1])).unflatten(-1, (k, -1))
+        dy = add_tangents(dy, term.movedim(-2, 0))
     if dbias is not None:
         k = len(dbias)
         term = dbias.view(k, *(1,) * (x.ndim - 1), -1)

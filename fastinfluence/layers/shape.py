@@ -1,5 +1,5 @@
-"""Shape and wiring: flatten, transpose, constant padding, identity and eval-mode dropout, residual adds
-(parameter-free)."""
+"""Shape and wiring: flatten, transpose, constant padding, identity and eval-mode dropout,
+residual adds (parameter-free)."""
 
 from __future__ import annotations
 
