@@ -807,12 +807,25 @@ def test_vision_transformer_matches_jvp(which, k):
 
 
 class CrossAttention(nn.Module):
+    """``nn.MultiheadAttention`` with query, key and value three different values."""
+
     def __init__(self) -> None:
         super().__init__()
+        self.key = nn.Linear(4, 4)
         self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attention(x, x.relu(), x, need_weights=False)[0]
+        return self.attention(x, self.key(x), torch.tanh(x), need_weights=False)[0]
+
+
+@pytest.mark.parametrize("which", ["all", "in_proj_weight"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_cross_attention_matches_jvp(which, k):
+    model = CrossAttention()
+    names = [n for n, _ in model.named_parameters() if which == "all" or n.endswith(which)]
+    program = compare(model, (3, 4), names, k, seed=33)
+    assert [step.kind for step in program.steps] == [
+        "affine", "tanh", "multihead_attention", "getitem"]
 
 
 class MaskedAttention(nn.Module):
@@ -838,7 +851,6 @@ class Causal(nn.Module):
 @pytest.mark.parametrize(
     ("model", "reason"),
     [
-        (CrossAttention(), "must take 1 computed value"),
         (MaskedAttention(batch_first=False, need_weights=False), "batch_first=False"),
         (Weights(), "attention weights"),
         (Causal(), "causal"),

@@ -1,5 +1,5 @@
-"""Attention: ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention`` (self-attention,
-batch first, no masks), the ``[0]`` of a module's tuple of outputs and indexing that keeps the
+"""Attention: ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention`` (batch first, no
+masks), the ``[0]`` of a module's tuple of outputs and indexing that keeps the
 batch whole (``x[:, 0]``, a ViT's class token), and a ViT's class token and position
 embeddings (:class:`ClassTokenAndPositions`)."""
 
@@ -163,12 +163,14 @@ def _linear_tangent(
 
 @register_layer(nn.MultiheadAttention, kfac=NotCovered(ATTENTION_KFAC))
 class MultiheadAttention(Rule):
-    """``nn.MultiheadAttention(batch_first=True)`` as self-attention (query, key and value the
-    same tensor), without masks: the input projection ``[Q K V] = x W_inᵀ + b_in`` split into
-    heads, :func:`attention_tangent` per head, the heads joined and ``out_proj`` applied. Its
-    output is the tuple ``(attention output, None)``: only ``[0]`` may be read."""
+    """``nn.MultiheadAttention(batch_first=True)`` without masks: the input projections
+    ``Q = q W_qᵀ + b_q``, ``K = k W_kᵀ + b_k``, ``V = v W_vᵀ + b_v`` (the rows of
+    ``in_proj_weight``; one product for self-attention) split into heads,
+    :func:`attention_tangent` per head, the heads joined and ``out_proj`` applied. Its output
+    is the tuple ``(attention output, None)``: only ``[0]`` may be read."""
 
     kind = "multihead_attention"
+    arity = 3
     reads = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
 
     def configure(self, site: Site) -> Options | str:
@@ -178,14 +180,10 @@ class MultiheadAttention(Rule):
         if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
             return (f"{site.name}: MultiheadAttention with kdim/vdim, add_bias_kv or "
                     f"add_zero_attn is not supported")
-        names = ("key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
-                 "is_causal")
-        extra = node.args[3:]
-        if len(node.args) < 3 or len(extra) > len(names) or set(node.kwargs) - set(names):
+        values = site.arguments(("key_padding_mask", "need_weights", "attn_mask",
+                                 "average_attn_weights", "is_causal"))
+        if values is None:
             return f"{site.name}: MultiheadAttention with unknown arguments"
-        if node.args[1] is not node.args[0] or node.args[2] is not node.args[0]:
-            return f"{site.name}: MultiheadAttention as cross-attention is not supported"
-        values = {**dict(zip(names, extra, strict=False)), **node.kwargs}
         if (values.get("key_padding_mask") is not None or values.get("attn_mask") is not None
                 or values.get("is_causal", False)):
             return f"{site.name}: MultiheadAttention with a mask is not supported"
@@ -193,28 +191,41 @@ class MultiheadAttention(Rule):
                for user in node.users):
             return (f"{site.name}: the attention weights of MultiheadAttention are read "
                     f"(only its output [0] is supported)")
-        if len(site.input_shape) != 3 or site.input_shape[-1] != module.embed_dim:
-            return (f"{site.name}: MultiheadAttention of width {module.embed_dim} on an input "
-                    f"of shape {list(site.input_shape)}")
+        query, key, value = site.inputs
+        if (any(len(shape) != 3 or shape[-1] != module.embed_dim for shape in site.inputs)
+                or query[0] != key[0] or key[:2] != value[:2]):
+            return (f"{site.name}: MultiheadAttention of width {module.embed_dim} on inputs "
+                    f"of shapes {list(query)}, {list(key)}, {list(value)}")
         return {"heads": module.num_heads}
 
-    def run(self, step, at, x, dx):
+    def run(self, step, at, query, dquery, key, dkey, value, dvalue):
         k, heads = at.k, step.options["heads"]
-        batch, length, dim = x.shape
-        weight = step.tensor(at, "in_proj_weight")
-        projected = F.linear(x, weight, step.tensor(at, "in_proj_bias"))
-        dprojected = _linear_tangent(x, _stacked(dx, x, k), weight,
-                                     step.tangent(at, "in_proj_weight"),
-                                     step.tangent(at, "in_proj_bias"))
+        batch, length, dim = query.shape
+        weight, bias = step.tensor(at, "in_proj_weight"), step.tensor(at, "in_proj_bias")
+        dweight, dbias = step.tangent(at, "in_proj_weight"), step.tangent(at, "in_proj_bias")
 
-        def split(t: torch.Tensor | None) -> list[torch.Tensor | None]:
-            """``[..., L, 3E]`` as Q, K, V ``[..., H, L, E/H]``."""
-            if t is None:
-                return [None] * 3
-            return [part.unflatten(-1, (heads, dim // heads)).transpose(-3, -2)
-                    for part in t.chunk(3, dim=-1)]
+        def project(x: torch.Tensor, dx: torch.Tensor | None,
+                    rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """``x`` through the rows ``rows`` of the input projection, and its tangent."""
+            part = weight[rows]
+            return (F.linear(x, part, None if bias is None else bias[rows]),
+                    _linear_tangent(x, _stacked(dx, x, k), part,
+                                    None if dweight is None else dweight[:, rows],
+                                    None if dbias is None else dbias[:, rows]))
 
-        out, dout = attention_tangent(*split(projected), *split(dprojected),
+        def heads_of(t: torch.Tensor | None) -> torch.Tensor | None:
+            """``[..., L, E]`` as ``[..., H, L, E/H]``."""
+            return None if t is None else t.unflatten(-1, (heads, dim // heads)).transpose(-3, -2)
+
+        if query is key and key is value:  # self-attention: one product for Q, K and V
+            projected, dprojected = project(query, dquery, slice(None))
+            primals = projected.chunk(3, dim=-1)
+            tangents = [None] * 3 if dprojected is None else dprojected.chunk(3, dim=-1)
+        else:
+            parts = [project(x, dx, slice(i * dim, (i + 1) * dim)) for i, (x, dx)
+                     in enumerate(((query, dquery), (key, dkey), (value, dvalue)))]
+            primals, tangents = zip(*parts, strict=True)
+        out, dout = attention_tangent(*map(heads_of, primals), *map(heads_of, tangents),
                                       1 / math.sqrt(dim // heads))
         joined = out.transpose(-3, -2).flatten(-2)
         out_weight = step.tensor(at, "out_proj.weight")
