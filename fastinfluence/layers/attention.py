@@ -30,16 +30,13 @@ class ClassTokenAndPositions(nn.Module):
     embeddings added: ``y = [c; x_1; …; x_N] + P``, ``c`` ``[1, 1, E]``, ``P`` ``[1, N+1, E]``.
 
     One module (traced as one node, :func:`fastinfluence.layers.tracing.trace`) so that the
-    fused tangent pass reads both parameters by name; zero-initialised like ViT's, then drawn
-    from ``N(0, 0.02²)``.
+    fused tangent pass reads both parameters by name; both are drawn from ``N(0, 0.02²)``.
     """
 
     def __init__(self, num_tokens: int, dim: int) -> None:
         super().__init__()
-        self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.position = nn.Parameter(torch.zeros(1, num_tokens + 1, dim))
-        nn.init.normal_(self.class_token, std=0.02)
-        nn.init.normal_(self.position, std=0.02)
+        self.class_token = nn.Parameter(0.02 * torch.randn(1, 1, dim))
+        self.position = nn.Parameter(0.02 * torch.randn(1, num_tokens + 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.class_token.expand(len(x), -1, -1), x], dim=1) + self.position
