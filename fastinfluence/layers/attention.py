@@ -85,18 +85,21 @@ def attention_tangent(
 
     ``q`` ``[B, ..., L, E]``, ``key`` ``[B, ..., S, E]``, ``v`` ``[B, ..., S, F]``; tangents
     ``[k, *shape]`` or ``None`` (zero); returns ``O`` and ``dO`` ``[k, B, ..., L, F]``.
+    The ``[L, S]``-sized work is kept to the products: ``s`` scales ``Q`` and ``dQ``, and
+    ``dA V = P V − rowsum(P) ⊙ O`` with ``P = A ⊙ dS``.
     """
-    weights = torch.softmax(q @ key.transpose(-2, -1) * scale, dim=-1)
+    q = q * scale
+    weights = torch.softmax(q @ key.transpose(-2, -1), dim=-1)
     out = weights @ v
     dscores = None
     if dq is not None:
-        dscores = dq @ key.transpose(-2, -1) * scale
+        dscores = (dq * scale) @ key.transpose(-2, -1)
     if dkey is not None:
-        dscores = add_tangents(dscores, q @ dkey.transpose(-2, -1) * scale)
+        dscores = add_tangents(dscores, q @ dkey.transpose(-2, -1))
     dout = None
     if dscores is not None:
-        dweights = weights * (dscores - (weights * dscores).sum(-1, keepdim=True))
-        dout = dweights @ v
+        moved = weights * dscores
+        dout = moved @ v - moved.sum(-1, keepdim=True) * out
     if dv is not None:
         dout = add_tangents(dout, weights @ dv)
     return out, dout
