@@ -1,8 +1,11 @@
-"""Influence throughput on the paper CNN and a ResNet-18: fastinfluence against pure autograd.
+"""Influence throughput on the paper CNN, a ResNet-18 and a ViT: fastinfluence against pure
+autograd.
 
 Times, for each model (``--models``: ``cnn``, the paper CNN; ``resnet18``, the compact
 ResNet-18 of :mod:`fastinfluence.models` with residual adds, ``--resnet-width`` channels in
-its first stage and the small-image stem), image size and parameter selection
+its first stage and the small-image stem; ``vit``, the compact ViT of
+:mod:`fastinfluence.models` with ``--vit-patch``, ``--vit-dim``, ``--vit-depth`` and
+``--vit-heads``), image size and parameter selection
 (``params="last"``: the final Linear layer; ``"all"``: every parameter):
 
 * the floor: one plain no-grad forward pass over train+val;
@@ -51,10 +54,10 @@ from torch import nn
 
 import fastinfluence
 from fastinfluence import reference
-from fastinfluence.models import PaperCNN, resnet18
+from fastinfluence.models import PaperCNN, resnet18, vit_tiny
 
 PEERS = ("captum", "pydvl", "kronfluence")
-MODELS = ("cnn", "resnet18")
+MODELS = ("cnn", "resnet18", "vit")
 FLOOR_BATCH_SIZES = (8, 32, 128)
 
 # (key, description, numerator, denominator, comparison, target)
@@ -82,6 +85,14 @@ TARGETS = (
         ("all", "scoring"),
         ">=",
         1.5,
+    ),
+    (
+        "vmap_over_scoring_all",
+        'vmap(grad) scoring / scoring stage (params="all")',
+        ("all", "reference_vmap_scoring"),
+        ("all", "scoring"),
+        ">=",
+        1.0,
     ),
     (
         "lissa_over_ihvp_solve_last",
@@ -117,6 +128,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--resnet-width", type=int, default=16, help="channels of the ResNet-18's first stage"
     )
+    parser.add_argument("--vit-patch", type=int, default=8, help="the ViT's patch side")
+    parser.add_argument("--vit-dim", type=int, default=32, help="the ViT's token width")
+    parser.add_argument("--vit-depth", type=int, default=2, help="the ViT's blocks")
+    parser.add_argument("--vit-heads", type=int, default=2, help="the ViT's attention heads")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="image sides")
     parser.add_argument("--params", nargs="+", choices=["last", "all"], default=["last", "all"])
     parser.add_argument("--n-train", type=int, default=512)
@@ -195,6 +210,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "lissa_repeats",
         "cg_max_iter",
         "resnet_width",
+        "vit_patch",
+        "vit_dim",
+        "vit_depth",
+        "vit_heads",
     ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -210,6 +229,9 @@ def build_model(name: str, size: int, args: argparse.Namespace) -> nn.Module:
     """The untrained model ``name`` (see ``--models``) for ``size``² grey images."""
     if name == "cnn":
         return PaperCNN(image_size=size, num_classes=args.num_classes)
+    if name == "vit":
+        return vit_tiny(args.num_classes, image_size=size, patch=args.vit_patch,
+                        dim=args.vit_dim, depth=args.vit_depth, heads=args.vit_heads)
     return resnet18(args.num_classes, width=args.resnet_width, in_channels=1, stem="small")
 
 
@@ -294,7 +316,7 @@ def make_problem(
 
 def selected_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
     """The parameters fastinfluence selects for ``params=which``, in its flattening order
-    (``"last"``: the final Linear layer, which both models run last)."""
+    (``"last"``: the final Linear layer, which every model runs last)."""
     if which == "all":
         return list(model.parameters())
     return list([m for m in model.modules() if isinstance(m, nn.Linear)][-1].parameters())

@@ -136,6 +136,18 @@ def test_report_script_runs_the_resnet(tmp_path):
     assert ("resnet18", "loop_over_scoring_all") in keys
 
 
+@pytest.mark.slow
+def test_report_script_runs_the_vit(tmp_path):
+    small = ["--n-train", "8", "--n-val", "4", "--repeats", "1", "--params", "all"]
+    vit = ["--models", "vit", "--vit-dim", "8", "--vit-depth", "1"]
+    report = main([*ARGS, *small, *vit, "--out", str(tmp_path / "report.json")])
+    result = report["results"][f"vit-{SIZE}"]
+    assert result["model"] == "vit" and result["all"]["engine_scoring"] == "fused-tangent"
+    assert result["all"]["reference_vmap_rel_error"] < 1e-3
+    keys = {(row["model"], row["key"]) for row in report["ratios"]}
+    assert {("vit", "loop_over_scoring_all"), ("vit", "vmap_over_scoring_all")} <= keys
+
+
 def test_default_out_names_the_device():
     assert parse_args(ARGS).out.name == "influence_cpu.json"
 

@@ -47,6 +47,7 @@ from dataclasses import replace
 import torch
 from torch import fx, nn
 
+from fastinfluence.functional import differentiable_attention
 from fastinfluence.layers.linear import Affine
 from fastinfluence.layers.norm import BatchNorm
 from fastinfluence.layers.pooling import MaxPool2d
@@ -150,8 +151,9 @@ class TangentProgram:
         return (None, failure) if failure is not None else (program, None)
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` in the memory layout the program prefers (channels-last 4-d on CPU)."""
-        if self.channels_last and x.ndim == 4:
+        """``x`` in the memory layout the program prefers (channels-last 4-d on CPU); a
+        tuple of a module's outputs as it is."""
+        if self.channels_last and isinstance(x, torch.Tensor) and x.ndim == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -213,10 +215,12 @@ class TangentProgram:
                                                    for name, d in directions.items()},
                                    self.layout(x), k)
             outputs, tangents = self.forward(precise, directions, self.layout(x_precise), k)
-            expected = [
-                torch.func.jvp(logits, (primals,), ({n: d[j] for n, d in directions.items()},))
-                for j in range(k)
-            ]
+            with differentiable_attention():  # torch's fused attention kernels have no jvp
+                expected = [
+                    torch.func.jvp(logits, (primals,),
+                                   ({n: d[j] for n, d in directions.items()},))
+                    for j in range(k)
+                ]
         except Exception as error:  # any failure of the fused pass means: use jvp
             return (f"numerical check against torch.func.jvp raised {type(error).__name__}: "
                     f"{error}")
@@ -286,7 +290,8 @@ def _build(
     steps: list[Step] = []
     for node, rule, module, resolved in found:
         inputs = node.args[:rule.arity]
-        site = Site(node, module, tuple(shapes[n] for n in inputs), shapes[node])
+        site = Site(node, module, tuple(shapes.get(n, ()) for n in inputs),
+                    shapes.get(node, ()))
         options = rule.configure(site)
         if isinstance(options, str):
             return options
@@ -335,9 +340,12 @@ def _resolve(
     module: nn.Module, name: str, attribute: str, keys: dict[int, str],
     tensors: Mapping[str, torch.Tensor],
 ) -> tuple[str | None, str | None]:
-    """The key of ``module.<attribute>`` in ``tensors`` (``None`` when the module has no such
-    tensor), and why it cannot be read (``None`` when it can)."""
-    tensor = getattr(module, attribute, None)
+    """The key of ``module.<attribute>`` (a dotted path for a submodule's tensor:
+    ``out_proj.weight``) in ``tensors`` (``None`` when the module has no such tensor), and why
+    it cannot be read (``None`` when it can)."""
+    tensor = module
+    for part in attribute.split("."):
+        tensor = getattr(tensor, part, None)
     if tensor is None:
         return None, None
     key = keys.get(id(tensor))
@@ -352,7 +360,8 @@ def _shapes(
     graph_module: fx.GraphModule, example: torch.Tensor, tensors: Mapping[str, torch.Tensor],
     keys: dict[int, str],
 ) -> dict[fx.Node, Shape] | str:
-    """Every node's output shape on ``example``: each module run on (the shapes of) the
+    """Every tensor-valued node's output shape on ``example`` (a tuple of a module's outputs
+    has none: its :class:`Site` shape is ``()``): each module run on (the shapes of) the
     caller's tensors, on the meta device, which computes shapes without the arithmetic."""
 
     class Shapes(fx.Interpreter):

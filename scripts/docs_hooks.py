@@ -148,6 +148,12 @@ def _registrations(path: Path) -> list[tuple[ast.Call, str | None]]:
     return found
 
 
+def _is_class(name: str, tree: ast.Module) -> bool:
+    """Whether ``name`` is a class the family file defines (a module type of its own, such as
+    attention's ``ClassTokenAndPositions``)."""
+    return any(isinstance(node, ast.ClassDef) and node.name == name for node in tree.body)
+
+
 def registry_rows(root: Path) -> dict[str, dict[str, str]]:
     """Per registered key (as written: ``nn.Conv2d``, ``F.gelu``, ``'relu'``): its kind,
     family, tangent rule, K-FAC cell and fold cell, in the order the family files (sorted)
@@ -165,7 +171,8 @@ def registry_rows(root: Path) -> dict[str, dict[str, str]]:
                 shown = ast.unparse(key)
                 row = rows.setdefault(shown, {
                     "kind": ("tensor method" if isinstance(key, ast.Constant)
-                             else "module" if shown.startswith("nn.") else "function"),
+                             else "module" if shown.startswith("nn.") or _is_class(shown, tree)
+                             else "function"),
                     "family": path.stem, "tangent": "—", "kfac": "—", "fold": "—"})
                 if rule is not None:
                     row["tangent"] = f"`{rule}`"

@@ -51,6 +51,13 @@ class Sliced(Functional):
         return self.head(torch.sigmoid(self.norm(self.conv(x))).flatten(1)[:, :16])
 
 
+class SlicedBatch(Functional):
+    """Indexing the batch: samples dropped (``x[:, ...]`` keeps them, :class:`Sliced`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.sigmoid(self.norm(self.conv(x))).flatten(1)[1:])
+
+
 MODELS = {
     "paper-cnn": (lambda: PaperCNN(image_size=32, channels=(4, 4, 6, 6, 6)), (1, 32, 32)),
     "conv-chain": (
@@ -69,6 +76,7 @@ MODELS = {
         (2, 9, 9),
     ),
     "functional": (Functional, (2, 4, 4)),
+    "sliced": (Sliced, (2, 4, 4)),
     "mlp": (
         lambda: nn.Sequential(
             nn.Linear(7, 6),
@@ -100,7 +108,9 @@ def twin(model: nn.Module, names: list[str], x: torch.Tensor, directions: list[d
             return torch.func.functional_call(model, {**primal, **selected}, (x,))
 
         chosen = {n: primal[n] for n in names}
-        out.append(torch.func.jvp(logits, (chosen,), ({n: direction[n] for n in names},))[1])
+        with fi.functional.differentiable_attention():  # torch's fused attention has no jvp
+            out.append(torch.func.jvp(logits, (chosen,),
+                                      ({n: direction[n] for n in names},))[1])
     return torch.stack(out)
 
 
@@ -259,7 +269,7 @@ class DataDependent(nn.Module):
          (1, 5, 5), "padding_mode"),
         (nn.Sequential(nn.Flatten(0)), (4,), "batch dimension"),
         (nn.Sequential(nn.Linear(4, 4), nn.Flatten(-2)), (4,), "batch dimension"),
-        (Sliced(), (2, 4, 4), "not supported"),
+        (SlicedBatch(), (2, 4, 4), "keeps the batch whole"),
     ],
 )
 def test_unsupported_models_say_why(model, shape, reason):
@@ -751,3 +761,104 @@ def test_an_embedding_with_a_padding_index_is_left_to_jvp():
     program, reason = TangentProgram.compile(model, tokens, state(model),
                                              [n for n, _ in model.named_parameters()])
     assert program is None and "padding_idx" in reason
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention by ``F.scaled_dot_product_attention`` on ``[B, L, E]``, in a
+    residual branch, then a transpose, a flatten and a head."""
+
+    def __init__(self, scale: float | None = None) -> None:
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.scale = scale
+        self.head = nn.Linear(4 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attended = F.scaled_dot_product_attention(self.query(x), self.key(x), self.value(x),
+                                                  scale=self.scale)
+        return self.head(torch.flatten((x + attended).transpose(1, 2), 1))
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+@pytest.mark.parametrize("k", [1, 3])
+def test_scaled_dot_product_attention_matches_jvp(scale, k):
+    model = SelfAttention(scale)
+    program = compare(model, (5, 4), [n for n, _ in model.named_parameters()], k, seed=31)
+    assert [step.kind for step in program.steps] == [
+        "affine", "affine", "affine", "attention", "add", "transpose", "flatten", "affine"]
+
+
+def tiny_vit() -> nn.Module:
+    return fi.models.vit_tiny(3, image_size=8, patch=4, dim=8, depth=2, heads=2)
+
+
+@pytest.mark.parametrize("which", ["all", "attention", "tokens"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_vision_transformer_matches_jvp(which, k):
+    """A ViT: strided patch embedding, class token and positions, pre-norm blocks of
+    ``nn.MultiheadAttention`` and a GELU MLP, the class token's head."""
+    model = tiny_vit()
+    prefix = {"all": "", "attention": "blocks.1.attention", "tokens": "tokens"}[which]
+    names = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
+    program = compare(model, (1, 8, 8), names, k, seed=32)
+    kinds = [step.kind for step in program.steps]
+    assert kinds[:4] == ["affine", "flatten", "transpose", "class_token"]
+    assert kinds.count("multihead_attention") == 2 and kinds[-2:] == ["getitem", "affine"]
+
+
+class CrossAttention(nn.Module):
+    """``nn.MultiheadAttention`` with query, key and value three different values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = nn.Linear(4, 4)
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, self.key(x), torch.tanh(x), need_weights=False)[0]
+
+
+@pytest.mark.parametrize("which", ["all", "in_proj_weight"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_cross_attention_matches_jvp(which, k):
+    model = CrossAttention()
+    names = [n for n, _ in model.named_parameters() if which == "all" or n.endswith(which)]
+    program = compare(model, (3, 4), names, k, seed=33)
+    assert [step.kind for step in program.steps] == [
+        "affine", "tanh", "multihead_attention", "getitem"]
+
+
+class MaskedAttention(nn.Module):
+    def __init__(self, batch_first: bool = True, **call) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=batch_first)
+        self.call = call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x, **self.call)[0]
+
+
+class Weights(MaskedAttention):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x)[1]
+
+
+class Causal(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(x, x, x, is_causal=True)
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (MaskedAttention(batch_first=False, need_weights=False), "batch_first=False"),
+        (Weights(), "attention weights"),
+        (Causal(), "causal"),
+    ],
+)
+def test_unsupported_attention_says_why(model, reason):
+    model = model.double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    program, why = TangentProgram.compile(model, x, state(model),
+                                          list(dict(model.named_parameters())))
+    assert program is None and reason in why

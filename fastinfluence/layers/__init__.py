@@ -18,6 +18,7 @@ The fused tangent pass (:mod:`fastinfluence.tangent`), K-FAC/EK-FAC
 # then Conv2d); huggingface registers transformers' Conv1D once transformers is loaded.
 from fastinfluence.layers import (  # noqa: F401
     activation,
+    attention,
     conv,
     embedding,
     huggingface,

@@ -55,7 +55,8 @@ class Site:
 
     ``module`` is the called submodule (``None`` for a function or method), ``inputs`` the
     shapes of its inputs (the rule's ``arity`` first arguments) and ``shape`` of its output
-    on the example batch.
+    on the example batch; ``()`` for a value that is not a tensor (a module's tuple of
+    outputs, such as ``nn.MultiheadAttention``'s).
     """
 
     node: fx.Node

@@ -1,5 +1,5 @@
-"""Shape and wiring: flatten, constant padding, identity and eval-mode dropout, residual adds
-(parameter-free)."""
+"""Shape and wiring: flatten, transpose, constant padding, identity and eval-mode dropout,
+residual adds (parameter-free)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,26 @@ class Flatten(Rule):
     def run(self, step, at, x, dx):
         start, end = step.options["dims"]
         return x.flatten(start, end), None if dx is None else dx.flatten(start, end)
+
+
+@register_layer(torch.transpose, "transpose")
+class Transpose(Rule):
+    """``transpose(dim0, dim1)`` of primal and tangent (never of the batch dimension)."""
+
+    kind = "transpose"
+
+    def configure(self, site: Site) -> Options | str:
+        values = site.arguments(("dim0", "dim1"))
+        if values is None or set(values) != {"dim0", "dim1"}:
+            return f"{site.name}: transpose needs exactly dim0 and dim1"
+        dims = (values["dim0"], values["dim1"])
+        if any(not isinstance(d, int) or d % len(site.input_shape) == 0 for d in dims):
+            return f"{site.name}: a transpose of the batch dimension is not supported"
+        return {"dims": dims}
+
+    def run(self, step, at, x, dx):
+        dims = step.options["dims"]
+        return x.transpose(*dims), None if dx is None else dx.transpose(*dims)
 
 
 @register_layer(nn.ConstantPad1d, nn.ConstantPad2d, nn.ZeroPad1d, nn.ZeroPad2d)

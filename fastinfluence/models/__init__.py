@@ -4,6 +4,8 @@ from fastinfluence.models.cnn import PaperCNN
 from fastinfluence.models.rescnn import ResBlock1d, ResCNN1d, class_activation_maps
 from fastinfluence.models.resnet import BasicBlock, ResNet, load_weights, resnet18
 from fastinfluence.models.vgg import VGG, vgg16
+from fastinfluence.models.vit import ViT, vit_tiny
 
 __all__ = ["VGG", "BasicBlock", "PaperCNN", "ResBlock1d", "ResCNN1d", "ResNet",
-           "class_activation_maps", "load_weights", "resnet18", "vgg16"]
+           "ViT", "class_activation_maps", "load_weights", "resnet18", "vgg16",
+           "vit_tiny"]
