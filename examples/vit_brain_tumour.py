@@ -77,8 +77,9 @@ def check(settings: Settings) -> str | None:
     for name in ("n_slices", "n_patients", "epochs", "batch_size", "cg_iterations", "top"):
         if getattr(settings, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}"
-    if settings.image_size % 8:
-        return f"--image-size must be a multiple of 8 (the patches), got {settings.image_size}"
+    if settings.image_size % 8 or settings.image_size < 16:
+        return ("--image-size must be a multiple of 8 (the patches) and at least 16 (the "
+                f"generator's smallest), got {settings.image_size}")
     if settings.damping <= 0:
         return f"--damping must be positive, got {settings.damping}"
     return None
