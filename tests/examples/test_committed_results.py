@@ -21,6 +21,7 @@ COMMITTED = {
     "mrs_table2": ("mrs_table2",),
     "denoising_cnn_tables": ("denoising_cnn_tables", "denoising_cnn_tables_chest"),
     "gpt2_influence": ("gpt2_influence",),
+    "vit_brain_tumour": ("vit_brain_tumour",),
 }
 
 
