@@ -288,27 +288,14 @@ def kronfluence_scores(model: nn.Module, train: Data, query: Data, strategy: str
                        damping: float) -> torch.Tensor:
     """Kronfluence's pairwise scores in fastinfluence's sign: its score is
     ``+∇l_qᵀ F_λ^{-1} ∇l_i`` (mean-loss factors, additive damping), so ``I = −score``."""
+    from bench_peers import kronfluence_classification_task
     from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.task import Task
-
-    class Classification(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            inputs, labels = batch
-            logits = model(inputs)
-            if sample:  # the true Fisher: labels drawn from the model
-                with torch.no_grad():
-                    labels = torch.multinomial(torch.softmax(logits, dim=1), 1)[:, 0]
-            return F.cross_entropy(logits, labels, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            inputs, labels = batch
-            return F.cross_entropy(model(inputs), labels, reduction="sum")
 
     torch.manual_seed(0)  # the sampled labels of its Fisher: the same on every run
     single = copy.deepcopy(model).float()
     if isinstance(single, nn.Linear):  # Kronfluence tracks modules inside a model
         single = nn.Sequential(single)
-    task = Classification()
+    task = kronfluence_classification_task()
     prepared = prepare_model(single, task)
     with tempfile.TemporaryDirectory() as workdir:  # Kronfluence writes factors and scores
         analyzer = Analyzer(analysis_name="lds", model=prepared, task=task, cpu=True,

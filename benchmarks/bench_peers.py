@@ -434,33 +434,38 @@ def run_pydvl(kind: str):
     return run
 
 
+def kronfluence_classification_task(tracked_modules: list[str] | None = None) -> Any:
+    """Kronfluence's ``Task`` for cross-entropy, summed over the batch (its convention), its
+    true Fisher from labels drawn from the model; ``tracked_modules`` limits the influence to
+    those modules (``None``: every supported one)."""
+    from kronfluence.task import Task
+
+    class Classification(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            inputs, labels = batch
+            logits = model(inputs)
+            if sample:
+                with torch.no_grad():
+                    labels = torch.multinomial(torch.softmax(logits, dim=1), 1)[:, 0]
+            return F.cross_entropy(logits, labels, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            inputs, labels = batch
+            return F.cross_entropy(model(inputs), labels, reduction="sum")
+
+        def get_influence_tracked_modules(self):
+            return tracked_modules
+
+    return Classification()
+
+
 def run_kronfluence(strategy: str):
     def run(model, names, train, val, args, tmp):
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments, ScoreArguments
-        from kronfluence.task import Task
 
         last = names == selected_names(model, "last")
-
-        class Classification(Task):
-            """Cross-entropy, summed over the batch (Kronfluence's convention)."""
-
-            def compute_train_loss(self, batch, model, sample=False):
-                inputs, labels = batch
-                logits = model(inputs)
-                if sample:  # the true Fisher: labels drawn from the model
-                    with torch.no_grad():
-                        labels = torch.multinomial(torch.softmax(logits, dim=1), 1)[:, 0]
-                return F.cross_entropy(logits, labels, reduction="sum")
-
-            def compute_measurement(self, batch, model):
-                inputs, labels = batch
-                return F.cross_entropy(model(inputs), labels, reduction="sum")
-
-            def get_influence_tracked_modules(self):
-                return ["classifier"] if last else None
-
-        task = Classification()
+        task = kronfluence_classification_task(["classifier"] if last else None)
         prepared = prepare_model(model, task)
         analyzer = Analyzer(analysis_name="bench", model=prepared, task=task,
                             cpu=args.device == "cpu",
