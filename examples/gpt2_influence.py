@@ -33,6 +33,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,6 +50,7 @@ from fastinfluence.experiments import (
     setting,
 )
 from fastinfluence.losses import sequence_cross_entropy
+from fastinfluence.robust import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent
 MODULES = (
@@ -108,11 +110,13 @@ def docstrings(modules: tuple[str, ...] = MODULES) -> list[str]:
     for name in modules:
         module = importlib.import_module(name)
         found = [inspect.getdoc(module)]
-        for member_name in sorted(vars(module)):
-            member = vars(module)[member_name]
-            if member_name.startswith("_") or getattr(member, "__module__", None) != name:
-                continue
-            found.append(inspect.getdoc(member))
+        with warnings.catch_warnings():  # reading typing's deprecated io/re aliases warns
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for member_name in sorted(vars(module)):
+                member = vars(module)[member_name]
+                if member_name.startswith("_") or getattr(member, "__module__", None) != name:
+                    continue
+                found.append(inspect.getdoc(member))
         for text in found:
             if text:
                 texts.setdefault(re.sub(r"\s+", " ", text).strip())
@@ -166,21 +170,24 @@ def mean_token_loss(model: GPT2LMHeadModel, ids: torch.Tensor) -> float:
         return float(sequence_cross_entropy(reduction="mean")(model(ids).logits, ids).mean())
 
 
+class LanguageModelTrainer(Trainer):
+    """The shared loop on the mean next-token cross-entropy of each batch of token ids."""
+
+    method = "gpt2"
+    loss_fn = staticmethod(sequence_cross_entropy(reduction="mean"))
+
+    def batch_loss(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model(x).logits, x).mean()
+
+
 def train(model: GPT2LMHeadModel, ids: torch.Tensor, settings: Settings,
           batch_size: int = 32) -> dict[str, Any]:
-    """Adam on the mean next-token cross-entropy (seeded batches); the model comes back in eval
-    mode."""
-    loss_fn = sequence_cross_entropy(reduction="mean")
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    generator = torch.Generator().manual_seed(settings.seed)
+    """Adam on the mean next-token cross-entropy (seeded batches, a last short batch kept
+    alone) on the shared loop; the model comes back in eval mode."""
+    config = TrainConfig(epochs=settings.epochs, lr=settings.lr, batch_size=batch_size,
+                         seed=settings.seed, flip=False, join_single_batch=False)
     start = time.perf_counter()
-    model.train()
-    for _ in range(settings.epochs):
-        for batch in torch.randperm(len(ids), generator=generator).split(batch_size):
-            optimizer.zero_grad()
-            loss_fn(model(ids[batch]).logits, ids[batch]).mean().backward()
-            optimizer.step()
-    model.eval()
+    LanguageModelTrainer(model, config).fit_unlabelled(ids)
     return {"seconds": time.perf_counter() - start}
 
 

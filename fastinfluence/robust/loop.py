@@ -304,18 +304,26 @@ class Trainer:
         return {}
 
     def fit_unlabelled(self, images: torch.Tensor) -> list[float]:
-        """Train a model that is not a classifier (a denoiser) on ``images`` alone for
-        ``config.epochs`` epochs: the batches, flips and optimiser steps of :meth:`fit`, on
-        ``batch_loss(x_B, y_B, B)`` whose ``y_B`` carries no information (zeros), without
-        the epoch hooks, BatchNorm recalibration, evaluation or checkpoints (which all
-        presume a classifier). Returns the mean loss of every epoch; the model is left in
+        """Train a model that is not a classifier (a denoiser, a language model) on ``images``
+        alone for ``config.epochs`` epochs: the batches, flips and optimiser steps of
+        :meth:`fit`, on ``batch_loss(x_B, y_B, B)`` whose ``y_B`` carries no information
+        (zeros), without the epoch hooks, BatchNorm recalibration, evaluation or checkpoints
+        (which all presume a classifier). ``images`` is any tensor of samples on its first
+        dimension: float images or signals (checked as :meth:`fit`'s), or integer samples such
+        as token ids (not flipped). Returns the mean loss of every epoch; the model is left in
         eval mode.
         """
         if self._fitted:
             raise RuntimeError(f"this {type(self).__name__} has already been fitted")
         self._fitted = True
-        self.train_data = check_split((images, torch.zeros(len(images), dtype=torch.long)),
-                                      "images")
+        if not isinstance(images, torch.Tensor) or images.ndim < 1 or len(images) == 0:
+            raise ValueError("images must be a non-empty tensor of samples [n, ...]")
+        if images.is_floating_point():
+            images = check_split((images, torch.zeros(len(images), dtype=torch.long)),
+                                 "images")[0]
+        elif self.config.flip:
+            raise ValueError("integer samples (token ids) cannot be flipped: pass flip=False")
+        self.train_data = images, torch.zeros(len(images), dtype=torch.long)
         self.model.to(self.device)
         losses = [self._train_epoch() for _ in tqdm(
             range(self.config.epochs), desc=self.method, unit="epoch", leave=False,

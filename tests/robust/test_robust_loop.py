@@ -313,3 +313,24 @@ def test_every_training_loop_of_the_library_and_examples_is_the_shared_one():
         if step.search(path.read_text())
     }
     assert stepping == {"fastinfluence/robust/loop.py"}
+
+
+class NextToken(Trainer):
+    """A bigram language model's loss on token ids: the shared loop on integer samples."""
+
+    def batch_loss(self, x, y, index):
+        logits = self.model(x[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, 5), x[:, 1:].reshape(-1))
+
+
+def test_integer_samples_train_unflipped_and_refuse_flips():
+    ids = torch.randint(0, 5, (9, 6), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = nn.Embedding(5, 5)
+    before = model.weight.detach().clone()
+    losses = NextToken(model, TrainConfig(epochs=3, lr=0.1, batch_size=4,
+                                          flip=False)).fit_unlabelled(ids)
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert not torch.equal(model.weight, before) and not model.training
+    with pytest.raises(ValueError, match="cannot be flipped"):
+        NextToken(nn.Embedding(5, 5), TrainConfig(epochs=1, flip=True)).fit_unlabelled(ids)
