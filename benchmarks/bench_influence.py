@@ -288,6 +288,22 @@ def interleaved_medians(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def train_briefly(model: nn.Module, X: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
+                  generator: torch.Generator) -> None:
+    """``steps`` Adam steps on cross-entropy over random batches of 32 of ``(X, y)`` (drawn
+    from ``generator``), so that a benchmark's model is not at its random initialisation; the
+    model is left in eval mode."""
+    if steps:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        model.train()
+        for _ in range(steps):
+            batch = torch.randint(0, len(X), (32,), generator=generator)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(X[batch]), y[batch]).backward()
+            optimizer.step()
+    model.eval()
+
+
 def make_problem(
     size: int, args: argparse.Namespace, build: Callable[[], nn.Module] | None = None
 ) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -300,15 +316,7 @@ def make_problem(
     n = args.n_train + args.n_val
     X = torch.rand(n, 1, size, size, generator=gen)
     y = torch.randint(0, args.num_classes, (n,), generator=gen)
-    if args.train_steps:
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        model.train()
-        for _ in range(args.train_steps):
-            batch = torch.randint(0, args.n_train, (32,), generator=gen)
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(X[batch]), y[batch]).backward()
-            optimizer.step()
-    model.eval()
+    train_briefly(model, X[: args.n_train], y[: args.n_train], args.train_steps, 1e-3, gen)
     train = (X[: args.n_train], y[: args.n_train])
     val = (X[args.n_train :], y[args.n_train :])
     return model, train, val

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_influence import train_briefly
 from torch import nn
 
 import fastinfluence as fi
@@ -54,13 +55,7 @@ def make_case(kind: str, args: argparse.Namespace):
         X = torch.randn(n, 1, 16, 16, generator=generator, dtype=torch.float64)
     model = model.double()
     y = torch.randint(0, 3, (n,), generator=generator)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(args.steps):
-        batch = torch.randint(0, args.n_train, (32,), generator=generator)
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(X[batch]), y[batch]).backward()
-        optimizer.step()
-    model.eval()
+    train_briefly(model, X[: args.n_train], y[: args.n_train], args.steps, 1e-2, generator)
     train = (X[: args.n_train], y[: args.n_train])
     return model, train, (X[args.n_train:], y[args.n_train:])
 
