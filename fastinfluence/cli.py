@@ -14,7 +14,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fastinfluence.demo import DemoConfig, run_demo
+    from fastinfluence.demo import DemoConfig, DemoSizeError, run_demo
 
     config = DemoConfig(
         seed=args.seed, epochs=args.epochs, image_size=args.image_size,
@@ -26,7 +26,10 @@ def _demo(args: argparse.Namespace) -> int:
     except ValueError as error:
         # An argument error (usage, exit status 2) before any data is generated.
         args.parser.error(str(error))
-    run_demo(config)
+    try:
+        run_demo(config)
+    except DemoSizeError as error:  # settings too small for the data: a usage error too
+        args.parser.error(str(error))
     return 0
 
 

@@ -72,6 +72,14 @@ RANKING_NAMES = {
 }
 """Plain names of the rankings of :func:`fastinfluence.robust.mislabel_scores`."""
 
+LOOP_NEIGHBOURS = 10
+"""Neighbours per LoOP estimate (the skin paper's value): every training class needs more
+samples than this."""
+
+
+class DemoSizeError(ValueError):
+    """The generated data are too small for the demo's rankings (raised before training)."""
+
 
 @dataclass
 class DemoConfig:
@@ -338,6 +346,7 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
 
     Raises:
         ValueError: a setting out of range (:meth:`DemoConfig.validate`).
+        DemoSizeError: a training class with too few samples for LoOP, before training.
         ImportError: matplotlib is missing; raised before any data is generated.
     """
     config.validate()
@@ -349,6 +358,15 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)
     splits = _make_data(config, log)
+    counts = torch.bincount(splits.y_train, minlength=len(splits.class_names))
+    if int(counts.min()) <= LOOP_NEIGHBOURS:
+        smallest = int(counts.argmin())
+        raise DemoSizeError(
+            f"the training set ({len(splits.y_train)} samples) has only "
+            f"{int(counts.min())} of class {splits.class_names[smallest]!r}; the LoOP "
+            f"ranking needs more than {LOOP_NEIGHBOURS} per class: generate more slices "
+            "(--slices)"
+        )
 
     model = PaperCNN(image_size=config.image_size, num_classes=len(splits.class_names))
     model.to(device)
@@ -363,7 +381,8 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
 
     start = time.perf_counter()
     ranked = mislabel_scores(model, (splits.x_train, splits.y_train),
-                             (splits.x_val, splits.y_val), device=device)
+                             (splits.x_val, splits.y_val), n_neighbors=LOOP_NEIGHBOURS,
+                             device=device)
     influence_seconds = time.perf_counter() - start
     scores = {name: values.cpu() for name, values in ranked.scores.items()}
     report = ranked.report

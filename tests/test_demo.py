@@ -172,3 +172,16 @@ def test_demo_refuses_without_matplotlib_before_generating_data(no_data_generati
     config = demo.DemoConfig(out=tmp_path / "demo.png", progress=False, device="cpu")
     with pytest.raises(ImportError, match=r'matplotlib.*pip install "fastinfluence\[examples\]"'):
         demo.run_demo(config)
+
+
+def test_too_few_slices_for_the_rankings_is_a_usage_error_before_training(monkeypatch, capsys,
+                                                                            tmp_path):
+    """60 slices leave a class with fewer training samples than LoOP's neighbours: the command
+    stops with exit status 2 and says what to change, before any training."""
+    monkeypatch.setattr(demo, "_train", lambda *args: pytest.fail("trained anyway"))
+    with pytest.raises(SystemExit) as stopped:
+        main(["demo", "--slices", "60", "--patients", "12", "--image-size", "32",
+              "--label-noise", "0", "--no-progress", "--out", str(tmp_path / "demo.png")])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert f"needs more than {demo.LOOP_NEIGHBOURS} per class" in error and "--slices" in error
