@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from fastinfluence.functional import FunctionalModel
 from fastinfluence.labelled_data import (
@@ -89,14 +89,8 @@ def _join(pieces: list[Inputs]) -> Inputs | None:
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors in a module's input or output (nested tuples, lists and dicts)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [tensor for item in value for tensor in _tensors(item)]
-    return []
+    """The tensors in a module's input or output (any nesting pytree flattens)."""
+    return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
 def _differs(batched: list[torch.Tensor], alone: list[torch.Tensor], index: int) -> bool:
