@@ -10,7 +10,6 @@ rank 0 writes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +22,7 @@ from fastinfluence.functional import FunctionalModel
 from fastinfluence.hessian.solvers import SolveReport
 from fastinfluence.labelled_data import LabelledData
 from fastinfluence.progress import progress_bar
-from fastinfluence.sharded_output import DEFAULT_CHUNK_SIZE, OutputDirectory, to_numpy
+from fastinfluence.sharded_output import DEFAULT_CHUNK_SIZE, OutputDirectory, ihvp_sha256
 
 Compute = Callable[[torch.Tensor], torch.Tensor]
 
@@ -108,17 +107,17 @@ class OutputSession:
         if chunk_size is None:
             chunk_size = DEFAULT_CHUNK_SIZE
         directory = self.open(out)
-        ihvp_sha256 = hashlib.sha256(to_numpy(ihvp).tobytes()).hexdigest()
+        sha256 = ihvp_sha256(ihvp)
         saved = directory.manifest["ihvp"]
         if saved is None:
             directory.save_ihvp(ihvp, solve.as_dict())
-        elif saved["sha256"] != ihvp_sha256:
+        elif saved["sha256"] != sha256:
             raise SettingsMismatchError(
                 f"out={str(out)!r} holds another s = (H + λI)^(-1)∇L(val) for the same settings "
                 "(solved elsewhere, e.g. on another device); build the Influence with "
                 "out=<that directory> to reuse the saved s, or use another directory"
             )
-        chunks = directory.output(kind, {**description, "ihvp_sha256": ihvp_sha256},
+        chunks = directory.output(kind, {**description, "ihvp_sha256": sha256},
                                   len(samples), row_shape, ihvp.dtype, chunk_size)
         for index in progress_bar(range(chunks.num_chunks), self.progress, f"{kind} chunks"):
             if index not in chunks.finished:

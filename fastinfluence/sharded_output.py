@@ -78,6 +78,11 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
+def ihvp_sha256(ihvp: torch.Tensor) -> str:
+    """The SHA-256 of ``s``'s bytes, as the manifest records it and chunks name their ``s``."""
+    return hashlib.sha256(to_numpy(ihvp).tobytes()).hexdigest()
+
+
 def atomic_save(path: Path, array: np.ndarray | bytes) -> None:
     """Write ``array`` (``.npy``) or raw bytes to ``path`` through a temporary file in the same
     directory, flushed to disk and renamed over ``path``: readers see the old file or the
@@ -241,7 +246,7 @@ class OutputDirectory:
         array = to_numpy(ihvp)
         self.save(IHVP_FILE, array)
         self.manifest["ihvp"] = {"file": IHVP_FILE, "report": report,
-                                 "sha256": hashlib.sha256(array.tobytes()).hexdigest()}
+                                 "sha256": ihvp_sha256(ihvp)}
         self._save_manifest()
 
     def output(self, kind: str, description: dict[str, Any], num_rows: int,
