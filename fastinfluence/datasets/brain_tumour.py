@@ -137,7 +137,12 @@ def make_brain_tumour(
 
     rng = np.random.default_rng([seed, 0])
     patients_per_class = _apportion(n_patients, PAPER_PATIENTS_PER_CLASS, minimum=1)
-    slices_per_class = _apportion(n_slices, PAPER_SLICES_PER_CLASS, minimum=patients_per_class)
+    # A class left without patients (fewer patients than classes) gets no slices either.
+    slice_weights = [
+        w if n_p else 0.0
+        for w, n_p in zip(PAPER_SLICES_PER_CLASS, patients_per_class, strict=True)
+    ]
+    slices_per_class = _apportion(n_slices, slice_weights, minimum=patients_per_class)
     patient_classes: list[int] = []
     patient_slices: list[int] = []
     for label, (n_p, n_s) in enumerate(zip(patients_per_class, slices_per_class, strict=True)):

@@ -46,6 +46,13 @@ def test_class_balance_follows_the_paper():
     assert np.abs(patients - expected).max() < 1
 
 
+@pytest.mark.parametrize(("n_slices", "n_patients"), [(10, 2), (5, 1), (7, 2)])
+def test_fewer_patients_than_classes_still_gives_every_slice(n_slices, n_patients):
+    data = make_brain_tumour(n_slices=n_slices, n_patients=n_patients, image_size=16, seed=0)
+    assert data.images.shape[0] == len(data.labels) == len(data.patient_ids) == n_slices
+    assert len(set(data.patient_ids)) == n_patients
+
+
 def test_seeded():
     a = make_brain_tumour(n_slices=6, n_patients=3, image_size=16, seed=1)
     b = make_brain_tumour(n_slices=6, n_patients=3, image_size=16, seed=1)
