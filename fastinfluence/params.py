@@ -63,20 +63,21 @@ def select_parameters(
         model: the module whose parameters are selected.
         params: one of
 
-            * ``"last"``: the trainable parameters of the last module with parameters of its
-              own to *run* on ``example`` (its forward finishes last), a weight it shares
-              with another module (tied) included. Without ``example`` the last such module
-              in registration order is taken, which differs when, say, an output layer is
-              registered before the body. A last module whose parameters are all frozen
-              (``requires_grad=False``) is an error, not skipped: the layer before it is not
-              what "last" means; name the parameters (or ``"all"``) instead.
+            * ``"last"``: the trainable parameters of the module that holds the parameter
+              the forward on ``example`` uses last (the innermost running module holding
+              it), a weight it shares with another module (tied) included. Without
+              ``example`` the last module with parameters in registration order is taken,
+              which differs when, say, an output layer is registered before the body. A last
+              module whose parameters are all frozen (``requires_grad=False``) is an error,
+              not skipped: the layer before it is not what "last" means; name the parameters
+              (or ``"all"``) instead.
             * ``"all"``: every parameter that requires grad.
             * module or parameter names (``"fc"``, ``"fc.weight"``): all their parameters,
               frozen or not; a tied parameter or shared module is found under any of its
               names.
             * parameters of the model.
         example: a batch the model accepts (on its device), run once in eval mode without
-            gradients to find the module that runs last; used only by ``"last"``.
+            gradients to find the parameter used last; used only by ``"last"``.
     """
     named = dict(model.named_parameters())
     canonical, tied = _parameter_names(model)
@@ -146,7 +147,7 @@ def _names_of_last_module(
         how = "the last module with parameters in registration order"
     else:
         last_name = _last_to_run(model, owners, example)
-        how = "the last module with parameters to run on the example batch"
+        how = "the module whose parameter the example batch uses last"
     own = {canonical[name] for name, _ in owners[last_name].named_parameters(
         prefix=last_name, recurse=False, remove_duplicate=False)}
     names = [n for n in named if n in own and named[n].requires_grad]
@@ -160,23 +161,56 @@ def _names_of_last_module(
 
 
 def _last_to_run(model: nn.Module, owners: dict[str, nn.Module], example: Inputs) -> str:
-    """The name of the module in ``owners`` whose forward finishes last on ``example``."""
-    finished: list[str] = []
-    hooks = [module.register_forward_hook(lambda *_args, name=name: finished.append(name))
-             for name, module in owners.items()]
+    """The name of the module in ``owners`` that holds the parameter the forward on
+    ``example`` uses last: the innermost running module holding it as its own, else its
+    first holder (a parameter used functionally, outside its module's forward).
+
+    Parameter use, not which forward finishes last: an enclosing module always finishes
+    after its children, so a root holding a token used first (a ViT's ``class_token``) would
+    otherwise beat the output layer."""
+    holders: dict[int, list[str]] = {}
+    for name, module in owners.items():
+        for tensor in module.parameters(recurse=False):
+            holders.setdefault(id(tensor), []).append(name)
+    running: list[str] = []
+    last_used: list[str] = []
+
+    def owner_of(ids: list[int]) -> str:
+        for name in reversed(running):
+            if any(name in holders[key] for key in ids):
+                return name
+        return holders[ids[-1]][0]
+
+    class ParameterUse(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            ids = [id(leaf) for leaf in torch.utils._pytree.tree_leaves((args, kwargs))
+                   if isinstance(leaf, torch.Tensor) and id(leaf) in holders]
+            if ids:
+                last_used.append(owner_of(ids))
+            return func(*args, **kwargs)
+
+    def leave(*_args: object) -> None:  # a forward hook's non-None return replaces the output
+        running.pop()
+
+    hooks = []
+    for name, module in owners.items():
+        hooks.append(module.register_forward_pre_hook(
+            lambda *_args, name=name: running.append(name)))
+        hooks.append(module.register_forward_hook(leave))
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad(), ParameterUse():
             args, kwargs = model_arguments(example)
             model(*args, **kwargs)
     finally:
         for hook in hooks:
             hook.remove()
-    if not finished:
+    if not last_used:
         raise ValueError(
-            'params="last": no module with parameters ran on the example batch; pass '
+            'params="last": the model used none of its parameters on the example batch; pass '
             'params="all" or module names'
         )
-    return finished[-1]
+    return last_used[-1]
 
 
 def _names_of_modules(

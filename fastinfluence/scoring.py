@@ -129,9 +129,9 @@ class Influence:
             ``drop_last`` do not apply); ``H`` is the Hessian of its mean loss.
         val: the data whose mean loss the influence is measured on.
         loss_fn: ``loss_fn(output, y) -> [batch]`` per-sample losses; default cross-entropy.
-        params: ``"last"`` (the trainable parameters of the last module with parameters to
-            run; a frozen one is an error), ``"all"``, module names, or parameters of the
-            model.
+        params: ``"last"`` (the trainable parameters of the module holding the parameter
+            the forward uses last; a frozen one is an error), ``"all"``, module names, or
+            parameters of the model.
         solver: ``"direct"``, ``"cg"``, ``"lissa"``, ``"woodbury"`` or ``"auto"`` (direct for
             small θ_S, CG otherwise). ``"woodbury"``: the exact Gauss-Newton solve through the
             training set's ``n·C`` Jacobian rows, for networks with ``n·C`` below ``p``

@@ -62,6 +62,44 @@ def test_last_can_be_the_root_modules_own_parameter():
     assert selection.head is None
 
 
+class TokenThenHead(nn.Module):
+    """The root owns a token it uses first (as a ViT's class token); its forward wraps the
+    head's, so it finishes last although the head's parameters are used last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.randn(4))
+        self.body = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x + self.token)))
+
+
+def test_last_is_the_module_whose_parameter_is_used_last_not_an_enclosing_one():
+    model = TokenThenHead()
+    selection = select_parameters(model, "last", example=EXAMPLE)
+    assert selection.names == ("head.weight", "head.bias")
+    assert selection.head is model.head
+
+
+def test_last_takes_the_running_module_of_a_parameter_used_functionally():
+    """``MultiheadAttention`` hands ``out_proj``'s weight to one functional call without
+    running ``out_proj``: the attention module's own parameters are taken, as before."""
+    model = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    class SelfAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attention(x, x, x, need_weights=False)[0].sum(1)
+
+    names = select_parameters(SelfAttention(), "last", example=torch.randn(2, 3, 4)).names
+    assert names == ("attention.in_proj_weight", "attention.in_proj_bias")
+
+
 def test_last_probe_runs_in_eval_mode_and_restores_the_model():
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
     model.train()
