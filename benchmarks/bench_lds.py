@@ -1,4 +1,5 @@
-"""Linear datamodeling score (LDS) of fastinfluence's attributions, and of Kronfluence's.
+"""Linear datamodeling score (LDS) of fastinfluence's attributions, and of its peers'
+(Kronfluence, TRAK, captum).
 
 **The metric** (Park et al. 2023, TRAK; dattri's ``dattri.metric.lds``). Draw ``M`` random
 subsets ``S_1 … S_M`` of ``α·n`` training samples (seeded, ``α = 1/2``), retrain one model on
@@ -31,26 +32,39 @@ papers that report it.
   queries).
 * ``digits-mlp``: a 64–``width``–10 tanh MLP, same objective, seeded random initialisation,
   ``--mlp-iters`` L-BFGS iterations from it (the retrained model ``m`` uses seed ``1000 + m``).
+* ``brain-cnn``: ``fastinfluence.models.PaperCNN`` at 32² (283k parameters, float32) on
+  ``fastinfluence.datasets.make_brain_tumour`` (1200 slices of 240 patients, split by patient
+  80/20): ``--cnn-n-train`` training slices, ``--n-query`` queries from the held-out patients;
+  ``--cnn-epochs`` of Adam (``--cnn-lr``, batches of 32, no weight decay) from a seeded
+  initialisation in a seeded order (model ``m``: seed ``1000 + m`` for both).
 
-**Methods** (fastinfluence ``params="all"``, every one at each ``--dampings`` value): ``gn``
-(exact Gauss-Newton, direct solve), ``exact`` (exact Hessian, direct solve; where ``H + λI``
-is not positive definite the method is reported as failed), ``kfac``, ``ekfac``; ``last``
-(``params="last"``: the MLP's output layer in closed form, the library's defaults); ``ensK``
-variants average a method's scores over ``K`` models trained with seeds ``0 … K−1`` (the MLP);
-``kronfluence-ekfac`` and ``kronfluence-kfac`` where Kronfluence imports (run on a float32 copy
-of the model, its sign converted as in ``bench_peers.py``); ``trak`` where ``traker`` imports
-(CPU Gaussian projector to ``--trak-proj-dim``, its ``lambda_reg`` swept over
-``--trak-lambdas``, its own ensembles over the same ``K`` models; its score, positive for a
-sample that raises the query's margin, negated). Seconds are the method's wall time (fit +
-pairwise scores, training of ensemble members excluded), 1 thread.
+**Methods** (fastinfluence, every one at each ``--dampings`` value): ``gn`` (exact
+Gauss-Newton, direct solve), ``exact`` (exact Hessian, direct solve; where ``H + λI`` is not
+positive definite the method is reported as failed; both over at most 20k parameters),
+``woodbury`` (exact Gauss-Newton through the Jacobian rows), ``cg`` (Gauss-Newton, CG),
+``kfac``, ``ekfac``, ``store`` (``GradientStore`` at each ``--store-k``), all over every
+parameter (K-FAC, EK-FAC and the store over the Conv2d/Linear layers where the model has
+BatchNorm); ``last`` (``params="last"``: the output layer in closed form). ``ensK`` rows
+average a method's scores over the first ``K`` of ``max(--ensembles)`` models trained with
+seeds ``0 … K−1`` (MLP, CNN); each model is scored once and its seconds count in every ``K``
+that uses it. Peers: ``kronfluence-ekfac`` and ``kronfluence-kfac`` (float32 copy of the
+model, its sign converted as in ``bench_peers.py``); ``trak`` (CPU Gaussian projector to each
+``--trak-proj-dims`` below the training set size, its ``lambda_reg`` swept over
+``--trak-lambdas``, its own ensembles over the same models at the first dimension; its
+score, positive for a sample that raises the query's margin, negated); captum's
+``ArnoldiInfluenceFunction`` (``hessian_reg`` = damping) and ``TracInCP`` (the CNN's
+checkpoints every 5 epochs, the digits models' final one; no damping). Seconds are the
+method's wall time (fit + pairwise scores, training of ensemble members excluded), 1 thread.
+``--stop-at`` reports the runs not started by then as not run.
 
 **Cache.** Retrained targets go to ``--cache`` (one ``.npz`` per task, named by a hash of the
 settings that determine them, rewritten after every model): a stopped run resumes where it
 stopped, and methods are added later without retraining. Writes JSON to ``--out`` and a plot
 (LDS against seconds) to ``--plot``::
 
-    python benchmarks/bench_lds.py                          # both tasks, 100 subsets
-    python benchmarks/bench_lds.py --summary benchmarks/results/lds_cpu.json  # its table
+    python benchmarks/bench_lds.py --tasks digits-logreg digits-mlp   # 100 subsets each
+    python benchmarks/bench_lds.py --summary benchmarks/results/lds_cpu.json \
+        benchmarks/results/lds_cnn_cpu.json       # the docs page's tables and plot
 """
 
 from __future__ import annotations
@@ -62,7 +76,6 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -84,11 +97,14 @@ import fastinfluence
 HERE = Path(__file__).resolve().parent
 TASKS = ("digits-logreg", "digits-mlp", "brain-cnn")
 BASE_METHODS = ("gn", "exact", "woodbury", "cg", "kfac", "ekfac", "store", "last")
+DATTRI_METHODS = ("dattri-explicit", "dattri-cg", "dattri-datainf", "dattri-ekfac",
+                  "dattri-tracin")
 PEER_METHODS = ("kronfluence-ekfac", "kronfluence-kfac", "trak", "captum-arnoldi",
-                "captum-tracincp")
+                "captum-tracincp", *DATTRI_METHODS)
 PEER_MODULES = {"kronfluence-ekfac": "kronfluence", "kronfluence-kfac": "kronfluence",
-                "trak": "trak", "captum-arnoldi": "captum", "captum-tracincp": "captum"}
-UNDAMPED = ("captum-tracincp",)
+                "trak": "trak", "captum-arnoldi": "captum", "captum-tracincp": "captum",
+                **{method: "dattri" for method in DATTRI_METHODS}}
+UNDAMPED = ("captum-tracincp", "dattri-tracin")
 """Methods without a damping: run once, at "damping" 0."""
 DENSE_LIMIT = 20_000
 """Most parameters for the dense direct solves (``gn``, ``exact``): a ``p × p`` matrix."""
@@ -467,6 +483,50 @@ def captum_scores(model: nn.Module, checkpoints: list[dict[str, torch.Tensor]], 
     return -raw.T.double()  # [n_query, n_train] -> [n_train, n_query]
 
 
+def dattri_scores(model: nn.Module, train: Data, query: Data, method: str,
+                  damping: float) -> torch.Tensor:
+    """dattri's attributors on a float32 copy of ``model`` (its mean cross-entropy through
+    ``torch.func.functional_call``, the whole training set as one batch), in fastinfluence's
+    sign: ``IFAttributorExplicit`` (the exact Hessian), ``IFAttributorCG``,
+    ``IFAttributorDataInf``, ``IFAttributorEKFAC`` (``regularization``/``damping`` =
+    ``damping``) score ``+∇l_qᵀ H_λ^{-1} ∇l_i``, ``TracInAttributor`` (the trained model as
+    its one checkpoint, weight 1) ``∇l_qᵀ∇l_i``: positive for a sample that lowers the query
+    loss, so ``I = −score``."""
+    from dattri.algorithm import (
+        IFAttributorCG,
+        IFAttributorDataInf,
+        IFAttributorEKFAC,
+        IFAttributorExplicit,
+        TracInAttributor,
+    )
+    from dattri.task import AttributionTask
+    from torch.utils.data import DataLoader, TensorDataset
+
+    single = copy.deepcopy(model).float().eval()
+    if isinstance(single, nn.Linear):  # EK-FAC looks for Linear modules inside the model
+        single = nn.Sequential(single)
+
+    def loss(params: dict[str, torch.Tensor], data: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return F.cross_entropy(torch.func.functional_call(single, params, data[0]), data[1])
+
+    task = AttributionTask(loss_func=loss, model=single, checkpoints=single.state_dict())
+    attributor = {
+        "dattri-explicit": lambda: IFAttributorExplicit(task, regularization=damping),
+        "dattri-cg": lambda: IFAttributorCG(task, regularization=damping),
+        "dattri-datainf": lambda: IFAttributorDataInf(task, regularization=damping),
+        "dattri-ekfac": lambda: IFAttributorEKFAC(task, damping=damping),
+        "dattri-tracin": lambda: TracInAttributor(task, weight_list=torch.ones(1),
+                                                  normalized_grad=False),
+    }[method]()
+    train_loader = DataLoader(TensorDataset(train[0].float(), train[1]),
+                              batch_size=len(train[1]))
+    query_loader = DataLoader(TensorDataset(query[0].float(), query[1]),
+                              batch_size=len(query[1]))
+    if method != "dattri-tracin":  # TracIn has nothing to cache
+        attributor.cache(train_loader)
+    return -torch.as_tensor(attributor.attribute(train_loader, query_loader)).detach().double()
+
+
 class Run(NamedTuple):
     """One row: ``name`` is ``family[-ensK]@damping``; ``option`` is TRAK's projection
     dimension or the gradient store's ``k`` (``None`` otherwise)."""
@@ -561,7 +621,7 @@ def loo_correlation(scores: torch.Tensor, loo: dict[str, Any], n: int) -> dict[s
 
 def skip_reason(run: Run, parameters: int) -> str | None:
     """Why ``run`` is not attempted on a model with ``parameters`` parameters, or ``None``."""
-    if run.method in ("gn", "exact") and parameters > DENSE_LIMIT:
+    if run.method in ("gn", "exact", "dattri-explicit") and parameters > DENSE_LIMIT:
         return (f"not run: a dense {parameters} x {parameters} matrix "
                 f"(woodbury is the exact Gauss-Newton solve here)")
     return None
@@ -648,6 +708,8 @@ def run_method(run: Run, task: str, members: list[nn.Module],
         if run.method.startswith("kronfluence"):
             scores = kronfluence_scores(model, train, query, run.method.split("-")[1],
                                         run.damping)
+        elif run.method.startswith("dattri"):
+            scores = dattri_scores(model, train, query, run.method, run.damping)
         elif run.method.startswith("captum"):
             scores = captum_scores(model, checkpoints, train, query, run.method, run.damping)
         else:
@@ -705,9 +767,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=HERE / "results" / "lds_cache")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "lds_cpu.json")
     parser.add_argument("--plot", type=Path, default=HERE / "results" / "lds_cpu.png")
-    parser.add_argument("--summary", type=Path, default=None, metavar="JSON",
-                        help="run nothing: print the markdown table of a saved report (the "
-                             "docs page's table) and redraw its plot (the JSON's name, .png)")
+    parser.add_argument("--summary", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="run nothing: print the docs page's goal lines and tables of the "
+                             "saved reports (their tasks together) and draw their plot to "
+                             "--plot")
     args = parser.parse_args(argv)
     for name in ("n_train", "n_query", "subsets", "threads"):
         if getattr(args, name) < 1:
@@ -725,59 +788,151 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+PEER_FAMILIES = ("kronfluence", "trak", "captum", "dattri")
+
+
+def is_peer(row: dict[str, Any]) -> bool:
+    return row["method"].startswith(PEER_FAMILIES)
+
+
+def family_label(row: dict[str, Any]) -> str:
+    """``family`` (``trak-p256``, ``store-k32``, …) with ``×K`` for an ensemble."""
+    family = row.get("family", row["method"])
+    return family if row["ensemble"] == 1 else f"{family} ×{row['ensemble']}"
+
+
+def measured(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    return [row for row in entry["methods"].values() if row.get("lds") is not None]
+
+
+def best_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each method family and ensemble size at its best damping, best LDS first."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in measured(entry):
+        label = family_label(row)
+        if label not in best or row["lds"] > best[label]["lds"]:
+            best[label] = row
+    return sorted(best.values(), key=lambda row: -row["lds"])
+
+
+def _cells(row: dict[str, Any]) -> str:
+    return (f"{row['lds']:.3f} | [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] "
+            f"| {row['seconds']:.2f}")
+
+
 def table(report: dict[str, Any]) -> str:
-    """The markdown table of a report: one row per task and method, best LDS first."""
-    lines = ["| task | method | damping | K | LDS | 95 % interval | seconds | LOO Pearson |",
+    """The markdown table of a report: per task, each method family and ensemble size at its
+    best damping, best LDS first; then the methods that failed or were not run."""
+    lines = ["| task | method | K | best damping | LDS | 95 % interval | seconds | LOO Pearson |",
              "|---|---|---:|---:|---:|---|---:|---:|"]
     for task, entry in report["tasks"].items():
-        rows = sorted(entry["methods"].items(),
-                      key=lambda item: -(item[1].get("lds") if item[1].get("lds") is not None
-                                         else -math.inf))
-        for name, row in rows:
-            method = name.split("@")[0]
+        for row in best_rows(entry):
+            loo = row.get("loo", {}).get("pearson_mean_over_queries")
+            lines.append(f"| {task} | {row.get('family', row['method'])} | {row['ensemble']} "
+                         f"| {row['damping']:g} | {_cells(row)} "
+                         f"| {'' if loo is None else f'{loo:.3f}'} |")
+        failures: dict[str, list[str]] = {}
+        for name, row in entry["methods"].items():
             if "error" in row:
                 reason = row["error"].splitlines()[0].split(" (")[0]  # details: in the JSON
-                lines.append(f"| {task} | {method} | {name.split('@')[1]} | | failed: {reason} "
-                             "| | | |")
-                continue
-            loo = row.get("loo", {}).get("pearson_mean_over_queries")
-            family = row.get("family", row["method"])
-            lines.append(f"| {task} | {family} | {row['damping']:g} | {row['ensemble']} "
-                         f"| {row['lds']:.3f} | [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] "
-                         f"| {row['seconds']:.2f} | {'' if loo is None else f'{loo:.3f}'} |")
+                failures.setdefault(f"{name.split('@')[0]}: {reason}", []).append(
+                    name.split("@")[1])
+        for what, dampings in failures.items():
+            method, reason = what.split(": ", 1)
+            lines.append(f"| {task} | {method} | | {', '.join(dampings)} | {reason} | | | |")
     return "\n".join(lines)
 
 
+def sweep_table(report: dict[str, Any]) -> str:
+    """The damping sweep: per task, method family and ensemble size, the LDS at every
+    damping (TRAK's: its ``lambda_reg``), the best in bold."""
+    lines = ["| task | method | LDS by damping |", "|---|---|---|"]
+    for task, entry in report["tasks"].items():
+        families: dict[str, list[dict[str, Any]]] = {}
+        for row in measured(entry):
+            families.setdefault(family_label(row), []).append(row)
+        for label, rows in families.items():
+            if len(rows) < 2:
+                continue
+            best = max(row["lds"] for row in rows)
+            cells = [f"{row['damping']:g}: " + (f"**{row['lds']:.3f}**" if row["lds"] == best
+                                                 else f"{row['lds']:.3f}")
+                     for row in sorted(rows, key=lambda row: row["damping"])]
+            lines.append(f"| {task} | {label} | {' · '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def goal_lines(report: dict[str, Any]) -> str:
+    """Per task: the best peer row; fastinfluence's best row, and its best among the rows that
+    took no more seconds than that peer row; whether that one has the higher LDS (and whether
+    the 95 % intervals overlap)."""
+    lines = []
+    for task, entry in report["tasks"].items():
+        rows = measured(entry)
+        ours = [row for row in rows if not is_peer(row)]
+        peers = [row for row in rows if is_peer(row)]
+        if not ours or not peers:
+            continue
+        peer = max(peers, key=lambda row: row["lds"])
+        best = max(ours, key=lambda row: row["lds"])
+        cheap = [row for row in ours if row["seconds"] <= peer["seconds"]]
+        text = (f"* **{task}**: best peer {family_label(peer)} at {peer['damping']:g}, "
+                f"{peer['lds']:.3f} [{peer['ci'][0]:.3f}, {peer['ci'][1]:.3f}] in "
+                f"{peer['seconds']:.2f} s; best fastinfluence {family_label(best)} at "
+                f"{best['damping']:g}, {best['lds']:.3f} [{best['ci'][0]:.3f}, "
+                f"{best['ci'][1]:.3f}] in {best['seconds']:.2f} s")
+        if cheap:
+            match = max(cheap, key=lambda row: row["lds"])
+            overlap = match["ci"][0] <= peer["ci"][1] and peer["ci"][0] <= match["ci"][1]
+            verdict = ("**yes**" if match["lds"] > peer["lds"] else "**no**") + (
+                ", the intervals overlap" if overlap else ", the intervals do not overlap")
+            text += (f"; within the peer's seconds: {family_label(match)} at "
+                     f"{match['damping']:g}, {match['lds']:.3f} in {match['seconds']:.2f} s: "
+                     f"{verdict}.")
+        else:
+            text += "; no fastinfluence row is as fast as that peer row: **no**."
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def merged(paths: list[Path]) -> dict[str, Any]:
+    """The reports in ``paths`` as one: their tasks together, their configs by file name."""
+    report: dict[str, Any] = {"config": {}, "tasks": {}}
+    for path in paths:
+        saved = json.loads(path.read_text())
+        report["config"][path.name] = saved["config"]
+        report["tasks"].update(saved["tasks"])
+    return report
+
+
+def summary(report: dict[str, Any]) -> str:
+    """What the docs page quotes, in its order: the goal lines, the best-per-method table,
+    the damping sweep."""
+    return "\n\n".join([goal_lines(report), table(report), sweep_table(report)])
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
-    """LDS against seconds (log-x), one panel per task: one colour per method (and ensemble
-    size), its dampings joined by a line and labelled, 95 % intervals as bars."""
+    """LDS against seconds (log-x), one panel per task: each method family and ensemble size
+    at its best damping, with its 95 % interval; fastinfluence circles, peers squares."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = list(report["tasks"])
-    figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 5), squeeze=False)
     for axis, task in zip(axes[0], tasks, strict=True):
-        families: dict[str, list[dict[str, Any]]] = {}
-        for name, row in report["tasks"][task]["methods"].items():
-            if row.get("lds") is not None:
-                families.setdefault(name.split("@")[0], []).append(row)
-        for family, rows in families.items():
-            rows.sort(key=lambda row: row["damping"])
-            seconds = [row["seconds"] for row in rows]
-            lds = [row["lds"] for row in rows]
-            errors = [[row["lds"] - row["ci"][0] for row in rows],
-                      [row["ci"][1] - row["lds"] for row in rows]]
-            axis.errorbar(seconds, lds, yerr=errors, capsize=2, label=family, alpha=0.8,
-                          marker="o" if family.split("-")[0] in BASE_METHODS else "s")
-            for row in rows:
-                axis.annotate(f"{row['damping']:g}", (row["seconds"], row["lds"]), fontsize=6,
-                              xytext=(3, 3), textcoords="offset points")
+        for row in best_rows(report["tasks"][task]):
+            peer = is_peer(row)
+            axis.errorbar([row["seconds"]], [row["lds"]],
+                          yerr=[[row["lds"] - row["ci"][0]], [row["ci"][1] - row["lds"]]],
+                          fmt="s" if peer else "o", color="tab:orange" if peer else "tab:blue",
+                          capsize=2, alpha=0.8, markersize=4)
+            axis.annotate(family_label(row), (row["seconds"], row["lds"]), fontsize=6,
+                          xytext=(3, 2), textcoords="offset points")
         axis.set(xscale="log", xlabel="seconds (1 thread)", ylabel="LDS (Spearman, mean)",
-                 title=f"{task} (labels: damping)")
+                 title=f"{task}: each method at its best damping")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -786,9 +941,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.summary is not None:
-        saved = json.loads(args.summary.read_text())
-        print(table(saved))
-        plot(saved, args.summary.with_suffix(".png"))
+        saved = merged(args.summary)
+        print(summary(saved))
+        plot(saved, args.plot)
         return saved
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {
