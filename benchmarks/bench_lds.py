@@ -896,12 +896,17 @@ def goal_lines(report: dict[str, Any]) -> str:
 
 
 def merged(paths: list[Path]) -> dict[str, Any]:
-    """The reports in ``paths`` as one: their tasks together, their configs by file name."""
+    """The reports in ``paths`` as one, their configs by file name: their tasks together, and
+    a task's methods from several runs together (the first run's other entries kept)."""
     report: dict[str, Any] = {"config": {}, "tasks": {}}
     for path in paths:
         saved = json.loads(path.read_text())
         report["config"][path.name] = saved["config"]
-        report["tasks"].update(saved["tasks"])
+        for task, entry in saved["tasks"].items():
+            if task in report["tasks"]:
+                report["tasks"][task]["methods"].update(entry["methods"])
+            else:
+                report["tasks"][task] = copy.deepcopy(entry)
     return report
 
 
@@ -933,6 +938,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
         axis.set(xscale="log", xlabel="seconds (1 thread)", ylabel="LDS (Spearman, mean)",
                  title=f"{task}: each method at its best damping")
         axis.grid(alpha=0.3)
+        axis.legend(handles=[
+            plt.Line2D([], [], marker="o", color="tab:blue", ls="", label="fastinfluence"),
+            plt.Line2D([], [], marker="s", color="tab:orange", ls="", label="peers")],
+            fontsize=7, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
