@@ -64,7 +64,8 @@ stopped, and methods are added later without retraining. Writes JSON to ``--out`
 
     python benchmarks/bench_lds.py --tasks digits-logreg digits-mlp   # 100 subsets each
     python benchmarks/bench_lds.py --summary benchmarks/results/lds_cpu.json \
-        benchmarks/results/lds_cnn_cpu.json       # the docs page's tables and plot
+        benchmarks/results/lds_cnn_cpu.json       # the docs page's tables and plot (JSONs
+                                                  # of several runs together)
 """
 
 from __future__ import annotations
@@ -864,8 +865,8 @@ def sweep_table(report: dict[str, Any]) -> str:
 
 def goal_lines(report: dict[str, Any]) -> str:
     """Per task: the best peer row; fastinfluence's best row, and its best among the rows that
-    took no more seconds than that peer row; whether that one has the higher LDS (and whether
-    the 95 % intervals overlap)."""
+    took no more seconds than that peer row; whether that one has the higher LDS (a tie where
+    both round to the same three decimals), and whether the 95 % intervals overlap."""
     lines = []
     for task, entry in report["tasks"].items():
         rows = measured(entry)
@@ -884,7 +885,8 @@ def goal_lines(report: dict[str, Any]) -> str:
         if cheap:
             match = max(cheap, key=lambda row: row["lds"])
             overlap = match["ci"][0] <= peer["ci"][1] and peer["ci"][0] <= match["ci"][1]
-            verdict = ("**yes**" if match["lds"] > peer["lds"] else "**no**") + (
+            verdict = ("**tie**" if round(match["lds"], 3) == round(peer["lds"], 3) else
+                       "**yes**" if match["lds"] > peer["lds"] else "**no**") + (
                 ", the intervals overlap" if overlap else ", the intervals do not overlap")
             text += (f"; within the peer's seconds: {family_label(match)} at "
                      f"{match['damping']:g}, {match['lds']:.3f} in {match['seconds']:.2f} s: "
@@ -897,14 +899,15 @@ def goal_lines(report: dict[str, Any]) -> str:
 
 def merged(paths: list[Path]) -> dict[str, Any]:
     """The reports in ``paths`` as one, their configs by file name: their tasks together, and
-    a task's methods from several runs together (the first run's other entries kept)."""
+    a task's methods from several runs together (a row in several: the first run's)."""
     report: dict[str, Any] = {"config": {}, "tasks": {}}
     for path in paths:
         saved = json.loads(path.read_text())
         report["config"][path.name] = saved["config"]
         for task, entry in saved["tasks"].items():
             if task in report["tasks"]:
-                report["tasks"][task]["methods"].update(entry["methods"])
+                for name, row in entry["methods"].items():
+                    report["tasks"][task]["methods"].setdefault(name, row)
             else:
                 report["tasks"][task] = copy.deepcopy(entry)
     return report

@@ -38,6 +38,8 @@ from torch import nn
 import fastinfluence
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ("lds_cpu", "lds_mlp_ensembles_cpu", "lds_cnn_cpu", "lds_cnn_single_cpu")
+"""The docs page's runs, in the order its --summary command merges them."""
 
 
 def _random_case(seed: int = 0, n: int = 30, queries: int = 6, count: int = 12):
@@ -272,8 +274,10 @@ def test_goal_lines_compare_at_no_more_compute():
         "wins": {"methods": {"a": _row("gn", 0.8, 1.0), "b": _row("trak", 0.6, 2.0)}},
         "slower": {"methods": {"a": _row("gn", 0.8, 5.0), "b": _row("kfac", 0.5, 0.1),
                                "c": _row("kronfluence-ekfac", 0.6, 1.0, half=0.2)}},
-        "none": {"methods": {"a": _row("gn", 0.8, 5.0), "b": _row("trak", 0.6, 1.0)}}}}
-    wins, slower, none = goal_lines(report).splitlines()
+        "none": {"methods": {"a": _row("gn", 0.8, 5.0), "b": _row("trak", 0.6, 1.0)}},
+        "tie": {"methods": {"a": _row("gn", 0.8391, 0.1), "b": _row("dattri-cg", 0.8389, 0.2)}}}}
+    wins, slower, none, tie = goal_lines(report).splitlines()
+    assert "0.839 in 0.10 s: **tie**, the intervals overlap" in tie
     assert "within the peer's seconds: gn at 0.01, 0.800 in 1.00 s: **yes**, the intervals " \
            "do not overlap" in wins
     assert "best fastinfluence gn" in slower and "kfac at 0.01, 0.500 in 0.10 s: **no**, " \
@@ -282,8 +286,7 @@ def test_goal_lines_compare_at_no_more_compute():
 
 
 def test_docs_page_is_the_committed_json():
-    report = merged([ROOT / "benchmarks/results/lds_cpu.json",
-                     ROOT / "benchmarks/results/lds_cnn_cpu.json"])
+    report = merged([ROOT / f"benchmarks/results/{name}.json" for name in RESULTS])
     page = (ROOT / "docs/benchmarks/lds.md").read_text()
     for part in summary(report).split("\n\n"):
         assert part in page
