@@ -1,5 +1,5 @@
 """Linear datamodeling score (LDS) of fastinfluence's attributions, and of its peers'
-(Kronfluence, TRAK, captum).
+(Kronfluence, TRAK, captum, dattri).
 
 **The metric** (Park et al. 2023, TRAK; dattri's ``dattri.metric.lds``). Draw ``M`` random
 subsets ``S_1 … S_M`` of ``α·n`` training samples (seeded, ``α = 1/2``), retrain one model on
@@ -53,7 +53,8 @@ model, its sign converted as in ``bench_peers.py``); ``trak`` (CPU Gaussian proj
 ``--trak-lambdas``, its own ensembles over the same models at the first dimension; its
 score, positive for a sample that raises the query's margin, negated); captum's
 ``ArnoldiInfluenceFunction`` (``hessian_reg`` = damping) and ``TracInCP`` (the CNN's
-checkpoints every 5 epochs, the digits models' final one; no damping). Seconds are the
+checkpoints every 5 epochs, the digits models' final one; no damping); dattri's explicit,
+CG, DataInf and EK-FAC influence attributors and TracIn (``dattri_scores``). Seconds are the
 method's wall time (fit + pairwise scores, training of ensemble members excluded), 1 thread.
 ``--stop-at`` reports the runs not started by then as not run.
 
