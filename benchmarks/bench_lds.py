@@ -1,4 +1,5 @@
-"""Linear datamodeling score (LDS) of fastinfluence's attributions, and of Kronfluence's.
+"""Linear datamodeling score (LDS) of fastinfluence's attributions, and of its peers'
+(Kronfluence, TRAK, captum, dattri).
 
 **The metric** (Park et al. 2023, TRAK; dattri's ``dattri.metric.lds``). Draw ``M`` random
 subsets ``S_1 … S_M`` of ``α·n`` training samples (seeded, ``α = 1/2``), retrain one model on
@@ -31,26 +32,41 @@ papers that report it.
   queries).
 * ``digits-mlp``: a 64–``width``–10 tanh MLP, same objective, seeded random initialisation,
   ``--mlp-iters`` L-BFGS iterations from it (the retrained model ``m`` uses seed ``1000 + m``).
+* ``brain-cnn``: ``fastinfluence.models.PaperCNN`` at 32² (283k parameters, float32) on
+  ``fastinfluence.datasets.make_brain_tumour`` (1200 slices of 240 patients, split by patient
+  80/20): ``--cnn-n-train`` training slices, ``--n-query`` queries from the held-out patients;
+  ``--cnn-epochs`` of Adam (``--cnn-lr``, batches of 32, no weight decay) from a seeded
+  initialisation in a seeded order (model ``m``: seed ``1000 + m`` for both).
 
-**Methods** (fastinfluence ``params="all"``, every one at each ``--dampings`` value): ``gn``
-(exact Gauss-Newton, direct solve), ``exact`` (exact Hessian, direct solve; where ``H + λI``
-is not positive definite the method is reported as failed), ``kfac``, ``ekfac``; ``last``
-(``params="last"``: the MLP's output layer in closed form, the library's defaults); ``ensK``
-variants average a method's scores over ``K`` models trained with seeds ``0 … K−1`` (the MLP);
-``kronfluence-ekfac`` and ``kronfluence-kfac`` where Kronfluence imports (run on a float32 copy
-of the model, its sign converted as in ``bench_peers.py``); ``trak`` where ``traker`` imports
-(CPU Gaussian projector to ``--trak-proj-dim``, its ``lambda_reg`` swept over
-``--trak-lambdas``, its own ensembles over the same ``K`` models; its score, positive for a
-sample that raises the query's margin, negated). Seconds are the method's wall time (fit +
-pairwise scores, training of ensemble members excluded), 1 thread.
+**Methods** (fastinfluence, every one at each ``--dampings`` value): ``gn`` (exact
+Gauss-Newton, direct solve), ``exact`` (exact Hessian, direct solve; where ``H + λI`` is not
+positive definite the method is reported as failed; both over at most 20k parameters),
+``woodbury`` (exact Gauss-Newton through the Jacobian rows), ``cg`` (Gauss-Newton, CG),
+``kfac``, ``ekfac``, ``store`` (``GradientStore`` at each ``--store-k``), all over every
+parameter (K-FAC, EK-FAC and the store over the Conv2d/Linear layers where the model has
+BatchNorm); ``last`` (``params="last"``: the output layer in closed form). ``ensK`` rows
+average a method's scores over the first ``K`` of ``max(--ensembles)`` models trained with
+seeds ``0 … K−1`` (MLP, CNN); each model is scored once and its seconds count in every ``K``
+that uses it. Peers: ``kronfluence-ekfac`` and ``kronfluence-kfac`` (float32 copy of the
+model, its sign converted as in ``bench_peers.py``); ``trak`` (CPU Gaussian projector to each
+``--trak-proj-dims`` below the training set size, its ``lambda_reg`` swept over
+``--trak-lambdas``, its own ensembles over the same models at the first dimension; its
+score, positive for a sample that raises the query's margin, negated); captum's
+``ArnoldiInfluenceFunction`` (``hessian_reg`` = damping) and ``TracInCP`` (the CNN's
+checkpoints every 5 epochs, the digits models' final one; no damping); dattri's explicit,
+CG, DataInf and EK-FAC influence attributors and TracIn (``dattri_scores``). Seconds are the
+method's wall time (fit + pairwise scores, training of ensemble members excluded), 1 thread.
+``--stop-at`` reports the runs not started by then as not run.
 
 **Cache.** Retrained targets go to ``--cache`` (one ``.npz`` per task, named by a hash of the
 settings that determine them, rewritten after every model): a stopped run resumes where it
 stopped, and methods are added later without retraining. Writes JSON to ``--out`` and a plot
 (LDS against seconds) to ``--plot``::
 
-    python benchmarks/bench_lds.py                          # both tasks, 100 subsets
-    python benchmarks/bench_lds.py --summary benchmarks/results/lds_cpu.json  # its table
+    python benchmarks/bench_lds.py --tasks digits-logreg digits-mlp   # 100 subsets each
+    python benchmarks/bench_lds.py --summary benchmarks/results/lds_cpu.json \
+        benchmarks/results/lds_cnn_cpu.json       # the docs page's tables and plot (JSONs
+                                                  # of several runs together)
 """
 
 from __future__ import annotations
@@ -62,7 +78,6 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -71,7 +86,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -82,11 +97,19 @@ from torch import nn
 import fastinfluence
 
 HERE = Path(__file__).resolve().parent
-TASKS = ("digits-logreg", "digits-mlp")
-BASE_METHODS = ("gn", "exact", "kfac", "ekfac", "last")
-PEER_METHODS = ("kronfluence-ekfac", "kronfluence-kfac", "trak")
+TASKS = ("digits-logreg", "digits-mlp", "brain-cnn")
+BASE_METHODS = ("gn", "exact", "woodbury", "cg", "kfac", "ekfac", "store", "last")
+DATTRI_METHODS = ("dattri-explicit", "dattri-cg", "dattri-datainf", "dattri-ekfac",
+                  "dattri-tracin")
+PEER_METHODS = ("kronfluence-ekfac", "kronfluence-kfac", "trak", "captum-arnoldi",
+                "captum-tracincp", *DATTRI_METHODS)
 PEER_MODULES = {"kronfluence-ekfac": "kronfluence", "kronfluence-kfac": "kronfluence",
-                "trak": "trak"}
+                "trak": "trak", "captum-arnoldi": "captum", "captum-tracincp": "captum",
+                **{method: "dattri" for method in DATTRI_METHODS}}
+UNDAMPED = ("captum-tracincp", "dattri-tracin")
+"""Methods without a damping: run once, at "damping" 0."""
+DENSE_LIMIT = 20_000
+"""Most parameters for the dense direct solves (``gn``, ``exact``): a ``p × p`` matrix."""
 TRAK_BLOCK = 100
 """traker's ``BasicProjector`` block size: a projection of at most one block fails at scoring."""
 Data = tuple[torch.Tensor, torch.Tensor]
@@ -164,10 +187,44 @@ def digits_data(n_train: int, n_query: int, seed: int) -> tuple[Data, Data]:
     return tensors(train), tensors(query)
 
 
+def brain_data(n_train: int, n_query: int, seed: int) -> tuple[Data, Data]:
+    """``fastinfluence.datasets.make_brain_tumour`` at 32² (1200 slices of 240 patients,
+    seed 0), split by patient 80/20 (``split_by_patient``, seed 0): ``n_train`` slices of the
+    training patients and ``n_query`` of the held-out patients, drawn with ``seed``; float32
+    images ``[N, 1, 32, 32]``."""
+    from fastinfluence.datasets import make_brain_tumour, split_by_patient
+
+    data = make_brain_tumour(1200, 240, 32, seed=0, progress=False)
+    split = split_by_patient(data.patient_ids, data.labels, (0.8, 0.0, 0.2), seed=0)
+    if n_train > len(split.train) or n_query > len(split.test):
+        raise ValueError(f"brain-cnn has {len(split.train)} training and {len(split.test)} "
+                         f"held-out slices, asked for {n_train} and {n_query}")
+    rng = np.random.default_rng(seed)
+    train = np.sort(rng.choice(split.train, n_train, replace=False))
+    query = np.sort(rng.choice(split.test, n_query, replace=False))
+    return ((data.images[train], data.labels[train]), (data.images[query], data.labels[query]))
+
+
+def task_data(task: str, args: argparse.Namespace) -> tuple[Data, Data]:
+    """The task's training and query data."""
+    if task == "brain-cnn":
+        return brain_data(args.cnn_n_train, args.n_query, args.seed)
+    return digits_data(args.n_train, args.n_query, args.seed)
+
+
+def task_n_train(task: str, args: argparse.Namespace) -> int:
+    return args.cnn_n_train if task == "brain-cnn" else args.n_train
+
+
 def make_model(task: str, seed: int, width: int) -> nn.Module:
-    """The task's model in float64; the logistic regression starts at zero (convex: its
-    optimum does not depend on the start), the MLP at a seeded random initialisation."""
+    """The task's model, seeded: the logistic regression starts at zero (convex: its optimum
+    does not depend on the start), the MLP (float64) and the PaperCNN (float32) at a seeded
+    random initialisation."""
     torch.manual_seed(seed)
+    if task == "brain-cnn":
+        from fastinfluence.models import PaperCNN
+
+        return PaperCNN(image_size=32)
     if task == "digits-logreg":
         model = nn.Linear(64, 10)
         nn.init.zeros_(model.weight)
@@ -196,11 +253,36 @@ def fit(model: nn.Module, data: Data, wd: float, max_iter: int, tolerance: float
     return model.eval()
 
 
+def fit_adam(model: nn.Module, data: Data, seed: int, epochs: int, lr: float,
+             checkpoints: list[dict[str, torch.Tensor]] | None = None,
+             every: int = 5) -> nn.Module:
+    """``epochs`` of Adam (``lr``, batches of 32, BatchNorm in training mode) over ``data`` in
+    an order drawn from ``seed``; deterministic on one thread. With ``checkpoints``, a copy of
+    the state after every ``every``-th epoch and the last is appended (TracInCP's
+    checkpoints)."""
+    X, y = data
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        model.train()
+        for rows in torch.randperm(len(y), generator=order).split(32):
+            optimizer.zero_grad()
+            F.cross_entropy(model(X[rows]), y[rows]).backward()
+            optimizer.step()
+        if checkpoints is not None and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
+            checkpoints.append(copy.deepcopy(model.state_dict()))
+    return model.eval()
+
+
 def train_model(task: str, data: Data, seed: int, args: argparse.Namespace,
-                start: nn.Module | None = None) -> nn.Module:
+                start: nn.Module | None = None,
+                checkpoints: list[dict[str, torch.Tensor]] | None = None) -> nn.Module:
     """The task's model trained on ``data`` from ``make_model(task, seed)`` (or a copy of
-    ``start``): the logistic regression to convergence, the MLP for ``--mlp-iters``."""
+    ``start``): the logistic regression to convergence, the MLP for ``--mlp-iters``, the CNN
+    for ``--cnn-epochs`` of Adam (the data order seeded by ``seed`` too)."""
     model = copy.deepcopy(start) if start is not None else make_model(task, seed, args.width)
+    if task == "brain-cnn":
+        return fit_adam(model, data, seed, args.cnn_epochs, args.cnn_lr, checkpoints)
     if task == "digits-logreg":
         return fit(model, data, args.wd, max_iter=1000, tolerance=1e-10)
     return fit(model, data, args.wd, max_iter=args.mlp_iters, tolerance=1e-12)
@@ -209,7 +291,7 @@ def train_model(task: str, data: Data, seed: int, args: argparse.Namespace,
 def query_targets(model: nn.Module, query: Data) -> dict[str, np.ndarray]:
     """Per query: the cross-entropy loss ``−log p_y`` and the margin ``log p_y − log(1−p_y)``."""
     with torch.no_grad():
-        logits = model(query[0])
+        logits = model(query[0]).double()  # float64 targets for the float32 CNN too
         log_p = torch.log_softmax(logits, dim=1).gather(1, query[1][:, None])[:, 0]
         margin = log_p - torch.log1p(-log_p.exp().clamp(max=1 - 1e-16))
     return {"loss": (-log_p).numpy(), "margin": margin.numpy()}
@@ -224,6 +306,9 @@ def cache_settings(task: str, args: argparse.Namespace) -> dict[str, Any]:
                 "torch": torch.__version__.split("+")[0]}
     if task == "digits-mlp":
         settings.update(width=args.width, mlp_iters=args.mlp_iters)
+    if task == "brain-cnn":
+        del settings["wd"]
+        settings.update(n_train=args.cnn_n_train, epochs=args.cnn_epochs, lr=args.cnn_lr)
     return settings
 
 
@@ -269,18 +354,37 @@ def retrained_targets(task: str, train: Data, query: Data, subsets: np.ndarray,
 
 # -- methods ------------------------------------------------------------------------------
 
+def kronecker_params(model: nn.Module) -> str | list[str]:
+    """``"all"``, or where the model holds BatchNorm (the CNN) the names of its Conv2d and
+    Linear modules: K-FAC, EK-FAC and the gradient store factor those layers only and refuse
+    other parameters (as Kronfluence tracks only those layers)."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return "all"
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
 def fastinfluence_scores(model: nn.Module, train: Data, query: Data, method: str,
-                         damping: float) -> torch.Tensor:
-    """``Influence.pairwise``: ``[n_train, n_query]``, positive harmful; over all parameters,
-    or for ``"last"`` over the last Linear layer (its closed form, the library's defaults)."""
+                         damping: float, option: int | None = None,
+                         store_dir: Path | None = None) -> torch.Tensor:
+    """``Influence.pairwise`` (``GradientStore.pairwise`` for ``"store"``, ``k = option``,
+    built in ``store_dir``): ``[n_train,
+    n_query]``, positive harmful; over all parameters (the Kronecker layers for ``kfac``,
+    ``ekfac`` and ``store``, :func:`kronecker_params`), or for ``"last"`` over the last
+    Linear layer (its closed form, the library's defaults)."""
+    if method == "store":
+        assert option is not None and store_dir is not None
+        store = fastinfluence.GradientStore(model, train, k=option, out=store_dir,
+                                            params=kronecker_params(model), damping=damping)
+        return store.build().pairwise(query)
     options: dict[str, Any] = {"gn": dict(hessian="gauss-newton", solver="direct"),
                                "exact": dict(hessian="exact", solver="direct"),
-                               "kfac": dict(hessian="kfac"),
-                               "ekfac": dict(hessian="ekfac"),
-                               "last": {}}[method]
-    influence = fastinfluence.Influence(model, train, query,
-                                        params="last" if method == "last" else "all",
-                                        damping=damping, **options)
+                               "woodbury": dict(hessian="gauss-newton", solver="woodbury"),
+                               "cg": dict(hessian="gauss-newton", solver="cg"),
+                               "kfac": dict(hessian="kfac", params=kronecker_params(model)),
+                               "ekfac": dict(hessian="ekfac", params=kronecker_params(model)),
+                               "last": dict(params="last")}[method]
+    options.setdefault("params", "all")
+    influence = fastinfluence.Influence(model, train, query, damping=damping, **options)
     return influence.pairwise(query)
 
 
@@ -351,22 +455,122 @@ def trak_scores(models: list[nn.Module], train: Data, query: Data, proj_dim: int
     return -torch.as_tensor(np.asarray(scores), dtype=torch.float64)
 
 
-def method_names(task: str, args: argparse.Namespace) -> list[tuple[str, str, float, int]]:
-    """``(name, method, damping, K)`` for every method run on ``task`` (TRAK's "damping" is
-    its ``lambda_reg``, from ``--trak-lambdas``; it runs with its own ensembles, every
-    ``--ensembles`` size, on the MLP)."""
+def captum_scores(model: nn.Module, checkpoints: list[dict[str, torch.Tensor]], train: Data,
+                  query: Data, method: str, damping: float) -> torch.Tensor:
+    """captum's scores on a float32 copy of ``model``, in fastinfluence's sign:
+    ``ArnoldiInfluenceFunction`` (its defaults: 200 Arnoldi iterations, the top 50
+    eigenvectors, ``hessian_reg = damping``) scores ``+∇l_qᵀ H_λ^{-1} ∇l_i``, TracInCP the sum
+    over ``checkpoints`` of ``∇l_qᵀ∇l_i`` (equal weights): both positive for a sample that
+    lowers the query loss, so ``I = −score``."""
+    from captum.influence import TracInCP
+    from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction
+    from torch.utils.data import TensorDataset
+
+    single = copy.deepcopy(model).float().eval()
+    train_set = TensorDataset(train[0].float(), train[1])
+    loss = nn.CrossEntropyLoss(reduction="none")
+    with tempfile.TemporaryDirectory() as workdir:
+        paths = []
+        for index, state in enumerate(checkpoints):
+            paths.append(str(Path(workdir) / f"checkpoint{index}.pt"))
+            torch.save({key: value.float() if value.is_floating_point() else value
+                        for key, value in state.items()}, paths[-1])
+        if method == "captum-tracincp":
+            tracin = TracInCP(single, train_set, paths, loss_fn=loss, batch_size=256)
+            raw = tracin.influence((query[0].float(), query[1]))
+        else:
+            arnoldi = ArnoldiInfluenceFunction(single, train_set, paths[-1], loss_fn=loss,
+                                               batch_size=256, hessian_reg=damping)
+            raw = arnoldi.influence((query[0].float(), query[1]))
+    return -raw.T.double()  # [n_query, n_train] -> [n_train, n_query]
+
+
+def dattri_scores(model: nn.Module, train: Data, query: Data, method: str,
+                  damping: float) -> torch.Tensor:
+    """dattri's attributors on a float32 copy of ``model`` (its mean cross-entropy through
+    ``torch.func.functional_call``, the whole training set as one batch), in fastinfluence's
+    sign: ``IFAttributorExplicit`` (the exact Hessian), ``IFAttributorCG``,
+    ``IFAttributorDataInf``, ``IFAttributorEKFAC`` (``regularization``/``damping`` =
+    ``damping``) score ``+∇l_qᵀ H_λ^{-1} ∇l_i``, ``TracInAttributor`` (the trained model as
+    its one checkpoint, weight 1) ``∇l_qᵀ∇l_i``: positive for a sample that lowers the query
+    loss, so ``I = −score``."""
+    from dattri.algorithm import (
+        IFAttributorCG,
+        IFAttributorDataInf,
+        IFAttributorEKFAC,
+        IFAttributorExplicit,
+        TracInAttributor,
+    )
+    from dattri.task import AttributionTask
+    from torch.utils.data import DataLoader, TensorDataset
+
+    single = copy.deepcopy(model).float().eval()
+    if isinstance(single, nn.Linear):  # EK-FAC looks for Linear modules inside the model
+        single = nn.Sequential(single)
+
+    def loss(params: dict[str, torch.Tensor], data: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return F.cross_entropy(torch.func.functional_call(single, params, data[0]), data[1])
+
+    task = AttributionTask(loss_func=loss, model=single, checkpoints=single.state_dict())
+    attributor = {
+        "dattri-explicit": lambda: IFAttributorExplicit(task, regularization=damping),
+        "dattri-cg": lambda: IFAttributorCG(task, regularization=damping),
+        "dattri-datainf": lambda: IFAttributorDataInf(task, regularization=damping),
+        "dattri-ekfac": lambda: IFAttributorEKFAC(task, damping=damping),
+        "dattri-tracin": lambda: TracInAttributor(task, weight_list=torch.ones(1),
+                                                  normalized_grad=False),
+    }[method]()
+    train_loader = DataLoader(TensorDataset(train[0].float(), train[1]),
+                              batch_size=len(train[1]))
+    query_loader = DataLoader(TensorDataset(query[0].float(), query[1]),
+                              batch_size=len(query[1]))
+    if method != "dattri-tracin":  # TracIn has nothing to cache
+        attributor.cache(train_loader)
+    return -torch.as_tensor(attributor.attribute(train_loader, query_loader)).detach().double()
+
+
+class Run(NamedTuple):
+    """One row: ``name`` is ``family[-ensK]@damping``; ``option`` is TRAK's projection
+    dimension or the gradient store's ``k`` (``None`` otherwise)."""
+
+    name: str
+    family: str
+    method: str
+    damping: float
+    ensemble: int
+    option: int | None
+
+
+def method_names(task: str, args: argparse.Namespace) -> list[Run]:
+    """Every run on ``task``: each method at each damping (TRAK's "damping" is its
+    ``lambda_reg``, from ``--trak-lambdas``; TracInCP has none), each ``--ensembles`` size for
+    the ``--ensemble-methods`` and TRAK (at its first ``--trak-proj-dims``; the others with one
+    model), TRAK's projection dimensions below the task's training set size, the store's
+    ``--store-k``; single models first, in ``--methods`` order)."""
     runs = []
     ensembles = [1] if task == "digits-logreg" else args.ensembles  # convex: one optimum
+    n_train = task_n_train(task, args)
     for method in args.methods:
         if method == "last" and task == "digits-logreg":
             continue  # the logistic regression is one Linear layer: "last" is "all"
-        for damping in args.trak_lambdas if method == "trak" else args.dampings:
-            for k in ensembles:
-                if k > 1 and method not in (*args.ensemble_methods, "trak"):
-                    continue
-                suffix = f"-ens{k}" if k > 1 else ""
-                runs.append((f"{method}{suffix}@{damping:g}", method, damping, k))
-    return runs
+        options: list[int | None] = [None]
+        if method == "trak":
+            options = [dim for dim in args.trak_proj_dims if dim < n_train]
+        elif method == "store":
+            options = list(args.store_k)
+        dampings = ([0.0] if method in UNDAMPED else
+                    args.trak_lambdas if method == "trak" else args.dampings)
+        for option in options:
+            family = {"trak": f"trak-p{option}", "store": f"store-k{option}"}.get(method, method)
+            for damping in dampings:
+                for k in ensembles:
+                    if k > 1 and not (method in args.ensemble_methods or
+                                      method == "trak" and option == options[0]):
+                        continue
+                    suffix = f"-ens{k}" if k > 1 else ""
+                    runs.append(Run(f"{family}{suffix}@{damping:g}", family, method, damping,
+                                    k, option))
+    return sorted(runs, key=lambda run: run.ensemble)  # every single model first
 
 
 def installed_version(distribution: str) -> str | None:
@@ -417,18 +621,32 @@ def loo_correlation(scores: torch.Tensor, loo: dict[str, Any], n: int) -> dict[s
 
 # -- the run ----------------------------------------------------------------------------------
 
+def skip_reason(run: Run, parameters: int) -> str | None:
+    """Why ``run`` is not attempted on a model with ``parameters`` parameters, or ``None``."""
+    if run.method in ("gn", "exact", "dattri-explicit") and parameters > DENSE_LIMIT:
+        return (f"not run: a dense {parameters} x {parameters} matrix "
+                f"(woodbury is the exact Gauss-Newton solve here)")
+    return None
+
+
 def bench_task(task: str, args: argparse.Namespace, log: Callable[[str], None],
                save: Callable[[], None], result: dict[str, Any]) -> None:
-    train, query = digits_data(args.n_train, args.n_query, args.seed)
-    subsets = random_subsets(args.n_train, args.subsets, args.alpha, args.seed)
+    train, query = task_data(task, args)
+    n_train = task_n_train(task, args)
+    subsets = random_subsets(n_train, args.subsets, args.alpha, args.seed)
     targets = retrained_targets(task, train, query, subsets, args, log)
     sign = 1.0 if args.target == "loss" else -1.0
     start = time.perf_counter()
-    members = [train_model(task, train, seed, args)
-               for seed in range(max(args.ensembles) if task == "digits-mlp" else 1)]
+    checkpoints: list[dict[str, torch.Tensor]] = []
+    members = [train_model(task, train, seed, args,
+                           checkpoints=checkpoints if seed == 0 and task == "brain-cnn" else None)
+               for seed in range(max(args.ensembles) if task != "digits-logreg" else 1)]
+    if task != "brain-cnn":  # full-batch L-BFGS: the trained model is TracInCP's checkpoint
+        checkpoints = [members[0].state_dict()]
+    parameters = sum(p.numel() for p in members[0].parameters())
     entry: dict[str, Any] = {
-        "n_train": args.n_train, "n_query": args.n_query, "subsets": args.subsets,
-        "parameters": sum(p.numel() for p in members[0].parameters()),
+        "n_train": n_train, "n_query": args.n_query, "subsets": args.subsets,
+        "parameters": parameters,
         "retrain_seconds": targets["seconds"], "cache": targets["cache"],
         "retrained_now": int(targets["retrained"]),
         "train_seconds": time.perf_counter() - start, "methods": {}}
@@ -437,38 +655,80 @@ def bench_task(task: str, args: argparse.Namespace, log: Callable[[str], None],
            if task == "digits-logreg" and args.loo else None)
     if loo is not None:
         entry["loo"] = {"removed": len(loo["removed"]), "seconds": loo["seconds"]}
-    for name, method, damping, k in method_names(task, args):
-        if method in PEER_MODULES and not importable(PEER_MODULES[method]):
-            entry["methods"][name] = {"error": f"{PEER_MODULES[method]} is not installed"}
-            continue
-        try:
-            start = time.perf_counter()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                if method == "trak":
-                    scores = trak_scores(members[:k], train, query, args.trak_proj_dim, damping)
-                else:
-                    scores = torch.stack([
-                        kronfluence_scores(model, train, query, method.split("-")[1], damping)
-                        if method in PEER_MODULES else
-                        fastinfluence_scores(model, train, query, method, damping)
-                        for model in members[:k]]).mean(0)
-            seconds = time.perf_counter() - start
-        except Exception as error:  # reported, never dropped (e.g. an indefinite H + λI)
-            entry["methods"][name] = {"error": f"{type(error).__name__}: {error}"[:300]}
-            log(f"{task} {name}: {entry['methods'][name]['error']}")
-            continue
-        summary = bootstrap_mean(lds_per_query(sign * scores, subsets, targets[args.target]),
-                                 seed=args.seed)
-        summary.update(method=method, damping=damping, ensemble=k, seconds=seconds,
-                       warnings=sorted({f"{w.category.__name__}: {w.message}"[:200]
-                                        for w in caught}))
-        if loo is not None:
-            summary["loo"] = loo_correlation(scores, loo, args.n_train)
-        entry["methods"][name] = summary
-        log(f"{task} {name}: LDS {summary['lds']:.3f} [{summary['ci'][0]:.3f}, "
-            f"{summary['ci'][1]:.3f}], {seconds:.2f} s")
-        save()
+    # fastinfluence's ensembles average the first K members' scores: each member is scored
+    # once per (method, damping, option), its seconds counted in every K that uses it
+    member_scores: dict[tuple[str, float, int | None], list[tuple[torch.Tensor, float]]] = {}
+    with tempfile.TemporaryDirectory() as store_root:
+        for run in method_names(task, args):
+            reason = skip_reason(run, parameters)
+            if reason is None and args.stop_at is not None and datetime.datetime.now(
+                    datetime.timezone.utc) > args.stop_at:
+                reason = f"not run: past --stop-at {args.stop_at.isoformat()}"
+            if reason is None and run.method in PEER_MODULES and not importable(
+                    PEER_MODULES[run.method]):
+                reason = f"{PEER_MODULES[run.method]} is not installed"
+            if reason is not None:
+                entry["methods"][run.name] = {"error": reason}
+                continue
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    scores, seconds = run_method(run, task, members, checkpoints, train, query,
+                                                 args, member_scores, Path(store_root))
+            except Exception as error:  # reported, never dropped (e.g. an indefinite H + λI)
+                entry["methods"][run.name] = {"error": f"{type(error).__name__}: {error}"[:300]}
+                log(f"{task} {run.name}: {entry['methods'][run.name]['error']}")
+                continue
+            summary = bootstrap_mean(lds_per_query(sign * scores, subsets,
+                                                   targets[args.target]), seed=args.seed)
+            summary.update(family=run.family, method=run.method, damping=run.damping,
+                           ensemble=run.ensemble, option=run.option, seconds=seconds,
+                           warnings=sorted({f"{w.category.__name__}: {w.message}"[:200]
+                                            for w in caught}))
+            if loo is not None:
+                summary["loo"] = loo_correlation(scores, loo, n_train)
+            entry["methods"][run.name] = summary
+            log(f"{task} {run.name}: LDS {summary['lds']:.3f} [{summary['ci'][0]:.3f}, "
+                f"{summary['ci'][1]:.3f}], {seconds:.2f} s")
+            save()
+
+
+def run_method(run: Run, task: str, members: list[nn.Module],
+               checkpoints: list[dict[str, torch.Tensor]], train: Data, query: Data,
+               args: argparse.Namespace,
+               member_scores: dict[tuple[str, float, int | None], list[tuple[torch.Tensor, float]]],
+               store_root: Path) -> tuple[torch.Tensor, float]:
+    """``run``'s scores ``[n_train, n_query]`` (fastinfluence's sign) and its seconds: TRAK
+    over its own ensemble; the other methods on each of the first ``K`` members, averaged."""
+    if run.method == "trak":
+        start = time.perf_counter()
+        scores = trak_scores(members[:run.ensemble], train, query, run.option, run.damping)
+        return scores, time.perf_counter() - start
+    done = member_scores.setdefault((run.method, run.damping, run.option), [])
+    for index in range(len(done), run.ensemble):
+        model, start = members[index], time.perf_counter()
+        if run.method.startswith("kronfluence"):
+            scores = kronfluence_scores(model, train, query, run.method.split("-")[1],
+                                        run.damping)
+        elif run.method.startswith("dattri"):
+            scores = dattri_scores(model, train, query, run.method, run.damping)
+        elif run.method.startswith("captum"):
+            scores = captum_scores(model, checkpoints, train, query, run.method, run.damping)
+        else:
+            # a fresh store per run: its seconds are a whole build and query
+            store_dir = store_root / f"{run.option}-{run.damping:g}-{index}"
+            scores = fastinfluence_scores(model, train, query, run.method, run.damping,
+                                          run.option, store_dir)
+        done.append((scores, time.perf_counter() - start))
+    chosen = done[:run.ensemble]
+    return (torch.stack([scores for scores, _ in chosen]).mean(0),
+            sum(seconds for _, seconds in chosen))
+
+
+def stop_time(text: str) -> datetime.datetime:
+    """``--stop-at``'s ISO time, UTC unless it names its zone."""
+    moment = datetime.datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -482,94 +742,210 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wd", type=float, default=1e-3, help="L2 weight in training")
     parser.add_argument("--width", type=int, default=32, help="MLP hidden width")
     parser.add_argument("--mlp-iters", type=int, default=200, help="L-BFGS iterations, MLP")
+    parser.add_argument("--cnn-n-train", type=int, default=500, help="training slices, CNN")
+    parser.add_argument("--cnn-epochs", type=int, default=20, help="Adam epochs, CNN")
+    parser.add_argument("--cnn-lr", type=float, default=1e-3, help="Adam learning rate, CNN")
     parser.add_argument("--target", choices=["loss", "margin"], default="loss")
     parser.add_argument("--methods", nargs="+", choices=BASE_METHODS + PEER_METHODS,
                         default=list(BASE_METHODS + PEER_METHODS))
     parser.add_argument("--dampings", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1])
-    parser.add_argument("--ensembles", type=int, nargs="+", default=[1, 5],
-                        help="K models averaged (MLP)")
-    parser.add_argument("--ensemble-methods", nargs="+", default=["gn", "ekfac"])
-    parser.add_argument("--trak-proj-dim", type=int, default=512,
-                        help="TRAK's projection dimension (below n_train)")
+    parser.add_argument("--ensembles", type=int, nargs="+", default=[1, 5, 10],
+                        help="K models averaged (MLP, CNN)")
+    parser.add_argument("--ensemble-methods", nargs="+", default=["gn", "woodbury", "ekfac"])
+    parser.add_argument("--trak-proj-dims", type=int, nargs="+", default=[256, 128, 512],
+                        help="TRAK's projection dimensions (those below the training set "
+                             "size; its ensembles at the first)")
+    parser.add_argument("--store-k", type=int, nargs="+", default=[8, 32],
+                        help="the gradient store's rows per Kronecker factor")
     parser.add_argument("--trak-lambdas", type=float, nargs="+", default=[0, 1, 10, 100, 1000],
                         help="TRAK's lambda_reg sweep (its own scale: added to the Gram "
                              "matrix of its summed, 1/sqrt(p)-scaled features)")
     parser.add_argument("--loo", type=int, default=50,
                         help="removed samples for leave-one-out (logistic regression; 0: none)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stop-at", type=stop_time, default=None, metavar="UTC",
+                        help="ISO time (UTC unless it names a zone): runs not started by then "
+                             "are reported as not run")
     parser.add_argument("--cache", type=Path, default=HERE / "results" / "lds_cache")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "lds_cpu.json")
     parser.add_argument("--plot", type=Path, default=HERE / "results" / "lds_cpu.png")
-    parser.add_argument("--summary", type=Path, default=None, metavar="JSON",
-                        help="run nothing: print the markdown table of a saved report (the "
-                             "docs page's table) and redraw its plot (the JSON's name, .png)")
+    parser.add_argument("--summary", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="run nothing: print the docs page's goal lines and tables of the "
+                             "saved reports (their tasks together) and draw their plot to "
+                             "--plot")
     args = parser.parse_args(argv)
     for name in ("n_train", "n_query", "subsets", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 < args.alpha < 1:
         parser.error("--alpha must be in (0, 1)")
-    if args.trak_proj_dim <= TRAK_BLOCK:
-        parser.error(f"--trak-proj-dim must be above {TRAK_BLOCK}: traker 0.3.2's CPU projector "
+    if min(args.trak_proj_dims) <= TRAK_BLOCK:
+        parser.error(f"--trak-proj-dims must be above {TRAK_BLOCK}: traker 0.3.2's CPU projector "
                      "frees its matrix after featurizing when it is one block, and scoring "
                      "then fails")
     if any(k < 1 for k in args.ensembles):
         parser.error("--ensembles must be >= 1")
+    if any(k < 1 for k in args.store_k):
+        parser.error("--store-k must be >= 1")
     return args
 
 
+PEER_FAMILIES = ("kronfluence", "trak", "captum", "dattri")
+
+
+def is_peer(row: dict[str, Any]) -> bool:
+    return row["method"].startswith(PEER_FAMILIES)
+
+
+def family_label(row: dict[str, Any]) -> str:
+    """``family`` (``trak-p256``, ``store-k32``, …) with ``×K`` for an ensemble."""
+    family = row.get("family", row["method"])
+    return family if row["ensemble"] == 1 else f"{family} ×{row['ensemble']}"
+
+
+def measured(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    return [row for row in entry["methods"].values() if row.get("lds") is not None]
+
+
+def best_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each method family and ensemble size at its best damping, best LDS first."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in measured(entry):
+        label = family_label(row)
+        if label not in best or row["lds"] > best[label]["lds"]:
+            best[label] = row
+    return sorted(best.values(), key=lambda row: -row["lds"])
+
+
+def _cells(row: dict[str, Any]) -> str:
+    return (f"{row['lds']:.3f} | [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] "
+            f"| {row['seconds']:.2f}")
+
+
 def table(report: dict[str, Any]) -> str:
-    """The markdown table of a report: one row per task and method, best LDS first."""
-    lines = ["| task | method | damping | K | LDS | 95 % interval | seconds | LOO Pearson |",
+    """The markdown table of a report: per task, each method family and ensemble size at its
+    best damping, best LDS first; then the methods that failed or were not run."""
+    lines = ["| task | method | K | best damping | LDS | 95 % interval | seconds | LOO Pearson |",
              "|---|---|---:|---:|---:|---|---:|---:|"]
     for task, entry in report["tasks"].items():
-        rows = sorted(entry["methods"].items(),
-                      key=lambda item: -(item[1].get("lds") if item[1].get("lds") is not None
-                                         else -math.inf))
-        for name, row in rows:
-            method = name.split("@")[0]
+        for row in best_rows(entry):
+            loo = row.get("loo", {}).get("pearson_mean_over_queries")
+            lines.append(f"| {task} | {row.get('family', row['method'])} | {row['ensemble']} "
+                         f"| {row['damping']:g} | {_cells(row)} "
+                         f"| {'' if loo is None else f'{loo:.3f}'} |")
+        failures: dict[str, list[str]] = {}
+        for name, row in entry["methods"].items():
             if "error" in row:
                 reason = row["error"].splitlines()[0].split(" (")[0]  # details: in the JSON
-                lines.append(f"| {task} | {method} | {name.split('@')[1]} | | failed: {reason} "
-                             "| | | |")
-                continue
-            loo = row.get("loo", {}).get("pearson_mean_over_queries")
-            lines.append(f"| {task} | {row['method']} | {row['damping']:g} | {row['ensemble']} "
-                         f"| {row['lds']:.3f} | [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] "
-                         f"| {row['seconds']:.2f} | {'' if loo is None else f'{loo:.3f}'} |")
+                failures.setdefault(f"{name.split('@')[0]}: {reason}", []).append(
+                    name.split("@")[1])
+        for what, dampings in failures.items():
+            method, reason = what.split(": ", 1)
+            lines.append(f"| {task} | {method} | | {', '.join(dampings)} | {reason} | | | |")
     return "\n".join(lines)
 
 
+def sweep_table(report: dict[str, Any]) -> str:
+    """The damping sweep: per task, method family and ensemble size, the LDS at every
+    damping (TRAK's: its ``lambda_reg``), the best in bold."""
+    lines = ["| task | method | LDS by damping |", "|---|---|---|"]
+    for task, entry in report["tasks"].items():
+        families: dict[str, list[dict[str, Any]]] = {}
+        for row in measured(entry):
+            families.setdefault(family_label(row), []).append(row)
+        for label, rows in families.items():
+            if len(rows) < 2:
+                continue
+            best = max(row["lds"] for row in rows)
+            cells = [f"{row['damping']:g}: " + (f"**{row['lds']:.3f}**" if row["lds"] == best
+                                                 else f"{row['lds']:.3f}")
+                     for row in sorted(rows, key=lambda row: row["damping"])]
+            lines.append(f"| {task} | {label} | {' · '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def goal_lines(report: dict[str, Any]) -> str:
+    """Per task: the best peer row; fastinfluence's best row, and its best among the rows that
+    took no more seconds than that peer row; whether that one has the higher LDS (a tie where
+    both round to the same three decimals), and whether the 95 % intervals overlap."""
+    lines = []
+    for task, entry in report["tasks"].items():
+        rows = measured(entry)
+        ours = [row for row in rows if not is_peer(row)]
+        peers = [row for row in rows if is_peer(row)]
+        if not ours or not peers:
+            continue
+        peer = max(peers, key=lambda row: row["lds"])
+        best = max(ours, key=lambda row: row["lds"])
+        cheap = [row for row in ours if row["seconds"] <= peer["seconds"]]
+        text = (f"* **{task}**: best peer {family_label(peer)} at {peer['damping']:g}, "
+                f"{peer['lds']:.3f} [{peer['ci'][0]:.3f}, {peer['ci'][1]:.3f}] in "
+                f"{peer['seconds']:.2f} s; best fastinfluence {family_label(best)} at "
+                f"{best['damping']:g}, {best['lds']:.3f} [{best['ci'][0]:.3f}, "
+                f"{best['ci'][1]:.3f}] in {best['seconds']:.2f} s")
+        if cheap:
+            match = max(cheap, key=lambda row: row["lds"])
+            overlap = match["ci"][0] <= peer["ci"][1] and peer["ci"][0] <= match["ci"][1]
+            verdict = ("**tie**" if round(match["lds"], 3) == round(peer["lds"], 3) else
+                       "**yes**" if match["lds"] > peer["lds"] else "**no**") + (
+                ", the intervals overlap" if overlap else ", the intervals do not overlap")
+            text += (f"; within the peer's seconds: {family_label(match)} at "
+                     f"{match['damping']:g}, {match['lds']:.3f} in {match['seconds']:.2f} s: "
+                     f"{verdict}.")
+        else:
+            text += "; no fastinfluence row is as fast as that peer row: **no**."
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def merged(paths: list[Path]) -> dict[str, Any]:
+    """The reports in ``paths`` as one, their configs by file name: their tasks together, and
+    a task's methods from several runs together (a row in several: the first run's)."""
+    report: dict[str, Any] = {"config": {}, "tasks": {}}
+    for path in paths:
+        saved = json.loads(path.read_text())
+        report["config"][path.name] = saved["config"]
+        for task, entry in saved["tasks"].items():
+            if task in report["tasks"]:
+                for name, row in entry["methods"].items():
+                    report["tasks"][task]["methods"].setdefault(name, row)
+            else:
+                report["tasks"][task] = copy.deepcopy(entry)
+    return report
+
+
+def summary(report: dict[str, Any]) -> str:
+    """What the docs page quotes, in its order: the goal lines, the best-per-method table,
+    the damping sweep."""
+    return "\n\n".join([goal_lines(report), table(report), sweep_table(report)])
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
-    """LDS against seconds (log-x), one panel per task: one colour per method (and ensemble
-    size), its dampings joined by a line and labelled, 95 % intervals as bars."""
+    """LDS against seconds (log-x), one panel per task: each method family and ensemble size
+    at its best damping, with its 95 % interval; fastinfluence circles, peers squares."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = list(report["tasks"])
-    figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 5), squeeze=False)
     for axis, task in zip(axes[0], tasks, strict=True):
-        families: dict[str, list[dict[str, Any]]] = {}
-        for name, row in report["tasks"][task]["methods"].items():
-            if row.get("lds") is not None:
-                families.setdefault(name.split("@")[0], []).append(row)
-        for family, rows in families.items():
-            rows.sort(key=lambda row: row["damping"])
-            seconds = [row["seconds"] for row in rows]
-            lds = [row["lds"] for row in rows]
-            errors = [[row["lds"] - row["ci"][0] for row in rows],
-                      [row["ci"][1] - row["lds"] for row in rows]]
-            axis.errorbar(seconds, lds, yerr=errors, capsize=2, label=family, alpha=0.8,
-                          marker="o" if family.split("-")[0] in BASE_METHODS else "s")
-            for row in rows:
-                axis.annotate(f"{row['damping']:g}", (row["seconds"], row["lds"]), fontsize=6,
-                              xytext=(3, 3), textcoords="offset points")
+        for row in best_rows(report["tasks"][task]):
+            peer = is_peer(row)
+            axis.errorbar([row["seconds"]], [row["lds"]],
+                          yerr=[[row["lds"] - row["ci"][0]], [row["ci"][1] - row["lds"]]],
+                          fmt="s" if peer else "o", color="tab:orange" if peer else "tab:blue",
+                          capsize=2, alpha=0.8, markersize=4)
+            axis.annotate(family_label(row), (row["seconds"], row["lds"]), fontsize=6,
+                          xytext=(3, 2), textcoords="offset points")
         axis.set(xscale="log", xlabel="seconds (1 thread)", ylabel="LDS (Spearman, mean)",
-                 title=f"{task} (labels: damping)")
+                 title=f"{task}: each method at its best damping")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        axis.legend(handles=[
+            plt.Line2D([], [], marker="o", color="tab:blue", ls="", label="fastinfluence"),
+            plt.Line2D([], [], marker="s", color="tab:orange", ls="", label="peers")],
+            fontsize=7, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -578,9 +954,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.summary is not None:
-        saved = json.loads(args.summary.read_text())
-        print(table(saved))
-        plot(saved, args.summary.with_suffix(".png"))
+        saved = merged(args.summary)
+        print(summary(saved))
+        plot(saved, args.plot)
         return saved
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {
