@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000])
     parser.add_argument("--n-val", type=int, default=64)
     parser.add_argument("--max-iter", type=int, default=1, help="CG iterations (capped)")
+    parser.add_argument("--channels", type=int, nargs=5, default=[32, 32, 64, 64, 64],
+                        help="the paper CNN's channels per block (default: the paper's)")
     parser.add_argument("--reader", choices=("file", "memmap"), default="file")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
@@ -126,7 +128,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    model = PaperCNN(image_size=IMAGE_SIDE, in_channels=1, num_classes=CLASSES).eval()
+    model = PaperCNN(image_size=IMAGE_SIDE, in_channels=1, num_classes=CLASSES,
+                     channels=tuple(spec["channels"])).eval()
     generator = torch.Generator().manual_seed(1)
     val = (torch.rand(spec["n_val"], 1, IMAGE_SIDE, IMAGE_SIDE, generator=generator),
            torch.randint(0, CLASSES, (spec["n_val"],), generator=generator))
@@ -164,7 +167,7 @@ def run_size(n: int, args: argparse.Namespace, directory: Path) -> dict[str, Any
     path = directory / f"images-{n}.npy"
     write_images(path, n)
     spec = {"path": str(path), "n_val": args.n_val, "max_iter": args.max_iter,
-            "reader": args.reader, "threads": args.threads}
+            "reader": args.reader, "threads": args.threads, "channels": args.channels}
     completed = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
                                capture_output=True, text=True, check=False)
     path.unlink()
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "command": "python benchmarks/bench_memory.py " + " ".join(
                 sys.argv[1:] if argv is None else argv),
             "date": datetime.date.today().isoformat(),
-            "model": f"PaperCNN at {IMAGE_SIDE}², float32, random weights",
+            "model": f"PaperCNN at {IMAGE_SIDE}², channels {args.channels}, float32, random "
+                     "weights",
             "params": "all", "hessian": "gauss-newton", "solver": "cg",
             "max_iter": args.max_iter, "n_val": args.n_val, "reader": args.reader,
             "threads": args.threads, "torch": torch.__version__,
