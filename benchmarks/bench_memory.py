@@ -218,8 +218,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def table(report: dict[str, Any]) -> str:
-    """The markdown table of a report: one row per ``n``, then the peak ratio."""
-    lines = ["| n | data file MiB | RSS at start MiB | peak RSS MiB | Influence s | scores s "
+    """The markdown table of a report (what ran, one row per ``n``, the peak ratio)."""
+    config = report["config"]
+    lines = [f"{config['model']}, p = {report['runs'][0]['num_params']:,}, CG capped at "
+             f"{config['max_iter']} iteration(s), {config['threads']} thread(s), "
+             f"{config['reader']} reader:", "",
+             "| n | data file MiB | RSS at start MiB | peak RSS MiB | Influence s | scores s "
              "| µs per sample: product | µs per sample: scores |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in sorted(report["runs"], key=lambda r: r["n"]):
