@@ -42,13 +42,19 @@ KEPT_LOADER_OPTIONS = ("collate_fn", "num_workers", "pin_memory", "timeout", "wo
 """The ``DataLoader`` settings a re-read keeps (``prefetch_factor`` too, with workers)."""
 
 
+CHECK_BLOCK_NUMBERS = 2**22
+"""Numbers checked for NaN/Inf at once: a large tensor (a memory-mapped file's, say) is checked
+in blocks of rows, never with a mask of its own size."""
+
+
 def check_features(x: torch.Tensor, name: str) -> None:
     """Raise ``ValueError`` if a floating-point tensor holds NaN or Inf."""
-    if x.is_floating_point() or x.is_complex():
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
-            raise ValueError(f"{name} contains {bad} NaN or Inf value(s)")
+    if not (x.is_floating_point() or x.is_complex()) or x.numel() == 0:
+        return
+    rows = max(1, CHECK_BLOCK_NUMBERS // (x.numel() // len(x))) if x.ndim else 1
+    bad = sum(int((~torch.isfinite(block)).sum()) for block in (x.split(rows) if x.ndim else [x]))
+    if bad:
+        raise ValueError(f"{name} contains {bad} NaN or Inf value(s)")
 
 
 def named_inputs(inputs: Any, name: str) -> list[tuple[str, torch.Tensor]]:

@@ -4,7 +4,8 @@ The model comes from ``--model pkg.module:factory`` (a callable returning an ``n
 called with ``--model-kwargs``) and ``--checkpoint`` (a ``state_dict``, or a dict holding one
 under ``"state_dict"`` or ``"model"``, read with ``weights_only=True``). Data is a ``.pt``
 file (a tensor, an ``(X, y)`` pair or a dict with ``x``/``y``), a ``.npy`` array with its labels
-in ``--train-labels``/``--val-labels``, or an image folder (one subfolder per class, sorted
+in ``--train-labels``/``--val-labels`` (memory-mapped, not read up front: an array larger than
+memory is read batch by batch), or an image folder (one subfolder per class, sorted
 names → labels 0, 1, ...). ``--loss`` and ``--output`` name, in the same ``module:callable``
 form, the per-sample loss ``loss(output, y) -> [batch]`` and the selector of the tensor it reads
 from the model's output (defaults: cross-entropy on the output itself). The result goes to
@@ -232,7 +233,8 @@ def _load_tensor(path: Path, option: str) -> Any:
     _existing(path, option)
     if path.suffix == ".npy":
         try:
-            return torch.from_numpy(np.load(path, allow_pickle=False))
+            # Copy-on-write mapping: writable for torch, never written, read as batches are.
+            return torch.from_numpy(np.load(path, mmap_mode="c", allow_pickle=False))
         except ValueError as error:
             raise CommandError(f"{option}: cannot read {path} as a numpy array: {error}") from error
     if path.suffix == ".pt":

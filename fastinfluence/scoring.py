@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -55,6 +55,11 @@ above 32 MiB with fresh ``mmap`` pages, and their page faults took 1.9 s of 2.0 
 scoring 128 samples of 64² in one batch (32 per batch: 2× faster; 128²: 8 per batch)."""
 MAX_DEFAULT_BATCH = 256
 """The default batch size off CPU, and the largest default on CPU."""
+SELF_INFLUENCE_BUDGET = 64 * 2**20
+"""Bytes of per-sample gradients ``self_influence`` solves at once: ``n`` samples whose
+``[n, p]`` gradients exceed it are solved in chunks of rows, so its memory does not grow with
+``n`` (an iterative solver keeps a few such blocks; the direct solver's values are row by row
+and do not change, an iterative solver's agree within its tolerance)."""
 Solved = tuple[torch.Tensor, SolveReport, bool]
 """``s``, the report of its solve, and whether it was reused from ``out``."""
 KEYWORDS = ("loss_fn", "params", "solver", "damping", "hessian", "batch_size", "device",
@@ -90,7 +95,9 @@ class InfluenceReport:
             from ``out`` when ``s`` was reused from there).
         reused_ihvp: whether ``s`` was loaded from ``out`` instead of solved.
         query_solve: the report of the latest solve of :meth:`Influence.pairwise` or
-            :meth:`Influence.self_influence` (``None`` before any).
+            :meth:`Influence.self_influence` (``None`` before any; for self-influence solved
+            in chunks, one report of them all: the largest residual, the summed iterations,
+            products and seconds).
         seconds: wall time per stage (``curvature``: building the backend, which caches the
             head's features; ``fingerprint`` (with ``out``), ``gradient``, ``solve``,
             ``scores``).
@@ -317,7 +324,8 @@ class Influence:
 
         ``out`` and ``chunk_size`` as for :meth:`scores` (an iterative solver solves each
         chunk's samples together, so chunked and whole results agree within its tolerance;
-        the direct solver's agree to rounding)."""
+        the direct solver's agree to rounding). Without ``out`` too, samples whose ``[n, p]``
+        gradients exceed :data:`SELF_INFLUENCE_BUDGET` are solved in chunks of rows."""
         _check_chunking(out, chunk_size)
         target = self.train if data is None else self._wrap(data, "data")
         return self._query("self-influence", target, out, chunk_size, (),
@@ -360,11 +368,21 @@ class Influence:
                                          self._ihvp, self._solve_report)
 
     def _self_influence_of(self, data: LabelledData) -> torch.Tensor:
-        values, report = self.solver.quadratic_form(self.backend.per_sample_gradients(data))
+        """Each sample's ``∇l(z)ᵀ(H + λI)^{-1}∇l(z)``, its gradients solved together in
+        chunks of at most :data:`SELF_INFLUENCE_BUDGET` bytes (never ``[n, p]`` at once)."""
+        itemsize = torch.empty((), dtype=self.fmodel.dtype).element_size()
+        rows = max(1, SELF_INFLUENCE_BUDGET // (self.backend.dim * itemsize))
+        parts, reports = [], []
+        for start in range(0, len(data), rows):
+            chunk = (data if rows >= len(data) else
+                     data.subset(torch.arange(start, min(start + rows, len(data)))))
+            values, report = self.solver.quadratic_form(self.backend.per_sample_gradients(chunk))
+            parts.append(values)
+            reports += [] if report is None else [report]
         self.report.scoring_reason = self.backend.scoring_reason  # a per-sample loop's note
-        if report is not None:
-            self.report.query_solve = report
-        return values
+        if reports:
+            self.report.query_solve = _merged(reports)
+        return torch.cat(parts)
 
     def _saved_ihvp(self, out: str | os.PathLike | None, seconds: dict[str, float]
                     ) -> tuple[OutputDirectory | None, Solved | None]:
@@ -387,6 +405,20 @@ class Influence:
     def _check_labels(self, data: LabelledData) -> None:
         if self.fmodel.uses_cross_entropy:
             data.check_labels(self.num_classes)
+
+
+def _merged(reports: list[SolveReport]) -> SolveReport:
+    """One report for the solves of several chunks: the worst residual, every iteration,
+    product and second counted."""
+    first = reports[0]
+    return replace(
+        first,
+        iterations=sum(r.iterations for r in reports),
+        hessian_products=sum(r.hessian_products for r in reports),
+        relative_residual=max(r.relative_residual for r in reports),
+        converged=all(r.converged for r in reports),
+        seconds=sum(r.seconds for r in reports),
+    )
 
 
 def _new_report(backend: CurvatureBackend, head_reason: str | None, solver: str,

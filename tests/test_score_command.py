@@ -19,6 +19,7 @@ from problems import relative_error
 
 import fastinfluence as fi
 from fastinfluence.cli import main
+from fastinfluence.score_command import load_data
 from fastinfluence.sharded_output import read_output
 
 TESTS = Path(__file__).parent
@@ -276,3 +277,19 @@ def test_torchrun_with_two_ranks_writes_once(saved, tmp_path):
         influence = fi.Influence(model, train, val, params="all", damping=0.5, solver="cg",
                                  tol=1e-12, max_iter=3)
     assert relative_error(read_output(out, "scores"), influence.scores()) <= 1e-12
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="a private mapping shows later writes to its file on Linux")
+def test_npy_data_is_memory_mapped_not_read_up_front(tmp_path):
+    """An ``.npy`` larger than memory streams: its pages are read as batches read them (a
+    write to the file after loading shows in the tensor, which a copy read up front would
+    not)."""
+    inputs, labels = tmp_path / "x.npy", tmp_path / "y.npy"
+    np.save(inputs, np.zeros((4, 3)))
+    np.save(labels, np.zeros(4, dtype=np.int64))
+    x, y = load_data(inputs, labels, "--train", "RGB", None)
+    with open(inputs, "r+b") as handle:
+        handle.seek(-8, os.SEEK_END)
+        handle.write(np.float64(7.0).tobytes())
+    assert float(x[-1, -1]) == 7.0 and x.shape == (4, 3) and y.tolist() == [0] * 4

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
@@ -57,6 +58,10 @@ def with_default_tol(config, dtype: torch.dtype):
 @dataclass(frozen=True)
 class DirectConfig:
     """Explicit ``H`` (from batched Hessian-vector products or closed form), then Cholesky.
+
+    The in-memory solver: it holds ``p × p`` numbers and refuses, before building them, a
+    matrix larger than the device's memory (:func:`device_memory_bytes`); K-FAC's closed-form
+    inverse holds no matrix.
 
     Attributes:
         chunk: identity columns per batched product while building ``H``.
@@ -150,8 +155,8 @@ class WoodburyConfig:
     """Exact Gauss-Newton solves through the training set's Jacobian rows (Woodbury identity).
 
     Attributes:
-        max_gib: largest ``B`` (``n·C × p`` numbers) it builds, in GiB; above it the solver
-            refuses and CG is the way.
+        max_gib: largest ``B`` (``n·C × p`` numbers) it builds, in GiB; above it, or above
+            the device's memory, the solver refuses and CG is the way.
         tol: relative residual above which the solve is reported as not converged.
         chunk_size: training samples per vectorised Jacobian while building ``B``; small
             chunks stay in cache (on CPU, the set-up on the benchmark's residual CNN took
@@ -285,6 +290,9 @@ class DirectSolver(Solver):
         self.matrix: torch.Tensor | None = None
         if operator.offers(Capability.CLOSED_FORM_INVERSE):
             return
+        _check_fits(operator.dim**2 * operator.dtype.itemsize, operator,
+                    f"solver='direct' builds the explicit p × p matrix (p = {operator.dim})",
+                    "use solver='cg'")
         self.matrix = operator.dense(config.chunk)
         self.matrix.diagonal().add_(damping)
         factor, info = torch.linalg.cholesky_ex(self.matrix)
@@ -382,8 +390,33 @@ def _gram(rows: torch.Tensor, block: int = 384) -> torch.Tensor:
     return gram
 
 
+def device_memory_bytes(device: torch.device) -> int | None:
+    """The total memory of ``device`` (the machine's physical memory for the CPU); ``None``
+    where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def _check_fits(size: int, operator: CurvatureBackend, what: str, instead: str) -> None:
+    """Refuse an in-memory solver whose matrix of ``size`` bytes exceeds the device's memory,
+    before it is built (it would be killed for memory part-way instead)."""
+    memory = device_memory_bytes(operator.device)
+    if memory is not None and size > memory:
+        raise ValueError(f"{what}: {size / 2**30:.3g} GiB, more than the {memory / 2**30:.3g} "
+                         f"GiB of memory of {operator.device}; {instead}")
+
+
 def _check_size(size: int, operator: CurvatureBackend, config: WoodburyConfig) -> None:
-    """Refuse Woodbury rows of ``size`` bytes above ``config.max_gib``."""
+    """Refuse Woodbury rows of ``size`` bytes above ``config.max_gib`` or the device's
+    memory."""
+    _check_fits(size, operator, f"solver='woodbury' holds n·C × p numbers (n = "
+                f"{operator.num_samples}, p = {operator.dim})", "use solver='cg'")
     if size / 2**30 > config.max_gib:
         raise ValueError(
             f"solver='woodbury' needs n·C × p numbers, {size / 2**30:.3g} GiB or more (n = "
