@@ -498,7 +498,7 @@ def isr_isp_sweeps(results: Path = RESULTS) -> Claim:
 CLAIMS: tuple[Callable[[Path], Claim], ...] = (
     mrs_influence_distillation, denoising_table1_eps8, denoising_paper_tables,
     denoising_chest, skin_flip_detection, skin_paper_methods_at, isp_tumour_ratio,
-    isr_isp_sweeps)
+    denoising_cw_budget, isr_isp_sweeps)
 
 
 def page_text(path: Path) -> str:

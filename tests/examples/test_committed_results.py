@@ -72,6 +72,7 @@ def redraw(example: str, folder: str, tmp_path: Path) -> tuple[Path, dict]:
     # drawn before the runs saved their figure inputs: only a rerun of trial 0 redraws them
     pytest.param("isr_isp_table1", "isr_isp_table1", False, marks=pytest.mark.slow),
     pytest.param("isr_isp_table1", "isr_isp_sweeps", True, marks=pytest.mark.slow),
+    pytest.param("denoising_cw_budget", "denoising_cw_budget", True, marks=pytest.mark.slow),
 ])
 def test_no_train_redraws_the_committed_table_and_figures(example: str, folder: str,
                                                           figures: bool, tmp_path: Path):
