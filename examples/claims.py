@@ -163,6 +163,16 @@ def mrs_influence_distillation(results: Path = RESULTS) -> Claim:
 DENOISING_COLUMNS = ("clean", "fgsm4", "fgsm8", "ifgsm4", "ifgsm8", "cw")
 
 
+def denoising_cells(runs: list[dict], label: str) -> list[str]:
+    """One row's cells as the pages print them: final-epoch test accuracy (%) per column, mean
+    ± population std over the trials, one decimal."""
+    cells = []
+    for column in DENOISING_COLUMNS:
+        values = [100 * run["accuracy"][column] for run in runs if run["label"] == label]
+        cells.append(f"{statistics.mean(values):.1f} ± {statistics.pstdev(values):.1f}")
+    return cells
+
+
 def table1_order(label: str, table1: list[dict]) -> tuple[bool, bool, float, float]:
     """The page's row order: NA, the λ_n rows, the λ_a rows, then both (each by weight), read
     from the run key ``resnet18:n<λ_n>a<λ_a>``."""
@@ -182,13 +192,8 @@ def denoising_table1_eps8(results: Path = RESULTS) -> Claim:
                     key=lambda label: table1_order(label, table1))
     trials = sorted({run["trial"] for run in table1})
     accuracy = {(run["label"], run["trial"]): run["accuracy"] for run in table1}
-    rows = []
-    for label in labels:
-        cells = []
-        for column in DENOISING_COLUMNS:
-            values = [100 * accuracy[label, t][column] for t in trials]
-            cells.append(f"{statistics.mean(values):.1f} ± {statistics.pstdev(values):.1f}")
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    rows = [f"| {label} | " + " | ".join(denoising_cells(table1, label)) + " |"
+            for label in labels]
     gains: dict[str, list[tuple[float, float]]] = {}
     for label in labels:
         if label == "NA":
@@ -215,6 +220,33 @@ def denoising_table1_eps8(results: Path = RESULTS) -> Claim:
     summary = [f"{len(always)} of {len(gains)} defences gain at ε = 8 in both trials"]
     return Claim("denoising_table1_eps8", numbers, {"denoising-cnn.md": phrases,
                                                      "index.md": summary})
+
+
+def denoising_example() -> Any:
+    """``examples/denoising_cnn_tables.py`` as a module (for the paper's numbers and rows)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import denoising_cnn_tables
+
+    return denoising_cnn_tables
+
+
+def denoising_paper_tables(results: Path = RESULTS) -> Claim:
+    """Tables 3 (VGG-16) and 4 (Reformer and HGD in front of Table 1's classifiers) on SKIN4,
+    every row as the page prints it: each cell ours (as :func:`denoising_cells`) / the paper's
+    (``PAPER`` of the example; ``–`` where the paper has none), in the example's row order."""
+    example = denoising_example()
+    saved = load_runs(results, "denoising_cnn_tables")
+    settings = example.Settings(**saved["settings"])
+    phrases, numbers = [], {}
+    for table in (3, 4):
+        runs = [run for run in saved["runs"] if run["table"] == table]
+        for row in (row for row in example.table_rows(settings) if row.table == table):
+            ours = denoising_cells([r for r in runs if r["key"] == row.key], row.label)
+            paper = example.paper_cells(table, row)
+            cells = [f"{o} / {p}" for o, p in zip(ours, paper, strict=True)]
+            numbers[f"Table {table}: {row.label}"] = cells
+            phrases.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    return Claim("denoising_paper_tables", numbers, {"denoising-cnn.md": phrases})
 
 
 # -- OUSM + LoOP: detection precision, and the paper's methods at 20 % -----------------------
@@ -300,9 +332,173 @@ def isp_tumour_ratio(results: Path = RESULTS) -> Claim:
     return Claim("isp_tumour_ratio", numbers, {"isr-isp.md": phrases, "index.md": summary})
 
 
+def denoising_chest(results: Path = RESULTS) -> Claim:
+    """Table 2 (chest X-ray films) and its influence rows as the page prints them (as
+    :func:`denoising_cells`), each defence's per-trial gain on NA at FGSM 8 / IFGSM10 8, the
+    influence row against the random control per trial, and whether the runs flipped."""
+    saved = load_runs(results, "denoising_cnn_tables_chest")
+    runs = saved["runs"]
+    share = f"{100 * saved['settings']['remove_fraction']:g} %"
+    shown = {"influence": f"NA − {share} most harmful (influence)",
+             "random": f"NA − {share} random (control)"}  # the page's shorter row names
+    labels = list(dict.fromkeys(run["label"] for run in runs))
+    names = {run["label"]: shown.get(run["key"].rsplit("minus-", 1)[-1], run["label"])
+             for run in runs}
+    rows = [f"| {names[label]} | " + " | ".join(denoising_cells(runs, label)) + " |"
+            for label in labels]
+    trials = sorted({run["trial"] for run in runs})
+    accuracy = {(run["label"], run["trial"]): run["accuracy"] for run in runs}
+    defences = [run["label"] for run in runs if run["table"] == 2 and run["trial"] == trials[0]]
+
+    def per_trial(label: str, base: str, columns: tuple[str, ...]) -> str:
+        return "; ".join(f"trial {t}: " + " / ".join(
+            signed(100 * (accuracy[label, t][c] - accuracy[base, t][c])) for c in columns)
+            for t in trials)
+
+    influence, random = (next(run["label"] for run in runs if run.get("table") == 5
+                              and run["key"].endswith(suffix)) for suffix in ("influence",
+                                                                             "random"))
+    flips = "with" if saved["settings"].get("flip", True) else "without"
+    phrases = [*rows, f"{len(trials)} trials {flips} random horizontal flips",
+               *(f"{label}: {per_trial(label, 'NA', ('fgsm8', 'ifgsm8'))}"
+                 for label in defences if label != "NA"),
+               "influence against random removal (clean / FGSM 4 / FGSM 8): "
+               + per_trial(influence, random, ("clean", "fgsm4", "fgsm8"))]
+    return Claim("denoising_chest", {"rows": rows}, {"denoising-cnn.md": phrases})
+
+
+# -- Denoising CNNs: C&W's budget against its strength -----------------------------------------
+
+def denoising_cw_budget(results: Path = RESULTS) -> Claim:
+    """Accuracy under C&W (crafted on the trial-0 source) against iterations per search step,
+    on the source itself (white-box) and on the trial-0 undefended classifier NA (black-box),
+    as the page's table prints it; and how the 10-iteration run compares with the committed
+    Table 1 trial-0 NA run (same settings and seeds)."""
+    saved = load_runs(results, "denoising_cw_budget")
+    runs = sorted(saved["runs"], key=lambda run: run["iterations"])
+    searches = saved["settings"]["cw_searches"]
+    rows = [f"| {run['iterations']} | {searches * run['iterations']} | "
+            f"{percent(run['attacked']['source'], 0)} | {percent(run['attacked']['undefended'], 0)}"
+            f" | {run['mean_l2']:.3f} | {percent(run['changed_fraction'], 0)} | "
+            f"{run['seconds'] / 60:.1f} |" for run in runs]
+    first, last = runs[0], runs[-1]
+    table1 = next(run for run in load_runs(results, "denoising_cnn_tables")["runs"]
+                  if run["table"] == 1 and run["label"] == "NA" and run["trial"] == 0)
+    numbers = {
+        "iterations": [run["iterations"] for run in runs],
+        "source_attacked": [run["attacked"]["source"] for run in runs],
+        "undefended_attacked": [run["attacked"]["undefended"] for run in runs],
+        "clean_subset": first["clean"], "clean_test": first["clean_test_accuracy"],
+        "table1_na_trial0": {"clean": table1["accuracy"]["clean"], "cw": table1["accuracy"]["cw"],
+                             "clean_cw_subset": table1["accuracy"]["clean_cw_subset"]},
+    }
+    clean = (f"clean on these {first['images']} images: source "
+             f"{percent(first['clean']['source'], 0)}, "
+             f"NA {percent(first['clean']['undefended'], 0)}")
+    strongest = (f"at {last['iterations']} iterations per search C&W leaves the source "
+                 f"{percent(last['attacked']['source'], 0)} and NA "
+                 f"{percent(last['attacked']['undefended'], 0)}")
+    table1_line = (f"Table 1's trial-0 NA run: {percent(table1['accuracy']['clean'])} clean, "
+                   f"{percent(table1['accuracy']['cw'], 0)} under C&W at 5 × 10 iterations; "
+                   f"here {percent(first['clean_test_accuracy']['undefended'])} and "
+                   f"{percent(first['attacked']['undefended'], 0)}")
+    return Claim("denoising_cw_budget", numbers,
+                 {"denoising-cnn.md": [*rows, clean, strongest, table1_line],
+                  "index.md": [strongest]})
+
+
+# -- ISR/ISP: the r, γ and m sweeps on one trial ------------------------------------------------
+
+def sweep_label(run: dict[str, Any]) -> str:
+    """The page's name of a sweep run's setting."""
+    options = run["options"]
+    if run["method"] == "isr":
+        return f"ISR, m = {options['max_weight']:g}"
+    if run["method"] == "isp":
+        return f"ISP, r = {options['ratio']:g}, γ = {options['gamma']:g}"
+    return "Naive"
+
+
+def isr_isp_sweeps(results: Path = RESULTS) -> Claim:
+    """The sweeps of ISR's m and ISP's r × γ (one trial, both noises), every setting as the
+    page's table prints it (final-epoch test accuracy, %, ρ_test = 0 / 0.5 per noise), the
+    range of ISP over its grid, and how the paper-default runs differ from Table 1's runs of
+    the same trial and seeds (the size of run-to-run variation)."""
+    saved = load_runs(results, "isr_isp_sweeps")
+    noises = saved["settings"]["noises"]
+    table1 = {(run["key"], run["noise"]): run
+              for run in load_runs(results, "isr_isp_table1")["runs"] if run["trial"] == 0}
+    order = {"naive": 0, "isr": 1, "isp": 2}
+    runs = sorted(saved["runs"], key=lambda run: (
+        order[run["method"]], [v for v in run["options"].values() if isinstance(v, float)]))
+    labels = list(dict.fromkeys(sweep_label(run) for run in runs))
+    final = {(sweep_label(run), run["noise"]): run["final"] for run in saved["runs"]}
+
+    def cell(label: str, noise: str) -> str:
+        found = final.get((label, noise))
+        if found is None:
+            return "–"
+        return f"{100 * found['rho=0']:.1f} / {100 * found['rho=0.5']:.1f}"
+
+    rows = [f"| {label} | " + " | ".join(cell(label, noise) for noise in noises) + " |"
+            for label in labels]
+    numbers: dict[str, Any] = {"rows": rows}
+    phrases = list(rows)
+    for noise in noises:
+        isp = [final[label, noise]["rho=0"] for label in labels
+               if label.startswith("ISP") and (label, noise) in final]
+        naive = final.get(("Naive", noise))
+        if not isp or naive is None:
+            continue
+        numbers[noise] = {"isp_range_rho0": (min(isp), max(isp)), "naive_rho0": naive["rho=0"]}
+        phrases.append(f"{noise.capitalize()}: ISP {100 * min(isp):.1f}–{100 * max(isp):.1f} % "
+                       f"over the grid at ρ_test = 0 (Naive {100 * naive['rho=0']:.1f} %)")
+    isp_runs = [run for run in saved["runs"] if run["method"] == "isp"]
+    columns = ("rho=0", "rho=0.5")
+    naive_final = {run["noise"]: run["final"] for run in saved["runs"] if run["method"] == "naive"}
+    above = [run["final"][c] > naive_final[run["noise"]][c] for run in isp_runs for c in columns
+             if run["noise"] in naive_final]
+    gammas = sorted({run["options"]["gamma"] for run in isp_runs})
+    best_gamma: dict[float, int] = dict.fromkeys(gammas, 0)
+    groups = {(run["noise"], run["options"]["ratio"]) for run in isp_runs}
+    for noise, ratio in groups:
+        group = [run for run in isp_runs
+                 if run["noise"] == noise and run["options"]["ratio"] == ratio]
+        for column in columns:
+            top = max(run["final"][column] for run in group)
+            for run in group:
+                if run["final"][column] == top:
+                    best_gamma[run["options"]["gamma"]] += 1
+    delta = {gamma: [run["method_summary"]["delta_abs_mean"] for run in isp_runs
+                     if run["options"]["gamma"] == gamma] for gamma in gammas}
+    numbers.update(isp_above_naive=(sum(above), len(above)), best_gamma_count=best_gamma,
+                   comparisons=2 * len(groups), delta_abs_mean=delta)
+    phrases += [
+        f"ISP is above Naive in {sum(above)} of {len(above)} (setting, test set) cells",
+        "the most accurate γ of a (noise, r, ρ_test) row: " + ", ".join(
+            f"γ = {gamma:g} in {count}" for gamma, count in best_gamma.items())
+        + f" of {2 * len(groups)} (ties count for each)",
+        "mean |δ| of the perturbed images " + ", ".join(
+            f"{min(values):.3f}–{max(values):.3f} at γ = {gamma:g}"
+            for gamma, values in delta.items())]
+    repeats = []
+    for run in saved["runs"]:
+        other = table1.get((run["key"], run["noise"]))
+        if other is not None:
+            repeats.append((sweep_label(run), run["noise"],
+                            100 * (run["final"]["rho=0"] - other["final"]["rho=0"])))
+    numbers["default_minus_table1_rho0"] = repeats
+    phrases.append("; ".join(f"{label} ({noise.capitalize()}) {signed(difference)}"
+                             for label, noise, difference in repeats))
+    return Claim("isr_isp_sweeps", numbers, {"isr-isp.md": phrases, "index.md": [
+        f"ISP is above Naive in {sum(above)} of {len(above)} (setting, test set) cells",
+        f"γ = 0.01 the most accurate γ in {best_gamma.get(0.01, 0)} of {2 * len(groups)}"]})
+
+
 CLAIMS: tuple[Callable[[Path], Claim], ...] = (
-    mrs_influence_distillation, denoising_table1_eps8, skin_flip_detection,
-    skin_paper_methods_at, isp_tumour_ratio)
+    mrs_influence_distillation, denoising_table1_eps8, denoising_paper_tables,
+    denoising_chest, skin_flip_detection, skin_paper_methods_at, isp_tumour_ratio,
+    denoising_cw_budget, isr_isp_sweeps)
 
 
 def page_text(path: Path) -> str:

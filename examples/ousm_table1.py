@@ -29,7 +29,9 @@ cross-entropy, as the paper's Fig. 3).
 The CPU default is trimmed from the paper where 2 cores demand it (all flags): 1,500
 generated images of 48² split 70/10/20 by patient instead of 4,332 photographs at 224²
 (3,582 / 150 / 600, the split ``--full`` uses), a ResNet-18 of width 16 (channels 16–128)
-from scratch instead of an ImageNet-initialised ResNet-101, 10 epochs (so LoOP's weights,
+from scratch instead of an ImageNet-initialised ResNet-101 (``--full`` builds torchvision's
+ResNet-101, from random initialisation unless ``--weights PATH`` names a local ImageNet
+checkpoint: none can be downloaded here), 10 epochs (so LoOP's weights,
 drawn before epoch 6 and every 5 after, are drawn once), BatchNorm statistics re-estimated
 on the training images after every epoch. The optimiser is the paper's SGD (lr 1e-3,
 weight decay 1e-4; momentum 0.9, which the paper does not name); ``--optimizer adam`` is
@@ -61,7 +63,7 @@ from fastinfluence.experiments import (
     save_figure,
     setting,
 )
-from fastinfluence.models import resnet18
+from fastinfluence.models import resnet18, resnet101
 from fastinfluence.robust import (
     DETECTORS,
     ForwardConfig,
@@ -103,10 +105,16 @@ SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 PAPER_SPLIT_FRACTIONS = (3582 / 4332, 150 / 4332, 600 / 4332)  # the paper's train/val/test
 
 
+ARCHITECTURES = {"resnet18": resnet18, "resnet101": resnet101}
+"""``--arch``: the CPU default's ResNet-18 or the paper's ResNet-101 (torchvision's layout)."""
+
+
 def check(settings: Settings) -> str | None:
     """What is wrong with ``settings``, if anything."""
     if settings.trials < 1:
         return "--trials must be >= 1"
+    if settings.weights is not None and not Path(settings.weights).is_file():
+        return f"--weights {settings.weights}: no such file"
     if any(not 0 <= g < 1 for g in settings.gammas):
         return "--gammas must lie in [0, 1)"
     return None
@@ -132,7 +140,7 @@ class Settings:
     split: list[float] = setting(list(SPLIT_FRACTIONS), list(PAPER_SPLIT_FRACTIONS), flag=None,
                                  normalise=list)
     data_seed: int = setting(0, type=int, help="seeds the data set, split and reference")
-    width: int = setting(16, 64, type=int, help="ResNet-18 first-stage width")
+    width: int = setting(16, 64, type=int, help="the ResNet's first-stage width")
     epochs: int = setting(10, 30, type=int)
     optimizer: str = setting("sgd", choices=["adam", "sgd"],
                              help="the paper's SGD or the ISR/ISP loop's Adam")
@@ -162,6 +170,29 @@ class Settings:
     max_weight: float = setting(2.0, type=float, help="influence re-weighting: ISR's m")
     removal_ratio: float = setting(0.1, type=float, help="influence removal: fraction of the "
                                                          "training set removed after warm-up")
+    arch: str = setting("resnet18", "resnet101", choices=list(ARCHITECTURES), absent="resnet18",
+                        help="the network (--full: the paper's resnet101)")
+    weights: str | None = setting(None, absent=None, metavar="PATH",
+                                  help="a local state-dict file the network starts from, e.g. "
+                                       "torchvision's ImageNet checkpoint of --arch (the paper "
+                                       "fine-tunes ImageNet weights; default: random "
+                                       "initialisation)")
+
+
+def initialisation_note(settings: Settings) -> str | None:
+    """What a ResNet-101 run without ``--weights`` means (``None`` for other runs)."""
+    if settings.arch != "resnet101" or settings.weights is not None:
+        return None
+    return ("note: ResNet-101 from random initialisation (no --weights): the paper fine-tunes "
+            "ImageNet weights, which cannot be downloaded here; torchvision's resnet101 "
+            "checkpoint saved with torch.save(model.state_dict(), PATH) loads with --weights "
+            "PATH. Without it the runs are not the paper's setting.")
+
+
+def build_network(settings: Settings) -> torch.nn.Module:
+    """A fresh two-class ``--arch`` network, from ``--weights`` when given (its ``fc`` stays
+    freshly initialised: the file's head has 1,000 classes)."""
+    return ARCHITECTURES[settings.arch](2, width=settings.width, weights=settings.weights)
 
 
 CLI = ExperimentCLI(Settings, __doc__, "examples/ousm_table1.py",
@@ -201,7 +232,7 @@ def load_data(settings: Settings, device: str, progress: bool) -> Data:
     if settings.noise == "loss":
         torch.manual_seed(settings.data_seed)
         reference = reference_losses(
-            resnet18(2, width=settings.width), (x, y),
+            build_network(settings), (x, y),
             max(1, round(PAPER_REFERENCE_FRACTION * len(y))),
             TrainConfig(**train_settings(settings, settings.data_seed, device),
                         epochs=settings.reference_epochs),
@@ -526,6 +557,10 @@ def save_learning_curves(path: Path, runs: list[dict], settings: Settings) -> Pa
         axis.set_ylabel("error (%)")
         axis.set_title(title, fontsize=9)
         axis.legend(fontsize=7, title="noise", title_fontsize=7)
+    flips = "loss-ranked" if settings.noise == "loss" else "random"
+    trials = len({r["trial"] for group in curves.values() for r in group})
+    figure.suptitle(f"Fig. 3: the plain ResNet under {flips} label flips, by noise rate "
+                    f"(mean of {trials} trials)", fontsize=10)
     return save_figure(figure, path, dpi=110)
 
 
@@ -546,6 +581,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     session = Session(CLI, argv, run_id, render_table)
     settings, meta, device = session.settings, session.meta, session.device
     figure = None
+    note = initialisation_note(settings)
+    if note is not None and not session.args.no_train:
+        print(note)
     with session:
         if not session.args.no_train:  # the data (and its reference network) are for training
             start = time.perf_counter()
@@ -573,7 +611,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if method == "resnet":  # Fig. 3's training error: only the plain ResNet's is drawn
                 tests["train (noisy labels)"] = train
             torch.manual_seed(trial)  # the same initial weights for every method of a trial
-            model = resnet18(2, width=settings.width)
+            model = build_network(settings)
             trainer = make_trainer(method, settings, model, trial, device)
             result = trainer.fit(train, data.val, tests)
             summary = method_summary(trainer, flipped, detection_options(settings, device))

@@ -53,3 +53,17 @@ def test_the_corrected_claims_numbers():
     best = claims.skin_paper_methods_at().numbers["at_best_val"]
     assert round(best["ousm"][0], 1) == -0.3 and round(best["ousm_loop"][0], 1) == -0.7
     assert round(claims.isp_tumour_ratio().numbers["mean"], 2) == 1.71
+
+
+def test_the_cw_budget_reruns_table1s_models_and_the_sweeps_counts():
+    """The C&W budget script retrains Table 1's trial-0 source and NA (same settings and
+    seeds): its 10-iteration run gives the committed NA numbers; the sweep counts are those
+    the pages state."""
+    budget = claims.denoising_cw_budget().numbers
+    assert budget["iterations"][0] == 10
+    assert budget["undefended_attacked"][0] == budget["table1_na_trial0"]["cw"]
+    assert budget["clean_test"]["undefended"] == budget["table1_na_trial0"]["clean"]
+    assert budget["clean_subset"]["undefended"] == budget["table1_na_trial0"]["clean_cw_subset"]
+    sweeps = claims.isr_isp_sweeps().numbers
+    assert sweeps["isp_above_naive"] == (35, 36)
+    assert sweeps["best_gamma_count"][0.01] == 11 and sweeps["comparisons"] == 12

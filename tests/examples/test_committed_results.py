@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import pytest
@@ -16,10 +16,11 @@ from fastinfluence.experiments import regenerate_table
 
 RESULTS = EXAMPLES / "results"
 COMMITTED = {
-    "isr_isp_table1": ("isr_isp_table1", "isr_isp_ablation_direction"),
+    "isr_isp_table1": ("isr_isp_table1", "isr_isp_ablation_direction", "isr_isp_sweeps"),
     "ousm_table1": ("ousm_table1", "ousm_table1_symmetric"),
     "mrs_table2": ("mrs_table2",),
     "denoising_cnn_tables": ("denoising_cnn_tables", "denoising_cnn_tables_chest"),
+    "denoising_cw_budget": ("denoising_cw_budget",),
     "gpt2_influence": ("gpt2_influence",),
     "vit_brain_tumour": ("vit_brain_tumour",),
 }
@@ -43,14 +44,16 @@ def test_every_committed_results_folder_is_checked():
     (example, folder) for example, folders in COMMITTED.items() for folder in folders])
 def test_committed_runs_have_the_settings_of_their_command(example: str, folder: str):
     """The generated command line resolves the saved command to the saved settings (the
-    extendable ones aside: the command extended a folder that held more)."""
+    extendable ones aside: the command extended a folder that held more; a setting added
+    after the runs were saved counts as its ``absent`` value, as when they are resumed)."""
     module = load_example(example)
     saved = json.loads((RESULTS / folder / "runs.json").read_text())
     flags = shlex.split(saved["meta"]["command"])[2:]
     settings = asdict(module.CLI.settings_from(module.CLI.parse_args(flags)))
     for name in module.CLI.extendable:
         settings[name] = saved["settings"][name]
-    assert settings == saved["settings"]
+    absent = {f.name: f.default for f in fields(module.Settings) if f.default is not MISSING}
+    assert settings == json.loads(json.dumps(absent)) | saved["settings"]
 
 
 def redraw(example: str, folder: str, tmp_path: Path) -> tuple[Path, dict]:
@@ -68,6 +71,8 @@ def redraw(example: str, folder: str, tmp_path: Path) -> tuple[Path, dict]:
     pytest.param("mrs_table2", "mrs_table2", True, marks=pytest.mark.slow),
     # drawn before the runs saved their figure inputs: only a rerun of trial 0 redraws them
     pytest.param("isr_isp_table1", "isr_isp_table1", False, marks=pytest.mark.slow),
+    pytest.param("isr_isp_table1", "isr_isp_sweeps", True, marks=pytest.mark.slow),
+    pytest.param("denoising_cw_budget", "denoising_cw_budget", True, marks=pytest.mark.slow),
 ])
 def test_no_train_redraws_the_committed_table_and_figures(example: str, folder: str,
                                                           figures: bool, tmp_path: Path):

@@ -144,3 +144,15 @@ def test_chest_run_fills_table_2_and_the_influence_rows(tables, tmp_path):
     table = (out / "table.md").read_text()
     assert "Table 2: ResNet-18 on the chest X-ray set" in table and "71.21" in table
     assert "Table 1" not in table
+
+
+def test_chest_films_are_never_flipped_skin_images_are(tables):
+    """A mirrored chest film puts the heart on the wrong side: Table 2 trains without flips,
+    SKIN4 with them, and the setting is recorded (``runs.json``)."""
+    chest = tables.settings_from(tables.parse_args(["--dataset", "chest"]))
+    skin = tables.settings_from(tables.parse_args([]))
+    assert (chest.flip, skin.flip) == (False, True)
+    assert tables.train_config(chest, 0, "cpu")["flip"] is False
+    assert tables.train_config(skin, 0, "cpu")["flip"] is True
+    forced = tables.settings_from(tables.parse_args(["--dataset", "chest", "--flip"]))
+    assert forced.flip is True

@@ -97,3 +97,24 @@ def test_influence_rows_act_on_the_plain_resnets_warmup_ranking(table1):
     warmup = trainers["resnet"].scores_at_warmup.scores["val_influence"]
     torch.testing.assert_close(trainers["influence_removal"].scores.double(), warmup,
                                rtol=1e-4, atol=1e-7)
+
+
+def test_full_builds_the_papers_resnet101_from_a_local_weights_file(table1, tmp_path, capsys):
+    full = table1.settings_from(table1.parse_args(["--full"]))
+    assert (full.arch, full.weights) == ("resnet101", None)
+    with pytest.raises(SystemExit, match="--weights .*no such file"):
+        table1.parse_args(["--full", "--weights", str(tmp_path / "missing.pth")])
+    torch.manual_seed(0)
+    imagenet = table1.resnet101(1000, width=4)
+    path = tmp_path / "resnet101.pth"
+    torch.save(imagenet.state_dict(), path)
+    settings = table1.settings_from(table1.parse_args(
+        [*TINY, "--arch", "resnet101", "--width", "4", "--weights", str(path)]))
+    network = table1.build_network(settings)
+    assert network.fc.out_features == 2
+    torch.testing.assert_close(network.layer3[22].conv3.weight, imagenet.layer3[22].conv3.weight)
+    assert table1.initialisation_note(settings) is None
+    # without --weights the command says what that means (printed before anything trains)
+    note = table1.initialisation_note(full)
+    assert "random initialisation" in note and "--weights PATH" in note
+    assert table1.initialisation_note(table1.settings_from(table1.parse_args([]))) is None
