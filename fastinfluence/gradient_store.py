@@ -48,7 +48,12 @@ import torch
 from torch import nn
 
 from fastinfluence.functional import FunctionalModel, LossFn, OutputFn
-from fastinfluence.hessian.kfac import KroneckerLayer, kronecker_layers, layer_passes
+from fastinfluence.hessian.kfac import (
+    KroneckerLayer,
+    input_patches,
+    kronecker_layers,
+    layer_passes,
+)
 from fastinfluence.labelled_data import DataLike, LabelledData, first_samples
 from fastinfluence.modes import eval_mode
 from fastinfluence.output_session import OutputSession
@@ -218,11 +223,14 @@ class GradientStore:
         """``[C', B, K]``: each column's per-sample ``Σ_t (P_out δ_t)(P_in a_t)ᵀ`` over the
         layers, flattened and concatenated (batches of ``data`` concatenated on ``B``)."""
         batches = []
-        for patches, grads in layer_passes(self.fmodel, self.layers, data, False,
-                                           "projected gradients", columns):
+        for layer_inputs, grads in layer_passes(self.fmodel, self.layers, data, False,
+                                                "projected gradients", columns):
             pieces = []
             for layer, (p_out, p_in) in zip(self.layers, self.projections, strict=True):
-                inputs = patches[layer.name] @ p_in.T  # [B, T, k_in]
+                patches = input_patches(layer, layer_inputs[layer.name])
+                inputs = patches @ p_in[:, :patches.shape[2]].T  # [B, T, k_in]
+                if layer.bias:  # the bias column's constant 1
+                    inputs += p_in[:, -1]
                 outputs = grads[layer.name] @ p_out.T  # [C', B, T, k_out]
                 per_sample = torch.einsum("cbto,bti->cboi", outputs, inputs)
                 pieces.append(per_sample.flatten(2))
