@@ -89,6 +89,11 @@ class Shards:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
 
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank (in place)."""
+        dist.broadcast(tensor, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return tensor
+
 
 @dataclass(frozen=True)
 class SampleSums:
@@ -114,9 +119,7 @@ class SampleSums:
         """Rank 0's ``tensor`` on every rank (in place): an eigendecomposition computed on
         every rank from the same sums may still differ by rounding or eigenvector signs on
         other hardware, and the solvers must run the same iterations everywhere."""
-        group = self.shards.group
-        dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
-        return tensor
+        return self.shards.broadcast(tensor)
 
 
 Build = Callable[[LabelledData, SampleSums | None], CurvatureBackend]

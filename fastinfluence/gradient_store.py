@@ -299,7 +299,7 @@ class GradientStore:
                 raise ValueError(f"G_k + λI is not positive definite (damping={damping}): "
                                  "raise damping")
             if self.shards is not None:  # every rank solves with rank 0's factor
-                distributed.SampleSums(self.shards, True).agree(factor)
+                self.shards.broadcast(factor)
             self._cholesky = factor
         return self._cholesky
 
