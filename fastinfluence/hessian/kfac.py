@@ -212,10 +212,8 @@ class KroneckerCurvature:
         corrected = {layer.name: torch.zeros_like(layer.eigen[2]) for layer in self.layers}
         for inputs, grads in self._passes(train, progress, "EK-FAC eigenvalues", pass_batch):
             for layer in self.layers:
-                basis_a, basis_s, _ = layer.eigen
-                per_sample = per_sample_matrices(layer, inputs[layer.name], grads[layer.name])
-                projected = basis_s.T @ per_sample @ basis_a
-                corrected[layer.name] += (projected * projected).sum(dim=(0, 1))
+                corrected[layer.name] += _eigen_corrections(layer, inputs[layer.name],
+                                                            grads[layer.name])
         for layer in self.layers:
             layer.eigen = (layer.eigen[0], layer.eigen[1],
                            self._total(corrected[layer.name]) / count)
@@ -393,14 +391,16 @@ def _input_moments(layer: KroneckerLayer, x: torch.Tensor) -> torch.Tensor:
     """``Σ_b Σ_t a_bt a_btᵀ`` ``[in (+1), in (+1)]`` over a batch, the bias column's 1 included.
 
     Contiguous patches (a Linear's) are one flat ``[B·T, in]`` product. A convolution's are a
-    transposed view of ``unfold``'s ``[B, in, T]``: a batched product of each sample's
-    ``[in, T]`` with its transpose reads that layout as it is (BLAS transposes), where the flat
-    product would copy it first (measured: 3× slower with the copy); the per-sample ``[in, in]``
-    products are taken a block of samples at a time and summed."""
+    transposed view of ``unfold``'s ``[B, in, T]``: with more positions than inputs, a batched
+    product of each sample's ``[in, T]`` with its transpose reads that layout as it is (BLAS
+    transposes), where the flat product would copy it first (residual CNN at 32², ``T`` =
+    1,024, ``in`` = 145: 3× slower with the copy); the per-sample ``[in, in]`` products are
+    taken a block of samples at a time and summed. With fewer positions than inputs (a deep
+    convolution) writing ``B`` products of ``[in, in]`` costs more than the copy: flat."""
     a = input_patches(layer, x)
     batch, positions, width = a.shape
-    if a.is_contiguous():
-        flat = a.reshape(batch * positions, width)
+    if a.is_contiguous() or positions < width:
+        flat = a.reshape(batch * positions, width)  # a copy when not contiguous
         second = flat.T @ flat
     else:
         block = max(1, MOMENT_BLOCK_BYTES // (width * width * a.element_size()))
@@ -412,6 +412,34 @@ def _input_moments(layer: KroneckerLayer, x: torch.Tensor) -> torch.Tensor:
     corner = column.new_tensor([[batch * positions]])
     return torch.cat([torch.cat([second, column[:, None]], dim=1),
                       torch.cat([column[None], corner], dim=1)])
+
+
+def _eigen_corrections(layer: KroneckerLayer, x: torch.Tensor,
+                       grads: torch.Tensor) -> torch.Tensor:
+    """``Σ_b Σ_c (Q_Sᵀ G_bc Q_A)²`` ``[out, in (+1)]`` over a batch, ``G_bc = Σ_t g_bct ã_btᵀ``
+    each sample's gradient matrix of column ``c`` (``ã`` the patches with the bias's 1).
+
+    Two orders of the same products, whichever takes fewer multiply-adds: the per-sample
+    matrices, then rotated (``C·(out²·in + out·in²)`` per sample on top of the
+    ``C·T·out·in`` of forming them: cheap when the positions ``T`` are many and ``in`` is
+    small), or the patches and gradients rotated first, ``ã Q_A`` and ``g Q_S``
+    (``T·in² + C·T·out²``, then ``C·T·out·in``: cheap when ``T`` is small and ``in`` large, a
+    deep convolution's or a Linear's)."""
+    basis_a, basis_s, _ = layer.eigen
+    patches = input_patches(layer, x)
+    columns, _, positions, out = grads.shape
+    width = layer.in_features
+    forming = columns * positions * out * width
+    matrices_first = forming + columns * (out * out * width + out * width * width)
+    rotated_first = positions * width * width + columns * positions * out * out + forming
+    if rotated_first < matrices_first:
+        rotated = patches @ basis_a[:patches.shape[2]]  # [B, T, in (+1)]
+        if layer.bias:  # the bias column's 1 times the basis's last row
+            rotated += basis_a[-1]
+        projected = torch.einsum("cbto,bti->cboi", grads @ basis_s, rotated)
+    else:
+        projected = basis_s.T @ per_sample_matrices(layer, x, grads) @ basis_a
+    return (projected * projected).sum(dim=(0, 1))
 
 
 def per_sample_matrices(layer: KroneckerLayer, x: torch.Tensor,
