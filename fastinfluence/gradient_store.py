@@ -59,6 +59,7 @@ from fastinfluence import distributed
 from fastinfluence.functional import FunctionalModel, LossFn, OutputFn
 from fastinfluence.hessian.kfac import (
     KroneckerLayer,
+    hessian_root_columns,
     input_patches,
     kronecker_layers,
     layer_passes,
@@ -135,8 +136,10 @@ def _loss_gradient_column(fmodel: FunctionalModel, logits: torch.Tensor,
 
 def _gradient_and_root_columns(fmodel: FunctionalModel, logits: torch.Tensor,
                                y: torch.Tensor) -> torch.Tensor:
-    """``∂l/∂z`` then the loss Hessian's root columns ``r_c``: ``[1 + C, B, ...]``."""
-    roots = fmodel.loss_hessian_roots(logits.detach(), y)[0]
+    """``∂l/∂z`` then the loss Hessian's root columns ``r_c`` (K-FAC's:
+    :func:`~fastinfluence.hessian.kfac.hessian_root_columns`, ``C − 1`` of them for softmax
+    cross-entropy; ``G_k`` is the same for any root): ``[1 + C, B, ...]``."""
+    roots = hessian_root_columns(fmodel, logits, y)
     return torch.cat([_loss_gradient_column(fmodel, logits, y), roots])
 
 
