@@ -932,6 +932,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
+def kronecker_ratios(entry: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Ours over Kronfluence's, for each K-FAC variant both ran on a task (same run, in
+    turns): median seconds (fit, scoring, total) and peak RSS (whole, and over the worker's
+    baseline)."""
+    ratios = {}
+    for pair in entry["agreement"]:
+        ours, peer = (entry["methods"][name] for name in pair.split(" vs "))
+        ratio = {f"{stage} seconds": ours["seconds"][stage] / peer["seconds"][stage]
+                 for stage in ("fit", "scoring", "total")}
+        ratio["peak RSS"] = ours["peak_rss_mib"] / peer["peak_rss_mib"]
+        ratio["peak RSS over baseline"] = (ours["peak_over_baseline_mib"]
+                                           / max(peer["peak_over_baseline_mib"], 1.0))
+        ratios[pair.replace(" vs ", " / ")] = ratio
+    return ratios
+
+
 def summary_text(report: dict[str, Any]) -> str:
     """The table (:func:`markdown`), the K-FAC agreement and the targets of a report."""
     config = report["config"]
@@ -944,6 +960,9 @@ def summary_text(report: dict[str, Any]) -> str:
     for entry in report["tasks"]:
         for pair, value in entry["agreement"].items():
             lines.append(f"- {entry['task']['name']}: Pearson {pair} = {value:.4f}")
+        lines += [f"- {entry['task']['name']}: {pair}: " + ", ".join(
+            f"{what} {value:.2f}x" for what, value in ratios.items())
+            for pair, ratios in kronecker_ratios(entry).items()]
     for row in report["targets"]:
         if "speedup" in row:
             verdict = (f"{row['speedup']:.1f}x the fastest exact peer "

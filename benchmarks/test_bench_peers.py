@@ -20,6 +20,7 @@ from bench_peers import (
     Budget,
     ResidualCNN,
     exact_gauss_newton_scores,
+    kronecker_ratios,
     main,
     parse_args,
     summarize,
@@ -206,6 +207,19 @@ def test_summary_compares_with_the_reference_and_kronfluence():
     assert entry["agreement"] == {
         "fastinfluence-kfac vs kronfluence-kfac": pytest.approx(float(expected))}
     assert entry["methods"]["kronfluence-ekfac"] == results["kronfluence-ekfac"]
+
+
+def test_kronecker_ratios_are_ours_over_kronfluences():
+    def method(fit, scoring, peak, baseline):
+        return {"seconds": {"fit": fit, "scoring": scoring, "total": fit + scoring},
+                "peak_rss_mib": peak, "peak_over_baseline_mib": peak - baseline}
+
+    entry = {"agreement": {"fastinfluence-ekfac vs kronfluence-ekfac": 0.99},
+             "methods": {"fastinfluence-ekfac": method(6.0, 2.0, 500.0, 400.0),
+                         "kronfluence-ekfac": method(12.0, 4.0, 1000.0, 600.0)}}
+    assert kronecker_ratios(entry) == {"fastinfluence-ekfac / kronfluence-ekfac": {
+        "fit seconds": 0.5, "scoring seconds": 0.5, "total seconds": 0.5, "peak RSS": 0.5,
+        "peak RSS over baseline": 0.25}}
 
 
 def test_default_outputs_name_the_device():

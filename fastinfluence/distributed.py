@@ -10,14 +10,19 @@ of one process:
   matrix — is taken over the local shard and all-reduced, so every rank holds the same
   numbers, and the solvers run the same iterations everywhere (LiSSA draws its minibatches
   from one seed: the same global indices on every rank, each rank evaluating its own);
+* K-FAC/EK-FAC factors (``hessian="kfac"/"ekfac"``, and CG's preconditioner) are fitted the
+  same way: each rank sums its shard's covariances, sample counts and eigenvalue corrections,
+  the sums are all-reduced (:class:`SampleSums`), and rank 0's eigenbases are broadcast, so
+  every rank holds the factors of one process and their products and inverse need no
+  further communication;
 * per-sample results (scores, per-sample gradients, perturbation maps) are computed on each
   rank's shard of the data asked for and gathered in the data's order, on every rank
   (:class:`DistributedBackend` wraps the process's backend, so callers never shard by hand).
 
-Replicated on every rank: the model snapshot, ``s`` and the solver's state. Not distributed
-yet: K-FAC/EK-FAC factors (refused) and the closed-form head's native minibatch LiSSA: the
-generic recursion runs instead, so that one case draws other minibatches than one process
-does (the ranks agree with each other; both are estimates of the same solve).
+Replicated on every rank: the model snapshot, ``s``, the K-FAC factors and the solver's state.
+Not distributed yet: the closed-form head's native minibatch LiSSA: the generic recursion runs
+instead, so that one case draws other minibatches than one process does (the ranks agree with
+each other; both are estimates of the same solve).
 """
 
 from __future__ import annotations
@@ -84,21 +89,60 @@ class Shards:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
 
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank (in place)."""
+        dist.broadcast(tensor, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return tensor
+
+
+@dataclass(frozen=True)
+class SampleSums:
+    """Sums over every rank's training samples, for what a backend fits on one rank's shard
+    (K-FAC/EK-FAC factors).
+
+    Attributes:
+        shards: how the samples are split.
+        holds_samples: whether this rank's shard has samples (one without builds its backend
+            on a stand-in sample, which must add nothing).
+    """
+
+    shards: Shards
+    holds_samples: bool
+
+    def total(self, local: torch.Tensor) -> torch.Tensor:
+        """``local``, a sum over this rank's samples, summed over every rank (in place)."""
+        if not self.holds_samples:
+            local.zero_()
+        return self.shards.sum(local)
+
+    def agree(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank (in place): an eigendecomposition computed on
+        every rank from the same sums may still differ by rounding or eigenvector signs on
+        other hardware, and the solvers must run the same iterations everywhere."""
+        return self.shards.broadcast(tensor)
+
+
+Build = Callable[[LabelledData, SampleSums | None], CurvatureBackend]
+"""Builds the backend of one process on a training set (a rank's shard of it, with the
+:class:`SampleSums` that span the ranks; ``None`` in one process)."""
+
 
 class DistributedBackend(CurvatureBackend):
     """A backend whose sums run over every rank's shard of the training set.
 
+    A backend with a closed-form inverse (K-FAC/EK-FAC) fitted its factors over every rank's
+    samples (:class:`SampleSums`): its products and inverse are already those of the whole
+    training set, taken as they are; every other backend's products are summed here.
+
     Args:
-        build: builds the backend of one process on a training set (a shard of it here).
+        build: builds the backend of one process on this rank's shard (:data:`Build`).
         train: the whole training set (the same on every rank).
         shards: how the samples are split.
     """
 
-    capabilities = frozenset()  # no optional capability spans the ranks yet
-
     def __init__(
         self,
-        build: Callable[[LabelledData], CurvatureBackend],
+        build: Build,
         train: LabelledData,
         shards: Shards,
         *,
@@ -111,16 +155,16 @@ class DistributedBackend(CurvatureBackend):
         self.local_train: LabelledData | None = None  # restricted views only take products
         if inner is None:
             self.local_train = shards.local(train)
-            # A rank without samples still needs the model's layout and scoring pass: it
-            # builds its backend on one sample and contributes nothing to the sums.
-            inner = build(self.local_train or train.subset(torch.arange(1)))
             local_count = 0 if self.local_train is None else len(self.local_train)
             total = len(train)
-        if inner.offers(Capability.CLOSED_FORM_INVERSE):
-            raise ValueError(
-                f"hessian={inner.name!r} is not distributed yet (its factors are per process): "
-                "use 'gauss-newton' or 'exact' with several ranks"
-            )
+        self.sample_sums = SampleSums(shards, bool(local_count))
+        if inner is None:
+            # A rank without samples still needs the model's layout and scoring pass: it
+            # builds its backend on one sample and contributes nothing to the sums.
+            inner = build(self.local_train or train.subset(torch.arange(1)), self.sample_sums)
+        # the only optional capability that spans the ranks: factors fitted over all of them
+        self.capabilities = inner.capabilities & {Capability.CLOSED_FORM_INVERSE}
+        self.factored = inner.offers(Capability.CLOSED_FORM_INVERSE)
         self.inner = inner
         self.local_count = local_count
         self.num_samples = total
@@ -142,10 +186,18 @@ class DistributedBackend(CurvatureBackend):
 
     def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
         self.passes += 1
+        if self.factored:
+            return self.inner.matvec(vectors)
         return self._summed(lambda: self.inner.matvec(vectors), vectors, self.local_count,
                             self.num_samples)
 
+    def closed_form_inverse(self, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+        """The inner backend's inverse, of factors that span every rank already."""
+        return self.inner.closed_form_inverse(rhs, damping)
+
     def dense(self, chunk: int = 32) -> torch.Tensor:
+        if self.factored:
+            return self.inner.dense(chunk)
         like = torch.empty(self.dim, self.dim, dtype=self.dtype, device=self.device)
         return self._summed(lambda: self.inner.dense(chunk), like, self.local_count,
                             self.num_samples)
@@ -180,7 +232,7 @@ class DistributedBackend(CurvatureBackend):
         start, stop = self.shards.bounds(self.num_samples)
         mine = indices[(indices >= start) & (indices < stop)] - start
         inner = self.inner.restrict(mine) if len(mine) else self.inner
-        return DistributedBackend(lambda _: inner, self.train, self.shards, inner=inner,
+        return DistributedBackend(lambda _data, _sums: inner, self.train, self.shards, inner=inner,
                                   local_count=len(mine), total=len(indices))
 
     def _local(self, data: LabelledData) -> LabelledData | None:
@@ -191,9 +243,8 @@ class DistributedBackend(CurvatureBackend):
         return self.shards.local(data)
 
 
-def wrap(build: Callable[[LabelledData], CurvatureBackend], train: LabelledData,
-         group: Any | None) -> CurvatureBackend:
-    """``build(train)`` for one process; a :class:`DistributedBackend` over ``group``."""
+def wrap(build: Build, train: LabelledData, group: Any | None) -> CurvatureBackend:
+    """``build(train, None)`` for one process; a :class:`DistributedBackend` over ``group``."""
     if group is None:
-        return build(train)
+        return build(train, None)
     return DistributedBackend(build, train, Shards.of(group))

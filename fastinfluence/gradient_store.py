@@ -35,6 +35,13 @@ chunk of training samples, its ``Σ_i Σ_c`` term of ``G_k`` ``[K, K]`` (float64
 chunks (:mod:`fastinfluence.sharded_output`): a killed build resumes at the first unfinished
 chunk. :meth:`GradientStore.top_influences` streams the chunks once per query batch, keeping a
 running top list per query (memory ``O(chunk·m + m·top)``, never ``n × m``).
+
+Under ``torch.distributed`` (docs/design.md §7.3) every rank runs the same chunk loop: each
+projects its contiguous shard of the chunk's samples, the chunk's ``G_k`` term is all-reduced
+and its rows gathered, and rank 0 writes both files (``out`` on a file system every rank
+sees). Queries are projected shard by shard and gathered; each rank streams every
+``world``-th chunk and the ranks' top lists are merged, so every rank returns what one
+process would; the Cholesky factor of ``G_k + λI`` is rank 0's on every rank.
 """
 
 from __future__ import annotations
@@ -42,13 +49,21 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from fastinfluence import distributed
 from fastinfluence.functional import FunctionalModel, LossFn, OutputFn
-from fastinfluence.hessian.kfac import KroneckerLayer, kronecker_layers, layer_passes
+from fastinfluence.hessian.kfac import (
+    KroneckerLayer,
+    hessian_root_columns,
+    input_patches,
+    kronecker_layers,
+    layer_passes,
+)
 from fastinfluence.labelled_data import DataLike, LabelledData, first_samples
 from fastinfluence.modes import eval_mode
 from fastinfluence.output_session import OutputSession
@@ -121,8 +136,10 @@ def _loss_gradient_column(fmodel: FunctionalModel, logits: torch.Tensor,
 
 def _gradient_and_root_columns(fmodel: FunctionalModel, logits: torch.Tensor,
                                y: torch.Tensor) -> torch.Tensor:
-    """``∂l/∂z`` then the loss Hessian's root columns ``r_c``: ``[1 + C, B, ...]``."""
-    roots = fmodel.loss_hessian_roots(logits.detach(), y)[0]
+    """``∂l/∂z`` then the loss Hessian's root columns ``r_c`` (K-FAC's:
+    :func:`~fastinfluence.hessian.kfac.hessian_root_columns`, ``C − 1`` of them for softmax
+    cross-entropy; ``G_k`` is the same for any root): ``[1 + C, B, ...]``."""
+    roots = hessian_root_columns(fmodel, logits, y)
     return torch.cat([_loss_gradient_column(fmodel, logits, y), roots])
 
 
@@ -147,6 +164,9 @@ class GradientStore:
         output: as for :class:`~fastinfluence.Influence`.
         device: as for :class:`~fastinfluence.Influence`.
         progress: as for :class:`~fastinfluence.Influence`.
+        process_group: as for :class:`~fastinfluence.Influence`: split the build and the
+            queries over the ranks of this ``torch.distributed`` group (default: the default
+            group when initialised); every rank gets the results of one process.
     """
 
     def __init__(self, model: nn.Module, train: DataLike, *, k: int,
@@ -154,13 +174,15 @@ class GradientStore:
                  seed: int = 0, dtype: torch.dtype = torch.float32, chunk_size: int = 4096,
                  batch_size: int = 64, loss_fn: LossFn | None = None,
                  output: OutputFn | None = None, device: torch.device | str | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, process_group: Any | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(out, (str, os.PathLike)):
             raise TypeError(f"out must be a directory path, got {out!r}")
         self.config = StoreConfig(k, seed, damping, dtype, chunk_size, batch_size)
         self.model, self.out, self.progress = model, out, progress
+        group = distributed.process_group(process_group)
+        self.shards = None if group is None else distributed.Shards.of(group)
         self.train = LabelledData(train, "train", batch_size)
         first = next(model.parameters())
         example = first_samples(next(iter(self.train.batches(first.device, first.dtype)))[0], 2)
@@ -184,7 +206,7 @@ class GradientStore:
         self._session = OutputSession(self.fmodel, self.train, None, {
             "store": {"params": list(self.selection.names), "k": k, "seed": seed,
                       "dtype": str(dtype), "model_dtype": str(self.fmodel.dtype)},
-        }, None, progress)
+        }, group, progress)
         self._cholesky: torch.Tensor | None = None
 
     # -- building ------------------------------------------------------------------------
@@ -195,15 +217,36 @@ class GradientStore:
         gradients, curvature = self._chunks()
         todo = sorted(set(range(gradients.num_chunks))
                       - (gradients.finished & curvature.finished))
+        writer = gradients.directory.writer  # the other ranks hold no chunk
         with eval_mode(self.model):
             for index in progress_bar(todo, self.progress, "gradient store chunks", len(todo)):
-                projected = self._project(self.train.subset(gradients.rows(index)),
-                                          _gradient_and_root_columns)
-                factors = projected[1:].reshape(-1, self.dim).to(torch.float64)
-                curvature.write(index, (factors.T @ factors)[None])
-                gradients.write(index, projected[0].to("cpu", self.config.dtype))
+                term, rows = self._chunk(gradients.rows(index))
+                if writer:
+                    curvature.write(index, term[None])
+                    gradients.write(index, rows.to(self.config.dtype))
+        if self.shards is not None:  # the files are whole before any rank reads them
+            dist.barrier(group=self.shards.group)
         self._cholesky = None
         return self
+
+    def _chunk(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``G_k`` term ``Σ_i Σ_c`` ``[K, K]`` (float64) and the projected gradients
+        ``[len(rows), K]`` (on the CPU) of the training samples at ``rows``; across ranks,
+        each projects its shard of them, the term is all-reduced and the rows gathered."""
+        shards = self.shards
+        start, stop = (0, len(rows)) if shards is None else shards.bounds(len(rows))
+        term = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        local = None
+        if stop > start:
+            projected = self._project(self.train.subset(rows[start:stop]),
+                                      _gradient_and_root_columns)
+            factors = projected[1:].reshape(-1, self.dim).to("cpu", torch.float64)
+            term = factors.T @ factors
+            local = projected[0].to("cpu")
+        if shards is None:
+            return term, local
+        like = torch.empty(1, self.dim, dtype=self.fmodel.dtype)
+        return shards.sum(term), shards.gather(local, len(rows), like)
 
     def _chunks(self) -> tuple[ChunkedOutput, ChunkedOutput]:
         directory: OutputDirectory = self._session.open(self.out)
@@ -218,11 +261,14 @@ class GradientStore:
         """``[C', B, K]``: each column's per-sample ``Σ_t (P_out δ_t)(P_in a_t)ᵀ`` over the
         layers, flattened and concatenated (batches of ``data`` concatenated on ``B``)."""
         batches = []
-        for patches, grads in layer_passes(self.fmodel, self.layers, data, False,
-                                           "projected gradients", columns):
+        for layer_inputs, grads in layer_passes(self.fmodel, self.layers, data, False,
+                                                "projected gradients", columns):
             pieces = []
             for layer, (p_out, p_in) in zip(self.layers, self.projections, strict=True):
-                inputs = patches[layer.name] @ p_in.T  # [B, T, k_in]
+                patches = input_patches(layer, layer_inputs[layer.name])
+                inputs = patches @ p_in[:, :patches.shape[2]].T  # [B, T, k_in]
+                if layer.bias:  # the bias column's constant 1
+                    inputs += p_in[:, -1]
                 outputs = grads[layer.name] @ p_out.T  # [C', B, T, k_out]
                 per_sample = torch.einsum("cbto,bti->cboi", outputs, inputs)
                 pieces.append(per_sample.flatten(2))
@@ -255,6 +301,8 @@ class GradientStore:
             if info != 0:
                 raise ValueError(f"G_k + λI is not positive definite (damping={damping}): "
                                  "raise damping")
+            if self.shards is not None:  # every rank solves with rank 0's factor
+                self.shards.broadcast(factor)
             self._cholesky = factor
         return self._cholesky
 
@@ -262,8 +310,17 @@ class GradientStore:
         """``g̃ = P ∇l(z)`` ``[m, K]`` (float64, on the CPU with the stored chunks) of each
         sample of ``data``."""
         samples = LabelledData(data, "queries", self.config.batch_size)
-        with eval_mode(self.model):
-            return self._project(samples, _loss_gradient_column)[0].to("cpu", torch.float64)
+        shards = self.shards
+        local = samples if shards is None else shards.local(samples)
+        projected = None
+        if local is not None:
+            with eval_mode(self.model):
+                projected = self._project(local, _loss_gradient_column)[0].to("cpu",
+                                                                             torch.float64)
+        if shards is None:
+            return projected
+        return shards.gather(projected, len(samples),
+                             torch.empty(1, self.dim, dtype=torch.float64))
 
     def _solved_queries(self, queries: DataLike) -> torch.Tensor:
         """``(G_k + λI)^{-1} g̃_q`` ``[K, m]``."""
@@ -303,14 +360,16 @@ class GradientStore:
         sign = 1.0 if largest else -1.0
         best_values = solved.new_full((solved.shape[1], 0), 0.0)
         best_indices = torch.zeros((solved.shape[1], 0), dtype=torch.long)
-        for index in range(gradients.num_chunks):
+        mine = (range(gradients.num_chunks) if self.shards is None else
+                range(self.shards.rank, gradients.num_chunks, self.shards.world))
+        for index in mine:
             rows = gradients.rows(index)
             chunk = torch.from_numpy(gradients.chunk(index).copy()).to(torch.float64)
             values = sign * -(chunk @ solved).T  # [m, rows]
-            merged = torch.cat([best_values, values], dim=1)
-            merged_indices = torch.cat([best_indices, rows.expand(len(merged), -1)], dim=1)
-            best_values, position = merged.topk(min(top, merged.shape[1]), dim=1)
-            best_indices = merged_indices.gather(1, position)
+            best_values, best_indices = _best(best_values, best_indices, values,
+                                              rows.expand(len(values), -1), top)
+        if self.shards is not None:
+            best_values, best_indices = self._merged(best_values, best_indices, top)
         scores = sign * best_values
         if exact is None:
             return best_indices, scores
@@ -320,6 +379,22 @@ class GradientStore:
         order = (sign * scores).argsort(dim=1, descending=True, stable=True)
         return best_indices.gather(1, order), scores.gather(1, order)
 
+    def _merged(self, values: torch.Tensor, indices: torch.Tensor,
+                top: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's top lists ``[m, ≤ top]`` (of its chunks) merged into the top
+        ``top`` (padded with ``−∞`` to one width for the gather; ``top ≤ n`` leaves the pads
+        out)."""
+        padding = top - values.shape[1]
+        values = torch.cat([values, values.new_full((len(values), padding), -torch.inf)], 1)
+        indices = torch.cat([indices, indices.new_full((len(indices), padding), -1)], 1)
+        group, world = self.shards.group, self.shards.world
+        all_values = [torch.empty_like(values) for _ in range(world)]
+        all_indices = [torch.empty_like(indices) for _ in range(world)]
+        dist.all_gather(all_values, values, group=group)
+        dist.all_gather(all_indices, indices, group=group)
+        return _best(values[:, :0], indices[:, :0], torch.cat(all_values, 1),
+                     torch.cat(all_indices, 1), top)
+
     def _check_exact(self, exact: Influence) -> None:
         if len(exact.train) != len(self.train):
             raise ValueError(f"exact: its training set has {len(exact.train)} samples, the "
@@ -328,3 +403,13 @@ class GradientStore:
             raise ValueError(f"exact: its θ_S {list(exact.selection.names)[:4]} is not the "
                              f"store's {list(self.selection.names)[:4]}")
 
+
+
+def _best(values: torch.Tensor, indices: torch.Tensor, new_values: torch.Tensor,
+          new_indices: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top`` largest of a running list ``(values, indices)`` ``[m, ·]`` and new
+    candidates, with their indices."""
+    merged = torch.cat([values, new_values], dim=1)
+    merged_indices = torch.cat([indices, new_indices], dim=1)
+    best, position = merged.topk(min(top, merged.shape[1]), dim=1)
+    return best, merged_indices.gather(1, position)

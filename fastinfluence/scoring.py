@@ -49,10 +49,14 @@ from fastinfluence.params import ParameterSelection, ParamsSpec, select_paramete
 from fastinfluence.sample_independence import check_sample_independence
 from fastinfluence.sharded_output import OutputDirectory
 
-CPU_ACTIVATION_BUDGET = 16 * 2**20
-"""On CPU the default batch keeps the largest activation under 16 MiB: glibc serves blocks
+CPU_ACTIVATION_BUDGET = 8 * 2**20
+"""On CPU the default batch keeps the largest activation within 8 MiB: glibc serves blocks
 above 32 MiB with fresh ``mmap`` pages, and their page faults took 1.9 s of 2.0 s when
-scoring 128 samples of 64² in one batch (32 per batch: 2× faster; 128²: 8 per batch)."""
+scoring 128 samples of 64² in one batch (32 per batch: 2× faster; 128²: 8 per batch). The
+fused tangent pass stacks an activation with its tangent (``[x; dx]``, twice its size), so
+16 MiB put that block at the threshold: on the residual CNN of ``bench_peers`` at 32², 1,024
+samples scored in 2.0 s and 702 MiB peak RSS in batches of 256, 1.5–1.7 s and 490–520 MiB in
+batches of 64–128 (the paper CNN at 64²: 32 or 16 per batch, the same time)."""
 MAX_DEFAULT_BATCH = 256
 """The default batch size off CPU, and the largest default on CPU."""
 SELF_INFLUENCE_BUDGET = 64 * 2**20
@@ -149,7 +153,7 @@ class Influence:
             (positive semi-definite for losses convex in the output, so solvers converge where
             a network's exact Hessian is indefinite).
         batch_size: batch size for tuples and datasets (default: up to 256; on CPU, small
-            enough that the largest activation of a batch stays under 16 MiB).
+            enough that the largest activation of a batch stays within 8 MiB).
         device: where to compute (default: the model's device).
         progress: show tqdm progress bars on long work.
         output: picks the tensor that the loss and the curvature read from the model's output,
@@ -227,8 +231,8 @@ class Influence:
             seconds: dict[str, float] = {}
             with _timed(seconds, "curvature"):
                 self.backend: CurvatureBackend = distributed.wrap(
-                    lambda data: select_backend(self.fmodel, probe, data, example, hessian,
-                                                progress),
+                    lambda data, sample_sums: select_backend(
+                        self.fmodel, probe, data, example, hessian, progress, sample_sums),
                     curvature_data, self.group,
                 )
             solver = choose_solver(solver, self.backend)

@@ -1,4 +1,5 @@
-"""Influence split over 2 and 3 gloo processes (loopback, spawned here) equals one process."""
+"""Influence and the gradient store split over 2 and 3 gloo processes (loopback, spawned here)
+equal one process."""
 
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ CASES = {
     "minibatch-lissa": ("cnn", 23, {"params": "all", "solver": "lissa", "damping": 0.5,
                                     "minibatch_size": 8, "depth": 40}),
     "empty-shard": ("mlp", 2, {"params": "all", "solver": "direct", "damping": 0.5}),
+    # K-FAC/EK-FAC factors summed over the ranks' shards: as a curvature and as CG's
+    # preconditioner (the CNN's BatchNorm gets the scalar block), an empty shard included
+    "kfac-direct": ("cnn", 23, {"params": ["0", "5"], "hessian": "kfac"}),
+    "ekfac-direct": ("mlp", 23, {"params": "all", "hessian": "ekfac"}),
+    "gauss-newton-cg-ekfac": ("cnn", 23, {"params": "all", "solver": "cg",
+                                          "preconditioner": "ekfac", "tol": 1e-12}),
+    "empty-shard-ekfac": ("mlp", 2, {"params": "all", "hessian": "ekfac", "damping": 0.5}),
+    "empty-shard-cg-kfac": ("mlp", 2, {"params": "all", "solver": "cg", "damping": 0.5,
+                                       "preconditioner": "kfac", "tol": 1e-12}),
 }
 TIMEOUT_S = 240
 
@@ -63,6 +73,20 @@ def written_scores(directory: Path) -> torch.Tensor:
     return inf.scores(out=directory, chunk_size=5)
 
 
+def store_queries(directory: Path) -> dict:
+    """A gradient store's build and queries (``k < p``: a projection, but one process's);
+    7 validation queries over 3 ranks make uneven query shards, 5 chunks uneven chunk
+    shards."""
+    model, train, val = make_problem("mlp", seed=5, n_train=23, n_val=7)
+    store = fi.GradientStore(model, train, k=3, out=directory, dtype=torch.float64,
+                             chunk_size=5, batch_size=4).build()
+    exact = fi.Influence(model, train, val, params="all", solver="direct", batch_size=4)
+    return {"curvature": store.curvature(), "pairwise": store.pairwise(val),
+            "top": store.top_influences(val, top=6),
+            "lowest": store.top_influences(val, top=6, largest=False),
+            "exact": store.top_influences(val, top=6, exact=exact)}
+
+
 def worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -70,6 +94,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         results = {name: run_case(*case) for name, case in CASES.items()}
         results["written"] = written_scores(Path(out) / "resumable")
+        results["store"] = store_queries(Path(out) / "store")
         dist.barrier()  # no rank tears the group down while a peer still talks to it
     finally:
         dist.destroy_process_group()
@@ -106,9 +131,19 @@ def test_ranks_give_the_single_process_results(world, tmp_path, single_process):
     expected_written = written_scores(tmp_path / "one-process")
     assert sorted(p.name for p in (tmp_path / "resumable").glob("scores-*.npy")) == [
         f"scores-{index:05d}.npy" for index in range(5)]
+    expected_store = store_queries(tmp_path / "one-process-store")
+    assert (sorted(p.name for p in (tmp_path / "store").glob("projected-*.npy"))
+            == sorted(p.name for p in (tmp_path / "one-process-store").glob("projected-*.npy")))
     for rank, results in enumerate(ranks):
         gap = float((results["written"] - expected_written).norm())
         assert gap <= 1e-8 * float(expected_written.norm()), (rank, "written", gap)
+        store = results["store"]
+        for key in ("curvature", "pairwise"):
+            torch.testing.assert_close(store[key], expected_store[key], rtol=1e-10, atol=1e-12)
+        for key in ("top", "lowest", "exact"):
+            indices, values = store[key]
+            assert torch.equal(indices, expected_store[key][0]), (rank, key)
+            torch.testing.assert_close(values, expected_store[key][1], rtol=1e-10, atol=1e-12)
         for name, expected in single_process.items():
             got = results[name]
             assert got["world_size"] == world and expected["world_size"] == 1

@@ -30,15 +30,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from fastinfluence.functional import FunctionalModel
-from fastinfluence.labelled_data import LabelledData
+from fastinfluence.labelled_data import LabelledData, map_inputs
 from fastinfluence.layers.huggingface import register_loaded
 from fastinfluence.layers.registry import KroneckerRule, NotCovered, kfac_rule, registered
 from fastinfluence.progress import progress_bar
+
+if TYPE_CHECKING:
+    from fastinfluence.distributed import SampleSums
 
 KRONECKER_CURVATURES = ("kfac", "ekfac")
 
@@ -150,14 +154,28 @@ class KroneckerCurvature:
         progress: tqdm bars for the passes.
         partial: factor the covered layers of θ_S alone (:func:`kronecker_layers`); products
             and inverses are then zero on the other parameters.
+        sample_sums: under ``torch.distributed``, ``train`` is this rank's shard and the sums
+            over samples (covariances, counts, eigenvalue corrections) are all-reduced and the
+            eigenbases taken from rank 0 (:class:`~fastinfluence.distributed.SampleSums`), so
+            every rank holds the factors of the whole training set; ``None`` in one process.
     """
 
     def __init__(self, fmodel: FunctionalModel, train: LabelledData, eigen_corrected: bool,
-                 progress: bool = False, partial: bool = False) -> None:
+                 progress: bool = False, partial: bool = False,
+                 sample_sums: SampleSums | None = None) -> None:
         self.fmodel = fmodel
         self.layers = kronecker_layers(fmodel, partial)
         self.eigen_corrected = eigen_corrected
+        self.sample_sums = sample_sums
         self.fit(train, progress)
+
+    def _total(self, local: torch.Tensor) -> torch.Tensor:
+        """A sum over this process's samples, summed over every rank's."""
+        return local if self.sample_sums is None else self.sample_sums.total(local)
+
+    def _agreed(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank (itself in one process)."""
+        return tensor if self.sample_sums is None else self.sample_sums.agree(tensor)
 
     def fit(self, train: LabelledData, progress: bool = False) -> None:
         """Factors from one pass over ``train``; eigenbases; EK-FAC eigenvalues from a second.
@@ -172,31 +190,33 @@ class KroneckerCurvature:
                                             device=device)
             layer.gradients = torch.zeros(layer.out_features, layer.out_features, dtype=wide,
                                           device=device)
+        pass_batch = factor_pass_batch(self.fmodel, self.layers, train)
         count = 0
-        for patches, grads in self._passes(train, progress, "K-FAC factors"):
-            count += len(next(iter(patches.values())))
+        for inputs, grads in self._passes(train, progress, "K-FAC factors", pass_batch):
+            count += len(next(iter(inputs.values())))
             for layer in self.layers:
-                a, g = patches[layer.name], grads[layer.name]  # [B, T, in], [C, B, T, out]
-                layer.activations += torch.einsum("bti,btj->ij", a, a).to(wide)
-                layer.gradients += torch.einsum("cbti,cbtj->ij", g, g).to(wide) / a.shape[1]
+                g = grads[layer.name]  # [C, B, T, out]
+                layer.activations += _input_moments(layer, inputs[layer.name]).to(wide)
+                flat = g.reshape(-1, g.shape[-1])
+                layer.gradients += (flat.T @ flat).to(wide) / g.shape[2]
+        count = int(self._total(torch.tensor(count, dtype=wide, device=device)))
         for layer in self.layers:
-            layer.activations /= count
-            layer.gradients /= count
-            values_a, basis_a = torch.linalg.eigh(layer.activations)
-            values_s, basis_s = torch.linalg.eigh(layer.gradients)
+            layer.activations = self._total(layer.activations) / count
+            layer.gradients = self._total(layer.gradients) / count
+            values_a, basis_a = map(self._agreed, torch.linalg.eigh(layer.activations))
+            values_s, basis_s = map(self._agreed, torch.linalg.eigh(layer.gradients))
             product = values_s.clamp_min(0)[:, None] * values_a.clamp_min(0)[None, :]
             layer.eigen = (basis_a.to(dtype), basis_s.to(dtype), product.to(dtype))
         if not self.eigen_corrected:
             return
         corrected = {layer.name: torch.zeros_like(layer.eigen[2]) for layer in self.layers}
-        for patches, grads in self._passes(train, progress, "EK-FAC eigenvalues"):
+        for inputs, grads in self._passes(train, progress, "EK-FAC eigenvalues", pass_batch):
             for layer in self.layers:
-                basis_a, basis_s, _ = layer.eigen
-                per_sample = torch.einsum("cbto,bti->cboi", grads[layer.name], patches[layer.name])
-                projected = basis_s.T @ per_sample @ basis_a
-                corrected[layer.name] += (projected * projected).sum(dim=(0, 1))
+                corrected[layer.name] += _eigen_corrections(layer, inputs[layer.name],
+                                                            grads[layer.name])
         for layer in self.layers:
-            layer.eigen = (layer.eigen[0], layer.eigen[1], corrected[layer.name] / count)
+            layer.eigen = (layer.eigen[0], layer.eigen[1],
+                           self._total(corrected[layer.name]) / count)
 
     def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
         """The factored curvature times each row of ``vectors`` ``[k, p]``."""
@@ -239,30 +259,87 @@ class KroneckerCurvature:
         if layer.bias:
             out[:, layer.offsets[1]:layer.offsets[1] + layer.out_features] = matrix[:, :, -1]
 
-    def _passes(self, data: LabelledData, progress: bool, what: str):
+    def _passes(self, data: LabelledData, progress: bool, what: str, pass_batch: int | None):
         """:func:`layer_passes` of this curvature's layers."""
-        return layer_passes(self.fmodel, self.layers, data, progress, what)
+        return layer_passes(self.fmodel, self.layers, data, progress, what,
+                            pass_batch=pass_batch)
 
 
 def hessian_root_columns(fmodel: FunctionalModel, logits: torch.Tensor,
                          y: torch.Tensor) -> torch.Tensor:
     """The columns ``r_c`` ``[C, B, ...]`` of the loss Hessian's square root in the model
-    output (its PSD part): K-FAC's output-gradient directions."""
-    return fmodel.loss_hessian_roots(logits.detach(), y)[0]
+    output (its PSD part): K-FAC's output-gradient directions; ``C − 1`` of them for softmax
+    cross-entropy (:func:`_without_null_column`), whose Hessian has rank ``C − 1``.
+
+    Every factor is a sum over the columns of products of two terms linear in ``r_c``
+    (``S = Σ_c g_c g_cᵀ``, EK-FAC's ``Σ_c (Q_Sᵀ G_c Q_A)²`` entrywise), hence unchanged by any
+    other root ``R U`` (``U`` orthogonal) of the same Hessian ``R Rᵀ``: fewer columns are one
+    backward pass fewer per batch, the same factors."""
+    roots = fmodel.loss_hessian_roots(logits.detach(), y)[0]
+    if fmodel.uses_cross_entropy and logits.ndim == 2:
+        return _without_null_column(roots, torch.softmax(logits.detach(), dim=1))
+    return roots
+
+
+def _without_null_column(roots: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy's root columns ``r_c = √p_c (e_c − p)`` ``[C, B, C]``, rotated
+    per sample so that one is zero, and that one dropped: ``[C − 1, B, C]``.
+
+    With ``R = [r_1 … r_C] = (I − p1ᵀ) diag(√p)``, ``R √p = 0``. The Householder reflection
+    ``H = I − 2vvᵀ/vᵀv``, ``v = e_k + √p`` (``k`` the most probable class, so that
+    ``vᵀv = 2 + 2√p_k ≥ 2`` never cancels), maps ``e_k`` to ``−√p``: column ``k`` of ``R H``
+    is zero, and ``(RH)(RH)ᵀ = RRᵀ``."""
+    count, batch = probs.shape[1], len(probs)
+    top = probs.argmax(dim=1)
+    v = probs.sqrt()
+    v[torch.arange(batch), top] += 1
+    reflection = (torch.eye(count, dtype=probs.dtype, device=probs.device)
+                  - 2 * v[:, :, None] * v[:, None, :] / (v * v).sum(dim=1)[:, None, None])
+    rotated = torch.einsum("bcj,cbe->bje", reflection, roots)  # [B, C, C]: columns of R H
+    columns = torch.arange(count, device=probs.device).expand(batch, -1)
+    kept = columns[columns != top[:, None]].reshape(batch, count - 1)
+    return rotated.gather(1, kept[:, :, None].expand(-1, -1, count)).permute(1, 0, 2)
+
+
+FACTOR_PASS_BUDGET = 32 * 2**20
+"""Bytes of one pass batch's largest layer patches and every layer's output gradients in a
+K-FAC pass on the CPU (:func:`factor_pass_batch`)."""
+
+
+def factor_pass_batch(fmodel: FunctionalModel, layers: list[KroneckerLayer],
+                      data: LabelledData) -> int | None:
+    """Samples per forward/backward of the factor passes: on the CPU the largest power of two
+    whose largest layer's input patches plus every layer's output gradients fit
+    :data:`FACTOR_PASS_BUDGET` (measured on one sample); ``None`` (the data's own batches)
+    elsewhere.
+
+    A convolution's patches are ``k²`` times its input, so the data's batches, sized for
+    activations, make the passes memory-bound: on the residual CNN of ``bench_peers`` at 32²
+    (one thread) batches of 256 took 1.4 GB and 4.6 s for 256 samples, batches of 16 0.45 GB
+    and 3.0 s. The batch changes the factors by rounding only."""
+    if fmodel.device.type != "cpu":
+        return None
+    inputs, grads = next(layer_passes(fmodel, layers, data.subset(torch.arange(1)), False, ""))
+    patches = max(input_patches(layer, inputs[layer.name]).numel() for layer in layers)
+    sample_bytes = (patches + sum(g.numel() for g in grads.values())) * fmodel.dtype.itemsize
+    fitting = max(1, FACTOR_PASS_BUDGET // sample_bytes)
+    return 2 ** (fitting.bit_length() - 1)
 
 
 def layer_passes(fmodel: FunctionalModel, layers: list[KroneckerLayer], data: LabelledData,
                  progress: bool, what: str,
                  columns: Callable[[FunctionalModel, torch.Tensor, torch.Tensor], torch.Tensor]
-                 = hessian_root_columns):
-    """Per batch: every layer's input patches ``[B, T, in (+1)]`` and the output gradients
-    ``[C, B, T, out]`` of ``logits · r_c`` for each column ``r_c`` ``[B, ...]`` of
-    ``columns(fmodel, logits, y)`` (default: the loss Hessian's square root; the gradient
-    store also asks for ``∂l/∂z``), read through the layers' K-FAC rules by forward hooks on
-    one forward and one backward per column."""
+                 = hessian_root_columns, pass_batch: int | None = None):
+    """Per batch: every layer's input ``[B, ...]`` (as the layer received it; its patches are
+    :func:`input_patches`, taken by the caller one layer at a time, since a convolution's are
+    ``T·k²`` times its input) and the output gradients ``[C, B, T, out]`` of ``logits · r_c``
+    for each column ``r_c`` ``[B, ...]`` of ``columns(fmodel, logits, y)`` (default: the loss
+    Hessian's square root; the gradient store also asks for ``∂l/∂z``), read through the
+    layers' K-FAC rules by forward hooks on one forward and one backward per column.
+    ``pass_batch``: split the data's batches into pieces of at most this many samples."""
     batches = progress_bar(data.batches(fmodel.device, fmodel.dtype), progress, what,
                            data.num_batches())
-    for x, y in batches:
+    for x, y in _pieces(batches, pass_batch):
         inputs: dict[str, torch.Tensor] = {}
         outputs: dict[str, torch.Tensor] = {}
         hooks = [layer.module.register_forward_hook(_capture(layer, inputs, outputs))
@@ -293,16 +370,27 @@ def layer_passes(fmodel: FunctionalModel, layers: list[KroneckerLayer], data: La
             )
         directions = columns(fmodel, logits, y)
         names = [layer.name for layer in layers]
-        by_name = {layer.name: layer for layer in layers}
-        grads: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        for column in directions:
+        grads: dict[str, torch.Tensor] = {}
+        for index, column in enumerate(directions):
             pieces = torch.autograd.grad(logits, [outputs[n] for n in names], column,
-                                         retain_graph=True)
-            for name, piece in zip(names, pieces, strict=True):
-                grads[name].append(by_name[name].rule.positions(piece))
-        patches = {layer.name: _patches(layer, inputs[layer.name].detach())
-                   for layer in layers}
-        yield patches, {name: torch.stack(values) for name, values in grads.items()}
+                                         retain_graph=index + 1 < len(directions))
+            for layer, piece in zip(layers, pieces, strict=True):
+                positions = layer.rule.positions(piece)  # [B, T, out]
+                if layer.name not in grads:  # one copy per column, into the stacked tensor
+                    grads[layer.name] = positions.new_empty(len(directions), *positions.shape)
+                grads[layer.name][index] = positions
+        yield {name: a.detach() for name, a in inputs.items()}, grads
+
+
+def _pieces(batches, size: int | None):
+    """Each ``(x, y)`` of ``batches`` in consecutive pieces of at most ``size`` samples."""
+    for x, y in batches:
+        if size is None or len(y) <= size:
+            yield x, y
+            continue
+        for start in range(0, len(y), size):
+            rows = slice(start, start + size)
+            yield map_inputs(lambda tensor, rows=rows: tensor[rows], x), y[rows]
 
 
 def _capture(layer: KroneckerLayer, inputs: dict, outputs: dict):
@@ -316,9 +404,79 @@ def _capture(layer: KroneckerLayer, inputs: dict, outputs: dict):
     return hook
 
 
-def _patches(layer: KroneckerLayer, x: torch.Tensor) -> torch.Tensor:
-    patches = layer.rule.patches(layer.module, x)
-    if layer.bias:
-        ones = patches.new_ones(*patches.shape[:2], 1)
-        patches = torch.cat([patches, ones], dim=2)
-    return patches
+def input_patches(layer: KroneckerLayer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input patches ``a_t`` ``[B, T, in]`` of its input ``x``, without the bias
+    column (a constant 1, which the callers add in closed form rather than copying the
+    patches to append it)."""
+    return layer.rule.patches(layer.module, x)
+
+
+MOMENT_BLOCK_BYTES = 2**26
+"""At most this many bytes of per-sample ``[in, in]`` products at a time in
+:func:`_input_moments` (64 MiB)."""
+
+
+def _input_moments(layer: KroneckerLayer, x: torch.Tensor) -> torch.Tensor:
+    """``Σ_b Σ_t a_bt a_btᵀ`` ``[in (+1), in (+1)]`` over a batch, the bias column's 1 included.
+
+    Contiguous patches (a Linear's) are one flat ``[B·T, in]`` product. A convolution's are a
+    transposed view of ``unfold``'s ``[B, in, T]``: with more positions than inputs, a batched
+    product of each sample's ``[in, T]`` with its transpose reads that layout as it is (BLAS
+    transposes), where the flat product would copy it first (residual CNN at 32², ``T`` =
+    1,024, ``in`` = 145: 3× slower with the copy); the per-sample ``[in, in]`` products are
+    taken a block of samples at a time and summed. With fewer positions than inputs (a deep
+    convolution) writing ``B`` products of ``[in, in]`` costs more than the copy: flat."""
+    a = input_patches(layer, x)
+    batch, positions, width = a.shape
+    if a.is_contiguous() or positions < width:
+        flat = a.reshape(batch * positions, width)  # a copy when not contiguous
+        second = flat.T @ flat
+    else:
+        block = max(1, MOMENT_BLOCK_BYTES // (width * width * a.element_size()))
+        second = sum(torch.bmm(part.transpose(1, 2), part).sum(dim=0)
+                     for part in a.split(block))
+    if not layer.bias:
+        return second
+    column = a.sum(dim=(0, 1))
+    corner = column.new_tensor([[batch * positions]])
+    return torch.cat([torch.cat([second, column[:, None]], dim=1),
+                      torch.cat([column[None], corner], dim=1)])
+
+
+def _eigen_corrections(layer: KroneckerLayer, x: torch.Tensor,
+                       grads: torch.Tensor) -> torch.Tensor:
+    """``Σ_b Σ_c (Q_Sᵀ G_bc Q_A)²`` ``[out, in (+1)]`` over a batch, ``G_bc = Σ_t g_bct ã_btᵀ``
+    each sample's gradient matrix of column ``c`` (``ã`` the patches with the bias's 1).
+
+    Two orders of the same products, whichever takes fewer multiply-adds: the per-sample
+    matrices, then rotated (``C·(out²·in + out·in²)`` per sample on top of the
+    ``C·T·out·in`` of forming them: cheap when the positions ``T`` are many and ``in`` is
+    small), or the patches and gradients rotated first, ``ã Q_A`` and ``g Q_S``
+    (``T·in² + C·T·out²``, then ``C·T·out·in``: cheap when ``T`` is small and ``in`` large, a
+    deep convolution's or a Linear's)."""
+    basis_a, basis_s, _ = layer.eigen
+    patches = input_patches(layer, x)
+    columns, _, positions, out = grads.shape
+    width = layer.in_features
+    forming = columns * positions * out * width
+    matrices_first = forming + columns * (out * out * width + out * width * width)
+    rotated_first = positions * width * width + columns * positions * out * out + forming
+    if rotated_first < matrices_first:
+        rotated = patches @ basis_a[:patches.shape[2]]  # [B, T, in (+1)]
+        if layer.bias:  # the bias column's 1 times the basis's last row
+            rotated += basis_a[-1]
+        projected = torch.einsum("cbto,bti->cboi", grads @ basis_s, rotated)
+    else:
+        projected = basis_s.T @ per_sample_matrices(layer, x, grads) @ basis_a
+    return (projected * projected).sum(dim=(0, 1))
+
+
+def per_sample_matrices(layer: KroneckerLayer, x: torch.Tensor,
+                        grads: torch.Tensor) -> torch.Tensor:
+    """``Σ_t g_ct a_tᵀ`` ``[C, B, out, in (+1)]``: each sample's gradient of each column as the
+    layer's matrix (the bias column is ``Σ_t g_ct``), from its input ``x`` and output
+    gradients ``grads`` ``[C, B, T, out]``."""
+    weight = torch.einsum("cbto,bti->cboi", grads, input_patches(layer, x))
+    if not layer.bias:
+        return weight
+    return torch.cat([weight, grads.sum(dim=2)[..., None]], dim=3)

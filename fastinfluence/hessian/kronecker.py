@@ -3,6 +3,8 @@ closed form."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from fastinfluence.functional import FunctionalModel
@@ -11,11 +13,16 @@ from fastinfluence.hessian.network import NetworkBackend
 from fastinfluence.hessian.protocol import Capability
 from fastinfluence.labelled_data import Inputs, LabelledData
 
+if TYPE_CHECKING:
+    from fastinfluence.distributed import SampleSums
+
 
 class KroneckerBackend(NetworkBackend):
     """K-FAC (``"kfac"``) or EK-FAC (``"ekfac"``): the layer-wise Kronecker-factored
-    Gauss-Newton matrix of :mod:`.kfac`, fitted once on the training set; products and the
-    damped inverse in closed form (the direct solver uses the inverse, no explicit matrix)."""
+    Gauss-Newton matrix of :mod:`.kfac`, fitted once on the training set (under
+    ``torch.distributed``: on this rank's shard, with ``sample_sums`` spanning the ranks);
+    products and the damped inverse in closed form (the direct solver uses the inverse, no
+    explicit matrix)."""
 
     positive_semidefinite = True
     capabilities = frozenset({Capability.CLOSED_FORM_INVERSE})
@@ -27,10 +34,12 @@ class KroneckerBackend(NetworkBackend):
         example: Inputs,
         progress: bool = False,
         eigen_corrected: bool = False,
+        sample_sums: SampleSums | None = None,
     ) -> None:
         super().__init__(fmodel, train, example, progress)
         self.name = self.curvature = "ekfac" if eigen_corrected else "kfac"
-        self.factors = KroneckerCurvature(fmodel, train, eigen_corrected, progress)
+        self.factors = KroneckerCurvature(fmodel, train, eigen_corrected, progress,
+                                          sample_sums=sample_sums)
 
     def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
         self.passes += 1

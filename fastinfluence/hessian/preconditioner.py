@@ -12,14 +12,17 @@ the mean eigenvalue of ``K`` over the factored parameters (its mean diagonal): t
 the curvature K-FAC sees, so that these few coordinates are neither frozen (``1/λ`` would
 treat their curvature as zero and dominate the first steps) nor ignored. Without any factored
 layer ``M`` is a multiple of the identity, which leaves CG's iterates unchanged.
+
+Across processes the factors are fitted on each rank's shard and their sums all-reduced
+(:class:`~fastinfluence.distributed.SampleSums`): every rank applies the same ``M``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fastinfluence.distributed import DistributedBackend
 from fastinfluence.hessian.kfac import KRONECKER_CURVATURES, KroneckerCurvature
-from fastinfluence.hessian.network import NetworkBackend
 from fastinfluence.hessian.protocol import CurvatureBackend
 
 PRECONDITIONERS = KRONECKER_CURVATURES
@@ -46,9 +49,12 @@ class KroneckerPreconditioner:
                  progress: bool = False) -> None:
         check_preconditioned(operator, kind, damping)
         self.damping = damping
-        self.factors = KroneckerCurvature(operator.fmodel, operator.train,
+        # across processes: the factors of every rank's shard, summed (docs/design.md §7.3)
+        network, sample_sums = ((operator.inner, operator.sample_sums)
+                                if isinstance(operator, DistributedBackend) else (operator, None))
+        self.factors = KroneckerCurvature(network.fmodel, network.train,
                                           eigen_corrected=kind == "ekfac", progress=progress,
-                                          partial=True)
+                                          partial=True, sample_sums=sample_sums)
         self.passes = 2 if kind == "ekfac" else 1
         covered = torch.zeros(operator.dim, dtype=torch.bool, device=operator.device)
         eigenvalue_sum = 0.0
@@ -78,9 +84,6 @@ def check_preconditioned(operator: CurvatureBackend, kind: str, damping: float) 
             f"exact Hessian, not on the {operator.name!r} curvature: its explicit matrix or "
             "closed-form inverse is cheaper (solver='direct', or 'cg' without a preconditioner)"
         )
-    if not isinstance(operator, NetworkBackend):
-        raise ValueError(f"preconditioner={kind!r} is not offered across processes yet (its "
-                         "factors would span every rank's samples): use preconditioner=None")
     if not damping > 0:
         raise ValueError(f"preconditioner={kind!r} needs damping > 0 ((K + λI)^{{-1}} of the "
                          f"rank-deficient K-FAC factors is singular at λ = 0), got {damping!r}")

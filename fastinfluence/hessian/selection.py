@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,9 @@ from fastinfluence.hessian.probe import ModelProbe
 from fastinfluence.hessian.protocol import CurvatureBackend
 from fastinfluence.labelled_data import Inputs, LabelledData
 
+if TYPE_CHECKING:
+    from fastinfluence.distributed import SampleSums
+
 CURVATURES = ("auto", "exact", "gauss-newton", *KRONECKER_CURVATURES)
 
 
@@ -39,9 +42,12 @@ def select_backend(
     example: Inputs,
     hessian: str,
     progress: bool = False,
+    sample_sums: SampleSums | None = None,
 ) -> CurvatureBackend:
     """The backend for ``hessian`` (``"auto"``: exact for the closed-form head, where it equals
-    Gauss-Newton; Gauss-Newton for networks, whose exact Hessian is indefinite in general)."""
+    Gauss-Newton; Gauss-Newton for networks, whose exact Hessian is indefinite in general).
+    ``sample_sums``: the sums over every rank's samples that K-FAC/EK-FAC factors fitted on
+    this rank's shard ``train`` are all-reduced with (``None`` in one process)."""
     if hessian not in CURVATURES:
         raise ValueError(f"hessian must be one of {CURVATURES}, got {hessian!r}")
     if probe.head_reason is None:
@@ -55,7 +61,7 @@ def select_backend(
         )
     if hessian in KRONECKER_CURVATURES:
         return KroneckerBackend(fmodel, train, example, progress,
-                                eigen_corrected=hessian == "ekfac")
+                                eigen_corrected=hessian == "ekfac", sample_sums=sample_sums)
     kind = GaussNewtonBackend if hessian == "gauss-newton" else ExactHessianBackend
     return kind(fmodel, train, example, progress)
 

@@ -10,6 +10,7 @@ from torch import nn
 
 import fastinfluence as fi
 from fastinfluence import reference
+from fastinfluence.hessian import kfac
 
 
 def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -175,8 +176,14 @@ def expected_blocks(model, layers, X, y, corrected: bool, loss_fn=None) -> torch
     return torch.block_diag(*blocks)
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("hessian", ["kfac", "ekfac"])
-def test_conv_and_linear_factors_match_the_per_sample_twin(hessian):
+def test_conv_and_linear_factors_match_the_per_sample_twin(hessian, split, monkeypatch):
+    """``split``: the factor passes in batches of one sample and the convolution's input
+    moments one sample's product at a time (the budgets' smallest pieces)."""
+    if split:
+        monkeypatch.setattr(kfac, "FACTOR_PASS_BUDGET", 1)
+        monkeypatch.setattr(kfac, "MOMENT_BLOCK_BYTES", 1)
     model, train, val, layers = cnn_problem()
     inf = fi.Influence(model, train, val, params=["0", "5"], hessian=hessian, damping=0.05)
     expected = expected_blocks(model, layers, *train, corrected=hessian == "ekfac")

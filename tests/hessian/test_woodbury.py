@@ -87,7 +87,8 @@ def test_the_refusal_across_processes_suggests_cg():
     processes (tests/test_distributed.py). No collective runs before the refusal."""
     model, train, val = make_problem("mlp", seed=14, n_train=6, n_val=3)
     inf = fi.Influence(model, train, val, params="all", solver="cg")
-    backend = DistributedBackend(lambda data: GaussNewtonBackend(inf.fmodel, data, val[0][:2]),
+    backend = DistributedBackend(lambda data, _sums: GaussNewtonBackend(inf.fmodel, data,
+                                                                        val[0][:2]),
                                  inf.train, Shards(None, rank=0, world=2))
     with pytest.raises(ValueError, match="across processes.*use solver='cg'"):
         make_solver("woodbury", backend, 0.01, fi.WoodburyConfig())
