@@ -20,11 +20,14 @@ methods score the same parameters; TRAK differentiates every parameter, its own 
 **Methods** (each at every n, in a fresh subprocess, ``--methods``):
 
 * ``cg``: ``Influence(params=θ_S, hessian="gauss-newton", solver="cg")``, plain CG to the true
-  relative residual ``--cg-tol`` (at most ``--cg-max-iter`` products): **the exact scores**
-  (to the tolerance), and the reference of every agreement below. Stages: ``curvature``
-  (building the backend), ``solve`` (validation gradient, CG), ``scoring`` (``scores()``).
+  relative residual ``--cg-tol`` (at most ``--cg-max-iter`` products): exact to the tolerance
+  where it converges. Stages: ``curvature`` (building the backend), ``solve`` (validation
+  gradient, CG), ``scoring`` (``scores()``).
 * ``pcg``: the same with ``preconditioner=--preconditioner`` (its factor passes fall in
-  ``solve``); also exact to the tolerance.
+  ``solve``).
+* ``woodbury``: ``solver="woodbury"`` on a float64 copy: **the exact scores**, by the Woodbury
+  identity through the ``n·C × p`` Jacobian rows (no iteration), and the reference of every
+  agreement where it fits (``--woodbury-max-gib``; it is refused at larger n before any work).
 * ``subsample``: ``cg`` with ``curvature_samples = round(--curvature-fraction · n)`` (seed 0):
   the curvature from a subsample, the scores of all n (approximate).
 * ``store``: ``GradientStore(k=--store-k)`` built (stage ``curvature``: the projected
@@ -85,12 +88,14 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 MODELS = ("paper-cnn", "resnet18", "resnet18-cifar")
 CPU_MODELS = ("paper-cnn", "resnet18")
-CUDA_METHODS = ("cg", "pcg", "subsample", "store")
+CUDA_METHODS = ("cg", "pcg", "subsample", "store", "woodbury")
 """The methods ``--device cuda`` runs (the peers' adapters here run on the CPU)."""
-METHODS = ("cg", "pcg", "subsample", "store", "kronfluence-ekfac", "trak")
+METHODS = ("store", "trak", "kronfluence-ekfac", "subsample", "woodbury", "cg", "pcg")
+"""In the order they run at each n: the cheaper first, so that a deadline cuts the costly."""
 PEER_MODULES = {"kronfluence-ekfac": "kronfluence", "trak": "trak"}
-EXACT_METHODS = ("cg", "pcg")
-"""Methods whose scores are exact to the CG tolerance, when their solve converged."""
+EXACT_METHODS = ("woodbury", "cg", "pcg")
+"""Methods whose scores are exact (Woodbury: to float64 round-off; CG: to its tolerance, when
+its solve converged), the first available the reference of the agreement."""
 SETTINGS = ("device", "base_images", "n_val", "seed", "cnn_channels", "resnet_width",
             "cifar_width", "train_steps", "damping", "cg_tol", "cg_max_iter", "preconditioner",
             "curvature_fraction", "store_k", "trak_lambda", "batch_size", "threads")
@@ -127,6 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="subsample: m = round(fraction · n) curvature samples")
     parser.add_argument("--store-k", type=int, default=8)
     parser.add_argument("--trak-lambda", type=float, default=0.0)
+    parser.add_argument("--woodbury-max-gib", type=float, default=2.5,
+                        help="largest float64 n·C × p Jacobian the woodbury reference builds "
+                             "(larger n: refused before any work, recorded as failed)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cap", type=float, default=1800.0, help="seconds per run")
@@ -309,12 +317,18 @@ def stage_end(peaks: dict[str, float], stage: str) -> float:
 
 
 def run_influence(method: str, model, train, val, args, peaks: dict[str, float]):
-    """``cg``, ``pcg`` or ``subsample``: scores and seconds per stage, with the solve's report."""
+    """``cg``, ``pcg``, ``subsample`` or ``woodbury``: scores and seconds per stage, with the
+    solve's report."""
     import fastinfluence as fi
 
     options: dict[str, Any] = dict(params=selection(model), hessian="gauss-newton",
                                    solver="cg", damping=args.damping, tol=args.cg_tol,
                                    max_iter=args.cg_max_iter, batch_size=args.batch_size)
+    if method == "woodbury":  # the exact reference: float64, no iteration
+        model = model.double()
+        train, val = (train[0].double(), train[1]), (val[0].double(), val[1])
+        options.update(solver="woodbury", max_gib=args.woodbury_max_gib)
+        del options["tol"], options["max_iter"]
     if method == "pcg":
         options["preconditioner"] = args.preconditioner
     if method == "subsample":
@@ -468,8 +482,8 @@ def launch(model: str, n: int, method: str, args: argparse.Namespace, argv: list
 
 
 def agreement(report: dict[str, Any], args: argparse.Namespace) -> None:
-    """Pearson and relative error of every run against the exact scores at its n (``cg``, else
-    ``pcg``, whichever converged), filled in where both exist."""
+    """Pearson and relative error of every run against the exact scores at its n (the first of
+    :data:`EXACT_METHODS` there that converged), filled in where both exist."""
     for key, entry in report["runs"].items():
         model, n, method = key.split("/")
         exact = next((m for m in EXACT_METHODS
@@ -625,7 +639,10 @@ def table(report: dict[str, Any], model: str) -> str:
 
 
 def targets(report: dict[str, Any], model: str) -> list[str]:
-    """The issue's targets as ratios of this run's numbers (a line each, where measured)."""
+    """The issue's targets as ratios of this run's numbers: per method, seconds per sample and
+    peak RSS at its largest n over n = 5k; then per n, a table of the time ratios (against
+    Kronfluence EK-FAC; the store against TRAK at equal K) and the Pearson correlations with the
+    exact scores ("—": not measured at that n)."""
     rows = rows_of(report, model)
     lines = []
 
@@ -643,31 +660,28 @@ def targets(report: dict[str, Any], model: str) -> list[str]:
             lines.append(f"- {method}: seconds per sample at n = {sizes[-1]} / n = {sizes[0]}: "
                          f"{per_sample:.2f} (target 1 ± {TIME_TOLERANCE:g}: {verdict}); peak "
                          f"RSS ratio {memory:.2f}")
-    common = [n for n in rows.get("kronfluence-ekfac", {}) if ok("kronfluence-ekfac", n)]
-    for n in common[-1:]:
-        kron = ok("kronfluence-ekfac", n)
-        for method in ("cg", "pcg", "subsample"):
-            entry = ok(method, n)
-            if entry:
-                ratio = entry["seconds"] / kron["seconds"]
-                lines.append(f"- n = {n}: {method} / Kronfluence EK-FAC seconds {ratio:.2f}"
-                             + (f" (target ≤ {KRONFLUENCE_TIME_RATIO:g}: "
-                                f"{'met' if ratio <= KRONFLUENCE_TIME_RATIO else 'missed'})"
-                                if method in EXACT_METHODS else
-                                f" (target ≤ 1: {'met' if ratio <= 1 else 'missed'})"))
-        closer = [(m, ok(m, n)["agreement"]["pearson"]) for m in ("subsample", "kronfluence-ekfac")
-                  if ok(m, n) and ok(m, n).get("agreement")]
-        if closer:
-            lines.append(f"- n = {n}: Pearson vs exact: "
-                         + ", ".join(f"{m} {p:.4f}" for m, p in closer))
-    for n in [n for n in rows.get("trak", {}) if ok("trak", n) and ok("store", n)][-1:]:
-        store, trak = ok("store", n), ok("trak", n)
-        ratio = store["seconds"] / trak["seconds"]
-        pair = [f"{m} {ok(m, n)['agreement']['pearson']:.4f}" for m in ("store", "trak")
-                if ok(m, n).get("agreement")]
-        lines.append(f"- n = {n}: store / TRAK seconds at K = {store['notes']['dim']} {ratio:.2f} "
-                     f"(target < 1: {'met' if ratio < 1 else 'missed'})"
-                     + (f"; Pearson vs exact: {', '.join(pair)}" if pair else ""))
+
+    def ratio(method: str, baseline: str, n: int) -> str:
+        a, b = ok(method, n), ok(baseline, n)
+        return f"{a['seconds'] / b['seconds']:.2f}" if a and b else "—"
+
+    def pearson(method: str, n: int) -> str:
+        entry = ok(method, n)
+        return f"{entry['agreement']['pearson']:.4f}" if entry and "agreement" in entry else "—"
+
+    sizes = sorted({n for by_n in rows.values() for n in by_n})
+    lines += ["", f"| n | woodbury / Kronfluence s | cg / Kronfluence s (target ≤ "
+                  f"{KRONFLUENCE_TIME_RATIO:g}) | pcg / Kronfluence s | subsample / Kronfluence s "
+                  "(target ≤ 1) | store / TRAK s (target < 1) | Pearson vs exact: cg, pcg, "
+                  "subsample, Kronfluence | store, TRAK |",
+              "|---:|---:|---:|---:|---:|---:|---|---|"]
+    for n in sizes:
+        lines.append(
+            f"| {n} | {ratio('woodbury', 'kronfluence-ekfac', n)} | "
+            f"{ratio('cg', 'kronfluence-ekfac', n)} | {ratio('pcg', 'kronfluence-ekfac', n)} | "
+            f"{ratio('subsample', 'kronfluence-ekfac', n)} | {ratio('store', 'trak', n)} | "
+            + ", ".join(pearson(m, n) for m in ("cg", "pcg", "subsample", "kronfluence-ekfac"))
+            + " | " + ", ".join(pearson(m, n) for m in ("store", "trak")) + " |")
     return lines
 
 
