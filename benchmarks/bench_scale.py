@@ -686,7 +686,10 @@ def targets(report: dict[str, Any], model: str) -> list[str]:
 
 
 def summary_text(report: dict[str, Any]) -> str:
-    parts = []
+    """The tables of every model (the docs page's measured section comes from this), after
+    the dates the runs ended."""
+    dates = sorted(entry["date"] for entry in report["runs"].values() if "date" in entry)
+    parts = ([f"Runs ended {dates[0]} to {dates[-1]}.", ""] if dates else [])
     for model in report["models"]:
         if not rows_of(report, model):
             continue
@@ -698,7 +701,11 @@ def summary_text(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Seconds and peak RSS against n (log–log), one line per method, one row per model."""
+    """Seconds and peak RSS against n (log–log), one line per method, one row per model
+    (skipped, saying so, where matplotlib is not installed: the JSON is the result)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"matplotlib is not installed: no plot {path}", flush=True)
+        return
     import matplotlib
 
     matplotlib.use("Agg")
