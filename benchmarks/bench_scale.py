@@ -17,7 +17,8 @@ and cached, float32, eval mode, 1 thread.
 (BatchNorm's affine parameters, under 1 % of p, are left out of every method, so that all
 methods score the same parameters; TRAK differentiates every parameter, its own convention).
 
-**Methods** (each at every n, in a fresh subprocess, ``--methods``):
+**Methods** (each at every n, in a fresh subprocess, ``--methods``; at each n in the order
+of :data:`METHODS`, the cheaper first):
 
 * ``cg``: ``Influence(params=θ_S, hessian="gauss-newton", solver="cg")``, plain CG to the true
   relative residual ``--cg-tol`` (at most ``--cg-max-iter`` products): exact to the tolerance
@@ -49,13 +50,20 @@ its own: read its Pearson only).
 **Measurement.** Each method × n runs in a fresh interpreter; its peak RSS is that process's
 high-water mark (``VmHWM``, MiB; :func:`max_rss_mib`), read after each stage (so a stage's
 value is the peak so far), with the RSS after the data and model are loaded (``baseline``:
-interpreter, torch, the peer's imports, the n images). A run still going after ``--cap``
-seconds (or at ``--deadline``) is killed and recorded ``capped``; a method capped at one n is
-not started at larger n of the same model, nor one whose wall time extrapolated linearly from
-its largest finished n would pass the time left (recorded ``not run`` with the prediction).
-Results are appended to ``--out`` as each run ends: a stopped sweep keeps what it measured, and
-the same command resumes it (runs already in the JSON are skipped; a JSON written with other
-settings is refused). The scores go to ``--cache`` (for the agreement).
+interpreter, torch, the model, the n images; a peer's imports count in its first stage). A run
+still going after ``--cap`` seconds (or at ``--deadline``) is killed and recorded ``capped``; a
+method capped at one n is not started at larger n of the same model, nor one whose wall time
+extrapolated linearly from its largest finished n would pass the time left (recorded ``not
+run`` with the prediction). Results are appended to ``--out`` as each run ends: a stopped sweep
+keeps what it measured, and the same command resumes it (runs already in the JSON are skipped;
+a JSON written with other settings is refused). The scores go to ``--cache`` (for the
+agreement).
+
+**GPU** (``--device cuda``, ``scripts/gpu_check.sh``'s ``scale`` step): ``resnet18-cifar``,
+CIFAR's ResNet-18 (``resnet18(10, width=--cifar-width, in_channels=3, stem="small")``: 11.2M
+parameters at width 64) on synthetic CIFAR-shaped images (:func:`synthetic_images`, replicated
+as above), trained on the GPU; the store, exact CG (and the other engine methods) only, stages
+timed after ``torch.cuda.synchronize`` and the peak GPU memory per stage in ``gpu_mib``.
 
     python benchmarks/bench_scale.py --deadline 22:30       # the sweep, resumable
     python benchmarks/bench_scale.py --summary benchmarks/results/scale_cpu.json   # tables, plot
