@@ -138,3 +138,13 @@ def test_targets_are_ratios_of_the_report():
     assert ("| 50000 | — | 2.50 | — | 0.60 | 0.50 | 1.0000, —, 0.9000, 0.7000 | 0.8000, 0.2000 |"
             in lines)
     assert "### m (p = 10" in summary_text(report)
+
+
+def test_docs_page_is_the_committed_json():
+    report = json.loads((ROOT / "benchmarks/results/scale_cpu.json").read_text())
+    page = (ROOT / "docs/benchmarks/scale.md").read_text()
+    assert summary_text(report) in page
+    # every ratio or correlation the reading quotes is one of the generated text's
+    prose = page.split("## Reading", 1)[1]
+    quoted = set(re.findall(r"\b\d+\.\d{2,4}\b", prose))
+    assert quoted <= set(re.findall(r"\b\d+\.\d{2,4}\b", summary_text(report))), quoted
