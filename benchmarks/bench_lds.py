@@ -427,16 +427,18 @@ def _kronfluence_pairwise(analyzer: Any, train: Data, query: Data, strategy: str
 
 
 def trak_scores(models: list[nn.Module], train: Data, query: Data, proj_dim: int,
-                lambda_reg: float) -> torch.Tensor:
+                lambda_reg: float, seconds: dict[str, float] | None = None) -> torch.Tensor:
     """TRAK's scores over its own ensemble ``models`` (one ``load_checkpoint`` each, CPU
     Gaussian projector to ``proj_dim``, float32, ``lambda_reg`` added to its ``ΦᵀΦ``), in
     fastinfluence's sign:
     TRAK's target is the query's margin and its score is positive for a sample that raises it,
-    so ``I = −score`` predicts the query loss."""
+    so ``I = −score`` predicts the query loss. ``seconds`` (when given) receives the wall time
+    of its two stages, ``features`` (featurize, finalize) and ``scoring``."""
     from trak import TRAKer
 
     copies = [copy.deepcopy(model).float().eval() for model in models]
     train_x, query_x = train[0].float(), query[0].float()
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         traker = TRAKer(model=copies[0], task="image_classification",
                         train_set_size=len(train[1]), save_dir=workdir, device="cpu",
@@ -447,11 +449,14 @@ def trak_scores(models: list[nn.Module], train: Data, query: Data, proj_dim: int
             for rows in torch.arange(len(train[1])).split(256):
                 traker.featurize(batch=(train_x[rows], train[1][rows]), num_samples=len(rows))
         traker.finalize_features()
+        middle = time.perf_counter()
         for k, model in enumerate(copies):
             traker.start_scoring_checkpoint(exp_name="lds", checkpoint=model.state_dict(),
                                             model_id=k, num_targets=len(query[1]))
             traker.score(batch=(query_x, query[1]), num_samples=len(query[1]))
         scores = traker.finalize_scores(exp_name="lds")  # [n_train, n_query]
+        if seconds is not None:
+            seconds.update(features=middle - start, scoring=time.perf_counter() - middle)
     return -torch.as_tensor(np.asarray(scores), dtype=torch.float64)
 
 

@@ -2,7 +2,8 @@
 # The GPU checks and benchmarks in one script, for a machine with a CUDA GPU, nvcc and a
 # Python whose torch is built with CUDA (it uses that Python as it is: no virtual env).
 #
-#   bash scripts/gpu_check.sh [STEP...]      # default: build tests ops influence peers
+#   bash scripts/gpu_check.sh [STEP...]      # default: build tests ops influence peers scale
+#   bash scripts/gpu_check.sh build scale    # the 50k-image ResNet-18 alone (~10 min budget)
 #
 # Steps (each with its own time limit, STEP_TIMEOUT seconds, default 420; a failed step does
 # not stop the next; the exit status is 1 when any failed):
@@ -16,8 +17,15 @@
 #   peers      benchmarks/bench_peers.py --device cuda on the peers tasks of docs/benchmarks.md; the peers'
 #              wheels are installed from .whl/ first when it exists (on a machine that
 #              cannot reach PyPI: `bash benchmarks/install_peers.sh --download .whl` beforehand)
+#   scale      benchmarks/bench_scale.py --device cuda on CIFAR-size data: ResNet-18 (width 64,
+#              11.2M parameters, 3x32x32 inputs, 10 classes) trained briefly on synthetic
+#              images, then every Linear/Conv2d parameter's scores of 50,000 training images
+#              through the gradient store and exact Gauss-Newton CG, each timed (goals: store
+#              <= 60 s, exact <= 10 min); its own limit SCALE_TIMEOUT (default 900 s), each
+#              run capped at SCALE_CAP (default 660 s)
 # Results and one log go to RESULTS (default $OUT when set, else gpu_results/): gpu_check.log,
-# pytest.xml, ops_cuda.md, influence_cuda.json, peers_cuda.json and peers_cuda.png.
+# pytest.xml, ops_cuda.md, influence_cuda.json, peers_cuda.json, peers_cuda.png and
+# scale_cuda.json (with its plot scale_cuda.png).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS="${RESULTS:-${OUT:-gpu_results}}"
@@ -28,7 +36,7 @@ STEP_TIMEOUT="${STEP_TIMEOUT:-420}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export FASTINFLUENCE_REQUIRE_NATIVE=1
 STEPS=("$@")
-[[ ${#STEPS[@]} -gt 0 ]] || STEPS=(build tests ops influence peers)
+[[ ${#STEPS[@]} -gt 0 ]] || STEPS=(build tests ops influence peers scale)
 
 build() {
     FASTINFLUENCE_CUDA="${FASTINFLUENCE_CUDA:-1}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
@@ -77,6 +85,12 @@ peers() {
         --naive-max-params 4000 --out "$RESULTS/peers_cuda.json" --plot "$RESULTS/peers_cuda.png"
 }
 
+scale() {
+    "$PYTHON" benchmarks/bench_scale.py --device cuda --models resnet18-cifar --sizes 50000 \
+        --methods store cg --batch-size 512 --cap "${SCALE_CAP:-660}" \
+        --out "$RESULTS/scale_cuda.json" --cache "$RESULTS/scale_cache"
+}
+
 {
     echo "gpu_check: $(date -u +%FT%TZ), steps: ${STEPS[*]}, commit $(git rev-parse --short HEAD 2>/dev/null)"
     nvidia-smi -L 2>&1
@@ -85,17 +99,20 @@ peers() {
 } 2>&1 | tee "$LOG"
 
 # A step runs in a subshell under `timeout`, so a hung step cannot eat the others' time.
-export -f build tests ops influence peers
+export -f build tests ops influence peers scale
 export PYTHON RESULTS
 failed=()
 for step in "${STEPS[@]}"; do
     case "$step" in
-        build|tests|ops|influence|peers) ;;
-        *) echo "gpu_check: unknown step $step (build tests ops influence peers)" >&2; exit 2 ;;
+        build|tests|ops|influence|peers|scale) ;;
+        *) echo "gpu_check: unknown step $step (build tests ops influence peers scale)" >&2
+           exit 2 ;;
     esac
     start=$SECONDS
     echo "=== $step" | tee -a "$LOG"
-    timeout --kill-after=10 "$STEP_TIMEOUT" bash -c "$step" 2>&1 | tee -a "$LOG"
+    limit=$STEP_TIMEOUT
+    [[ $step != scale ]] || limit=${SCALE_TIMEOUT:-900}
+    timeout --kill-after=10 "$limit" bash -c "$step" 2>&1 | tee -a "$LOG"
     status=${PIPESTATUS[0]}
     echo "=== $step: exit $status after $((SECONDS - start)) s" | tee -a "$LOG"
     [[ $status -eq 0 ]] || failed+=("$step")
