@@ -76,7 +76,9 @@ from fastinfluence.experiments import (
     setting,
 )
 from fastinfluence.models import ResCNN1d, class_activation_maps
+from fastinfluence.models.rescnn import SHORTCUTS
 from fastinfluence.robust.distillation import (
+    BALANCING,
     INFLUENCE_PARAMS,
     BalancedTrainer,
     DistillationConfig,
@@ -176,6 +178,15 @@ class Settings:
         "multiplet", choices=BASES, absent="multiplet",
         help="metabolite lines of the simulator: first-order multiplets (every committed run) "
              "or the density-matrix PRESS simulation (about 6x slower to make)")
+    balancing: str = setting(
+        "random", "smote", choices=BALANCING, absent="random",
+        help="class balancing of every network's training set: random oversampling "
+             "(duplicates; the committed 10-fold table) or SMOTE (the paper's reference [29])")
+    shortcut: str = setting(
+        "projection", "pool", choices=SHORTCUTS, absent="projection",
+        help="the residual blocks' shortcut where the shape changes: 1x1 convolution + "
+             "BatchNorm (the committed 10-fold table) or max-pooling + zero channels (the "
+             "paper's)")
 
 
 def only_option(add: Any) -> None:
@@ -228,22 +239,24 @@ def make_fold(data: Any, folds: list[np.ndarray], fold: int, settings: Settings,
     )
 
 
-def evaluate(fold: Fold, scores: np.ndarray, threshold: float) -> dict[str, float]:
+def evaluate(fold: Fold, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """A run's metrics on the test fold, and its scores there (``test_scores``, for the ROC
+    curves of Fig. 8; runs saved before kept only the metrics)."""
     from sklearn.metrics import roc_auc_score
 
     metrics = classification_metrics(fold.test[1].numpy(), scores, fold.test_patients, threshold)
     metrics["tissue_auc"] = float(roc_auc_score(fold.test_tissue.numpy(), scores))
-    return metrics
+    return {"metrics": metrics, "test_scores": [float(v) for v in scores]}
 
 
 def network_config(settings: Settings, seed: int, epochs: int, device: str) -> dict[str, Any]:
     return dict(epochs=epochs, lr=settings.lr, batch_size=settings.batch_size, seed=seed,
-                device=device)
+                device=device, balancing=settings.balancing)
 
 
 def new_model(settings: Settings, seed: int, fold: int) -> ResCNN1d:
     torch.manual_seed(1000 * seed + fold)
-    return ResCNN1d(width=settings.width)
+    return ResCNN1d(width=settings.width, shortcut=settings.shortcut)
 
 
 def tumour_probability(trainer: BalancedTrainer, x: torch.Tensor) -> np.ndarray:
@@ -339,7 +352,7 @@ def fold_runs(session: Session, data: Any, folds: list[np.ndarray], seed: int, f
             scores, threshold = baseline_scores(kind, flat_train, f.train[1].numpy(), flat_test,
                                                 seed=seed)
             save({"key": run_key(kind, seed, fold), "kind": kind, "seed": seed, "fold": fold,
-                  "metrics": evaluate(f, scores, threshold),
+                  **evaluate(f, scores, threshold),
                   "seconds": time.perf_counter() - start})
     jobs = mixing_jobs(settings, fold, sweeps) if "mixing" in kinds else []
     if ("plain" in kinds or jobs) and not session.done(run_key("plain", seed, fold)):
@@ -351,7 +364,7 @@ def fold_runs(session: Session, data: Any, folds: list[np.ndarray], seed: int, f
         start = time.perf_counter()
         result = trainer.fit(f.train, f.clean, f.test)
         record = {"key": run_key("plain", seed, fold), "kind": "plain", "seed": seed,
-                  "fold": fold, "metrics": evaluate(f, tumour_probability(trainer, f.test[0]), 0.5),
+                  "fold": fold, **evaluate(f, tumour_probability(trainer, f.test[0]), 0.5),
                   "seconds": time.perf_counter() - start,
                   "history": [asdict(r) for r in result.history],
                   "certain_epoch": {}, "certain_summary": {}}
@@ -386,7 +399,7 @@ def fold_runs(session: Session, data: Any, folds: list[np.ndarray], seed: int, f
         start = time.perf_counter()
         trainer.fit((x, y), f.clean, f.test)
         save({"key": run_key("noise", seed, fold), "kind": "noise", "seed": seed, "fold": fold,
-              "metrics": evaluate(f, tumour_probability(trainer, f.test[0]), 0.5),
+              **evaluate(f, tumour_probability(trainer, f.test[0]), 0.5),
               "seconds": time.perf_counter() - start})
     plain = session.record(run_key("plain", seed, fold))
     for job in jobs:
@@ -417,7 +430,7 @@ def fold_runs(session: Session, data: Any, folds: list[np.ndarray], seed: int, f
             **network_config(settings, seed, settings.final_epochs, device)))
         start = time.perf_counter()
         trainer.fit((mixed.x, mixed.y), f.clean, f.test)
-        record["metrics"] = evaluate(f, tumour_probability(trainer, f.test[0]), 0.5)
+        record.update(evaluate(f, tumour_probability(trainer, f.test[0]), 0.5))
         record["seconds"] = time.perf_counter() - start
         if (seed == 0 and fold == settings.run_folds[0] and job["selection"] == "softmax"
                 and job["strategy"] == "both" and is_default(job, settings)):
