@@ -53,3 +53,14 @@ def test_the_corrected_claims_numbers():
     best = claims.skin_paper_methods_at().numbers["at_best_val"]
     assert round(best["ousm"][0], 1) == -0.3 and round(best["ousm_loop"][0], 1) == -0.7
     assert round(claims.isp_tumour_ratio().numbers["mean"], 2) == 1.71
+
+
+def test_the_mrs_threshold_claims_numbers():
+    """The issue's "θ = 0.9 selects 32–97 % of the training set", and Fig. 4B's healthy
+    median, recomputed from the committed runs and figure inputs."""
+    numbers = claims.mrs_threshold_and_figures().numbers
+    shares = [v["share"] for v in numbers["theta 0.9"].values()]
+    assert len(shares) == 20
+    assert (round(100 * min(shares)), round(100 * max(shares))) == (32, 97)
+    healthy_all, healthy_distilled = numbers["figure4b_medians"]["healthy"]
+    assert abs(healthy_distilled / healthy_all - 1) < 0.01
