@@ -23,7 +23,7 @@ def test_the_check_command_passes():
 
 def test_a_changed_run_fails_the_check_until_the_page_follows(tmp_path: Path):
     results = tmp_path / "results"
-    shutil.copytree(RESULTS, results, ignore=shutil.ignore_patterns("*.png", "figure_inputs"))
+    shutil.copytree(RESULTS, results, ignore=shutil.ignore_patterns("*.png"))
     path = results / "denoising_cnn_tables" / "runs.json"
     saved = json.loads(path.read_text())
     run = next(r for r in saved["runs"] if r["label"] == "λ_a = 1" and r["trial"] == 1)

@@ -205,3 +205,19 @@ def test_influence_selection_runs_the_fused_pass_through_the_residual_adds():
     own = influence_certain(model, (x, y), clean, 5, selection="self", params="last")
     assert own.scoring == "head-closed-form" and (own.scores >= 0).all()
     assert set(own.certain.tolist()) == set(torch.argsort(own.scores)[:5].tolist())
+
+
+def test_influence_selection_with_the_pool_shortcut_falls_back_and_says_why():
+    """The fused tangent pass has no rule for the paper's max-pool shortcut: the selection
+    still runs (torch.func.jvp), agrees with Influence's scores, and the reason is reported."""
+    x, y = spectra_split(40, 7, length=64)
+    torch.manual_seed(0)
+    model = ResCNN1d(width=2, shortcut="pool").eval()
+    clean = spectra_split(12, 8, length=64)
+    chosen = influence_certain(model, (x, y), clean, 10)
+    assert chosen.scoring == "torch.func.jvp"
+    influence = fi.Influence(model, (x, y), clean, params=["blocks.7.bn2", "fc"], damping=0.01,
+                             hessian="gauss-newton", solver="cg")
+    expected = influence.scores()
+    assert "MaxPool1d" in influence.report.scoring_reason
+    torch.testing.assert_close(chosen.scores, expected.cpu(), rtol=1e-4, atol=1e-6)
