@@ -243,6 +243,51 @@ def mrs_threshold_and_figures(results: Path = RESULTS) -> Claim:
     return Claim("mrs_threshold_and_figures", numbers, {"mrs.md": phrases})
 
 
+MRS_VARIANTS = {"mrs_table2_smote": "SMOTE", "mrs_table2_pool": "max-pool shortcut"}
+"""The comparison folders, each against ``mrs_table2_theta`` (random oversampling, 1×1
+projection shortcut) on the same (seed, fold) pairs."""
+
+
+def mrs_variants(results: Path = RESULTS) -> Claim:
+    """The θ sweep (``mrs_table2_theta``: per θ the share of the training set in ``C``, its
+    healthy share and the proposed model's AUC, per fold) and each variant of
+    :data:`MRS_VARIANTS` minus the baseline folder on the same (seed, fold): test AUC of the
+    plain ResCNN and of the proposed model (aug-with-both, θ = the first threshold)."""
+    base = load_runs(results, "mrs_table2_theta")
+    numbers: dict[str, Any] = {"theta": {}}
+    phrases = []
+    for theta in base["settings"]["thresholds"]:
+        per_pair = mrs_selected_share(base, theta)
+        numbers["theta"][f"{theta:g}"] = per_pair
+        folds = sorted(per_pair)
+        phrases.append(f"| {theta:g} | " + " | ".join(
+            f"{100 * per_pair[p]['share']:.0f} % ({100 * per_pair[p]['healthy']:.0f} % "
+            f"healthy), " + ("–" if per_pair[p]["auc"] is None else f"{per_pair[p]['auc']:.2f}")
+            if per_pair[p]["healthy"] is not None else "0 %, –" for p in folds) + " |")
+    theta = base["settings"]["thresholds"][0]
+
+    def aucs(saved: dict[str, Any]) -> dict[str, dict[tuple[int, int], float]]:
+        return {"plain": {(r["seed"], r["fold"]): r["metrics"]["auc"] for r in saved["runs"]
+                          if r["kind"] == "plain"},
+                "proposed": {p: v["auc"] for p, v in mrs_selected_share(saved, theta).items()
+                             if v["auc"] is not None}}
+
+    baseline = aucs(base)
+    for folder, name in MRS_VARIANTS.items():
+        variant = aucs(load_runs(results, folder))
+        numbers[folder] = {}
+        cells = []
+        for row, label in (("plain", "plain ResCNN"), ("proposed", "proposed model")):
+            pairs = sorted(set(variant[row]) & set(baseline[row]))
+            differences = [variant[row][p] - baseline[row][p] for p in pairs]
+            numbers[folder][row] = dict(zip(map(pair_name, pairs), differences, strict=True))
+            cells.append(f"{label} {signed(statistics.mean(differences), 3)} "
+                         f"({', '.join(signed(d, 2) for d in differences)}; "
+                         f"{sum(d > 0 for d in differences)} of {len(differences)} higher)")
+        phrases.append(f"{name} − baseline AUC: " + "; ".join(cells))
+    return Claim("mrs_variants", numbers, {"mrs.md": phrases})
+
+
 # -- Denoising CNNs, Table 1: the gains at ε = 8 -----------------------------------------------
 
 DENOISING_COLUMNS = ("clean", "fgsm4", "fgsm8", "ifgsm4", "ifgsm8", "cw")
@@ -386,7 +431,7 @@ def isp_tumour_ratio(results: Path = RESULTS) -> Claim:
 
 
 CLAIMS: tuple[Callable[[Path], Claim], ...] = (
-    mrs_influence_distillation, mrs_threshold_and_figures,
+    mrs_influence_distillation, mrs_threshold_and_figures, mrs_variants,
     denoising_table1_eps8, skin_flip_detection,
     skin_paper_methods_at, isp_tumour_ratio)
 

@@ -18,7 +18,7 @@ RESULTS = EXAMPLES / "results"
 COMMITTED = {
     "isr_isp_table1": ("isr_isp_table1", "isr_isp_ablation_direction"),
     "ousm_table1": ("ousm_table1", "ousm_table1_symmetric"),
-    "mrs_table2": ("mrs_table2",),
+    "mrs_table2": ("mrs_table2", "mrs_table2_theta", "mrs_table2_smote", "mrs_table2_pool"),
     "denoising_cnn_tables": ("denoising_cnn_tables", "denoising_cnn_tables_chest"),
     "gpt2_influence": ("gpt2_influence",),
     "vit_brain_tumour": ("vit_brain_tumour",),
