@@ -158,6 +158,136 @@ def mrs_influence_distillation(results: Path = RESULTS) -> Claim:
                  {"mrs.md": rows + flagged, "index.md": summary})
 
 
+def mrs_selected_share(saved: dict[str, Any], theta: float) -> dict[tuple[int, int], dict]:
+    """Per (seed, fold) plain run: the share of the training set in the softmax ``C`` at
+    ``theta`` (E = the source epoch), its healthy share, and the proposed model's (aug-with-
+    both, other options at their defaults) test AUC on it (``None`` where it did not train)."""
+    settings = saved["settings"]
+    default = {"alpha": settings["alpha"], "factor": settings["factor"],
+               "source_epoch": settings["source_epoch"], "strategy": "both",
+               "selection": "softmax", "threshold": theta}
+    proposed = {(run["seed"], run["fold"]): run["metrics"]["auc"] for run in saved["runs"]
+                if run["kind"] == "mixing" and run.get("options") == default
+                and "metrics" in run}
+    out = {}
+    for run in saved["runs"]:
+        if run["kind"] != "plain":
+            continue
+        chosen = run["certain_summary"][str(theta)][str(settings["source_epoch"])]
+        pair = (run["seed"], run["fold"])
+        out[pair] = {"share": chosen["size"] / run["train_summary"]["size"],
+                     "healthy": chosen["per_class"][0] / chosen["size"] if chosen["size"]
+                     else None, "auc": proposed.get(pair)}
+    return out
+
+
+def share_range(per_pair: dict[tuple[int, int], dict]) -> str:
+    shares = [v["share"] for v in per_pair.values()]
+    return (f"{100 * min(shares):.0f}–{100 * max(shares):.0f} % "
+            f"(mean {100 * statistics.mean(shares):.0f} %)")
+
+
+def mrs_threshold_and_figures(results: Path = RESULTS) -> Claim:
+    """The committed 20 pairs: how much of the training set each θ puts into ``C`` and how
+    much of it is healthy; Fig. 4B's medians (distance to the other class's centre, all
+    against distilled, per class, from the first fold's figure inputs); and the first fold's
+    default AUCs (where Figs. 5–7's sweeps ran) against the mean over every pair."""
+    import torch
+
+    saved = load_runs(results, "mrs_table2")
+    numbers: dict[str, Any] = {}
+    phrases = []
+    for theta in saved["settings"]["thresholds"]:
+        per_pair = mrs_selected_share(saved, theta)
+        healthy = [v["healthy"] for v in per_pair.values() if v["healthy"] is not None]
+        numbers[f"theta {theta:g}"] = per_pair
+        phrases.append(f"θ = {theta:g} puts {share_range(per_pair)} of the training set into "
+                       f"C, {100 * min(healthy):.0f}–{100 * max(healthy):.0f} % of it healthy")
+    inputs = torch.load(results / "mrs_table2" / "figure_inputs" / "figure4.pt")
+    labels, distilled = inputs["labels"], inputs["distilled"]
+    medians = {}
+    for label, name in ((0, "healthy"), (1, "tumour")):
+        every = inputs["distance"][labels == label].tolist()
+        chosen = inputs["distance"][(labels == label) & distilled].tolist()
+        medians[name] = (statistics.median(every), statistics.median(chosen))  # as the figure
+        phrases.append(f"{name}: median {medians[name][0]:.2f} for all, "
+                       f"{medians[name][1]:.2f} for the distilled "
+                       f"({signed(100 * (medians[name][1] / medians[name][0] - 1))} %)")
+    numbers["figure4b_medians"] = medians
+    first = (0, saved["settings"]["sweep_folds"][0])
+    for kind, name in (("plain", "plain ResCNN"),):
+        aucs = {(run["seed"], run["fold"]): run["metrics"]["auc"] for run in saved["runs"]
+                if run["kind"] == kind}
+        values = list(aucs.values())
+        numbers[f"{kind}_auc_first_fold_vs_all"] = (aucs[first], statistics.mean(values))
+        phrases.append(f"{name} on seed {first[0]} fold {first[1]}: AUC {aucs[first]:.2f}, "
+                       f"against {statistics.mean(values):.2f} ± "
+                       f"{statistics.pstdev(values):.2f} over all {len(values)} pairs")
+    plain = sorted(aucs, key=aucs.get, reverse=True)
+    numbers["first_fold_plain_rank"] = plain.index(first) + 1
+    rank = numbers["first_fold_plain_rank"]
+    phrases.append(f"{'the' if rank == 1 else f'number {rank} of the'} highest of the "
+                   f"{len(values)} plain ResCNN AUCs")
+    proposed = mrs_selected_share(saved, saved["settings"]["thresholds"][0])
+    numbers["proposed_auc_first_fold"] = proposed[first]["auc"]
+    phrases.append(f"the proposed model {proposed[first]['auc']:.2f} there")
+    settings = saved["settings"]
+    sweeps = [run for run in saved["runs"] if run["kind"] == "mixing"
+              and (run["seed"], run["fold"]) == first
+              and any(run["options"][k] != settings[k]
+                      for k in ("alpha", "factor", "source_epoch"))]
+    seconds = statistics.mean(run["seconds"] for run in sweeps)
+    numbers["sweep_runs_per_fold"] = (len(sweeps), seconds)
+    phrases.append(f"{len(sweeps)} runs of {seconds:.0f} s each on average, "
+                   f"{len(sweeps) * seconds / 60:.0f} min of one core per fold")
+    return Claim("mrs_threshold_and_figures", numbers, {"mrs.md": phrases})
+
+
+MRS_VARIANTS = {"mrs_table2_smote": "SMOTE", "mrs_table2_pool": "max-pool shortcut"}
+"""The comparison folders, each against ``mrs_table2_theta`` (random oversampling, 1×1
+projection shortcut) on the same (seed, fold) pairs."""
+
+
+def mrs_variants(results: Path = RESULTS) -> Claim:
+    """The θ sweep (``mrs_table2_theta``: per θ the share of the training set in ``C``, its
+    healthy share and the proposed model's AUC, per fold) and each variant of
+    :data:`MRS_VARIANTS` minus the baseline folder on the same (seed, fold): test AUC of the
+    plain ResCNN and of the proposed model (aug-with-both, θ = the first threshold)."""
+    base = load_runs(results, "mrs_table2_theta")
+    numbers: dict[str, Any] = {"theta": {}}
+    phrases = []
+    for theta in base["settings"]["thresholds"]:
+        per_pair = mrs_selected_share(base, theta)
+        numbers["theta"][f"{theta:g}"] = per_pair
+        folds = sorted(per_pair)
+        phrases.append(f"| {theta:g} | " + " | ".join(
+            f"{100 * per_pair[p]['share']:.0f} % ({100 * per_pair[p]['healthy']:.0f} % "
+            f"healthy), " + ("–" if per_pair[p]["auc"] is None else f"{per_pair[p]['auc']:.2f}")
+            if per_pair[p]["healthy"] is not None else "0 %, –" for p in folds) + " |")
+    theta = base["settings"]["thresholds"][0]
+
+    def aucs(saved: dict[str, Any]) -> dict[str, dict[tuple[int, int], float]]:
+        return {"plain": {(r["seed"], r["fold"]): r["metrics"]["auc"] for r in saved["runs"]
+                          if r["kind"] == "plain"},
+                "proposed": {p: v["auc"] for p, v in mrs_selected_share(saved, theta).items()
+                             if v["auc"] is not None}}
+
+    baseline = aucs(base)
+    for folder, name in MRS_VARIANTS.items():
+        variant = aucs(load_runs(results, folder))
+        numbers[folder] = {}
+        cells = []
+        for row, label in (("plain", "plain ResCNN"), ("proposed", "proposed model")):
+            pairs = sorted(set(variant[row]) & set(baseline[row]))
+            differences = [variant[row][p] - baseline[row][p] for p in pairs]
+            numbers[folder][row] = dict(zip(map(pair_name, pairs), differences, strict=True))
+            cells.append(f"{label} {signed(statistics.mean(differences), 3)} "
+                         f"({', '.join(signed(d, 2) for d in differences)}; "
+                         f"{sum(d > 0 for d in differences)} of {len(differences)} higher)")
+        phrases.append(f"{name} − baseline AUC: " + "; ".join(cells))
+    return Claim("mrs_variants", numbers, {"mrs.md": phrases})
+
+
 # -- Denoising CNNs, Table 1: the gains at ε = 8 -----------------------------------------------
 
 DENOISING_COLUMNS = ("clean", "fgsm4", "fgsm8", "ifgsm4", "ifgsm8", "cw")
@@ -496,9 +626,9 @@ def isr_isp_sweeps(results: Path = RESULTS) -> Claim:
 
 
 CLAIMS: tuple[Callable[[Path], Claim], ...] = (
-    mrs_influence_distillation, denoising_table1_eps8, denoising_paper_tables,
-    denoising_chest, skin_flip_detection, skin_paper_methods_at, isp_tumour_ratio,
-    denoising_cw_budget, isr_isp_sweeps)
+    mrs_influence_distillation, mrs_threshold_and_figures, mrs_variants,
+    denoising_table1_eps8, denoising_paper_tables, denoising_chest, skin_flip_detection,
+    skin_paper_methods_at, isp_tumour_ratio, denoising_cw_budget, isr_isp_sweeps)
 
 
 def page_text(path: Path) -> str:

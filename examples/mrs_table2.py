@@ -67,6 +67,7 @@ import torch
 
 from fastinfluence.datasets import make_mrs, patient_folds, save_mrs_class_means, standardise
 from fastinfluence.datasets.mrs import BASES
+from fastinfluence.datasets.plotting import METABOLITE_MARKS
 from fastinfluence.experiments import (
     ExperimentCLI,
     Session,
@@ -76,7 +77,9 @@ from fastinfluence.experiments import (
     setting,
 )
 from fastinfluence.models import ResCNN1d, class_activation_maps
+from fastinfluence.models.rescnn import SHORTCUTS
 from fastinfluence.robust.distillation import (
+    BALANCING,
     INFLUENCE_PARAMS,
     BalancedTrainer,
     DistillationConfig,
@@ -176,6 +179,15 @@ class Settings:
         "multiplet", choices=BASES, absent="multiplet",
         help="metabolite lines of the simulator: first-order multiplets (every committed run) "
              "or the density-matrix PRESS simulation (about 6x slower to make)")
+    balancing: str = setting(
+        "random", "smote", choices=BALANCING, absent="random",
+        help="class balancing of every network's training set: random oversampling "
+             "(duplicates; the committed 10-fold table) or SMOTE (the paper's reference [29])")
+    shortcut: str = setting(
+        "projection", "pool", choices=SHORTCUTS, absent="projection",
+        help="the residual blocks' shortcut where the shape changes: 1x1 convolution + "
+             "BatchNorm (the committed 10-fold table) or max-pooling + zero channels (the "
+             "paper's)")
 
 
 def only_option(add: Any) -> None:
@@ -228,22 +240,24 @@ def make_fold(data: Any, folds: list[np.ndarray], fold: int, settings: Settings,
     )
 
 
-def evaluate(fold: Fold, scores: np.ndarray, threshold: float) -> dict[str, float]:
+def evaluate(fold: Fold, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """A run's metrics on the test fold, and its scores there (``test_scores``, for the ROC
+    curves of Fig. 8; runs saved before kept only the metrics)."""
     from sklearn.metrics import roc_auc_score
 
     metrics = classification_metrics(fold.test[1].numpy(), scores, fold.test_patients, threshold)
     metrics["tissue_auc"] = float(roc_auc_score(fold.test_tissue.numpy(), scores))
-    return metrics
+    return {"metrics": metrics, "test_scores": [float(v) for v in scores]}
 
 
 def network_config(settings: Settings, seed: int, epochs: int, device: str) -> dict[str, Any]:
     return dict(epochs=epochs, lr=settings.lr, batch_size=settings.batch_size, seed=seed,
-                device=device)
+                device=device, balancing=settings.balancing)
 
 
 def new_model(settings: Settings, seed: int, fold: int) -> ResCNN1d:
     torch.manual_seed(1000 * seed + fold)
-    return ResCNN1d(width=settings.width)
+    return ResCNN1d(width=settings.width, shortcut=settings.shortcut)
 
 
 def tumour_probability(trainer: BalancedTrainer, x: torch.Tensor) -> np.ndarray:
@@ -339,7 +353,7 @@ def fold_runs(session: Session, data: Any, folds: list[np.ndarray], seed: int, f
             scores, threshold = baseline_scores(kind, flat_train, f.train[1].numpy(), flat_test,
                                                 seed=seed)
             save({"key": run_key(kind, seed, fold), "kind": kind, "seed": seed, "fold": fold,
-                  "metrics": evaluate(f, scores, threshold),
+                  **evaluate(f, scores, threshold),
                   "seconds": time.perf_counter() - start})
     jobs = mixing_jobs(settings, fold, sweeps) if "mixing" in kinds else []
     if ("plain" in kinds or jobs) and not session.done(run_key("plain", seed, fold)):
@@ -351,7 +365,7 @@ def fold_runs(session: Session, data: Any, folds: list[np.ndarray], seed: int, f
         start = time.perf_counter()
         result = trainer.fit(f.train, f.clean, f.test)
         record = {"key": run_key("plain", seed, fold), "kind": "plain", "seed": seed,
-                  "fold": fold, "metrics": evaluate(f, tumour_probability(trainer, f.test[0]), 0.5),
+                  "fold": fold, **evaluate(f, tumour_probability(trainer, f.test[0]), 0.5),
                   "seconds": time.perf_counter() - start,
                   "history": [asdict(r) for r in result.history],
                   "certain_epoch": {}, "certain_summary": {}}
@@ -386,7 +400,7 @@ def fold_runs(session: Session, data: Any, folds: list[np.ndarray], seed: int, f
         start = time.perf_counter()
         trainer.fit((x, y), f.clean, f.test)
         save({"key": run_key("noise", seed, fold), "kind": "noise", "seed": seed, "fold": fold,
-              "metrics": evaluate(f, tumour_probability(trainer, f.test[0]), 0.5),
+              **evaluate(f, tumour_probability(trainer, f.test[0]), 0.5),
               "seconds": time.perf_counter() - start})
     plain = session.record(run_key("plain", seed, fold))
     for job in jobs:
@@ -417,7 +431,7 @@ def fold_runs(session: Session, data: Any, folds: list[np.ndarray], seed: int, f
             **network_config(settings, seed, settings.final_epochs, device)))
         start = time.perf_counter()
         trainer.fit((mixed.x, mixed.y), f.clean, f.test)
-        record["metrics"] = evaluate(f, tumour_probability(trainer, f.test[0]), 0.5)
+        record.update(evaluate(f, tumour_probability(trainer, f.test[0]), 0.5))
         record["seconds"] = time.perf_counter() - start
         if (seed == 0 and fold == settings.run_folds[0] and job["selection"] == "softmax"
                 and job["strategy"] == "both" and is_default(job, settings)):
@@ -521,6 +535,67 @@ def paired_table(rows: list[tuple[str, list[dict]]], baseline: str = "Plain ResC
         ["Method", "pairs", f"AUC − {baseline} AUC", "higher / lower / within 0.005"], lines)
 
 
+BALANCING_NAMES = {
+    "random": "random oversampling (minority-class spectra drawn again with replacement)",
+    "smote": "SMOTE (imbalanced-learn, k = 5 same-class neighbours)",
+    "none": "none"}
+SHORTCUT_NAMES = {
+    "projection": "1×1 convolution + BatchNorm where a block changes the shape",
+    "pool": "max-pooling + zero channels where a block changes the shape (the paper's)"}
+
+
+def theta_sweep(runs: list[dict], settings: Settings) -> dict[float, dict[tuple[int, int], dict]]:
+    """Per θ of ``settings.thresholds`` and (seed, fold) with a plain run: the share of the
+    training set in the softmax ``C`` (E = the source epoch), its healthy share and, where the
+    proposed model (aug-with-both, the other options at their defaults) trained on it, that
+    model's test AUC."""
+    plains = {(r["seed"], r["fold"]): r for r in runs if r["kind"] == "plain"}
+    out: dict[float, dict[tuple[int, int], dict]] = {}
+    for theta in settings.thresholds:
+        per_pair = {}
+        for pair, plain in sorted(plains.items()):
+            chosen = plain["certain_summary"][str(theta)][str(settings.source_epoch)]
+            auc = [r["metrics"]["auc"] for r in runs if r["kind"] == "mixing"
+                   and (r["seed"], r["fold"]) == pair and "metrics" in r
+                   and r["options"]["selection"] == "softmax"
+                   and r["options"]["strategy"] == "both"
+                   and r["options"]["threshold"] == theta
+                   and is_default({**r["options"], "threshold": settings.thresholds[0]},
+                                  settings)]
+            per_pair[pair] = {
+                "fraction": chosen["size"] / plain["train_summary"]["size"],
+                "healthy": chosen["per_class"][0] / chosen["size"] if chosen["size"] else None,
+                "auc": auc[0] if auc else None}
+        out[theta] = per_pair
+    return out
+
+
+def theta_table(runs: list[dict], settings: Settings) -> str:
+    """:func:`theta_sweep` as a table: one line per θ (over the pairs), then per pair."""
+    sweep = theta_sweep(runs, settings)
+    lines = []
+    for theta, per_pair in sweep.items():
+        fractions = [v["fraction"] for v in per_pair.values()]
+        healthy = [v["healthy"] for v in per_pair.values() if v["healthy"] is not None]
+        aucs = [v["auc"] for v in per_pair.values() if v["auc"] is not None]
+        lines.append([f"{theta:g}", str(len(fractions)),
+                      f"{100 * np.mean(fractions):.0f} % ({100 * min(fractions):.0f}–"
+                      f"{100 * max(fractions):.0f} %)" if fractions else "–",
+                      f"{100 * min(healthy):.0f}–{100 * max(healthy):.0f} %" if healthy else "–",
+                      f"{cell(aucs)} (n = {len(aucs)})"])
+    summary = format_markdown_table(
+        ["θ", "pairs", f"C (E = {settings.source_epoch}) / training set: mean (range)",
+         "healthy share of C", "proposed model AUC"], lines)
+    pairs = sorted({pair for per_pair in sweep.values() for pair in per_pair})
+    detail = format_markdown_table(
+        ["seed, fold", *(f"θ = {theta:g}: C share, AUC" for theta in sweep)],
+        [[f"{seed}, {fold}", *(
+            f"{100 * sweep[t][(seed, fold)]['fraction']:.0f} %, "
+            + (f"{sweep[t][(seed, fold)]['auc']:.2f}" if sweep[t][(seed, fold)]["auc"]
+               is not None else "–") for t in sweep)] for seed, fold in pairs])
+    return f"{summary}\n\n{detail}"
+
+
 def render_table(settings: Settings, runs: list[dict], meta: dict[str, Any]) -> str:
     """``table.md``, from what ``runs.json`` holds."""
     columns = [*METRICS, "accuracy", "tissue_auc"]
@@ -560,6 +635,9 @@ Command: `{meta['command']}`{earlier}
 ({len(runs)} runs, {minutes:.1f} min of training on {meta['machine']}.)
 Settings: {json.dumps(asdict(settings))}
 
+Every run of this table: class balancing **{BALANCING_NAMES[settings.balancing]}**;
+residual shortcut **{SHORTCUT_NAMES[settings.shortcut]}**.
+
 Averaged over {averaged_over(rows, settings.folds)}.
 Test folds: mean ± std (population) over the (seed, fold) pairs run (`n`; a row with fewer
 pairs misses runs that failed or did not finish). SEN/SPE/ACC at
@@ -578,6 +656,10 @@ hemisphere); "AUC vs tissue" against what the simulated voxel holds.
 
 The neuroradiologist rows (SEN 0.54, SPE 0.88, AUC 0.68, patient-wise 0.69 on one fold)
 cannot be reproduced: there are no readers here.
+
+## The distillation threshold θ
+
+{theta_table(runs, settings)}
 
 ## What the distillation collected
 
@@ -607,16 +689,32 @@ def sweep_values(runs: list[dict], settings: Settings, option: str,
     return out
 
 
-def save_figures(out: Path, runs: list[dict], settings: Settings, data: Any) -> list[Path]:
+def default_pairs(runs: list[dict], settings: Settings, kind: str,
+                  strategy: str | None = None) -> list[float]:
+    """The test AUCs of every (seed, fold) of one kind of run at the default options
+    (mixing: of ``strategy`` with the softmax selection)."""
+    return [r["metrics"]["auc"] for r in runs if r["kind"] == kind and "metrics" in r
+            and (strategy is None or (
+                r["options"]["strategy"] == strategy and r["options"]["selection"] == "softmax"
+                and is_default(r["options"], settings)))]
+
+
+def draw_sweeps(out: Path, runs: list[dict], settings: Settings) -> list[Path]:
+    """Figs. 5–7: each sweep's AUC by strategy on the sweep folds (seed 0; error bars over
+    those folds), the baselines of the same folds as lines, and the default point of each
+    strategy and of the plain ResCNN over every (seed, fold) pair of ``runs`` (squares, one
+    standard deviation). Fig. 6 adds the share of the training set in ``C`` for each E over
+    every pair."""
     from matplotlib.figure import Figure
 
-    paths = [save_mrs_class_means(data, out / "class_means.png", dpi=90)]
-    # The sweeps ran with the first seed only; their default points and lines use it too.
+    # The sweeps ran with the first seed only; their baselines' lines use it too.
     sweep_runs = [r for r in runs if r.get("seed") == 0 and r.get("fold") in settings.sweep_folds
                   and "metrics" in r]
     lines = {name: [r["metrics"]["auc"] for r in sweep_runs if r["kind"] == kind]
              for name, kind in (("SVM", "svm"), ("RF", "rf"), ("plain ResCNN", "plain"),
                                 ("noise augmentation", "noise"))}
+    plains = [r for r in runs if r["kind"] == "plain"]
+    paths = []
     for number, option, values, label in (
             (5, "alpha", settings.sweep_alphas, "mixing weight α"),
             (6, "source_epoch", settings.sweep_epochs, "source epoch E"),
@@ -624,24 +722,179 @@ def save_figures(out: Path, runs: list[dict], settings: Settings, data: Any) -> 
         series = sweep_values(sweep_runs, settings, option, values)
         if not any(aucs for s in series.values() for _, aucs in s):
             continue
-        figure = Figure(figsize=(5.5, 3.6))
-        axis = figure.subplots()
+        default = {"alpha": settings.alpha, "factor": settings.factor,
+                   "source_epoch": settings.source_epoch}[option]
+        figure = Figure(figsize=(10, 3.8) if number == 6 else (6, 3.8))
+        axes = figure.subplots(1, 2 if number == 6 else 1, squeeze=False)[0]
+        axis = axes[0]
+        span = max([*values, default]) - min([*values, default]) or 1
         for strategy, points in series.items():
             shown = [(v, a) for v, a in points if a]
-            if shown:
-                axis.errorbar([v for v, _ in shown], [np.mean(a) for _, a in shown],
-                              yerr=[np.std(a) for _, a in shown], marker="o", capsize=3,
-                              label=f"aug-with-{strategy}")
+            if not shown:
+                continue
+            drawn = axis.errorbar([v for v, _ in shown], [np.mean(a) for _, a in shown],
+                                  yerr=[np.std(a) for _, a in shown], marker="o", capsize=3,
+                                  label=f"aug-with-{strategy}")
+            every = default_pairs(runs, settings, "mixing", strategy)
+            if every:
+                axis.errorbar([default + 0.02 * span], [np.mean(every)], yerr=[np.std(every)],
+                              marker="s", mfc="none", capsize=3, color=drawn[0].get_color(),
+                              label=f"aug-with-{strategy}, all {len(every)} pairs")
+        every = default_pairs(runs, settings, "plain")
+        if every:
+            axis.errorbar([default - 0.02 * span], [np.mean(every)], yerr=[np.std(every)],
+                          marker="s", mfc="none", capsize=3, color="black",
+                          label=f"plain ResCNN, all {len(every)} pairs")
         for (name, aucs), style in zip(lines.items(), (":", "-.", "--", (0, (1, 3))),
                                        strict=True):
             if aucs:
                 axis.axhline(np.mean(aucs), color="grey", ls=style, lw=1, label=name)
         axis.set_xlabel(label)
         axis.set_ylabel("test AUC")
-        axis.legend(fontsize=7)
-        axis.set_title(f"Figure {number}: AUC vs {label} (folds {settings.sweep_folds})",
-                       fontsize=9)
+        axis.legend(fontsize=6)
+        axis.set_title(f"circles: seed 0, folds {settings.sweep_folds}; squares: the "
+                       f"default over all pairs", fontsize=8)
+        if number == 6 and plains:
+            theta = str(settings.thresholds[0])
+            epochs = sorted(int(e) for e in plains[0]["certain_summary"][theta])
+            shares = np.array([[r["certain_summary"][theta][str(e)]["size"]
+                                / r["train_summary"]["size"] for e in epochs] for r in plains])
+            axes[1].errorbar(epochs, 100 * shares.mean(0), yerr=100 * shares.std(0), marker="o",
+                             capsize=3, color="black")
+            axes[1].set_xlabel("source epoch E")
+            axes[1].set_ylabel("C as % of the training set")
+            axes[1].set_title(f"size of C (θ = {theta}), mean ± std over all {len(plains)} "
+                              "pairs", fontsize=8)
+        figure.suptitle(f"Figure {number}: AUC vs {label}", fontsize=10)
         paths.append(save_figure(figure, out / f"figure{number}_{option}.png", dpi=100))
+    return paths
+
+
+def draw_kmeans(out: Path, data: Any, settings: Settings, clusters: int = 7) -> Path:
+    """Fig. 3: k-means (Euclidean, ``clusters`` as the paper's B–H) of every standardised
+    spectrum. A: the share of each label's spectra (and of the tumour tissue) in each cluster;
+    then each cluster's mean ± std, clusters by decreasing healthy-labelled share."""
+    from matplotlib.figure import Figure
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    x = standardise(data.spectra)[:, 0].numpy()
+    labels = data.labels.numpy()
+    with threadpool_limits(1):  # one thread: the same clusters, so the same figure, every time
+        assigned = KMeans(clusters, n_init=10, random_state=settings.data_seed).fit_predict(x)
+    groups = [("labelled healthy", labels == 0), ("labelled tumour", labels == 1)]
+    if data.tissue_labels is not None:
+        groups.append(("tumour tissue", data.tissue_labels.numpy() == 1))
+    order = sorted(range(clusters), key=lambda c: -np.mean(assigned[labels == 0] == c))
+    figure = Figure(figsize=(14, 6))
+    axes = figure.subplots(2, 4).ravel()
+    width = 0.8 / len(groups)
+    for k, (name, member) in enumerate(groups):
+        shares = [100 * np.mean(assigned[member] == c) for c in order]
+        axes[0].bar(np.arange(clusters) + (k - (len(groups) - 1) / 2) * width, shares, width,
+                    label=name)
+    axes[0].set_xticks(np.arange(clusters), [str(i + 1) for i in range(clusters)])
+    axes[0].set_xlabel("cluster")
+    axes[0].set_ylabel("% of the group's spectra")
+    axes[0].set_title("A: each group's spectra by cluster", fontsize=8)
+    axes[0].legend(fontsize=6)
+    for index, (axis, c) in enumerate(zip(axes[1:], order, strict=True)):
+        member = assigned == c
+        mean, std = x[member].mean(0), x[member].std(0)
+        axis.fill_between(data.ppm, mean - std, mean + std, color="cyan", alpha=0.5)
+        axis.plot(data.ppm, mean, color="darkblue", lw=1)
+        axis.set_xlim(data.ppm.max(), data.ppm.min())
+        axis.set_yticks([])
+        axis.set_title(f"{'BCDEFGH'[index]}: cluster {index + 1}, n = {member.sum()} "
+                       f"({100 * np.mean(labels[member] == 0):.0f} % labelled healthy)",
+                       fontsize=7)
+    figure.suptitle(f"Figure 3: k-means ({clusters} clusters) of all {len(x)} spectra", fontsize=10)
+    return save_figure(figure, out / "figure3_kmeans.png", dpi=90)
+
+
+def draw_roc(out: Path, runs: list[dict], settings: Settings, test_labels: dict[int, np.ndarray]
+             ) -> Path | None:
+    """Fig. 8's model curves: the mean ROC curve (true-positive rate averaged at each
+    false-positive rate, ± one std) over the (seed, fold) pairs whose runs saved their test
+    scores, for SVM, RF, the plain ResCNN and the proposed model; ``None`` when no run did."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_curve
+
+    grid = np.linspace(0, 1, 201)
+    curves = []
+    for name, members in table_rows(runs, settings):
+        if name not in ("SVM", "RF", "Plain ResCNN", "Proposed model (aug-with-both)"):
+            continue
+        rates = []
+        for r in members:
+            if "test_scores" in r:
+                fpr, tpr, _ = roc_curve(test_labels[r["fold"]], r["test_scores"])
+                rates.append(np.interp(grid, fpr, tpr))
+        if rates:
+            aucs = [r["metrics"]["auc"] for r in members if "test_scores" in r]
+            curves.append((f"{name} (AUC {np.mean(aucs):.2f} ± {np.std(aucs):.2f}, "
+                           f"n = {len(rates)})", np.array(rates)))
+    if not curves:
+        return None
+    figure = Figure(figsize=(5, 4.6))
+    axis = figure.subplots()
+    for (name, rates), style in zip(curves, (":", "-.", "--", "-"), strict=False):
+        drawn = axis.plot(grid, rates.mean(0), ls=style, label=name)
+        axis.fill_between(grid, rates.mean(0) - rates.std(0), rates.mean(0) + rates.std(0),
+                          color=drawn[0].get_color(), alpha=0.12)
+    axis.plot([0, 1], [0, 1], color="grey", lw=0.5)
+    axis.set_xlabel("false-positive rate (1 − specificity)")
+    axis.set_ylabel("true-positive rate (sensitivity)")
+    axis.legend(fontsize=6, loc="lower right")
+    axis.set_title("Figure 8: mean ROC curves over the test folds (no readers here)", fontsize=9)
+    return save_figure(figure, out / "figure8_roc.png", dpi=100)
+
+
+def draw_theta(out: Path, runs: list[dict], settings: Settings) -> Path | None:
+    """The θ sweep (:func:`theta_sweep`): share of the training set in ``C`` and the proposed
+    model's AUC per θ, a line per (seed, fold) and their mean; ``None`` with one θ."""
+    from matplotlib.figure import Figure
+
+    sweep = theta_sweep(runs, settings)
+    pairs = sorted({pair for per_pair in sweep.values() for pair in per_pair})
+    if len(sweep) < 2 or not pairs:
+        return None
+    thetas = sorted(sweep)
+    figure = Figure(figsize=(10, 3.8))
+    left, right = figure.subplots(1, 2)
+    for axis, key, scale, name in ((left, "fraction", 100, "C as % of the training set"),
+                                   (right, "auc", 1, "proposed model: test AUC")):
+        table = np.array([[np.nan if sweep[t][p][key] is None else scale * sweep[t][p][key]
+                           for t in thetas] for p in pairs])
+        for pair, row in zip(pairs, table, strict=True):
+            axis.plot(thetas, row, color="grey", lw=0.6, marker=".",
+                      label="one (seed, fold)" if pair == pairs[0] else None)
+        means = [column[~np.isnan(column)].mean() if (~np.isnan(column)).any() else np.nan
+                 for column in table.T]
+        axis.plot(thetas, means, color="black", lw=2, marker="o", label="mean")
+        axis.set_xlabel("θ")
+        axis.set_ylabel(name)
+        axis.legend(fontsize=7)
+    left.axhline(30, color="tab:red", ls="--", lw=1)
+    left.text(thetas[0], 31, "paper ≈ 30 %", color="tab:red", fontsize=7)
+    left.set_title(f"share of the training set in C (E = {settings.source_epoch})", fontsize=8)
+    right.set_title("aug-with-both trained on that C", fontsize=8)
+    figure.suptitle(f"Distillation threshold θ over {len(pairs)} (seed, fold) pairs",
+                    fontsize=10)
+    return save_figure(figure, out / "figure_theta.png", dpi=100)
+
+
+def save_figures(out: Path, runs: list[dict], settings: Settings, data: Any,
+                 folds: list[np.ndarray]) -> list[Path]:
+    """Every figure that ``runs`` and ``figure_inputs/`` hold the data of (see the module
+    docstring); ``folds`` gives the test labels of the ROC curves."""
+    from matplotlib.figure import Figure
+
+    paths = [save_mrs_class_means(data, out / "class_means.png", dpi=90),
+             draw_kmeans(out, data, settings), *draw_sweeps(out, runs, settings)]
+    labels = {k: data.labels[fold].numpy() for k, fold in enumerate(folds)}
+    paths += [path for path in (draw_roc(out, runs, settings, labels),
+                                draw_theta(out, runs, settings)) if path is not None]
     inputs = out / FIGURE_INPUTS
     if (inputs / "figure4.pt").exists():
         f4 = torch.load(inputs / "figure4.pt")
@@ -663,13 +916,15 @@ def save_figures(out: Path, runs: list[dict], settings: Settings, data: Any) -> 
                     right.axvline(np.median(distance[members]), color=colour, ls="--")
         left.set_title("A: t-SNE of the training set", fontsize=9)
         left.legend(fontsize=7, markerscale=2)
-        right.set_title("B: distance to the other class's centre", fontsize=9)
+        right.set_title("B: distance to the other class's centre (dashed: medians)", fontsize=9)
         right.legend(fontsize=7)
+        figure.suptitle("Figure 4: the distilled set (θ, E of the table; first seed and fold)",
+                        fontsize=10)
         paths.append(save_figure(figure, out / "figure4_distillation.png", dpi=100))
     if (inputs / "figure9.pt").exists():
         f9 = torch.load(inputs / "figure9.pt")
         n = len(f9["labels"])
-        figure = Figure(figsize=(8, 1.7 * n))
+        figure = Figure(figsize=(8, 1.7 * n + 0.4))
         axes = figure.subplots(n, 1, squeeze=False)[:, 0]
         for k, axis in enumerate(axes):
             label = int(f9["labels"][k])
@@ -678,13 +933,19 @@ def save_figures(out: Path, runs: list[dict], settings: Settings, data: Any) -> 
             cam = f9["cams"][k].numpy()
             scaled = (cam - cam.min()) / (np.ptp(cam) + 1e-12)
             axis.plot(data.ppm, scaled * 2 - 4, color=colour, ls="--", lw=1)
+            for name, position in METABOLITE_MARKS:
+                if data.ppm.min() <= position <= data.ppm.max():
+                    axis.axvline(position, color="grey", lw=0.5, ls=":")
+                    if k == 0:
+                        axis.text(position, 1.02, name, fontsize=7, ha="center",
+                                  va="bottom", transform=axis.get_xaxis_transform())
             axis.set_xlim(data.ppm.max(), data.ppm.min())
             axis.set_yticks([])
             axis.set_ylabel(f"{('healthy', 'tumour')[label]}\n(tissue "
                             f"{('healthy', 'tumour')[int(f9['tissue'][k])]})", fontsize=7)
         axes[-1].set_xlabel("chemical shift (ppm)")
-        axes[0].set_title("Figure 9: spectra (solid) and class activation maps (dashed)",
-                          fontsize=9)
+        figure.suptitle("Figure 9: spectra (solid) and class activation maps (dashed), "
+                        "metabolites marked", fontsize=9)
         paths.append(save_figure(figure, out / "figure9_cams.png", dpi=100))
     return paths
 
@@ -725,7 +986,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                 tuple(session.args.only)),
                     lambda job: f"seed {job[0]}, fold {job[1]}{', sweeps' if job[2] else ''}",
                     desc="Table 2", unit="pass", one_run_per_job=False)
-        paths = save_figures(session.out, session.runs, settings, data)
+        paths = save_figures(session.out, session.runs, settings, data, folds)
         session.finish(paths)
     return {"runs": session.runs, "paths": paths}
 

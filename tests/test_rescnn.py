@@ -30,6 +30,31 @@ def test_table1_output_sizes():
         ResCNN1d(dropout=1.0)
 
 
+@pytest.mark.parametrize("length", [288, 45])
+def test_pool_shortcut_is_max_pooling_with_zero_channels(length):
+    """The paper's shortcut: no parameters, the strided blocks' shortcut is the max over each
+    window of the stride (the last window partial for an odd length) and the new channels are
+    zero; the output sizes stay Table 1's."""
+    model = ResCNN1d(shortcut="pool").eval()
+    projection = ResCNN1d().eval()
+    shortcut_parameters = [n for n, _ in model.named_parameters() if "shortcut" in n]
+    assert shortcut_parameters == [] and any(
+        "shortcut" in n for n, _ in projection.named_parameters())
+    x = torch.randn(3, 16, length)
+    for index, (in_channels, channels) in ((0, (16, 16)), (2, (16, 32)), (1, (16, 16))):
+        block = model.blocks[index]
+        out = block.shortcut(x[:, :in_channels])
+        stride = 2 if index % 2 == 0 else 1
+        padded = F.pad(x[:, :in_channels], (0, -length % stride), value=-torch.inf)
+        pooled = padded.unfold(2, stride, stride).amax(-1)
+        assert out.shape == (3, channels, -(-length // stride))
+        torch.testing.assert_close(out[:, :in_channels], pooled, rtol=0, atol=0)
+        assert (out[:, in_channels:] == 0).all()
+    assert model(torch.randn(2, 1, length)).shape == (2, 2)
+    with pytest.raises(ValueError, match="shortcut"):
+        ResCNN1d(shortcut="conv")
+
+
 def planted(n: int, position: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise spectra; class 1 carries a narrow peak at ``position``."""
     generator = torch.Generator().manual_seed(seed)

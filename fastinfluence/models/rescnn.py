@@ -13,8 +13,12 @@ Decisions on what the paper leaves open (docs/design.md §5):
   column says 1 for block 1: the output sizes are taken as right.
 - **Block internals**: ``relu(bn2(conv2(dropout(relu(bn1(conv1(x)))))) + shortcut(x))``
   (He et al.'s post-activation basic block, the paper's reference [16]); the first
-  convolution carries the block's stride. The shortcut is the identity when the shape is
-  kept and a strided 1×1 convolution + BatchNorm when it changes (He et al.'s option B).
+  convolution carries the block's stride. The paper's shortcut is "the identity
+  transformation or max-pooling" (§4.3; as in its reference [10], Hannun et al.'s ECG
+  network): ``shortcut="pool"`` is the identity when the shape is kept, else a max-pool by
+  the stride with zero channels appended (He et al.'s option A). ``shortcut="projection"``
+  (the default, which every committed run before the option existed used) is the identity
+  when the shape is kept, else a strided 1×1 convolution + BatchNorm (He et al.'s option B).
 - **Even kernel, "same" length**: a width-32 convolution has no symmetric padding that keeps
   the length, so each one is preceded by an explicit ``ConstantPad1d((15, 16))`` (15 zeros
   before, 16 after; PyTorch's ``padding="same"`` does the same but refuses strides).
@@ -27,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+SHORTCUTS = ("projection", "pool")
+"""The residual blocks' shortcut when the shape changes (see the module docstring)."""
 KERNEL = 32
 """The paper's filter width (32×1)."""
 PADDING = ((KERNEL - 1) // 2, KERNEL // 2)
@@ -39,6 +45,24 @@ def _convolution(in_channels: int, channels: int, stride: int) -> nn.Sequential:
                          nn.Conv1d(in_channels, channels, KERNEL, stride, bias=False))
 
 
+class PoolShortcut(nn.Module):
+    """A parameter-free shortcut: max-pool by ``stride`` (windows of ``stride``; the last one
+    partial, so the length is ``⌈L / stride⌉`` as the main branch's), then
+    ``channels − in_channels`` zero channels appended."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int) -> None:
+        super().__init__()
+        if channels < in_channels:
+            raise ValueError(f"a pool shortcut cannot drop channels ({in_channels} -> "
+                             f"{channels})")
+        self.pool: nn.Module = (nn.MaxPool1d(stride, stride, ceil_mode=True) if stride > 1
+                                else nn.Identity())
+        self.extra_channels = channels - in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(self.pool(x), (0, 0, 0, self.extra_channels))
+
+
 class ResBlock1d(nn.Module):
     """One residual block (see the module docstring for its layout).
 
@@ -47,11 +71,15 @@ class ResBlock1d(nn.Module):
         channels: output channels of both convolutions.
         stride: the subsample factor of the first convolution and of the shortcut.
         dropout: dropout probability between the convolutions.
+        shortcut: ``"projection"`` or ``"pool"`` (:data:`SHORTCUTS`), used when the shape
+            changes; the identity otherwise.
     """
 
     def __init__(self, in_channels: int, channels: int, stride: int = 1,
-                 dropout: float = 0.55) -> None:
+                 dropout: float = 0.55, shortcut: str = "projection") -> None:
         super().__init__()
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
         self.conv1 = _convolution(in_channels, channels, stride)
         self.bn1 = nn.BatchNorm1d(channels)
         self.relu1 = nn.ReLU()
@@ -60,7 +88,9 @@ class ResBlock1d(nn.Module):
         self.bn2 = nn.BatchNorm1d(channels)
         self.relu2 = nn.ReLU()
         self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != channels:
+        if (stride != 1 or in_channels != channels) and shortcut == "pool":
+            self.shortcut = PoolShortcut(in_channels, channels, stride)
+        elif stride != 1 or in_channels != channels:
             self.shortcut = nn.Sequential(nn.Conv1d(in_channels, channels, 1, stride, bias=False),
                                           nn.BatchNorm1d(channels))
 
@@ -84,10 +114,13 @@ class ResCNN1d(nn.Module):
         blocks: residual blocks (paper 8).
         dropout: dropout probability in every block (paper 0.55).
         in_channels: input channels (1 for a spectrum).
+        shortcut: the blocks' shortcut where the shape changes: ``"projection"`` (1×1
+            convolution + BatchNorm) or ``"pool"`` (max-pool + zero channels, the paper's).
     """
 
     def __init__(self, num_classes: int = 2, *, width: int = 16, blocks: int = 8,
-                 dropout: float = 0.55, in_channels: int = 1) -> None:
+                 dropout: float = 0.55, in_channels: int = 1,
+                 shortcut: str = "projection") -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("width", width),
                             ("blocks", blocks), ("in_channels", in_channels)):
@@ -101,7 +134,8 @@ class ResCNN1d(nn.Module):
         layers, previous = [], width
         for block in range(blocks):
             channels = width * 2 ** (block // 2)
-            layers.append(ResBlock1d(previous, channels, 2 if block % 2 == 0 else 1, dropout))
+            layers.append(ResBlock1d(previous, channels, 2 if block % 2 == 0 else 1, dropout,
+                                     shortcut))
             previous = channels
         self.blocks = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool1d(1)

@@ -19,8 +19,11 @@ paper is silent (docs/design.md §5):
   ``include_certain`` in :func:`mix_certain`'s caller adds ``C``.
 - **Mixing partners** are drawn uniformly with replacement, never the target itself:
   same class (``"same"``), the other class (``"other"``) or any sample of ``C`` (``"both"``).
-- **Class imbalance**: every network's training set is balanced by oversampling its
-  minority class with replacement (the paper's reference [29]) before training.
+- **Class imbalance**: every network's training set is balanced before training. The paper
+  cites SMOTE (its reference [29]): ``balancing="smote"`` synthesises minority samples by
+  interpolating between a sample and one of its ``k`` nearest same-class neighbours
+  (``imbalanced-learn``'s :class:`~imblearn.over_sampling.SMOTE`); ``"random"`` (the default)
+  draws minority samples again with replacement; ``"none"`` keeps the set as it is.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ from fastinfluence.robust.loop import Split, TestSets, Trainer, TrainResult
 from fastinfluence.scoring import Influence
 
 STRATEGIES = ("same", "other", "both")
+BALANCING = ("random", "smote", "none")
+"""How :class:`BalancedTrainer` balances the classes (:attr:`MRSConfig.balancing`)."""
+SMOTE_NEIGHBOURS = 5
+"""SMOTE's ``k`` (imbalanced-learn's and Chawla et al.'s default)."""
 INFLUENCE_SELECTIONS = ("helpful", "self")
 
 
@@ -48,18 +55,19 @@ class MRSConfig(TrainConfig):
     symmetry), Adam at ``lr=1e-3`` (Adam's default; the paper gives only β₁, β₂), batch 32.
 
     Attributes:
-        oversample: balance the training set by drawing extra minority-class samples with
-            replacement (seeded by ``seed``) before training.
+        balancing: how the training set is class-balanced before training (seeded by
+            ``seed``): ``"random"`` draws extra minority-class samples with replacement
+            (:func:`oversample_indices`), ``"smote"`` synthesises them (:func:`smote_balance`,
+            the paper's reference [29]), ``"none"`` trains on the set as given.
     """
 
     lr: float = 1e-3
     flip: bool = False
-    oversample: bool = True
+    balancing: str = "random"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.oversample, bool):
-            raise ValueError(f"oversample must be a bool, got {self.oversample!r}")
+        _check_choice("balancing", self.balancing, BALANCING)
 
 
 @dataclass
@@ -102,20 +110,50 @@ def oversample_indices(labels: torch.Tensor, generator: torch.Generator) -> torc
     return torch.cat(parts)
 
 
+def smote_balance(x: torch.Tensor, y: torch.Tensor, seed: int,
+                  neighbours: int = SMOTE_NEIGHBOURS) -> tuple[torch.Tensor, torch.Tensor]:
+    """SMOTE (Chawla et al. 2002): every sample once, then synthetic samples of each smaller
+    class until every class has as many as the largest. A synthetic sample is
+    ``x_i + u·(x_n − x_i)``, ``u ~ U(0, 1)``, for a random sample ``x_i`` of the class and
+    one ``x_n`` of its ``k`` nearest neighbours of the same class (Euclidean, on the
+    flattened samples; ``k = min(neighbours, class size − 1)``). Classes absent stay absent.
+
+    Raises:
+        ValueError: a class to be enlarged has a single sample (nothing to interpolate with).
+    """
+    counts = torch.bincount(y)
+    present = counts[counts > 0]
+    if len(present) < 2 or bool((present == present.max()).all()):
+        return x, y
+    smallest = int(present.min())
+    if smallest < 2:
+        raise ValueError("balancing='smote' needs at least 2 samples of each class present "
+                         f"(class sizes {counts.tolist()}); use balancing='random'")
+    from imblearn.over_sampling import SMOTE
+
+    sampler = SMOTE(k_neighbors=min(neighbours, smallest - 1), random_state=seed)
+    flat, labels = sampler.fit_resample(x.reshape(len(x), -1).cpu().numpy(), y.cpu().numpy())
+    return (torch.as_tensor(flat, dtype=x.dtype).reshape(len(flat), *x.shape[1:]),
+            torch.as_tensor(labels, dtype=y.dtype))
+
+
 class BalancedTrainer(Trainer):
-    """Plain cross-entropy on a class-balanced training set (:func:`oversample_indices` when
-    ``config.oversample``): the plain ResCNN of the paper, and its final network on ``A``."""
+    """Plain cross-entropy on a class-balanced training set (``config.balancing``): the plain
+    ResCNN of the paper, and its final network on ``A``."""
 
     method = "plain"
     config_type = MRSConfig
     config: MRSConfig
 
     def fit(self, train: Split, val: Split, test: TestSets) -> TrainResult:
-        """Oversample ``train`` (``config.oversample``), then train as :meth:`Trainer.fit`."""
+        """Balance ``train`` (``config.balancing``), then train as :meth:`Trainer.fit`."""
         x, y = train
-        if self.config.oversample:
+        if self.config.balancing == "random":
             index = oversample_indices(y, self.generator)
             x, y = x[index], y[index]
+        elif self.config.balancing == "smote":
+            seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))
+            x, y = smote_balance(x, y, seed)
         return super().fit((x, y), val, test)
 
     @torch.no_grad()
@@ -142,7 +180,7 @@ class DistillationTrainer(BalancedTrainer):
     """Data distillation (Algorithm 1) on the plain ResCNN's training run.
 
     At the end of each of the first ``distill_epochs`` epochs the model (eval mode) scores
-    the original, un-oversampled training set and :func:`certain_samples` gives ``C_E``;
+    the original, unbalanced training set and :func:`certain_samples` gives ``C_E``;
     :meth:`certain` is the union ``C = C_1 ∪ … ∪ C_E``. The run goes on to ``epochs`` as the
     plain baseline. ``extras["certain_by_epoch"]`` holds every ``C_E`` (index tensors into
     the training set given to :meth:`fit`) and ``extras["probabilities_by_epoch"]`` the
@@ -161,7 +199,7 @@ class DistillationTrainer(BalancedTrainer):
         self.probabilities_by_epoch: list[torch.Tensor] = []
 
     def fit(self, train: Split, val: Split, test: TestSets) -> TrainResult:
-        """Train on ``train`` (oversampled), collecting certain samples of ``train`` itself."""
+        """Train on ``train`` (balanced), collecting certain samples of ``train`` itself."""
         self.pool = train
         return super().fit(train, val, test)
 

@@ -23,7 +23,7 @@ def test_the_check_command_passes():
 
 def test_a_changed_run_fails_the_check_until_the_page_follows(tmp_path: Path):
     results = tmp_path / "results"
-    shutil.copytree(RESULTS, results, ignore=shutil.ignore_patterns("*.png", "figure_inputs"))
+    shutil.copytree(RESULTS, results, ignore=shutil.ignore_patterns("*.png"))
     path = results / "denoising_cnn_tables" / "runs.json"
     saved = json.loads(path.read_text())
     run = next(r for r in saved["runs"] if r["label"] == "λ_a = 1" and r["trial"] == 1)
@@ -67,3 +67,14 @@ def test_the_cw_budget_reruns_table1s_models_and_the_sweeps_counts():
     sweeps = claims.isr_isp_sweeps().numbers
     assert sweeps["isp_above_naive"] == (35, 36)
     assert sweeps["best_gamma_count"][0.01] == 11 and sweeps["comparisons"] == 12
+
+
+def test_the_mrs_threshold_claims_numbers():
+    """The issue's "θ = 0.9 selects 32–97 % of the training set", and Fig. 4B's healthy
+    median, recomputed from the committed runs and figure inputs."""
+    numbers = claims.mrs_threshold_and_figures().numbers
+    shares = [v["share"] for v in numbers["theta 0.9"].values()]
+    assert len(shares) == 20
+    assert (round(100 * min(shares)), round(100 * max(shares))) == (32, 97)
+    healthy_all, healthy_distilled = numbers["figure4b_medians"]["healthy"]
+    assert abs(healthy_distilled / healthy_all - 1) < 0.01

@@ -18,7 +18,7 @@ RESULTS = EXAMPLES / "results"
 COMMITTED = {
     "isr_isp_table1": ("isr_isp_table1", "isr_isp_ablation_direction", "isr_isp_sweeps"),
     "ousm_table1": ("ousm_table1", "ousm_table1_symmetric"),
-    "mrs_table2": ("mrs_table2",),
+    "mrs_table2": ("mrs_table2", "mrs_table2_theta", "mrs_table2_smote", "mrs_table2_pool"),
     "denoising_cnn_tables": ("denoising_cnn_tables", "denoising_cnn_tables_chest"),
     "denoising_cw_budget": ("denoising_cw_budget",),
     "gpt2_influence": ("gpt2_influence",),

@@ -4,10 +4,11 @@ extended with more folds and seeds."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 
 import pytest
-from example_loader import load_example
+from example_loader import EXAMPLES, load_example
 
 pytestmark = pytest.mark.slow  # trains and writes whole example runs
 
@@ -62,8 +63,14 @@ def test_every_method_and_sweep_ran_and_is_reported(finished):
                  "0.73 ± 0.07", "neuroradiologist", "Paired with the plain ResCNN"):
         assert name in table
     names = {p.name for p in result["paths"]}
-    assert names == {"class_means.png", "figure4_distillation.png", "figure5_alpha.png",
-                     "figure6_source_epoch.png", "figure7_factor.png", "figure9_cams.png"}
+    assert names == {"class_means.png", "figure3_kmeans.png", "figure4_distillation.png",
+                     "figure5_alpha.png", "figure6_source_epoch.png", "figure7_factor.png",
+                     "figure8_roc.png", "figure9_cams.png", "figure_theta.png"}
+    # every run that scores the test fold keeps its scores (Fig. 8's ROC curves)
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    assert len({len(r["test_scores"]) for r in runs if "metrics" in r}) == 1
+    # the θ sweep: each θ's share of the training set in C and the proposed model's AUC
+    assert "## The distillation threshold θ" in table and "| 0.55 | 1 |" in table
     assert all(p.stat().st_size > 0 for p in result["paths"])
 
 
@@ -80,7 +87,7 @@ def test_resume_skips_finished_runs_and_refuses_other_settings(table2, finished)
     resumed = table2.main([*TINY, "--out", str(out)])
     assert [r["key"] for r in resumed["runs"]] == [r["key"] for r in runs]
     redrawn = table2.main([*TINY, "--out", str(out), "--no-train"])
-    assert redrawn["runs"] == resumed["runs"] and len(redrawn["paths"]) == 6
+    assert redrawn["runs"] == resumed["runs"] and len(redrawn["paths"]) == 9
     # the redrawn table names the command that trained, not the redraw
     assert "--no-train" not in (out / "table.md").read_text()
     with pytest.raises(SystemExit, match="other settings"):
@@ -159,6 +166,51 @@ def test_the_basis_is_a_setting_and_older_outs_read_as_multiplet(table2, finishe
         table2.main([*TINY, "--basis", "density-matrix", "--out", str(out)])
     assert table2.settings_from(table2.parse_args(["--basis", "density-matrix"])).basis == (
         "density-matrix")
+
+
+@pytest.mark.parametrize(("name", "value", "older"),
+                         [("balancing", "smote", "random"), ("shortcut", "pool", "projection")])
+def test_balancing_and_shortcut_are_settings_and_older_outs_read_as_the_committed(
+        table2, finished, tmp_path, name, value, older):
+    """Runs saved before the setting existed were made with random oversampling and the 1×1
+    projection shortcut: they read as such, the table says so, and the paper's value (the
+    ``--full`` one) needs another --out."""
+    source, _ = finished
+    out = tmp_path / "older"
+    saved = copy_out(source, out)
+    assert saved["settings"].pop(name) == older
+    (out / "runs.json").write_text(json.dumps(saved))
+    table2.main([*TINY, "--no-train", "--out", str(out)])
+    table = (out / "table.md").read_text()
+    assert "class balancing **random oversampling" in table
+    assert "residual shortcut **1×1 convolution + BatchNorm" in table
+    flag = "--" + name
+    with pytest.raises(SystemExit, match=rf"{name} \('{older}' there, '{value}' here\)"):
+        table2.main([*TINY, flag, value, "--out", str(out)])
+    assert getattr(table2.settings_from(table2.parse_args(["--full"])), name) == value
+
+
+def test_smote_and_pool_runs_train_and_are_labelled(table2, tmp_path):
+    out = tmp_path / "paper"
+    result = table2.main([*TINY, "--only", "plain", "mixing", "--strategies", "both",
+                          "--influence", "--sweep-folds", "--thresholds", "0.5",
+                          "--balancing", "smote", "--shortcut", "pool", "--out", str(out)])
+    assert sorted(r["kind"] for r in result["runs"]) == ["mixing", "plain"]
+    assert all("metrics" in r for r in result["runs"])
+    table = (out / "table.md").read_text()
+    assert "class balancing **SMOTE" in table and "max-pooling + zero channels" in table
+
+
+@pytest.mark.slow
+def test_committed_figures_redraw_byte_identical(table2, tmp_path):
+    """--no-train with the committed command redraws every committed figure bit for bit."""
+    committed = EXAMPLES / "results" / "mrs_table2"
+    out = tmp_path / "mrs_table2"
+    shutil.copytree(committed, out, ignore=shutil.ignore_patterns("*.png"))
+    flags = shlex.split(json.loads((out / "runs.json").read_text())["meta"]["command"])[2:]
+    table2.main([*flags, "--no-train", "--no-progress", "--out", str(out)])
+    for figure in committed.glob("*.png"):
+        assert (out / figure.name).read_bytes() == figure.read_bytes(), figure.name
 
 
 def test_paired_table_compares_each_row_with_plain_on_the_same_seed_and_fold(table2):

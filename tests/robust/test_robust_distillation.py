@@ -21,6 +21,7 @@ from fastinfluence.robust.distillation import (
     mix_certain,
     noise_augment,
     oversample_indices,
+    smote_balance,
 )
 
 
@@ -86,6 +87,42 @@ def test_oversampling_balances_the_classes():
     x, y = spectra_split(30, 1)
     trainer.fit((x, y), (x, y), (x, y))
     assert torch.bincount(trainer.train_data[1]).tolist() == [20, 20]
+
+
+def test_smote_synthesises_minority_samples_between_same_class_neighbours():
+    """SMOTE, not duplication: every sample once, then new class-1 samples, each on the
+    segment between a class-1 sample and one of its 5 nearest class-1 neighbours."""
+    pytest.importorskip("imblearn")
+    x, y = spectra_split(40, 3, length=12)  # 14 of class 1, 26 of class 0
+    balanced_x, balanced_y = smote_balance(x, y, seed=0)
+    assert torch.equal(balanced_x[:40], x) and torch.equal(balanced_y[:40], y)
+    assert torch.bincount(balanced_y).tolist() == [26, 26] and (balanced_y[40:] == 1).all()
+    minority = x[y == 1].flatten(1).double()
+    distances = torch.cdist(minority, minority)
+    neighbours = distances.argsort(1)[:, 1:6]  # the 5 nearest, itself excluded
+    for synthetic in balanced_x[40:].flatten(1).double():
+        assert not (minority - synthetic).abs().amax(1).lt(1e-6).any()  # no duplicate
+        found = False
+        for i in range(len(minority)):
+            for n in neighbours[i]:
+                step = minority[n] - minority[i]
+                u = ((synthetic - minority[i]) @ step / (step @ step)).item()
+                if 0 <= u <= 1 and torch.allclose(minority[i] + u * step, synthetic, atol=1e-5):
+                    found = True
+        assert found
+    trainer = BalancedTrainer(ResCNN1d(width=2, blocks=2), MRSConfig(epochs=1,
+                                                                     balancing="smote"))
+    trainer.fit((x, y), (x, y), (x, y))
+    assert torch.bincount(trainer.train_data[1]).tolist() == [26, 26]
+    assert not torch.equal(trainer.train_data[0][40:], x[y == 1][:12])
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        smote_balance(x[:27], y[:27].clone().fill_(0).index_fill_(0, torch.tensor([0]), 1), 0)
+    with pytest.raises(ValueError, match="balancing"):
+        MRSConfig(balancing="SMOTE")
+    unbalanced = BalancedTrainer(ResCNN1d(width=2, blocks=2), MRSConfig(epochs=1,
+                                                                        balancing="none"))
+    unbalanced.fit((x, y), (x, y), (x, y))
+    assert torch.bincount(unbalanced.train_data[1]).tolist() == [26, 14]
 
 
 @pytest.mark.parametrize("strategy", ["same", "other", "both"])
@@ -168,3 +205,19 @@ def test_influence_selection_runs_the_fused_pass_through_the_residual_adds():
     own = influence_certain(model, (x, y), clean, 5, selection="self", params="last")
     assert own.scoring == "head-closed-form" and (own.scores >= 0).all()
     assert set(own.certain.tolist()) == set(torch.argsort(own.scores)[:5].tolist())
+
+
+def test_influence_selection_with_the_pool_shortcut_falls_back_and_says_why():
+    """The fused tangent pass has no rule for the paper's max-pool shortcut: the selection
+    still runs (torch.func.jvp), agrees with Influence's scores, and the reason is reported."""
+    x, y = spectra_split(40, 7, length=64)
+    torch.manual_seed(0)
+    model = ResCNN1d(width=2, shortcut="pool").eval()
+    clean = spectra_split(12, 8, length=64)
+    chosen = influence_certain(model, (x, y), clean, 10)
+    assert chosen.scoring == "torch.func.jvp"
+    influence = fi.Influence(model, (x, y), clean, params=["blocks.7.bn2", "fc"], damping=0.01,
+                             hessian="gauss-newton", solver="cg")
+    expected = influence.scores()
+    assert "MaxPool1d" in influence.report.scoring_reason
+    torch.testing.assert_close(chosen.scores, expected.cpu(), rtol=1e-4, atol=1e-6)
