@@ -78,3 +78,14 @@ def test_the_mrs_threshold_claims_numbers():
     assert (round(100 * min(shares)), round(100 * max(shares))) == (32, 97)
     healthy_all, healthy_distilled = numbers["figure4b_medians"]["healthy"]
     assert abs(healthy_distilled / healthy_all - 1) < 0.01
+
+
+def test_the_isp_ratio_against_the_rest_of_the_head_is_below_the_air_included_one():
+    """Leaving the air out of the denominator lowers Figure 1's ratio, run by run, and the
+    rerun's head ratios are those the pages state."""
+    rerun = claims.load_runs(claims.RESULTS, "isr_isp_figure1_head")["runs"]
+    for run in rerun:
+        summary = run["method_summary"]
+        assert 1 < summary["delta_tumour_to_head_ratio"] < summary["delta_tumour_to_rest_ratio"]
+    head = claims.isp_tumour_ratio().numbers["rerun"]["head"]
+    assert (round(head["mean"], 2), head["runs"]) == (1.56, 10)

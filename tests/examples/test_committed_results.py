@@ -16,7 +16,8 @@ from fastinfluence.experiments import regenerate_table
 
 RESULTS = EXAMPLES / "results"
 COMMITTED = {
-    "isr_isp_table1": ("isr_isp_table1", "isr_isp_ablation_direction", "isr_isp_sweeps"),
+    "isr_isp_table1": ("isr_isp_table1", "isr_isp_ablation_direction", "isr_isp_sweeps",
+                       "isr_isp_figure1_head"),
     "ousm_table1": ("ousm_table1", "ousm_table1_symmetric"),
     "mrs_table2": ("mrs_table2", "mrs_table2_theta", "mrs_table2_smote", "mrs_table2_pool"),
     "denoising_cnn_tables": ("denoising_cnn_tables", "denoising_cnn_tables_chest"),
@@ -72,6 +73,7 @@ def redraw(example: str, folder: str, tmp_path: Path) -> tuple[Path, dict]:
     # drawn before the runs saved their figure inputs: only a rerun of trial 0 redraws them
     pytest.param("isr_isp_table1", "isr_isp_table1", False, marks=pytest.mark.slow),
     pytest.param("isr_isp_table1", "isr_isp_sweeps", True, marks=pytest.mark.slow),
+    pytest.param("isr_isp_table1", "isr_isp_figure1_head", True, marks=pytest.mark.slow),
     pytest.param("denoising_cw_budget", "denoising_cw_budget", True, marks=pytest.mark.slow),
 ])
 def test_no_train_redraws_the_committed_table_and_figures(example: str, folder: str,

@@ -147,3 +147,20 @@ def test_sweeps_make_one_row_per_combination(table1):
     labels = [row.label for row in rows]
     assert labels[:2] == ["ISR", "ISR (emphasis=harmful)"]
     assert len(rows) == 2 + 4 and "ISP (ratio=0.05, gamma=0.1)" in labels
+
+
+def test_head_masks_fill_the_head_and_leave_the_air(table1):
+    image = torch.zeros(1, 1, 9, 9)
+    image[0, 0, 2:7, 2:7] = 0.5
+    image[0, 0, 4, 4] = 0.0  # a dark pixel inside the head (CSF) is still head
+    head = table1.head_masks(image)
+    expected = torch.zeros(1, 1, 9, 9, dtype=torch.bool)
+    expected[0, 0, 2:7, 2:7] = True
+    assert torch.equal(head, expected)
+
+
+def test_isp_summary_reports_the_ratio_against_the_rest_of_the_head(finished):
+    out, _ = finished
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    isp = [run["method_summary"] for run in runs if run["method"] == "isp"]
+    assert isp and all(math.isfinite(summary["delta_tumour_to_head_ratio"]) for summary in isp)
