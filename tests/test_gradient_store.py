@@ -83,8 +83,9 @@ def test_a_killed_build_resumes_to_identical_chunks(tmp_path, monkeypatch):
 
 def test_float16_storage_and_refusals(tmp_path):
     model, train, val = make_problem("cnn", n_train=12, n_val=2)
-    with pytest.raises(ValueError, match=r"BatchNorm2d '1'"):
+    with pytest.raises(ValueError, match=r"BatchNorm2d '1'") as refused:
         fi.GradientStore(model, train, k=4, out=tmp_path / "a")
+    assert "hessian=" not in str(refused.value)  # the store takes no hessian option
     with pytest.raises(ValueError, match="k must be a positive int"):
         fi.GradientStore(model, train, k=0, out=tmp_path / "b", params=PARAMS["cnn"])
     with pytest.raises(ValueError, match="dtype must be one of"):

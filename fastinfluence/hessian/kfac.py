@@ -127,7 +127,7 @@ def kronecker_layers(fmodel: FunctionalModel, partial: bool = False) -> list[Kro
         kinds = [kind.__name__ for kind, entry in registered().items()
                  if entry.kfac is not None and not isinstance(entry.kfac, NotCovered)]
         raise ValueError(
-            f"hessian='kfac'/'ekfac' covers the parameters of layers with K-FAC factors "
+            f"K-FAC's factors cover only the parameters of layers with a K-FAC rule "
             f"({', '.join(kinds)}); the selection also holds {others[:6]}"
             f"{_why_not(fmodel.model, others[0])}: select the {'/'.join(kinds)} modules by name"
         )

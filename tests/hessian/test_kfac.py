@@ -303,7 +303,7 @@ def test_scores_correlate_with_exact_gauss_newton_scores(seed):
 
 def test_selections_kfac_cannot_factor_are_refused_clearly():
     model, train, val = make_problem("cnn", seed=1)
-    with pytest.raises(ValueError, match=r"layers with K-FAC factors \(Linear, Conv2d"):
+    with pytest.raises(ValueError, match=r"layers with a K-FAC rule \(Linear, Conv2d"):
         fi.Influence(model, train, val, params="all", hessian="kfac")
 
     class Tied(nn.Module):
