@@ -404,7 +404,6 @@ class GradientStore:
                              f"store's {list(self.selection.names)[:4]}")
 
 
-
 def _best(values: torch.Tensor, indices: torch.Tensor, new_values: torch.Tensor,
           new_indices: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``top`` largest of a running list ``(values, indices)`` ``[m, ·]`` and new

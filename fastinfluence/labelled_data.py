@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -96,6 +96,12 @@ def map_inputs(function: Callable[[torch.Tensor], torch.Tensor], inputs: Inputs)
     """``function`` applied to every tensor of an input, keeping its structure (batch slices,
     moves and casts of single and several-tensor inputs alike)."""
     return tree_map(function, inputs)
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors in any nesting of tuples, lists and dicts (a module's inputs or outputs, an
+    operation's arguments), in pytree order."""
+    return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
 def first_samples(inputs: Inputs, count: int) -> Inputs:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastinfluence.labelled_data import Inputs, model_arguments
+from fastinfluence.labelled_data import Inputs, model_arguments, tensors_in
 from fastinfluence.modes import eval_mode
 
 ParamsSpec = str | Sequence[str] | Sequence[nn.Parameter]
@@ -184,8 +184,7 @@ def _last_to_run(model: nn.Module, owners: dict[str, nn.Module], example: Inputs
     class ParameterUse(torch.overrides.TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            ids = [id(leaf) for leaf in torch.utils._pytree.tree_leaves((args, kwargs))
-                   if isinstance(leaf, torch.Tensor) and id(leaf) in holders]
+            ids = [id(tensor) for tensor in tensors_in((args, kwargs)) if id(tensor) in holders]
             if ids:
                 last_used.append(owner_of(ids))
             return func(*args, **kwargs)

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
 from fastinfluence.functional import FunctionalModel
 from fastinfluence.labelled_data import (
@@ -22,6 +22,7 @@ from fastinfluence.labelled_data import (
     input_length,
     map_inputs,
     named_inputs,
+    tensors_in,
 )
 from fastinfluence.modes import eval_mode
 
@@ -65,7 +66,7 @@ def check_sample_independence(
                 alone = fmodel.logits(fmodel.theta, _sample(example, index))
             except Exception as error:  # any failure on a sample alone is the finding
                 _refuse(fmodel, example, index, error)
-            if _differs(_tensors(batched), _tensors(alone), index):
+            if _differs(tensors_in(batched), tensors_in(alone), index):
                 _refuse(fmodel, example, index, None)
 
 
@@ -86,11 +87,6 @@ def _join(pieces: list[Inputs]) -> Inputs | None:
     if len(shapes) > 1:
         return None
     return tree_map(lambda *tensors: torch.cat(tensors), *pieces)
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors in a module's input or output (any nesting pytree flattens)."""
-    return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
 def _differs(batched: list[torch.Tensor], alone: list[torch.Tensor], index: int) -> bool:
@@ -169,7 +165,7 @@ def _record(
     def finished(name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             running.pop()
-            events.append((name, _tensors([args, kwargs]), _tensors(output)))
+            events.append((name, tensors_in([args, kwargs]), tensors_in(output)))
         return hook
 
     hooks = []
