@@ -88,11 +88,11 @@ class ResBlock1d(nn.Module):
         self.bn2 = nn.BatchNorm1d(channels)
         self.relu2 = nn.ReLU()
         self.shortcut: nn.Module = nn.Identity()
-        if (stride != 1 or in_channels != channels) and shortcut == "pool":
-            self.shortcut = PoolShortcut(in_channels, channels, stride)
-        elif stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(nn.Conv1d(in_channels, channels, 1, stride, bias=False),
-                                          nn.BatchNorm1d(channels))
+        if stride != 1 or in_channels != channels:
+            self.shortcut = (PoolShortcut(in_channels, channels, stride) if shortcut == "pool"
+                             else nn.Sequential(nn.Conv1d(in_channels, channels, 1, stride,
+                                                          bias=False),
+                                                nn.BatchNorm1d(channels)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.dropout(self.relu1(self.bn1(self.conv1(x))))
