@@ -27,10 +27,18 @@ of :data:`METHODS`, the cheaper first):
 * ``pcg``: the same with ``preconditioner=--preconditioner`` (its factor passes fall in
   ``solve``).
 * ``woodbury``: ``solver="woodbury"`` on a float64 copy: **the exact scores**, by the Woodbury
-  identity through the ``n·C × p`` Jacobian rows (no iteration), and the reference of every
-  agreement where it fits (``--woodbury-max-gib``; it is refused at larger n before any work).
-* ``subsample``: ``cg`` with ``curvature_samples = round(--curvature-fraction · n)`` (seed 0):
-  the curvature from a subsample, the scores of all n (approximate).
+  identity through the ``n·K × p`` Jacobian rows (``K = C − 1`` for softmax cross-entropy; no
+  iteration), and the reference of every agreement where they fit (``--woodbury-max-gib``; it
+  is refused at larger n before any work).
+* ``direct``: ``solver="direct"`` in the model's float32: the exact path at every n, a Cholesky
+  factorisation of the explicit ``G + λI``, ``G`` summed from the per-sample Jacobian rows a
+  chunk at a time (no iteration; memory ``p²`` whatever n), refined once with a float64
+  residual; exact to its reported residual (``--cg-tol`` its tolerance, as CG's), the
+  reference of the agreement where Woodbury's rows do not fit. Refused where the float64
+  ``p × p`` would pass ``--direct-max-gib``.
+* ``subsample``: ``curvature_samples = round(--curvature-fraction · n)`` (seed 0), solved by
+  ``direct`` where ``p²`` fits (in the model's float32) and by ``cg`` otherwise: the curvature
+  from a subsample, the scores of all n (approximate).
 * ``store``: ``GradientStore(k=--store-k)`` built (stage ``curvature``: the projected
   gradients and ``G_k`` written to disk in chunks), then ``top_influences`` of the validation
   set (stage ``scoring``: the ``K × K`` Cholesky and a streaming top-10 per query).
@@ -96,24 +104,25 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 MODELS = ("paper-cnn", "resnet18", "resnet18-cifar")
 CPU_MODELS = ("paper-cnn", "resnet18")
-CUDA_METHODS = ("cg", "pcg", "subsample", "store", "woodbury")
+CUDA_METHODS = ("cg", "pcg", "subsample", "store", "direct", "woodbury")
 """The methods ``--device cuda`` runs (the peers' adapters here run on the CPU)."""
-METHODS = ("store", "trak", "kronfluence-ekfac", "subsample", "woodbury", "cg", "pcg")
+METHODS = ("store", "trak", "kronfluence-ekfac", "subsample", "direct", "woodbury", "cg", "pcg")
 """In the order they run at each n: the cheaper first, so that a deadline cuts the costly."""
 PEER_MODULES = {"kronfluence-ekfac": "kronfluence", "trak": "trak"}
-EXACT_METHODS = ("woodbury", "cg", "pcg")
-"""Methods whose scores are exact (Woodbury: to float64 round-off; CG: to its tolerance, when
-its solve converged), the first available the reference of the agreement."""
+EXACT_METHODS = ("woodbury", "direct", "cg", "pcg")
+"""Methods whose scores are exact (Woodbury: to float64 round-off; direct and CG: to their
+tolerance, when their solve converged), the first available the reference of the agreement."""
 SETTINGS = ("device", "base_images", "n_val", "seed", "cnn_channels", "resnet_width",
             "cifar_width", "train_steps", "damping", "cg_tol", "cg_max_iter", "preconditioner",
-            "curvature_fraction", "store_k", "trak_lambda", "batch_size", "threads")
+            "curvature_fraction", "store_k", "trak_lambda", "batch_size", "threads",
+            "direct_max_gib")
 """The arguments that determine a run's numbers: a JSON written with others is refused."""
 TIME_TOLERANCE = 0.2
 """Target: seconds per sample constant within ±20 % from 5k to 50k."""
 MIN_RUN_SECONDS = 30.0
 """No run starts with less time than this left before ``--deadline``."""
 KRONFLUENCE_TIME_RATIO = 3.0
-"""Target: exact CG at the largest n within 3× of Kronfluence EK-FAC's seconds."""
+"""Target: the exact path at the largest n within 3× of Kronfluence EK-FAC's seconds."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,6 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--woodbury-max-gib", type=float, default=2.5,
                         help="largest float64 n·C × p Jacobian the woodbury reference builds "
                              "(larger n: refused before any work, recorded as failed)")
+    parser.add_argument("--direct-max-gib", type=float, default=4.0,
+                        help="largest float64 p × p matrix the direct solve builds (direct, "
+                             "and subsample's choice of direct over cg)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cap", type=float, default=1800.0, help="seconds per run")
@@ -325,22 +337,34 @@ def stage_end(peaks: dict[str, float], stage: str) -> float:
 
 
 def run_influence(method: str, model, train, val, args, peaks: dict[str, float]):
-    """``cg``, ``pcg``, ``subsample`` or ``woodbury``: scores and seconds per stage, with the
-    solve's report."""
+    """``cg``, ``pcg``, ``subsample``, ``direct`` or ``woodbury``: scores and seconds per stage,
+    with the solve's report."""
     import fastinfluence as fi
 
     options: dict[str, Any] = dict(params=selection(model), hessian="gauss-newton",
                                    solver="cg", damping=args.damping, tol=args.cg_tol,
                                    max_iter=args.cg_max_iter, batch_size=args.batch_size)
+    modules = dict(model.named_modules())
+    dim = sum(p.numel() for name in selection(model) for p in modules[name].parameters())
+    fits = dim**2 * 8 <= args.direct_max_gib * 2**30
     if method == "woodbury":  # the exact reference: float64, no iteration
         model = model.double()
         train, val = (train[0].double(), train[1]), (val[0].double(), val[1])
         options.update(solver="woodbury", max_gib=args.woodbury_max_gib)
         del options["tol"], options["max_iter"]
+    if method == "direct":
+        if not fits:
+            raise ValueError(f"the direct solve's p × p float64 matrix (p = {dim}) is above "
+                             f"--direct-max-gib {args.direct_max_gib:g}")
+        options["solver"] = "direct"
+        del options["max_iter"]
     if method == "pcg":
         options["preconditioner"] = args.preconditioner
     if method == "subsample":
         options["curvature_samples"] = max(1, round(args.curvature_fraction * len(train[1])))
+        if fits:
+            options["solver"] = "direct"
+            del options["max_iter"]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "cg solve did not reach", RuntimeWarning)
         influence = fi.Influence(model, train, val, **options)
@@ -351,7 +375,8 @@ def run_influence(method: str, model, train, val, args, peaks: dict[str, float])
     stages = {"curvature": seconds["curvature"],
               "solve": seconds["gradient"] + seconds["solve"], "scoring": scoring}
     solve = influence.report.solve
-    notes = {"products": solve.hessian_products, "relative_residual": solve.relative_residual,
+    notes = {"solver": options["solver"], "products": solve.hessian_products,
+             "relative_residual": solve.relative_residual,
              "converged": solve.converged, "preconditioner_passes": solve.preconditioner_passes,
              "curvature_samples": options.get("curvature_samples", len(train[1])),
              "num_params": influence.report.num_params, "scoring_path": influence.report.scoring}
@@ -638,7 +663,7 @@ def table(report: dict[str, Any], model: str) -> str:
             note = ", ".join(
                 f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in notes.items()
-                if k in ("products", "relative_residual", "curvature_samples", "dim",
+                if k in ("solver", "products", "relative_residual", "curvature_samples", "dim",
                          "proj_dim", "preconditioner_passes") and v)
             lines.append(f"| {method} | {n} | {entry['seconds']:.1f} | {stages} | "
                          f"{1000 * entry['seconds'] / n:.2f} | {memory} | {pearson} | {error} | "
@@ -678,14 +703,15 @@ def targets(report: dict[str, Any], model: str) -> list[str]:
         return f"{entry['agreement']['pearson']:.4f}" if entry and "agreement" in entry else "—"
 
     sizes = sorted({n for by_n in rows.values() for n in by_n})
-    lines += ["", f"| n | woodbury / Kronfluence s | cg / Kronfluence s (target ≤ "
-                  f"{KRONFLUENCE_TIME_RATIO:g}) | pcg / Kronfluence s | subsample / Kronfluence s "
-                  "(target ≤ 1) | store / TRAK s (target < 1) | Pearson vs exact: cg, pcg, "
-                  "subsample, Kronfluence | store, TRAK |",
-              "|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines += ["", f"| n | direct / Kronfluence s (target ≤ {KRONFLUENCE_TIME_RATIO:g}) | "
+                  "woodbury / Kronfluence s | cg / Kronfluence s | pcg / Kronfluence s | "
+                  "subsample / Kronfluence s (target ≤ 1) | store / TRAK s (target < 1) | "
+                  "Pearson vs exact: cg, pcg, subsample, Kronfluence | store, TRAK |",
+              "|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for n in sizes:
         lines.append(
-            f"| {n} | {ratio('woodbury', 'kronfluence-ekfac', n)} | "
+            f"| {n} | {ratio('direct', 'kronfluence-ekfac', n)} | "
+            f"{ratio('woodbury', 'kronfluence-ekfac', n)} | "
             f"{ratio('cg', 'kronfluence-ekfac', n)} | {ratio('pcg', 'kronfluence-ekfac', n)} | "
             f"{ratio('subsample', 'kronfluence-ekfac', n)} | {ratio('store', 'trak', n)} | "
             + ", ".join(pearson(m, n) for m in ("cg", "pcg", "subsample", "kronfluence-ekfac"))

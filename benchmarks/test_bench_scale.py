@@ -44,14 +44,22 @@ def test_replicate_is_deterministic_and_copy_zero_is_the_image():
 def test_a_tiny_sweep_resumes_and_agrees_with_itself(tmp_path):
     out = tmp_path / "scale.json"
     argv = [*TINY, "--models", "paper-cnn", "--sizes", "24", "48", "--methods", "cg", "store",
-            "--out", str(out), "--cache", str(tmp_path / "cache")]
+            "direct", "subsample", "--out", str(out), "--cache", str(tmp_path / "cache")]
     report = main(argv)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert out.with_suffix(".png").stat().st_size > 0
     cg, store = report["runs"]["paper-cnn/48/cg"], report["runs"]["paper-cnn/48/store"]
+    direct, subsample = (report["runs"]["paper-cnn/48/direct"],
+                         report["runs"]["paper-cnn/48/subsample"])
+    assert direct["status"] == "ok" and direct["notes"]["solver"] == "direct", direct
+    assert direct["notes"]["converged"] and direct["notes"]["products"] == 1
+    assert direct["agreement"] == {"exact": "direct", "pearson": pytest.approx(1.0),
+                                   "relative_error": 0.0}
+    # CG and the direct solve (both float32, to their tolerance) are the same scores
     assert cg["status"] == "ok" and cg["notes"]["converged"], cg
-    assert cg["agreement"] == {"exact": "cg", "pearson": pytest.approx(1.0),
-                               "relative_error": 0.0}
+    assert cg["agreement"]["exact"] == "direct" and cg["agreement"]["relative_error"] < 1e-3
+    assert subsample["notes"]["solver"] == "direct"
+    assert subsample["notes"]["curvature_samples"] == 5  # round(0.1 · 48)
     assert set(cg["stages"]) == {"curvature", "solve", "scoring"}
     assert cg["peak_rss_mib"] >= cg["rss_mib"]["baseline"] > 50  # this process, not its parent
     assert store["status"] == "ok" and -1 <= store["agreement"]["pearson"] <= 1
@@ -134,9 +142,9 @@ def test_targets_are_ratios_of_the_report():
     lines = targets(report, "m")
     assert ("- cg: seconds per sample at n = 50000 / n = 5000: 1.25 (target 1 ± 0.2: missed); "
             "peak RSS ratio 2.00") in lines
-    assert "| 5000 | — | — | — | — | — | 1.0000, —, —, — | —, — |" in lines
-    assert ("| 50000 | — | 2.50 | — | 0.60 | 0.50 | 1.0000, —, 0.9000, 0.7000 | 0.8000, 0.2000 |"
-            in lines)
+    assert "| 5000 | — | — | — | — | — | — | 1.0000, —, —, — | —, — |" in lines
+    assert ("| 50000 | — | — | 2.50 | — | 0.60 | 0.50 | 1.0000, —, 0.9000, 0.7000 | 0.8000, "
+            "0.2000 |" in lines)
     assert "### m (p = 10" in summary_text(report)
 
 

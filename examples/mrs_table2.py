@@ -107,7 +107,7 @@ FIGURE_INPUTS = "figure_inputs"
 KINDS = ("svm", "rf", "plain", "noise", "mixing")
 """The kinds of run (``--only``)."""
 # settings that a later command may extend on a finished --out (the others must be equal)
-EXTENDABLE = ("run_folds", "seeds")
+EXTENDABLE = ("run_folds", "seeds", "sweep_folds")
 
 
 def check(settings: Settings) -> str | None:

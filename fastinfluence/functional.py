@@ -234,18 +234,24 @@ class FunctionalModel:
         return torch.func.vmap(one)(tangents)
 
     def loss_hessian_roots(
-        self, logits: torch.Tensor, y: torch.Tensor
+        self, logits: torch.Tensor, y: torch.Tensor, minimal: bool = False
     ) -> tuple[torch.Tensor, bool]:
         """Columns ``r_c`` ``[C, batch, C]`` with ``Σ_c r_c r_cᵀ = ∂²l/∂z²`` per sample (for a
         loss non-convex in ``z``: of its positive semi-definite part), and whether the loss is
         convex there (no eigenvalue below ``-1e-6`` of the largest). A per-sample output of
         several axes (a language model's ``[batch, T, V]``) is one vector of ``C = T·V``
-        entries: the columns are then ``[C, batch, T, V]``."""
+        entries: the columns are then ``[C, batch, T, V]``. With ``minimal``, softmax
+        cross-entropy on ``[batch, C]`` logits, whose Hessian has rank ``C − 1``, gets
+        ``C − 1`` columns (:func:`_without_null_column`): every sum ``Σ_c r_c r_cᵀ`` is the
+        same, with one product per sample fewer."""
         if self.uses_cross_entropy:  # diag(p) − ppᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ
             probs = torch.softmax(logits, dim=-1)
             eye = torch.eye(probs.shape[1], dtype=probs.dtype, device=probs.device)
             roots = probs.sqrt()[:, :, None] * (eye[None] - probs[:, None, :])
-            return roots.permute(1, 0, 2), True
+            roots = roots.permute(1, 0, 2)
+            if minimal and logits.ndim == 2:
+                roots = _without_null_column(roots, probs)
+            return roots, True
         shape = logits.shape[1:]
         outputs = shape.numel()
         identity = torch.eye(outputs, dtype=logits.dtype, device=logits.device)
@@ -256,3 +262,23 @@ class FunctionalModel:
         convex = not bool((values < -1e-6 * values.abs().amax().clamp_min(1)).any())
         roots = vectors * values.clamp_min(0).sqrt()[:, None, :]
         return roots.permute(2, 0, 1).reshape(outputs, len(y), *shape), convex
+
+
+def _without_null_column(roots: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy's root columns ``r_c = √p_c (e_c − p)`` ``[C, B, C]``, rotated
+    per sample so that one is zero, and that one dropped: ``[C − 1, B, C]``.
+
+    With ``R = [r_1 … r_C] = (I − p1ᵀ) diag(√p)``, ``R √p = 0``. The Householder reflection
+    ``H = I − 2vvᵀ/vᵀv``, ``v = e_k + √p`` (``k`` the most probable class, so that
+    ``vᵀv = 2 + 2√p_k ≥ 2`` never cancels), maps ``e_k`` to ``−√p``: column ``k`` of ``R H``
+    is zero, and ``(RH)(RH)ᵀ = RRᵀ``."""
+    count, batch = probs.shape[1], len(probs)
+    top = probs.argmax(dim=1)
+    v = probs.sqrt()
+    v[torch.arange(batch), top] += 1
+    reflection = (torch.eye(count, dtype=probs.dtype, device=probs.device)
+                  - 2 * v[:, :, None] * v[:, None, :] / (v * v).sum(dim=1)[:, None, None])
+    rotated = torch.einsum("bcj,cbe->bje", reflection, roots)  # [B, C, C]: columns of R H
+    columns = torch.arange(count, device=probs.device).expand(batch, -1)
+    kept = columns[columns != top[:, None]].reshape(batch, count - 1)
+    return rotated.gather(1, kept[:, :, None].expand(-1, -1, count)).permute(1, 0, 2)

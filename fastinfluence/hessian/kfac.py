@@ -269,36 +269,14 @@ def hessian_root_columns(fmodel: FunctionalModel, logits: torch.Tensor,
                          y: torch.Tensor) -> torch.Tensor:
     """The columns ``r_c`` ``[C, B, ...]`` of the loss Hessian's square root in the model
     output (its PSD part): K-FAC's output-gradient directions; ``C − 1`` of them for softmax
-    cross-entropy (:func:`_without_null_column`), whose Hessian has rank ``C − 1``.
+    cross-entropy (``FunctionalModel.loss_hessian_roots(minimal=True)``), whose Hessian has
+    rank ``C − 1``.
 
     Every factor is a sum over the columns of products of two terms linear in ``r_c``
     (``S = Σ_c g_c g_cᵀ``, EK-FAC's ``Σ_c (Q_Sᵀ G_c Q_A)²`` entrywise), hence unchanged by any
     other root ``R U`` (``U`` orthogonal) of the same Hessian ``R Rᵀ``: fewer columns are one
     backward pass fewer per batch, the same factors."""
-    roots = fmodel.loss_hessian_roots(logits.detach(), y)[0]
-    if fmodel.uses_cross_entropy and logits.ndim == 2:
-        return _without_null_column(roots, torch.softmax(logits.detach(), dim=1))
-    return roots
-
-
-def _without_null_column(roots: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """Softmax cross-entropy's root columns ``r_c = √p_c (e_c − p)`` ``[C, B, C]``, rotated
-    per sample so that one is zero, and that one dropped: ``[C − 1, B, C]``.
-
-    With ``R = [r_1 … r_C] = (I − p1ᵀ) diag(√p)``, ``R √p = 0``. The Householder reflection
-    ``H = I − 2vvᵀ/vᵀv``, ``v = e_k + √p`` (``k`` the most probable class, so that
-    ``vᵀv = 2 + 2√p_k ≥ 2`` never cancels), maps ``e_k`` to ``−√p``: column ``k`` of ``R H``
-    is zero, and ``(RH)(RH)ᵀ = RRᵀ``."""
-    count, batch = probs.shape[1], len(probs)
-    top = probs.argmax(dim=1)
-    v = probs.sqrt()
-    v[torch.arange(batch), top] += 1
-    reflection = (torch.eye(count, dtype=probs.dtype, device=probs.device)
-                  - 2 * v[:, :, None] * v[:, None, :] / (v * v).sum(dim=1)[:, None, None])
-    rotated = torch.einsum("bcj,cbe->bje", reflection, roots)  # [B, C, C]: columns of R H
-    columns = torch.arange(count, device=probs.device).expand(batch, -1)
-    kept = columns[columns != top[:, None]].reshape(batch, count - 1)
-    return rotated.gather(1, kept[:, :, None].expand(-1, -1, count)).permute(1, 0, 2)
+    return fmodel.loss_hessian_roots(logits.detach(), y, minimal=True)[0]
 
 
 FACTOR_PASS_BUDGET = 32 * 2**20

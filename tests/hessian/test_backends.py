@@ -153,11 +153,15 @@ def test_models_without_forward_mode_fall_back_to_reverse_mode(hessian):
     )
 
 
-def test_first_solve_reports_the_products_that_built_the_solver():
+@pytest.mark.parametrize("hessian", ["exact", "gauss-newton"])
+def test_first_solve_reports_the_products_that_built_the_solver(hessian):
     model, train, val = make_problem("mlp", seed=2)
-    inf = fi.Influence(model, train, val, params="all", solver="direct", damping=0.5, chunk=16)
-    # the explicit matrix: one product per 16 identity columns; the residual uses the matrix
-    assert inf.report.solve.hessian_products == -(-inf.report.num_params // 16)
+    inf = fi.Influence(model, train, val, params="all", hessian=hessian, solver="direct",
+                       damping=0.5, chunk=16)
+    # the explicit Hessian: one product per 16 identity columns; the Gauss-Newton matrix: one
+    # pass of Jacobian rows; the residual uses the matrix
+    built = -(-inf.report.num_params // 16) if hessian == "exact" else 1
+    assert inf.report.solve.hessian_products == built
     inf.pairwise((val[0][:2], val[1][:2]))
     assert inf.report.query_solve.hessian_products == 0
 
@@ -169,7 +173,8 @@ def test_optional_capabilities_are_declared_and_others_refused():
     gauss_newton, *_ = build("mlp", "all", "gauss-newton")
     assert exact.capabilities == frozenset()
     assert gauss_newton.capabilities == {Capability.FACTOR_ROWS}
-    assert gauss_newton.factor_rows(4).shape == (18 * 3, gauss_newton.dim)
+    # softmax cross-entropy over 3 classes: C − 1 = 2 rows per sample
+    assert gauss_newton.factor_rows(4).shape == (18 * 2, gauss_newton.dim)
     for call in (lambda: exact.factor_rows(4), lambda: exact.closed_form_inverse(None, 0.1),
                  lambda: gauss_newton.lissa_recursion(None, 0.1, 1.0, 1, 2, 0)):
         with pytest.raises(NotSupportedError, match="does not offer"):
