@@ -5,6 +5,7 @@ refusal of ``--device cuda`` without CUDA."""
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import re
@@ -15,6 +16,7 @@ import torch
 from bench_scale import (
     PEER_MODULES,
     build_model,
+    deadline_of,
     main,
     parse_args,
     replicate,
@@ -156,3 +158,10 @@ def test_docs_page_is_the_committed_json():
     prose = page.split("## Reading", 1)[1]
     quoted = set(re.findall(r"\b\d+\.\d{2,4}\b", prose))
     assert quoted <= set(re.findall(r"\b\d+\.\d{2,4}\b", summary_text(report))), quoted
+
+
+def test_a_deadline_is_the_next_such_time_past_midnight_too():
+    at = datetime.datetime(2026, 12, 7, 23, 50, tzinfo=datetime.UTC)
+    assert deadline_of("23:55", None, at) == at.replace(minute=55).timestamp()
+    assert deadline_of("01:30", None, at) == datetime.datetime(
+        2026, 12, 8, 1, 30, tzinfo=datetime.UTC).timestamp()

@@ -60,7 +60,6 @@ from fastinfluence.functional import FunctionalModel, LossFn, OutputFn
 from fastinfluence.hessian.kfac import (
     KroneckerLayer,
     hessian_root_columns,
-    input_patches,
     kronecker_layers,
     layer_passes,
 )
@@ -265,8 +264,9 @@ class GradientStore:
                                                 "projected gradients", columns):
             pieces = []
             for layer, (p_out, p_in) in zip(self.layers, self.projections, strict=True):
-                patches = input_patches(layer, layer_inputs[layer.name])
-                inputs = patches @ p_in[:, :patches.shape[2]].T  # [B, T, k_in]
+                width = layer.in_features - int(bool(layer.bias))  # without the bias column
+                inputs = layer.rule.projected_patches(layer.module, layer_inputs[layer.name],
+                                                      p_in[:, :width])  # [B, T, k_in]
                 if layer.bias:  # the bias column's constant 1
                     inputs += p_in[:, -1]
                 outputs = grads[layer.name] @ p_out.T  # [C', B, T, k_out]

@@ -100,3 +100,18 @@ def test_float16_storage_and_refusals(tmp_path):
     assert float((half - wide).norm() / wide.norm()) < 1e-2
     with pytest.raises(ValueError, match="top must be"):
         store.top_influences(val, top=13)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(stride=2, padding=1),
+                                     dict(stride=(1, 2), padding=(2, 0), dilation=2)],
+                         ids=["plain", "strided-padded", "dilated"])
+def test_a_convolution_projects_its_patches_without_unfolding_them(options):
+    from fastinfluence.layers.registry import KroneckerRule, kfac_rule
+
+    conv = torch.nn.Conv2d(3, 5, (3, 2), **options).double()
+    rule = kfac_rule(conv)[1]
+    x = torch.randn(4, 3, 9, 8, dtype=torch.float64)
+    projection = torch.randn(6, 3 * 3 * 2, dtype=torch.float64)
+    expected = KroneckerRule.projected_patches(rule, conv, x, projection)  # through patches
+    torch.testing.assert_close(rule.projected_patches(conv, x, projection), expected,
+                               rtol=1e-12, atol=1e-12)

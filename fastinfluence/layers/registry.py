@@ -186,6 +186,12 @@ class KroneckerRule:
         """The gradient of the module's output as ``[B, T, out]``."""
         raise NotImplementedError
 
+    def projected_patches(self, module: nn.Module, x: torch.Tensor,
+                          projection: torch.Tensor) -> torch.Tensor:
+        """``patches(module, x) @ projectionᵀ`` ``[B, T, k]`` for a ``[k, in]`` projection (the
+        gradient store's ``P_in a_t``); a rule may compute it without the patches."""
+        return self.patches(module, x) @ projection.T
+
 
 class NotCovered(KroneckerRule):
     """A layer type whose parameters K-FAC declines, and why (shown in its refusal)."""
