@@ -243,6 +243,47 @@ def mrs_threshold_and_figures(results: Path = RESULTS) -> Claim:
     return Claim("mrs_threshold_and_figures", numbers, {"mrs.md": phrases})
 
 
+MRS_SWEEPS = (("alpha", "α"), ("source_epoch", "E"), ("factor", "factor"))
+"""Figs. 5–7's sweeps: the option and its name on the page."""
+
+
+def mrs_sweeps(results: Path = RESULTS) -> Claim:
+    """Figs. 5–7 as tables: for each swept option and strategy, the test AUC at each value
+    (the others at their defaults) as mean ± std over the sweep folds of seed 0, where every
+    sweep fold has the run; and the plain ResCNN's AUC on the same folds."""
+    saved = load_runs(results, "mrs_table2")
+    settings = saved["settings"]
+    folds = settings["sweep_folds"]
+    base = {"alpha": settings["alpha"], "factor": settings["factor"],
+            "source_epoch": settings["source_epoch"], "selection": "softmax",
+            "threshold": settings["thresholds"][0]}
+    runs = [run for run in saved["runs"] if run["seed"] == 0 and run["fold"] in folds
+            and "metrics" in run]
+    numbers: dict[str, Any] = {"sweep_folds": folds}
+    phrases = [f"The sweeps ran on seed 0, folds {', '.join(map(str, folds))}"]
+    for option, name in MRS_SWEEPS:
+        values = sorted({run["options"][option] for run in runs if run["kind"] == "mixing"
+                         and all(run["options"][k] == v for k, v in base.items()
+                                 if k != option)})
+        header = f"| strategy | {' | '.join(f'{name} = {v:g}' for v in values)} |"
+        phrases.append(header)
+        for strategy in settings["strategies"]:
+            cells = []
+            for value in values:
+                wanted = {**base, option: value, "strategy": strategy}
+                aucs = [run["metrics"]["auc"] for run in runs
+                        if run["kind"] == "mixing" and run["options"] == wanted]
+                numbers[f"{option}={value:g} {strategy}"] = aucs
+                cells.append(f"{statistics.mean(aucs):.2f} ± {statistics.pstdev(aucs):.2f}"
+                             if len(aucs) == len(folds) else "—")
+            phrases.append(f"| aug-with-{strategy} | {' | '.join(cells)} |")
+    plain = [run["metrics"]["auc"] for run in runs if run["kind"] == "plain"]
+    numbers["plain"] = plain
+    phrases.append(f"plain ResCNN on the same folds: {statistics.mean(plain):.2f} ± "
+                   f"{statistics.pstdev(plain):.2f}")
+    return Claim("mrs_sweeps", numbers, {"mrs.md": phrases})
+
+
 MRS_VARIANTS = {"mrs_table2_smote": "SMOTE", "mrs_table2_pool": "max-pool shortcut"}
 """The comparison folders, each against ``mrs_table2_theta`` (random oversampling, 1×1
 projection shortcut) on the same (seed, fold) pairs."""
@@ -656,9 +697,21 @@ def isr_isp_sweeps(results: Path = RESULTS) -> Claim:
 
 
 CLAIMS: tuple[Callable[[Path], Claim], ...] = (
-    mrs_influence_distillation, mrs_threshold_and_figures, mrs_variants,
+    mrs_influence_distillation, mrs_threshold_and_figures, mrs_sweeps, mrs_variants,
     denoising_table1_eps8, denoising_paper_tables, denoising_chest, skin_flip_detection,
     skin_paper_methods_at, isp_tumour_ratio, denoising_cw_budget, isr_isp_sweeps)
+
+
+def printable(numbers: Any) -> Any:
+    """``numbers`` with every dictionary key JSON can hold: a ``(seed, fold)`` pair as
+    :func:`pair_name`, any other key as its text."""
+    if isinstance(numbers, dict):
+        return {(pair_name(k) if isinstance(k, tuple) and len(k) == 2 else
+                 k if isinstance(k, str | int | float | bool) else str(k)): printable(v)
+                for k, v in numbers.items()}
+    if isinstance(numbers, list | tuple):
+        return [printable(v) for v in numbers]
+    return numbers
 
 
 def page_text(path: Path) -> str:
@@ -693,7 +746,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if missing else 0
     for compute in CLAIMS:
         claim = compute(args.results)
-        print(f"## {claim.name}\n{json.dumps(claim.numbers, indent=1, ensure_ascii=False)}")
+        print(f"## {claim.name}\n"
+              f"{json.dumps(printable(claim.numbers), indent=1, ensure_ascii=False)}")
         for page, phrases in claim.phrases.items():
             for phrase in phrases:
                 print(f"- {page}: {phrase}")

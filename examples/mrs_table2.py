@@ -29,8 +29,9 @@ sensitivity, specificity and accuracy against the data set's (noisy) labels, pat
 accuracy, and the AUC against the tissue truth the simulator knows.
 
 Outputs in ``--out``: ``runs.json`` (settings and every run, rewritten after each: after
-Ctrl-C the same command resumes; more ``--run-folds`` or a larger ``--seeds`` extend a
-finished ``--out``, reusing its runs, when every other setting is the same), ``table.md``,
+Ctrl-C the same command resumes; more ``--run-folds`` or ``--sweep-folds`` or a larger
+``--seeds`` extend a finished ``--out``, reusing its runs, when every other setting is the
+same), ``table.md``,
 ``class_means.png``, ``figure4_distillation.png`` (t-SNE with the distilled samples, distance
 histograms), ``figure5_alpha.png``, ``figure6_source_epoch.png``, ``figure7_factor.png`` and
 ``figure9_cams.png``; the figures are drawn from ``runs.json`` and ``figure_inputs/`` (saved

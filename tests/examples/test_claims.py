@@ -89,3 +89,10 @@ def test_the_isp_ratio_against_the_rest_of_the_head_is_below_the_air_included_on
         assert 1 < summary["delta_tumour_to_head_ratio"] < summary["delta_tumour_to_rest_ratio"]
     head = claims.isp_tumour_ratio().numbers["rerun"]["head"]
     assert (round(head["mean"], 2), head["runs"]) == (1.56, 10)
+
+
+def test_printing_every_claims_numbers_works(capsys):
+    """``(seed, fold)`` keys are printed by name (JSON has no tuple keys)."""
+    assert claims.main([]) == 0
+    out = capsys.readouterr().out
+    assert "## mrs_threshold_and_figures" in out and "seed 0 fold 0" in out
