@@ -58,13 +58,13 @@ class GaussNewtonBackend(NetworkBackend):
 
     @without_batching_fallback_notes
     def dense(self, chunk: int = 32) -> torch.Tensor:
-        """``C = BᵀB`` explicitly, summed over one chunk of ``chunk`` samples' rows
-        (:meth:`_row_blocks`) at a time: memory ``p²`` plus one chunk's rows, never
-        ``[n·K, p]``; time one pass of per-sample Jacobians plus ``n·K·p²`` multiply-adds
-        (the lower block triangle only, mirrored), where building ``C`` from products with
-        identity columns costs ``p`` Gauss-Newton products. A loss non-convex in the model
-        output has no such rows (its output Hessian has no real root): there it falls back
-        to the products, with a warning."""
+        """``C = BᵀB`` explicitly, summed from the rows of ``chunk`` samples at a time
+        (:meth:`_row_blocks`, gathered to :data:`GRAM_ROWS` rows per update): memory ``p²``
+        plus those rows, never ``[n·K, p]``; time one pass of per-sample Jacobians plus
+        ``n·K·p²/2`` multiply-adds (the lower block triangle only, mirrored), where building
+        ``C`` from products with identity columns costs ``p`` Gauss-Newton products. A loss
+        non-convex in the model output has no such rows (its output Hessian has no real
+        root): there it falls back to the products, with a warning."""
         gram = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
         pending: list[torch.Tensor] = []
         for rows, convex in self._row_blocks(chunk, "Gauss-Newton matrix"):
